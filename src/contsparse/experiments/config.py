@@ -1,0 +1,213 @@
+"""Run configuration: one flat dataclass, loaded from YAML and/or flags, validated, hashed."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from contsparse.data import available_datasets
+from contsparse.errors import UserError
+from contsparse.masking import LayerSelection
+from contsparse.models import available_models
+from contsparse.training.optim import OPTIMIZERS, SCHEDULES, OptimizerSettings
+
+COMMANDS = ("ticket", "prune", "train")
+METHOD_NAMES = ("cs",)
+
+
+@dataclass
+class RunConfig:
+    """Everything needed to re-run an experiment. Defaults: CS ticket search on LeNet-300-100/MNIST
+    tuned to find a ticket with <= 5 % of the weights at dense accuracy in a few CPU minutes."""
+
+    command: str = "ticket"
+    method: str = "cs"
+    model: str = "lenet300"
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    train_subset: int | None = None  # use only the first N training examples (quick runs, tests)
+
+    # schedule
+    epochs: int = 10  # per search round (prune: the search; train: all)
+    rounds: int = 2
+    ticket_epochs: int | None = None  # ticket training (prune: fine-tuning); default = epochs
+    rewind_epoch: int = 2
+    batch_size: int = 60
+
+    # weight optimiser (Frankle & Carbin's LeNet settings)
+    optimizer: str = "adam"
+    lr: float = 1.2e-3
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    lr_milestones: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.1
+
+    # CS
+    mask_init: float = 0.0
+    penalty: float = 1e-8
+    penalty_normalize: bool = False
+    final_temp: float = 200.0
+    temp_schedule: str = "epoch"
+    mask_scaling: bool = True
+    mask_optimizer: str = "sgd"
+    mask_lr: float = 0.1
+    mask_momentum: float = 0.9
+
+    # which layers are masked
+    mask_include: list[str] = field(default_factory=list)
+    mask_exclude: list[str] = field(default_factory=list)
+    exclude_first: bool = False
+    exclude_last: bool = False
+
+    dense_baseline: bool = True  # ticket: also train the dense model with the ticket's settings
+    seed: int = 0
+    device: str = "auto"
+    tensorboard: bool = False
+
+    # -- derived settings -----------------------------------------------------------------------
+    @property
+    def phase_epochs(self) -> int:
+        return self.ticket_epochs if self.ticket_epochs is not None else self.epochs
+
+    def weight_optimizer(self) -> OptimizerSettings:
+        return OptimizerSettings(self.optimizer, self.lr, self.momentum, self.nesterov, self.weight_decay,
+                                 self.lr_schedule, tuple(self.lr_milestones), self.lr_gamma)
+
+    def mask_optimizer_settings(self) -> OptimizerSettings:
+        return OptimizerSettings(self.mask_optimizer, self.mask_lr, self.mask_momentum, False, 0.0,
+                                 self.lr_schedule, tuple(self.lr_milestones), self.lr_gamma)
+
+    def selection(self) -> LayerSelection:
+        return LayerSelection(include=tuple(self.mask_include), exclude=tuple(self.mask_exclude),
+                              exclude_first=self.exclude_first, exclude_last=self.exclude_last)
+
+    def identity(self) -> str:
+        """Short hash of every setting that changes the result (names the default run directory)."""
+        keys = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IN_IDENTITY}
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
+
+    def default_run_name(self) -> str:
+        method = "dense" if self.command == "train" else self.method
+        return f"{self.command}-{method}-{self.model}-{self.dataset}-{self.identity()}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def dense_variant(self) -> RunConfig:
+        """The dense baseline trained with this run's ticket-training settings."""
+        return dataclasses.replace(self, command="train", epochs=self.phase_epochs, ticket_epochs=None,
+                                   rounds=1, dense_baseline=False)
+
+
+_NOT_IN_IDENTITY = {"device", "tensorboard", "data_dir"}
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict of known keys."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise UserError(f"cannot read config file {path}: {err.strerror}") from err
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from err
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of settings, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def make_config(values: dict[str, Any]) -> RunConfig:
+    """Build and validate a config from a dict (YAML values, then flags on top)."""
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise UserError(f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(FIELDS))}")
+    config = RunConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    validate(config)
+    return config
+
+
+def _coerce(key: str, value: Any) -> Any:
+    default = FIELDS[key].default if FIELDS[key].default is not dataclasses.MISSING else FIELDS[key].default_factory()
+    if value is None:
+        return value
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, int) or key in ("ticket_epochs", "train_subset"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, list):
+            return [type(x)(x) for x in (value if isinstance(value, list) else [value])]
+        return str(value) if not isinstance(value, str) else value
+    except (TypeError, ValueError):
+        raise UserError(f"{key} = {value!r} is not a valid {type(default).__name__}") from None
+
+
+def validate(c: RunConfig) -> None:
+    """Reject settings that cannot work, with the fix in the message."""
+    def fail(message: str) -> None:
+        raise UserError(message)
+
+    if c.command not in COMMANDS:
+        fail(f"unknown command {c.command!r}; choose from {', '.join(COMMANDS)}")
+    if c.method not in METHOD_NAMES:
+        fail(f"unknown method {c.method!r}; available: {', '.join(METHOD_NAMES)}")
+    if c.model not in available_models():
+        fail(f"unknown model {c.model!r}; available: {', '.join(available_models())}")
+    if c.dataset not in available_datasets():
+        fail(f"unknown dataset {c.dataset!r}; available: {', '.join(available_datasets())}")
+    for name in ("lr", "mask_lr", "penalty", "final_temp", "mask_init", "momentum", "mask_momentum",
+                 "weight_decay", "lr_gamma"):
+        if not math.isfinite(getattr(c, name)):
+            fail(f"{name} must be a finite number, got {getattr(c, name)}")
+    if c.epochs < 1:
+        fail(f"epochs must be >= 1, got {c.epochs}")
+    if c.ticket_epochs is not None and c.ticket_epochs < 1:
+        fail(f"ticket_epochs must be >= 1, got {c.ticket_epochs}")
+    if c.rounds < 1:
+        fail(f"rounds must be >= 1, got {c.rounds}")
+    if c.batch_size < 1:
+        fail(f"batch_size must be >= 1, got {c.batch_size}")
+    if c.lr <= 0 or c.mask_lr <= 0:
+        fail("learning rates must be > 0")
+    if c.penalty < 0:
+        fail(f"penalty must be >= 0, got {c.penalty}")
+    if c.final_temp <= 1:
+        fail(f"final_temp must be > 1 (the temperature anneals from 1 up to it), got {c.final_temp}")
+    if c.command == "ticket" and not 0 <= c.rewind_epoch < c.epochs:
+        fail(f"rewind_epoch must be in [0, epochs) = [0, {c.epochs}), got {c.rewind_epoch}")
+    if c.optimizer not in OPTIMIZERS or c.mask_optimizer not in OPTIMIZERS:
+        fail(f"optimizers must be one of {', '.join(OPTIMIZERS)}")
+    if c.lr_schedule not in SCHEDULES:
+        fail(f"unknown lr_schedule {c.lr_schedule!r}; choose from {', '.join(SCHEDULES)}")
+    if c.temp_schedule not in ("epoch", "step"):
+        fail(f"temp_schedule must be 'epoch' or 'step', got {c.temp_schedule!r}")
+    if c.device not in ("auto", "cpu", "cuda") and not c.device.startswith("cuda:"):
+        fail(f"device must be auto, cpu or cuda[:N], got {c.device!r}")
+    if c.train_subset is not None and c.train_subset < 1:
+        fail(f"train_subset must be >= 1, got {c.train_subset}")
+    if not 0 <= c.momentum < 1 or not 0 <= c.mask_momentum < 1:
+        fail("momentum must be in [0, 1)")
+
+
+def save_yaml(config: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,321 @@
+"""Runs one experiment (ticket search, pruning or dense training) in a run directory, resumably.
+
+A run is a list of phases (search rounds, then ticket training or fine-tuning; or dense
+training) executed epoch by epoch by the one training loop. After every epoch the full state is
+checkpointed, so re-running the same command continues where a run stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import contsparse
+from contsparse.data import BatchIterator, DatasetSplits, load_dataset
+from contsparse.errors import UserError
+from contsparse.experiments.config import RunConfig, load_yaml, save_yaml
+from contsparse.experiments.rundir import RunDir
+from contsparse.masking import find_masks, per_layer_remaining, weights_remaining
+from contsparse.methods import ContinuousSparsification, CSSettings, Dense, Method
+from contsparse.models import build_model
+from contsparse.training import (
+    build_optimizer,
+    evaluate,
+    learning_rate,
+    load_checkpoint,
+    save_checkpoint,
+    set_learning_rate,
+    train_epoch,
+    tune_cpu_allocator,
+)
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Phase:
+    kind: str  # "search" | "ticket" | "finetune" | "dense"
+    round: int
+    epochs: int
+
+    @property
+    def hard(self) -> bool:
+        return self.kind in ("ticket", "finetune")
+
+    def label(self) -> str:
+        return f"{self.kind} {self.round}" if self.kind == "search" else self.kind
+
+
+def plan_phases(config: RunConfig) -> list[Phase]:
+    if config.command == "train":
+        return [Phase("dense", 0, config.epochs)]
+    search = [Phase("search", r, config.epochs) for r in range(config.rounds)]
+    final = "ticket" if config.command == "ticket" else "finetune"
+    return [*search, Phase(final, 0, config.phase_epochs)]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+def build_method(config: RunConfig, steps_per_epoch: int) -> Method:
+    if config.command == "train":
+        return Dense(config.selection())
+    return ContinuousSparsification(CSSettings(
+        mask_init=config.mask_init, penalty=config.penalty, penalty_normalize=config.penalty_normalize,
+        final_temp=config.final_temp, epochs_per_round=config.epochs, temp_schedule=config.temp_schedule,
+        steps_per_epoch=steps_per_epoch, scale_by_init=config.mask_scaling, selection=config.selection()))
+
+
+def is_rewind_key(key: str) -> bool:
+    """Weights and norm statistics are rewound; mask logits and mask state are not."""
+    return not (key.endswith(".logits") or key.endswith(".hard_mask") or key.endswith("_extra_state"))
+
+
+class Runner:
+    """Executes one :class:`RunConfig` in one run directory."""
+
+    def __init__(self, config: RunConfig, run_dir: str | Path, log: Log = tqdm.write,
+                 data: DatasetSplits | None = None) -> None:
+        self.config = config
+        self.run = RunDir(run_dir)
+        self.log = log
+        self._data = data
+
+    # -- entry point ----------------------------------------------------------------------------
+    def execute(self) -> dict[str, Any]:
+        self.run.create()
+        self._check_same_config()
+        if self.run.is_finished():
+            self.log(f"{self.run.path}: already finished, nothing to do")
+            return self.run.read_summary()
+        save_yaml(self.config, self.run.file(RunDir.CONFIG))
+        dense_summary = None
+        if self.config.command == "ticket" and self.config.dense_baseline:
+            self.log("dense baseline (same settings as ticket training)")
+            dense_summary = Runner(self.config.dense_variant(), self.run.path / "dense", self.log,
+                                   self._load_data()).execute()
+        return self._train(dense_summary)
+
+    def _check_same_config(self) -> None:
+        path = self.run.file(RunDir.CONFIG)
+        if not path.is_file():
+            if any(self.run.path.iterdir()):
+                raise UserError(f"{self.run.path} exists and is not a contsparse run directory; "
+                                "choose another --out")
+            return
+        saved = load_yaml(path)
+        current = self.config.to_dict()
+        differing = sorted(k for k, v in current.items()
+                           if k not in ("device", "tensorboard", "data_dir") and saved.get(k) != v)
+        if differing:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in differing)
+            raise UserError(f"{self.run.path} holds a run with other settings ({details}); "
+                            "use another --out, or the same settings to resume it")
+
+    def _load_data(self) -> DatasetSplits:
+        if self._data is None:
+            data = load_dataset(self.config.dataset, self.config.data_dir)
+            if self.config.train_subset is not None:
+                data = dataclasses.replace(data, train=data.train.subset(self.config.train_subset))
+            self._data = data
+        return self._data
+
+    # -- the training ---------------------------------------------------------------------------
+    def _train(self, dense_summary: dict[str, Any] | None) -> dict[str, Any]:
+        config = self.config
+        device = resolve_device(config.device)
+        if device.type == "cpu":
+            tune_cpu_allocator()
+        data = self._load_data()
+        if device.type == "cuda":
+            data = dataclasses.replace(data, train=data.train.to(device), val=data.val.to(device),
+                                       test=data.test.to(device))
+        torch.manual_seed(config.seed)
+        train_batches = BatchIterator(data.train, config.batch_size, shuffle=True, seed=config.seed,
+                                      augment=data.augment)
+        val_batches = BatchIterator(data.val, 1000)
+        test_batches = BatchIterator(data.test, 1000)
+
+        model = build_model(config.model, data.input_shape, data.num_classes)
+        method = build_method(config, len(train_batches))
+        try:
+            method.attach(model)
+        except ValueError as err:
+            raise UserError(f"cannot attach masks: {err}") from err
+        model.to(device)
+        phases = plan_phases(config)
+
+        progress = {"phase": 0, "epoch": 0, "elapsed": 0.0, "epochs_done": 0, "metrics_lines": 0,
+                    "round_remaining": []}
+        rewind: dict[str, torch.Tensor] | None = None
+        optimizer_state: dict[str, Any] | None = None
+        if self.run.checkpoint_dir.exists() or self.run.checkpoint_dir.with_name("checkpoint.old").exists():
+            state = load_checkpoint(self.run.checkpoint_dir, device)
+            model.load_state_dict(state["model"])
+            progress, rewind, optimizer_state = state["progress"], state["rewind"], state["optimizers"]
+            torch.set_rng_state(state["rng"].cpu())
+            self.run.truncate_metrics(progress["metrics_lines"])
+            self.log(f"resuming {self.run.path} at {phases[min(progress['phase'], len(phases) - 1)].label()}, "
+                     f"epoch {progress['epoch']}")
+
+        writer = _tensorboard(self.run.path) if config.tensorboard else None
+        started = time.perf_counter() - progress["elapsed"]
+        optimizers: dict[str, torch.optim.Optimizer] = {}
+        while progress["phase"] < len(phases):
+            phase = phases[progress["phase"]]
+            if progress["epoch"] == 0 or not optimizers:
+                if progress["epoch"] == 0:
+                    self._enter_phase(phase, model, method, rewind)
+                optimizers = self._optimizers(phase, model, method)
+                if optimizer_state is not None and progress["epoch"] > 0:
+                    for name, optimizer in optimizers.items():
+                        optimizer.load_state_dict(optimizer_state[name])
+                optimizer_state = None
+            epoch = progress["epoch"]
+            if phase.kind == "search" and phase.round == 0 and epoch == config.rewind_epoch and rewind is None:
+                rewind = {k: v.detach().clone() for k, v in model.state_dict().items()
+                          if isinstance(v, torch.Tensor) and is_rewind_key(k)}
+            record = self._epoch(phase, epoch, model, method, optimizers, train_batches, val_batches,
+                                 progress["epochs_done"], device)
+            progress["epochs_done"] += 1
+            progress["epoch"] += 1
+            if progress["epoch"] == phase.epochs:
+                if phase.kind == "search":
+                    last = phase.round == config.rounds - 1
+                    progress["round_remaining"].append(record.get("weights_remaining", 1.0))
+                    method.end_of_round(phase.round, last)
+                progress["phase"] += 1
+                progress["epoch"] = 0
+            progress["elapsed"] = time.perf_counter() - started
+            record["seconds"] = round(progress["elapsed"], 3)
+            self.run.append_metrics(record)
+            if writer is not None:
+                for key, value in record.items():
+                    if isinstance(value, int | float):
+                        writer.add_scalar(key, value, progress["epochs_done"])
+            progress["metrics_lines"] += 1
+            save_checkpoint({"progress": progress, "model": model.state_dict(),
+                             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                             "rewind": rewind, "rng": torch.get_rng_state()}, self.run.checkpoint_dir)
+        if writer is not None:
+            writer.close()
+        return self._finish(model, method, test_batches, val_batches, device, progress, dense_summary)
+
+    def _enter_phase(self, phase: Phase, model: nn.Module, method: Method,
+                     rewind: dict[str, torch.Tensor] | None) -> None:
+        if phase.kind == "ticket":
+            if rewind is None:
+                raise RuntimeError("no rewind point was stored")
+            model.load_state_dict(rewind, strict=False)
+            method.harden()
+            self.log(f"ticket: weights rewound to epoch {self.config.rewind_epoch}, "
+                     f"{weights_remaining(method.final_mask()):.4f} of the weights kept")
+        elif phase.kind == "finetune":
+            method.harden()
+
+    def _optimizers(self, phase: Phase, model: nn.Module, method: Method) -> dict[str, torch.optim.Optimizer]:
+        weights = [p for p in method.weight_parameters(model) if p.requires_grad]
+        optimizers = {"weights": build_optimizer(weights, self.config.weight_optimizer())}
+        if phase.kind == "search":
+            optimizers["masks"] = build_optimizer(method.search_parameters(), self.config.mask_optimizer_settings())
+        return optimizers
+
+    def _epoch(self, phase: Phase, epoch: int, model: nn.Module, method: Method,
+               optimizers: dict[str, torch.optim.Optimizer], train_batches: BatchIterator,
+               val_batches: BatchIterator, global_epoch: int, device: torch.device) -> dict[str, Any]:
+        config = self.config
+        lr = learning_rate(config.weight_optimizer(), epoch, phase.epochs)
+        set_learning_rate(optimizers["weights"], lr)
+        if "masks" in optimizers:
+            set_learning_rate(optimizers["masks"], learning_rate(config.mask_optimizer_settings(), epoch, phase.epochs))
+        train_batches.set_epoch(global_epoch)
+        search = phase.kind == "search"
+        if search:
+            method.before_epoch(phase.round, epoch)
+
+            def after_step(step: int) -> None:
+                method.after_step(phase.round, epoch, step)
+        else:
+            after_step = (lambda step: method.after_hard_step()) if phase.hard else None
+        desc = f"{phase.label()} {epoch + 1}/{phase.epochs}"
+        tick = time.perf_counter()
+        result = train_epoch(model, train_batches, list(optimizers.values()), device=device,
+                             regularizer=method.regularizer if search else None, after_step=after_step,
+                             postfix=method.progress, desc=desc)
+        val = evaluate(model, val_batches, device)
+        mask = method.final_mask()
+        record: dict[str, Any] = {
+            "phase": phase.kind, "round": phase.round, "epoch": epoch, "lr": lr,
+            "train_loss": round(result.loss, 5), "train_accuracy": round(result.accuracy, 5),
+            "val_loss": round(val.loss, 5), "val_accuracy": round(val.accuracy, 5),
+            "weights_remaining": round(weights_remaining(mask), 6), **method.epoch_metrics()}
+        if search:
+            record["penalty"] = result.regularizer
+        extras = f" beta {record['temperature']:.3g}" if "temperature" in record and search else ""
+        self.log(f"[{desc}] loss {result.loss:.4f} train {result.accuracy:.4f} val {val.accuracy:.4f} "
+                 f"kept {record['weights_remaining']:.4f}{extras} ({time.perf_counter() - tick:.1f}s)")
+        return record
+
+    def _finish(self, model: nn.Module, method: Method, test_batches: BatchIterator,
+                val_batches: BatchIterator, device: torch.device, progress: dict[str, Any],
+                dense_summary: dict[str, Any] | None) -> dict[str, Any]:
+        config = self.config
+        test = evaluate(model, test_batches, device)
+        val = evaluate(model, val_batches, device)
+        mask = method.final_mask()
+        self.run.save_tensors(RunDir.MASKS, {k: v.to(torch.uint8) for k, v in mask.items()})
+        self.run.save_tensors(RunDir.MODEL, plain_state_dict(model))
+        summary = {
+            "command": config.command,
+            "method": "dense" if config.command == "train" else config.method,
+            "model": config.model,
+            "dataset": config.dataset,
+            "weights_remaining": weights_remaining(mask),
+            "test_accuracy": test.accuracy,
+            "val_accuracy": val.accuracy,
+            "dense_test_accuracy": (test.accuracy if config.command == "train"
+                                    else dense_summary["test_accuracy"] if dense_summary else None),
+            "train_epochs": progress["epochs_done"],
+            "wall_seconds": round(progress["elapsed"], 2),
+            "rounds_weights_remaining": progress["round_remaining"],
+            "per_layer": per_layer_remaining(mask),
+            "contsparse_version": contsparse.__version__,
+            "seed": config.seed,
+            "run_dir": str(self.run.path),
+        }
+        if dense_summary is not None:
+            summary["dense_wall_seconds"] = dense_summary["wall_seconds"]
+            summary["dense_train_epochs"] = dense_summary["train_epochs"]
+        self.run.write_summary(summary)
+        return summary
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights as a plain ``nn.Module`` would hold them: masks folded in and removed."""
+    plain = copy.deepcopy(model)
+    masks = find_masks(plain)
+    if len(masks):
+        masks.make_permanent()
+    return {k: v for k, v in plain.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise UserError("--tensorboard needs the tensorboard package: pip install 'contsparse[tensorboard]'") from err
+    return SummaryWriter(str(path / "tensorboard"))

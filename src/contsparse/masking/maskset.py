@@ -1,0 +1,191 @@
+"""Attach CS masks to any ``nn.Module`` and operate on all of them at once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from contsparse.masking.accounting import per_layer_remaining, weights_remaining
+from contsparse.masking.parametrization import ContinuousMask, MaskMode
+from contsparse.masking.selection import LayerSelection
+
+
+class MaskSet:
+    """Handle on the masks attached to one model.
+
+    The model itself is modified in place (each selected ``weight`` becomes parametrized), so its
+    ``forward``, ``state_dict`` and ``.to(device)`` work as before; this object only groups the
+    operations a sparsification method needs: temperature, penalty, reset, hardening, accounting.
+    """
+
+    def __init__(self, model: nn.Module, masks: dict[str, ContinuousMask]) -> None:
+        self.model = model
+        self.masks = masks  # "<module qualname>.weight" -> parametrization
+        self._weights: dict[str, nn.Parameter] | None = None
+
+    # -- parameters ----------------------------------------------------------------------------
+    def mask_parameters(self) -> list[nn.Parameter]:
+        """The mask logits: give them their own optimiser, without weight decay."""
+        return [m.logits for m in self.masks.values()]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """Every model parameter that is not a mask logit (weights, biases, norm parameters)."""
+        logit_ids = {id(p) for p in self.mask_parameters()}
+        return [p for p in self.model.parameters() if id(p) not in logit_ids]
+
+    def masked_weights(self) -> dict[str, nn.Parameter]:
+        """Name -> the raw (unmasked) weight parameter behind each mask."""
+        if self._weights is None:
+            self._weights = {}
+            for name in self.masks:
+                module_name, _, attr = name.rpartition(".")
+                module = self.model.get_submodule(module_name)
+                self._weights[name] = module.parametrizations[attr].original
+        return self._weights
+
+    # -- temperature, mode ---------------------------------------------------------------------
+    @property
+    def temperature(self) -> float:
+        return next(iter(self.masks.values())).temperature if self.masks else 1.0
+
+    @temperature.setter
+    def temperature(self, beta: float) -> None:
+        for mask in self.masks.values():
+            mask.temperature = float(beta)
+
+    @property
+    def mode(self) -> MaskMode:
+        return next(iter(self.masks.values())).mode if self.masks else "hard"
+
+    def harden(self) -> None:
+        """Use the binary mask ``H(s) = 1[s > 0]`` from now on (ticket training, fine-tuning).
+
+        Folds mask and scale into the weights. Afterwards call :meth:`zero_pruned` after each
+        optimiser step, or let :meth:`keep_pruned_at_zero` do so for an optimiser.
+        """
+        weights = self.masked_weights()
+        for name, mask in self.masks.items():
+            mask.harden(weights[name])
+
+    def zero_pruned(self) -> None:
+        """Re-zero pruned weights (hard mode); cheap, in place."""
+        weights = self.masked_weights()
+        for name, mask in self.masks.items():
+            mask.zero_pruned(weights[name])
+
+    def keep_pruned_at_zero(self, optimizer: torch.optim.Optimizer):
+        """Run :meth:`zero_pruned` after every ``optimizer.step()``; returns the hook handle."""
+        return optimizer.register_step_post_hook(lambda *_: self.zero_pruned())
+
+    def reset_logits(self) -> None:
+        """Between search rounds: ``s <- min(beta * s, s0)``; then the temperature restarts at 1."""
+        for mask in self.masks.values():
+            mask.reset_logits()
+        self.temperature = 1.0
+
+    # -- the penalty ---------------------------------------------------------------------------
+    def num_prunable(self) -> int:
+        return sum(m.logits.numel() for m in self.masks.values())
+
+    def penalty(self, normalize: bool = False) -> Tensor:
+        """``sum over masks of sum(sigmoid(beta * s))``, the smooth L0 stand-in.
+
+        With ``normalize`` it is divided by the number of prunable weights (a mean in 0..1), so the
+        same ``lambda`` means the same pressure on a model of any size.
+        """
+        total = sum(mask.soft_mask_sum() for mask in self.masks.values())
+        if not isinstance(total, Tensor):
+            return torch.zeros(())
+        return total / self.num_prunable() if normalize else total
+
+    def fuse_penalty(self, coef: float, normalize: bool = False) -> None:
+        """Add the gradient of ``coef * penalty(normalize)`` inside each mask's backward pass.
+
+        Same gradient as adding the penalty to the loss, three fewer passes over every weight
+        tensor per step; the training loop uses it and evaluates :meth:`penalty` only to log it.
+        ``coef = 0`` turns it off.
+        """
+        per_weight = coef / self.num_prunable() if normalize else coef
+        for mask in self.masks.values():
+            mask.fused_penalty = float(per_weight)
+
+    # -- accounting ----------------------------------------------------------------------------
+    def binary_masks(self) -> dict[str, Tensor]:
+        """Name -> bool tensor ``s > 0``: the mask a ticket would use."""
+        return {name: mask.binary_mask() for name, mask in self.masks.items()}
+
+    def weights_remaining(self) -> float:
+        """Fraction of prunable weights with ``s > 0``."""
+        return weights_remaining(self.binary_masks())
+
+    def per_layer_remaining(self) -> dict[str, float]:
+        return per_layer_remaining(self.binary_masks())
+
+    def load_binary_masks(self, masks: dict[str, Tensor]) -> None:
+        """Install saved binary masks (hard mode)."""
+        missing = set(self.masks) - set(masks)
+        if missing:
+            raise KeyError(f"no saved mask for {sorted(missing)}")
+        weights = self.masked_weights()
+        for name, mask in self.masks.items():
+            mask.set_binary_mask(masks[name], weights[name])
+
+    # -- leaving ------------------------------------------------------------------------------
+    def make_permanent(self) -> nn.Module:
+        """Bake ``W * scale * H(s)`` into plain weights and remove the masks: the model becomes an
+        ordinary ``nn.Module`` (zeros included) that loads without contsparse installed."""
+        self.harden()
+        for name in list(self.masks):
+            module_name, _, attr = name.rpartition(".")
+            parametrize.remove_parametrizations(self.model.get_submodule(module_name), attr,
+                                                leave_parametrized=True)
+        self.masks, self._weights = {}, None
+        return self.model
+
+    def __iter__(self) -> Iterator[tuple[str, ContinuousMask]]:
+        return iter(self.masks.items())
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __repr__(self) -> str:
+        return (f"MaskSet({len(self)} tensors, {self.num_prunable():,} weights, mode={self.mode}, "
+                f"temperature={self.temperature:.4g}, remaining={self.weights_remaining():.4f})")
+
+
+def attach_masks(model: nn.Module, mask_init: float = 0.0, *, scale_by_init: bool = True,
+                 selection: LayerSelection | None = None) -> MaskSet:
+    """Give every selected layer's ``weight`` CS mask logits initialised to ``mask_init``.
+
+    By default all Linear and Conv weights are masked; pass a :class:`LayerSelection` to choose.
+    Returns a :class:`MaskSet`; the model is changed in place and keeps its own ``forward``.
+    """
+    selection = selection or LayerSelection()
+    names = selection.select(model)
+    if not names:
+        raise ValueError("no layer of the model matches the mask selection")
+    masks: dict[str, ContinuousMask] = {}
+    for module_name in names:
+        module = model.get_submodule(module_name)
+        if parametrize.is_parametrized(module, "weight"):
+            raise ValueError(f"{module_name}.weight is already parametrized (masks attached twice?)")
+        weight = module.weight
+        mask = ContinuousMask(weight.shape, mask_init, scale_by_init, device=weight.device, dtype=weight.dtype)
+        parametrize.register_parametrization(module, "weight", mask, unsafe=True)
+        masks[f"{module_name}.weight" if module_name else "weight"] = mask
+    return MaskSet(model, masks)
+
+
+def find_masks(model: nn.Module) -> MaskSet:
+    """The :class:`MaskSet` of a model that already carries CS masks (e.g. after loading)."""
+    masks = {}
+    for module_name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for attr, plist in module.parametrizations.items():
+                for p in plist:
+                    if isinstance(p, ContinuousMask):
+                        masks[f"{module_name}.{attr}" if module_name else attr] = p
+    return MaskSet(model, masks)

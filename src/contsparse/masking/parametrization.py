@@ -1,0 +1,188 @@
+"""The CS mask as a ``torch.nn.utils.parametrize`` parametrization.
+
+Attaching the mask as a parametrization keeps the user's ``forward`` untouched: ``module.weight``
+simply *is* the masked weight, so any model and any training loop keep working.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+MaskMode = Literal["soft", "hard"]
+
+
+class _SoftMaskedWeight(torch.autograd.Function):
+    """``W * scale * sigmoid(beta * s)`` with a hand-written backward.
+
+    On CPU an elementwise pass over a weight-sized tensor costs about as much as a small matmul,
+    so the passes are counted: the forward keeps ``ms = scale * m`` and its own output, and
+    ``dL/ds = beta * (1 - m) * (g * out)`` reuses them, about half of what autograd would do.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, logits: Tensor, beta: float, scale: float,  # type: ignore[override]
+                owner: ContinuousMask, penalty_coef: float) -> Tensor:
+        scaled_mask = torch.mul(logits, beta).sigmoid_()
+        if scale != 1.0:
+            scaled_mask.mul_(scale)
+        owner._remember_mask(scaled_mask)
+        out = weight * scaled_mask
+        ctx.save_for_backward(out, scaled_mask)
+        ctx.beta, ctx.scale, ctx.penalty_coef = beta, scale, penalty_coef
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        out, scaled_mask = ctx.saved_tensors
+        grad_weight = grad * scaled_mask if ctx.needs_input_grad[0] else None
+        grad_logits = None
+        if ctx.needs_input_grad[1]:
+            # g * W * scale * beta * m * (1 - m)  ==  beta * (g * out) * (1 - m); a fused penalty
+            # lambda * sum(m) adds beta * m * (1 - m) * lambda: one pass instead of three.
+            grad_logits = grad * out
+            if ctx.penalty_coef:
+                grad_logits.add_(scaled_mask, alpha=ctx.penalty_coef / ctx.scale)
+            grad_logits.addcmul_(grad_logits, scaled_mask, value=-1.0 / ctx.scale).mul_(ctx.beta)
+        return grad_weight, grad_logits, None, None, None, None
+
+
+class _SoftMaskSum(torch.autograd.Function):
+    """``sum(sigmoid(beta * s))`` reusing the mask computed in this step's forward pass."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, scaled_mask: Tensor, beta: float, scale: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(scaled_mask)
+        ctx.beta, ctx.scale = beta, scale
+        return scaled_mask.sum() / scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (scaled_mask,) = ctx.saved_tensors
+        # beta * m * (1 - m) with m = scaled_mask / scale
+        inv = 1.0 / ctx.scale
+        out = torch.addcmul(scaled_mask, scaled_mask, scaled_mask, value=-inv)
+        return out.mul_(grad * (ctx.beta * inv)), None, None, None
+
+
+class ContinuousMask(nn.Module):
+    """Mask logits ``s`` for one weight tensor; computes the effective weight.
+
+    * soft mode (search): ``W * scale * sigmoid(beta * s)``, differentiable in ``W`` and ``s``.
+    * hard mode (ticket training, fine-tuning): ``H(s) = 1[s > 0]`` and ``scale`` are folded into
+      the weight once, at :meth:`harden` (``W <- scale * W * H``); the parametrization is then the
+      identity, so a ticket trains at dense speed. Pruned entries are kept exactly zero by
+      :meth:`zero_pruned`, which the training loop runs after every optimiser step.
+
+    ``scale`` is ``1 / sigmoid(s0)`` when ``scale_by_init`` (the reference code's choice): at
+    ``beta = 1, s = s0`` the effective weight is then exactly ``W``, and a ticket's surviving
+    weights are ``scale`` times the rewound ones. (The reference multiplies by ``scale`` in every
+    forward instead of folding it; the network is the same, the optimiser sees ``scale * W``.)
+    """
+
+    def __init__(self, shape: torch.Size, mask_init: float = 0.0, scale_by_init: bool = True,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if not math.isfinite(mask_init):
+            raise ValueError(f"mask_init must be finite, got {mask_init}")
+        self.mask_init = float(mask_init)
+        self.scale_by_init = scale_by_init
+        self.scale = 1.0 / _sigmoid(self.mask_init) if scale_by_init else 1.0
+        self.logits = nn.Parameter(torch.full(shape, self.mask_init, device=device, dtype=dtype))
+        # H(s) once hardened, as 0/1 in the weight's dtype (an in-place multiply by a bool tensor
+        # is several times slower); a buffer so that a ticket's state_dict carries its mask.
+        self.register_buffer("hard_mask", torch.ones(shape, device=device, dtype=dtype))
+        self.temperature = 1.0
+        # When > 0, the gradient of ``fused_penalty * sum(sigmoid(beta * s))`` is added inside the
+        # backward pass (see MaskSet.fuse_penalty) instead of through a separate penalty term.
+        self.fused_penalty = 0.0
+        self.mode: MaskMode = "soft"
+        self._cached_mask: Tensor | None = None
+        self._cache_key: tuple[int, float] | None = None
+
+    # -- the parametrization ------------------------------------------------------------------
+    def forward(self, weight: Tensor) -> Tensor:
+        if self.mode == "hard":
+            return weight  # mask and scale are already folded into the weight
+        if not torch.is_grad_enabled():
+            return weight * torch.mul(self.logits, self.temperature).sigmoid_().mul_(self.scale)
+        return _SoftMaskedWeight.apply(weight, self.logits, self.temperature, self.scale, self,
+                                       self.fused_penalty)
+
+    def _remember_mask(self, scaled_mask: Tensor) -> None:
+        # This step's mask, so that the penalty need not compute it again.
+        self._cached_mask = scaled_mask
+        self._cache_key = (self.logits._version, self.temperature)
+
+    # -- what methods need ----------------------------------------------------------------------
+    def soft_mask(self) -> Tensor:
+        """``sigmoid(beta * s)`` (unscaled), without gradient."""
+        with torch.no_grad():
+            return torch.sigmoid(self.logits * self.temperature)
+
+    def soft_mask_sum(self) -> Tensor:
+        """``sum(sigmoid(beta * s))``, differentiable in ``s``: this tensor's L0 stand-in."""
+        if self.mode == "hard":
+            return self.hard_mask.sum()
+        cached = self._cached_mask
+        if cached is None or self._cache_key != (self.logits._version, self.temperature):
+            cached = torch.mul(self.logits.detach(), self.temperature).sigmoid_().mul_(self.scale)
+        return _SoftMaskSum.apply(self.logits, cached, self.temperature, self.scale)
+
+    def binary_mask(self) -> Tensor:
+        """``H(s) = 1[s > 0]`` as a bool tensor (the stored one once hardened)."""
+        return self.hard_mask > 0 if self.mode == "hard" else self.logits.detach() > 0
+
+    @torch.no_grad()
+    def harden(self, weight: Tensor) -> None:
+        """Fold ``scale * H(s)`` into ``weight`` (the raw parameter) and freeze the logits."""
+        if self.mode == "hard":
+            return
+        self.hard_mask.copy_(self.logits > 0)
+        weight.mul_(self.hard_mask).mul_(self.scale)
+        self.logits.requires_grad_(False)
+        self.mode = "hard"
+        self._cached_mask = None
+
+    @torch.no_grad()
+    def zero_pruned(self, weight: Tensor) -> None:
+        """Re-zero pruned entries of ``weight`` (hard mode): whatever an optimiser's momentum or
+        weight decay did, a pruned weight stays exactly zero."""
+        if self.mode == "hard":
+            weight.mul_(self.hard_mask)
+
+    @torch.no_grad()
+    def reset_logits(self) -> None:
+        """Between search rounds: ``s <- min(beta * s, s0)``, so pruned entries stay pruned while
+        kept ones restart at ``s0`` with a soft mask again (DESIGN.md section 1)."""
+        self.logits.mul_(self.temperature).clamp_(max=self.mask_init)
+        self._cached_mask = None
+
+    @torch.no_grad()
+    def set_binary_mask(self, keep: Tensor, weight: Tensor) -> None:
+        """Use a given binary mask (e.g. a saved ticket): logits become ``+1`` / ``-1``, hardened."""
+        keep = keep.to(device=self.logits.device, dtype=torch.bool)
+        if keep.shape != self.logits.shape:
+            raise ValueError(f"mask shape {tuple(keep.shape)} != weight shape {tuple(self.logits.shape)}")
+        self.logits.copy_(torch.where(keep, 1.0, -1.0))
+        self.harden(weight)
+
+    def get_extra_state(self) -> dict:
+        return {"mode": self.mode, "temperature": self.temperature}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.temperature = float(state["temperature"])
+        self.mode = state["mode"]
+        self.logits.requires_grad_(self.mode == "soft")
+        self._cached_mask = None
+
+    def extra_repr(self) -> str:
+        return (f"shape={tuple(self.logits.shape)}, mask_init={self.mask_init}, mode={self.mode}, "
+                f"temperature={self.temperature:.4g}, scale={self.scale:.4g}")
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))

@@ -1,0 +1,61 @@
+"""The interface every sparsification method implements; the training loop calls these hooks."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from torch import Tensor, nn
+
+
+class Method(ABC):
+    """A sparsification method seen by the driver: hooks into the one training loop.
+
+    Search happens in rounds of epochs; after the last round :meth:`final_mask` is the mask the
+    ticket (or fine-tuned model) keeps.
+    """
+
+    name: str = "method"
+
+    @abstractmethod
+    def attach(self, model: nn.Module) -> None:
+        """Prepare ``model`` (e.g. attach masks). Called once, before any state is loaded."""
+
+    def search_parameters(self) -> list[nn.Parameter]:
+        """Extra parameters the method learns during search (own optimiser, no weight decay)."""
+        return []
+
+    def weight_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The model parameters the weight optimiser trains."""
+        return list(model.parameters())
+
+    def before_epoch(self, round_index: int, epoch: int) -> None:
+        """Start of a search epoch."""
+
+    def after_step(self, round_index: int, epoch: int, step: int) -> None:
+        """After every optimiser step of a search epoch."""
+
+    def regularizer(self) -> Tensor | None:
+        """Extra loss term of a search step, or None."""
+        return None
+
+    def end_of_round(self, round_index: int, last: bool) -> None:
+        """After the last epoch of search round ``round_index``."""
+
+    @abstractmethod
+    def harden(self) -> None:
+        """Fix the final mask for ticket training / fine-tuning (pruned weights become zero)."""
+
+    def after_hard_step(self) -> None:
+        """After every optimiser step under the fixed mask: keep pruned weights exactly zero."""
+
+    @abstractmethod
+    def final_mask(self) -> dict[str, Tensor]:
+        """Name of each prunable weight -> bool mask of the weights kept."""
+
+    def progress(self) -> dict[str, str]:
+        """Short values for the progress bar."""
+        return {}
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Values logged with every epoch."""
+        return {}
