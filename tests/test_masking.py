@@ -1,0 +1,251 @@
+"""The CS mask: formula, penalty, schedule, reset, hardening, accounting, any module."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import contsparse as cs
+from contsparse.masking import ContinuousMask, LayerSelection, TemperatureSchedule, count_zeros
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_soft_mask_formula_and_gradients_match_autograd():
+    torch.manual_seed(1)
+    weight = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    mask = ContinuousMask(weight.shape, mask_init=-0.3, dtype=torch.float64)
+    with torch.no_grad():
+        mask.logits.normal_()
+    mask.temperature = 3.0
+    out = mask(weight)
+    scale = 1 / sigmoid(-0.3)
+    expected = weight * scale * torch.sigmoid(3.0 * mask.logits)
+    torch.testing.assert_close(out, expected)
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (weight, mask.logits), upstream)
+    ref = torch.autograd.grad(expected, (weight, mask.logits), upstream)
+    torch.testing.assert_close(grads[0], ref[0])
+    torch.testing.assert_close(grads[1], ref[1])
+    assert torch.autograd.gradcheck(lambda w, s: ContinuousMask.forward(mask, w), (weight, mask.logits))
+
+
+def test_initial_effective_weight_equals_weight_with_scaling():
+    layer = nn.Linear(6, 3)
+    before = layer.weight.detach().clone()
+    cs.attach_masks(layer, mask_init=-0.7)
+    torch.testing.assert_close(layer.weight, before)
+
+
+def test_without_scaling_the_mask_halves_the_weight_at_s0_zero():
+    layer = nn.Linear(6, 3)
+    before = layer.weight.detach().clone()
+    cs.attach_masks(layer, mask_init=0.0, scale_by_init=False)
+    torch.testing.assert_close(layer.weight, before * 0.5)
+
+
+def test_penalty_value_and_gradient_by_hand():
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+    masks = cs.attach_masks(model, mask_init=0.0)
+    masks.temperature = 2.0
+    logits = masks.mask_parameters()
+    with torch.no_grad():
+        logits[0].fill_(0.5)
+        logits[1].fill_(-1.0)
+    penalty = masks.penalty()
+    expected = 6 * sigmoid(1.0) + 4 * sigmoid(-2.0)
+    assert penalty.item() == pytest.approx(expected, rel=1e-6)
+    penalty.backward()
+    m0 = sigmoid(1.0)
+    assert logits[0].grad[0, 0].item() == pytest.approx(2.0 * m0 * (1 - m0), rel=1e-5)
+    assert masks.penalty(normalize=True).item() == pytest.approx(expected / 10, rel=1e-6)
+
+
+def test_penalty_reuses_the_forward_mask_and_notices_changes():
+    layer = nn.Linear(4, 4)
+    masks = cs.attach_masks(layer, mask_init=0.0)
+    layer(torch.randn(2, 4)).sum().backward()
+    first = masks.penalty().item()
+    with torch.no_grad():
+        masks.mask_parameters()[0].add_(1.0)  # a step: the cached mask is stale now
+    assert masks.penalty().item() == pytest.approx(16 * sigmoid(1.0), rel=1e-6)
+    assert first == pytest.approx(16 * 0.5)
+
+
+def test_fused_penalty_gives_the_same_logit_gradient():
+    torch.manual_seed(3)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    grads = []
+    for fused in (False, True):
+        torch.manual_seed(4)
+        model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+        masks = cs.attach_masks(model, mask_init=-0.1)
+        with torch.no_grad():
+            for p in masks.mask_parameters():
+                p.normal_(0, 0.3)
+        masks.temperature = 4.0
+        if fused:
+            masks.fuse_penalty(0.05)  # before the forward pass that it applies to
+        loss = F.cross_entropy(model(x), y)
+        if not fused:
+            loss = loss + 0.05 * masks.penalty()
+        loss.backward()
+        grads.append([p.grad.clone() for p in masks.mask_parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_temperature_schedule_by_hand():
+    schedule = TemperatureSchedule(final=200.0, epochs=5)
+    values = [schedule.value(e) for e in range(5)]
+    assert values[0] == 1.0 and values[-1] == pytest.approx(200.0)
+    for a, b in zip(values, values[1:], strict=False):
+        assert b / a == pytest.approx(200 ** (1 / 4))
+    per_step = TemperatureSchedule(final=100.0, epochs=2, per="step", steps_per_epoch=3)
+    assert per_step.value(0, 0) == 1.0
+    assert per_step.value(1, 2) == pytest.approx(100.0)
+    assert per_step.value(1, 0) == pytest.approx(100 ** (3 / 5))
+    with pytest.raises(ValueError):
+        TemperatureSchedule(final=1.0)
+
+
+def test_reset_rule_min_of_beta_s_and_s0():
+    layer = nn.Linear(2, 2)
+    masks = cs.attach_masks(layer, mask_init=0.2)
+    logits = masks.mask_parameters()[0]
+    with torch.no_grad():
+        logits.copy_(torch.tensor([[0.5, -0.01], [0.001, -2.0]]))
+    masks.temperature = 100.0
+    masks.reset_logits()
+    expected = torch.tensor([[0.2, -1.0], [0.1, -200.0]])
+    torch.testing.assert_close(logits.detach(), expected)
+    assert masks.temperature == 1.0
+
+
+def test_hard_mask_accounting_equals_counted_zeros_and_zeros_survive_any_optimizer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
+    masks = cs.attach_masks(model, mask_init=0.0)
+    with torch.no_grad():
+        for p in masks.mask_parameters():
+            p.uniform_(-1, 0.3)
+    expected = masks.weights_remaining()
+    masks.harden()
+    weights = masks.masked_weights()
+    zeros, total = count_zeros(weights)
+    assert 1 - zeros / total == pytest.approx(expected)
+    for optimizer in (torch.optim.SGD(masks.weight_parameters(), lr=0.5, momentum=0.9, weight_decay=0.1),
+                      torch.optim.Adam(masks.weight_parameters(), lr=0.1, weight_decay=0.1)):
+        # momentum state that is non-zero at pruned positions must not leak into them
+        masks.keep_pruned_at_zero(optimizer)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(4, 20)).pow(2).sum().backward()
+            for w in weights.values():
+                w.grad.add_(1.0)  # gradient at pruned positions too
+            optimizer.step()
+        zeros_after, _ = count_zeros(weights)
+        assert zeros_after >= zeros
+        for name, keep in masks.binary_masks().items():
+            assert torch.all(weights[name][~keep] == 0)
+
+
+def test_hardening_folds_scale_and_mask_into_the_weight():
+    layer = nn.Linear(4, 3)
+    masks = cs.attach_masks(layer, mask_init=-0.2)
+    raw = masks.masked_weights()["weight"].detach().clone()
+    logits = masks.mask_parameters()[0]
+    with torch.no_grad():
+        logits.copy_(torch.randn_like(logits))
+    keep = logits.detach() > 0
+    masks.harden()
+    torch.testing.assert_close(layer.weight, raw * keep / sigmoid(-0.2))
+
+
+def test_linear_conv_and_nested_user_module():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.inner = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            return self.inner(torch.relu(self.conv(x)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+            self.head = nn.Linear(4 * 8 * 8, 10)
+
+        def forward(self, x):
+            return self.head(self.block(x).flatten(1))
+
+    net = Net()
+    x = torch.randn(2, 3, 8, 8)
+    net.eval()
+    before = net(x)
+    masks = cs.attach_masks(net, mask_init=0.0)
+    assert sorted(masks.masks) == ["block.conv.weight", "block.inner.0.weight", "head.weight"]
+    torch.testing.assert_close(net(x), before)  # scaled mask at s0 is the identity
+    net.train()
+    net(x).sum().backward()
+    assert all(p.grad is not None for p in masks.mask_parameters())
+    assert masks.num_prunable() == 3 * 4 * 9 + 16 + 2560
+
+
+def test_selection_rules():
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 3), nn.Linear(3, 1))
+    assert LayerSelection(exclude_first=True, exclude_last=True).select(model) == ["1"]
+    assert LayerSelection(include=[r"^[02]$"]).select(model) == ["0", "2"]
+    assert LayerSelection(exclude=["1"]).select(model) == ["0", "2"]
+    with pytest.raises(ValueError, match="no layer"):
+        cs.attach_masks(model, selection=LayerSelection(include=["nothing"]))
+    cs.attach_masks(model)
+    with pytest.raises(ValueError, match="already parametrized"):
+        cs.attach_masks(model)
+
+
+def test_state_dict_round_trip_soft_and_hard():
+    def make():
+        model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2))
+        return model, cs.attach_masks(model, mask_init=-0.1)
+
+    model, masks = make()
+    with torch.no_grad():
+        for p in masks.mask_parameters():
+            p.normal_()
+    masks.temperature = 7.0
+    x = torch.randn(3, 5)
+    for hard in (False, True):
+        if hard:
+            masks.harden()
+        clone, clone_masks = make()
+        clone.load_state_dict(model.state_dict())
+        assert clone_masks.temperature == 7.0 and clone_masks.mode == masks.mode
+        torch.testing.assert_close(clone(x), model(x))
+        assert clone_masks.weights_remaining() == masks.weights_remaining()
+
+
+def test_make_permanent_leaves_a_plain_module_with_the_same_outputs():
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2))
+    masks = cs.attach_masks(model, mask_init=0.0)
+    with torch.no_grad():
+        for p in masks.mask_parameters():
+            p.normal_()
+    masks.harden()
+    x = torch.randn(3, 5)
+    expected = model(x)
+    remaining = masks.weights_remaining()
+    plain = masks.make_permanent()
+    assert set(plain.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    torch.testing.assert_close(plain(x), expected)
+    zeros, total = count_zeros({"a": plain[0].weight, "b": plain[2].weight})
+    assert 1 - zeros / total == pytest.approx(remaining)
+    fresh = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2))
+    fresh.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(fresh(x), expected)

