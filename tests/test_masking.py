@@ -1,5 +1,6 @@
 """The CS mask: formula, penalty, schedule, reset, hardening, accounting, any module."""
 
+import itertools
 import math
 
 import pytest
@@ -103,7 +104,7 @@ def test_temperature_schedule_by_hand():
     schedule = TemperatureSchedule(final=200.0, epochs=5)
     values = [schedule.value(e) for e in range(5)]
     assert values[0] == 1.0 and values[-1] == pytest.approx(200.0)
-    for a, b in zip(values, values[1:], strict=False):
+    for a, b in itertools.pairwise(values):
         assert b / a == pytest.approx(200 ** (1 / 4))
     per_step = TemperatureSchedule(final=100.0, epochs=2, per="step", steps_per_epoch=3)
     assert per_step.value(0, 0) == 1.0

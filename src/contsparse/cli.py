@@ -65,10 +65,7 @@ def _add_field_flag(parser: argparse.ArgumentParser, field: dataclasses.Field) -
     flag = "--" + field.name.replace("_", "-")
     default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
     help_text = HELP.get(field.name, argparse.SUPPRESS if field.name not in HELP else None)
-    if field.name not in HELP:
-        help_text = f"(default: {default})"
-    else:
-        help_text = f"{help_text} (default: {default})"
+    help_text = f"(default: {default})" if field.name not in HELP else f"{help_text} (default: {default})"
     if isinstance(default, bool):
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
     elif isinstance(default, list):

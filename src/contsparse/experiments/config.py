@@ -35,9 +35,9 @@ class RunConfig:
     train_subset: int | None = None  # use only the first N training examples (quick runs, tests)
 
     # schedule
-    epochs: int = 10  # per search round (prune: the search; train: all)
+    epochs: int = 8  # per search round (prune: the search; train: all)
     rounds: int = 2
-    ticket_epochs: int | None = None  # ticket training (prune: fine-tuning); default = epochs
+    ticket_epochs: int | None = 15  # ticket training (prune: fine-tuning); None = epochs
     rewind_epoch: int = 2
     batch_size: int = 60
 
@@ -52,7 +52,7 @@ class RunConfig:
     lr_gamma: float = 0.1
 
     # CS
-    mask_init: float = 0.0
+    mask_init: float = -0.05
     penalty: float = 1e-8
     penalty_normalize: bool = False
     final_temp: float = 200.0

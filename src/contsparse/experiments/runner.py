@@ -35,7 +35,7 @@ from contsparse.training import (
     save_checkpoint,
     set_learning_rate,
     train_epoch,
-    tune_cpu_allocator,
+    tune_cpu,
 )
 
 Log = Callable[[str], None]
@@ -139,7 +139,7 @@ class Runner:
         config = self.config
         device = resolve_device(config.device)
         if device.type == "cpu":
-            tune_cpu_allocator()
+            tune_cpu()
         data = self._load_data()
         if device.type == "cuda":
             data = dataclasses.replace(data, train=data.train.to(device), val=data.val.to(device),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
@@ -27,7 +27,7 @@ class CSSettings:
     temp_schedule: str = "epoch"
     steps_per_epoch: int = 1
     scale_by_init: bool = True
-    selection: LayerSelection = LayerSelection()
+    selection: LayerSelection = field(default_factory=LayerSelection)
 
 
 class ContinuousSparsification(Method):

@@ -1,0 +1,132 @@
+"""Step-time overhead of CS masks vs the same dense model.
+
+For each model: one training step (forward, backward, optimiser steps) of the dense model, of CS
+search mode (soft masks, fused penalty, mask optimiser) and of ticket mode (hard mask folded in,
+pruned weights re-zeroed after each step), measured interleaved in one process at batch 128.
+
+    python benchmarks/overhead.py            # writes benchmarks/results/overhead.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import interleaved_times, machine, write_results
+
+import contsparse as cs
+from contsparse.models import build_model
+from contsparse.training import tune_cpu
+
+FUSED = True  # fused Adam: about 30 % faster steps on CPU, for dense and CS alike
+MODELS = {  # name -> (input shape, weight optimiser)
+    "lenet300": ((1, 28, 28), "adam"),
+    "conv4": ((3, 32, 32), "sgd"),
+}
+
+
+def optimizer(name: str, params) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=1.2e-3, fused=FUSED)
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, fused=FUSED)
+
+
+def make_steps(model_name: str, batch: int, device: torch.device):
+    shape, opt_name = MODELS[model_name]
+    x = torch.randn(batch, *shape, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def fresh():
+        torch.manual_seed(0)
+        return build_model(model_name, shape, 10).to(device)
+
+    dense = fresh()
+    dense_opt = optimizer(opt_name, dense.parameters())
+
+    search = fresh()
+    search_masks = cs.attach_masks(search, mask_init=0.0)
+    search_masks.fuse_penalty(1e-8)
+    search_masks.temperature = 5.0
+    search_opt = optimizer(opt_name, search_masks.weight_parameters())
+    mask_opt = torch.optim.SGD(search_masks.mask_parameters(), lr=0.1, momentum=0.9, fused=FUSED)
+
+    ticket = fresh()
+    ticket_masks = cs.attach_masks(ticket, mask_init=0.0)
+    with torch.no_grad():  # a ticket with about 5 % of the weights
+        for logits in ticket_masks.mask_parameters():
+            logits.copy_(torch.where(torch.rand_like(logits) < 0.05, 1.0, -1.0))
+    ticket_masks.harden()
+    ticket_opt = optimizer(opt_name, [p for p in ticket_masks.weight_parameters() if p.requires_grad])
+
+    def dense_step():
+        dense_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(dense(x), y).backward()
+        dense_opt.step()
+
+    def search_step():
+        search_opt.zero_grad(set_to_none=True)
+        mask_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(search(x), y).backward()
+        search_opt.step()
+        mask_opt.step()
+
+    def ticket_step():
+        ticket_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(ticket(x), y).backward()
+        ticket_opt.step()
+        ticket_masks.zero_pruned()
+
+    return {"dense": dense_step, "cs_search": search_step, "cs_ticket": ticket_step}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--blocks", type=int, default=15)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--name", default="overhead", help="results file name")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    allocator = tune_cpu() if device.type == "cpu" else False
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows = []
+    for model_name in args.models:
+        steps = make_steps(model_name, args.batch_size, device)
+        per_block = 40 if model_name == "lenet300" else 4
+        times = interleaved_times(steps, args.blocks, per_block, warmup=10, sync=sync)
+        rows.append({
+            "model": model_name, "batch_size": args.batch_size,
+            "dense_ms": times["dense"] * 1e3, "cs_search_ms": times["cs_search"] * 1e3,
+            "cs_ticket_ms": times["cs_ticket"] * 1e3,
+            "search_over_dense": times["cs_search"] / times["dense"],
+            "ticket_over_dense": times["cs_ticket"] / times["dense"],
+            "dense_images_per_s": args.batch_size / times["dense"],
+            "search_images_per_s": args.batch_size / times["cs_search"],
+            "ticket_images_per_s": args.batch_size / times["cs_ticket"],
+        })
+    lines = [f"# Step-time overhead of CS masks ({args.device}, batch {args.batch_size})", "",
+             f"Command: `python benchmarks/overhead.py --device {args.device}`; median of {args.blocks} "
+             "interleaved blocks per variant, one process.", "",
+             "| model | dense ms/step | CS search ms/step | ticket ms/step | search / dense | ticket / dense "
+             "| dense img/s | search img/s | ticket img/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['dense_ms']:.2f} | {r['cs_search_ms']:.2f} | {r['cs_ticket_ms']:.2f} "
+                     f"| **{r['search_over_dense']:.3f}x** | **{r['ticket_over_dense']:.3f}x** "
+                     f"| {r['dense_images_per_s']:.0f} | {r['search_images_per_s']:.0f} "
+                     f"| {r['ticket_images_per_s']:.0f} |")
+    info = machine()
+    lines += ["", f"Machine: {info['processor']}, torch {info['torch']}, {info['threads']} threads"
+              + (f", GPU {info['cuda']}" if info["cuda"] and device.type == "cuda" else "")
+              + f"; glibc allocator tuning: {allocator}.", ""]
+    write_results(args.name, {"machine": info, "allocator_tuned": allocator, "rows": rows}, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
