@@ -23,7 +23,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
     epochs = str(summary["train_epochs"])
     seconds = summary["wall_seconds"]
     if summary.get("dense_train_epochs"):
-        epochs += f" (+{summary['dense_train_epochs']} dense)"
+        epochs += f" + {summary['dense_train_epochs']} dense"
         seconds += summary.get("dense_wall_seconds", 0.0)
     table.add_row(_pct(summary["weights_remaining"]), _pct(summary["test_accuracy"]),
                   _pct(summary.get("dense_test_accuracy")), epochs, f"{seconds:.0f} s")
