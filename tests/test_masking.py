@@ -250,3 +250,27 @@ def test_make_permanent_leaves_a_plain_module_with_the_same_outputs():
     fresh = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2))
     fresh.load_state_dict(plain.state_dict())
     torch.testing.assert_close(fresh(x), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_soft_and_hard_masks_match_cpu():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    masks = cs.attach_masks(model, mask_init=-0.1)
+    with torch.no_grad():
+        for p in masks.mask_parameters():
+            p.normal_(0, 0.3)
+    masks.temperature = 3.0
+    masks.fuse_penalty(0.01)
+    x = torch.randn(4, 6)
+    gpu_model = __import__("copy").deepcopy(model).cuda()
+    gpu_masks = cs.find_masks(gpu_model)
+    gpu_masks.fuse_penalty(0.01)
+    model(x).sum().backward()
+    gpu_model(x.cuda()).sum().backward()
+    for a, b in zip(masks.mask_parameters(), gpu_masks.mask_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad.cpu())
+    masks.harden()
+    gpu_masks.harden()
+    torch.testing.assert_close(model(x), gpu_model(x.cuda()).cpu())
+    assert gpu_masks.weights_remaining() == masks.weights_remaining()
