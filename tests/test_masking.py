@@ -226,6 +226,9 @@ def test_state_dict_round_trip_soft_and_hard():
         if hard:
             masks.harden()
         clone, clone_masks = make()
+        if hard:
+            clone_masks.harden()  # a hardened state_dict loads into a hardened model
+            assert not any("parametrizations" in k for k in model.state_dict())
         clone.load_state_dict(model.state_dict())
         assert clone_masks.temperature == 7.0 and clone_masks.mode == masks.mode
         torch.testing.assert_close(clone(x), model(x))

@@ -165,6 +165,9 @@ class Runner:
         optimizer_state: dict[str, Any] | None = None
         if self.run.checkpoint_dir.exists() or self.run.checkpoint_dir.with_name("checkpoint.old").exists():
             state = load_checkpoint(self.run.checkpoint_dir, device)
+            resumed = state["progress"]
+            if resumed["phase"] < len(phases) and phases[resumed["phase"]].hard and resumed["epoch"] > 0:
+                method.harden()  # the checkpoint holds a hardened model: same structure first
             model.load_state_dict(state["model"])
             progress, rewind, optimizer_state = state["progress"], state["rewind"], state["optimizers"]
             torch.set_rng_state(state["rng"].cpu())

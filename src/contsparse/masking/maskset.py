@@ -12,6 +12,9 @@ from contsparse.masking.accounting import per_layer_remaining, weights_remaining
 from contsparse.masking.parametrization import ContinuousMask, MaskMode
 from contsparse.masking.selection import LayerSelection
 
+# Once hardened, a layer's mask lives beside the weight as a submodule named "<attr>_cs_mask".
+HARD_SUFFIX = "_cs_mask"
+
 
 class MaskSet:
     """Handle on the masks attached to one model.
@@ -25,6 +28,7 @@ class MaskSet:
         self.model = model
         self.masks = masks  # "<module qualname>.weight" -> parametrization
         self._weights: dict[str, nn.Parameter] | None = None
+        self._hard_pairs: tuple[list[Tensor], list[Tensor]] | None = None
 
     # -- parameters ----------------------------------------------------------------------------
     def mask_parameters(self) -> list[nn.Parameter]:
@@ -40,10 +44,11 @@ class MaskSet:
         """Name -> the raw (unmasked) weight parameter behind each mask."""
         if self._weights is None:
             self._weights = {}
-            for name in self.masks:
+            for name, mask in self.masks.items():
                 module_name, _, attr = name.rpartition(".")
                 module = self.model.get_submodule(module_name)
-                self._weights[name] = module.parametrizations[attr].original
+                self._weights[name] = (getattr(module, attr) if mask.mode == "hard"
+                                       else module.parametrizations[attr].original)
         return self._weights
 
     # -- temperature, mode ---------------------------------------------------------------------
@@ -63,18 +68,32 @@ class MaskSet:
     def harden(self) -> None:
         """Use the binary mask ``H(s) = 1[s > 0]`` from now on (ticket training, fine-tuning).
 
-        Folds mask and scale into the weights. Afterwards call :meth:`zero_pruned` after each
-        optimiser step, or let :meth:`keep_pruned_at_zero` do so for an optimiser.
+        Folds mask and scale into the weights and takes the parametrization off: each layer is a
+        plain layer again (same ``Parameter`` objects, so existing optimisers keep working) and
+        trains at dense speed; the mask stays beside it as ``<layer>.weight_cs_mask`` so the
+        ``state_dict`` still carries it. Afterwards call :meth:`zero_pruned` after each optimiser
+        step, or let :meth:`keep_pruned_at_zero` do so. Load a hardened ``state_dict`` into a
+        model only after calling ``harden()`` on it.
         """
         weights = self.masked_weights()
         for name, mask in self.masks.items():
+            if mask.mode == "hard":
+                continue
             mask.harden(weights[name])
+            module_name, _, attr = name.rpartition(".")
+            module = self.model.get_submodule(module_name)
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+            module.register_module(attr + HARD_SUFFIX, mask)
 
     def zero_pruned(self) -> None:
-        """Re-zero pruned weights (hard mode); cheap, in place."""
-        weights = self.masked_weights()
-        for name, mask in self.masks.items():
-            mask.zero_pruned(weights[name])
+        """Re-zero pruned weights (hard mode): one fused in-place multiply over all layers."""
+        if self._hard_pairs is None:
+            weights = self.masked_weights()
+            pairs = [(weights[name], mask.hard_mask) for name, mask in self.masks.items() if mask.mode == "hard"]
+            self._hard_pairs = ([w for w, _ in pairs], [m for _, m in pairs])
+        if self._hard_pairs[0]:
+            with torch.no_grad():
+                torch._foreach_mul_(*self._hard_pairs)
 
     def keep_pruned_at_zero(self, optimizer: torch.optim.Optimizer):
         """Run :meth:`zero_pruned` after every ``optimizer.step()``; returns the hook handle."""
@@ -140,9 +159,8 @@ class MaskSet:
         self.harden()
         for name in list(self.masks):
             module_name, _, attr = name.rpartition(".")
-            parametrize.remove_parametrizations(self.model.get_submodule(module_name), attr,
-                                                leave_parametrized=True)
-        self.masks, self._weights = {}, None
+            delattr(self.model.get_submodule(module_name), attr + HARD_SUFFIX)
+        self.masks, self._weights, self._hard_pairs = {}, None, None
         return self.model
 
     def __iter__(self) -> Iterator[tuple[str, ContinuousMask]]:
@@ -183,9 +201,13 @@ def find_masks(model: nn.Module) -> MaskSet:
     """The :class:`MaskSet` of a model that already carries CS masks (e.g. after loading)."""
     masks = {}
     for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
         if parametrize.is_parametrized(module):
             for attr, plist in module.parametrizations.items():
                 for p in plist:
                     if isinstance(p, ContinuousMask):
-                        masks[f"{module_name}.{attr}" if module_name else attr] = p
+                        masks[prefix + attr] = p
+        for child_name, child in module.named_children():
+            if isinstance(child, ContinuousMask) and child_name.endswith(HARD_SUFFIX):
+                masks[prefix + child_name[: -len(HARD_SUFFIX)]] = child
     return MaskSet(model, masks)

@@ -75,9 +75,9 @@ class ContinuousMask(nn.Module):
 
     * soft mode (search): ``W * scale * sigmoid(beta * s)``, differentiable in ``W`` and ``s``.
     * hard mode (ticket training, fine-tuning): ``H(s) = 1[s > 0]`` and ``scale`` are folded into
-      the weight once, at :meth:`harden` (``W <- scale * W * H``); the parametrization is then the
-      identity, so a ticket trains at dense speed. Pruned entries are kept exactly zero by
-      :meth:`zero_pruned`, which the training loop runs after every optimiser step.
+      the weight once, at :meth:`harden` (``W <- scale * W * H``), and :class:`MaskSet` takes the
+      parametrization off, so a ticket trains at dense speed. Pruned entries are kept exactly
+      zero by :meth:`zero_pruned`, which the training loop runs after every optimiser step.
 
     ``scale`` is ``1 / sigmoid(s0)`` when ``scale_by_init`` (the reference code's choice): at
     ``beta = 1, s = s0`` the effective weight is then exactly ``W``, and a ticket's surviving
