@@ -21,7 +21,7 @@ from common import interleaved_times, machine, write_results
 
 import contsparse as cs
 from contsparse.models import build_model
-from contsparse.training import tune_cpu
+from contsparse.training import tune_cpu_allocator
 
 FUSED = True  # fused Adam: about 30 % faster steps on CPU, for dense and CS alike
 MODELS = {  # name -> (input shape, weight optimiser)
@@ -91,9 +91,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--name", default="overhead", help="results file name")
+    parser.add_argument("--optimizers", choices=["fused", "foreach"], default="fused",
+                        help="PyTorch optimiser kernels for every variant (contsparse uses fused)")
     args = parser.parse_args()
+    global FUSED
+    FUSED = True if args.optimizers == "fused" else None
     device = torch.device(args.device)
-    allocator = tune_cpu() if device.type == "cpu" else False
+    allocator = tune_cpu_allocator() if device.type == "cpu" else False
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = []
     for model_name in args.models:
@@ -110,9 +114,10 @@ def main() -> None:
             "search_images_per_s": args.batch_size / times["cs_search"],
             "ticket_images_per_s": args.batch_size / times["cs_ticket"],
         })
-    lines = [f"# Step-time overhead of CS masks ({args.device}, batch {args.batch_size})", "",
-             f"Command: `python benchmarks/overhead.py --device {args.device}`; median of {args.blocks} "
-             "interleaved blocks per variant, one process.", "",
+    command = " ".join(["python benchmarks/overhead.py", *sys.argv[1:]])
+    lines = [f"# Step-time overhead of CS masks ({args.device}, batch {args.batch_size}, "
+             f"{args.optimizers} optimisers)", "",
+             f"Command: `{command}`; median of {args.blocks} interleaved blocks per variant, one process.", "",
              "| model | dense ms/step | CS search ms/step | ticket ms/step | search / dense | ticket / dense "
              "| dense img/s | search img/s | ticket img/s |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -125,7 +130,8 @@ def main() -> None:
     lines += ["", f"Machine: {info['processor']}, torch {info['torch']}, {info['threads']} threads"
               + (f", GPU {info['cuda']}" if info["cuda"] and device.type == "cuda" else "")
               + f"; glibc allocator tuning: {allocator}.", ""]
-    write_results(args.name, {"machine": info, "allocator_tuned": allocator, "rows": rows}, "\n".join(lines))
+    write_results(args.name, {"machine": info, "allocator_tuned": allocator, "optimizers": args.optimizers,
+                              "command": command, "rows": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":

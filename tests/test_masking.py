@@ -266,8 +266,11 @@ def test_cuda_soft_and_hard_masks_match_cpu():
     masks.temperature = 3.0
     masks.fuse_penalty(0.01)
     x = torch.randn(4, 6)
-    gpu_model = __import__("copy").deepcopy(model).cuda()
-    gpu_masks = cs.find_masks(gpu_model)
+    # a separate model, not a deepcopy: copies of a parametrized module share its class
+    gpu_model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    gpu_masks = cs.attach_masks(gpu_model, mask_init=-0.1)
+    gpu_model.load_state_dict(model.state_dict())
+    gpu_model.cuda()
     gpu_masks.fuse_penalty(0.01)
     model(x).sum().backward()
     gpu_model(x.cuda()).sum().backward()

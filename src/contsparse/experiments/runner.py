@@ -7,7 +7,6 @@ checkpointed, so re-running the same command continues where a run stopped.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from contsparse.errors import UserError
 from contsparse.experiments.config import RunConfig, load_yaml, save_yaml
 from contsparse.experiments.rundir import RunDir
 from contsparse.masking import find_masks, per_layer_remaining, weights_remaining
+from contsparse.masking.maskset import HARD_SUFFIX
 from contsparse.methods import ContinuousSparsification, CSSettings, Dense, Method
 from contsparse.models import build_model
 from contsparse.training import (
@@ -35,7 +35,7 @@ from contsparse.training import (
     save_checkpoint,
     set_learning_rate,
     train_epoch,
-    tune_cpu,
+    tune_cpu_allocator,
 )
 
 Log = Callable[[str], None]
@@ -139,7 +139,7 @@ class Runner:
         config = self.config
         device = resolve_device(config.device)
         if device.type == "cpu":
-            tune_cpu()
+            tune_cpu_allocator()
         data = self._load_data()
         if device.type == "cuda":
             data = dataclasses.replace(data, train=data.train.to(device), val=data.val.to(device),
@@ -308,12 +308,12 @@ class Runner:
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights as a plain ``nn.Module`` would hold them: masks folded in and removed."""
-    plain = copy.deepcopy(model)
-    masks = find_masks(plain)
-    if len(masks):
-        masks.make_permanent()
-    return {k: v for k, v in plain.state_dict().items() if isinstance(v, torch.Tensor)}
+    """The weights of a hardened (or unmasked) model as the plain architecture holds them: the
+    masks are already folded into the weights, so only their own entries are left out."""
+    if any(mask.mode != "hard" for _, mask in find_masks(model)):
+        raise ValueError("harden the masks before exporting the weights")
+    return {k: v for k, v in model.state_dict().items()
+            if isinstance(v, torch.Tensor) and f"{HARD_SUFFIX}." not in k}
 
 
 def _tensorboard(path: Path):

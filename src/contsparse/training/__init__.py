@@ -3,8 +3,8 @@
 from contsparse.training.checkpoint import load_checkpoint, save_checkpoint
 from contsparse.training.loop import EpochResult, NonFiniteLossError, evaluate, train_epoch
 from contsparse.training.optim import OptimizerSettings, build_optimizer, learning_rate, set_learning_rate
-from contsparse.training.speed import tune_cpu, tune_cpu_allocator
+from contsparse.training.speed import tune_cpu_allocator
 
 __all__ = ["EpochResult", "NonFiniteLossError", "OptimizerSettings", "build_optimizer", "evaluate",
            "learning_rate", "load_checkpoint", "save_checkpoint", "set_learning_rate", "train_epoch",
-           "tune_cpu", "tune_cpu_allocator"]
+           "tune_cpu_allocator"]

@@ -6,21 +6,8 @@ import ctypes
 import ctypes.util
 import sys
 
-import torch
-
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _tuned = False
-
-
-def tune_cpu() -> bool:
-    """CPU speed settings for training: :func:`tune_cpu_allocator` and flushing denormals.
-
-    Sparse networks produce many tiny gradients whose squares (Adam's second moment) fall below
-    float32's normal range; arithmetic on such denormal numbers is many times slower on x86.
-    Flushing them to zero changes nothing a network can notice (they are < 1e-38).
-    """
-    torch.set_flush_denormal(True)
-    return tune_cpu_allocator()
 
 
 def tune_cpu_allocator() -> bool:
