@@ -63,3 +63,11 @@ def test_console_script_entry_point(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "prune" in done.stdout
+
+
+def test_divergence_is_reported_not_a_traceback(tmp_path, capsys):
+    argv = ["train", "--model", "lenet300", "--dataset", "synthetic", "--epochs", "2", "--optimizer", "sgd",
+            "--lr", "1e30", "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "training diverged" in err and "lower --lr" in err and "Traceback" not in err

@@ -16,6 +16,17 @@ def sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x))
 
 
+def masked_mlp(sizes: tuple[int, int, int], temperature: float, logit_std: float = 0.3):
+    """A small MLP with CS masks whose logits are spread around ``s0 = -0.1``."""
+    model = nn.Sequential(nn.Linear(sizes[0], sizes[1]), nn.ReLU(), nn.Linear(sizes[1], sizes[2]))
+    masks = cs.attach_masks(model, mask_init=-0.1)
+    with torch.no_grad():
+        for p in masks.mask_parameters():
+            p.normal_(0, logit_std)
+    masks.temperature = temperature
+    return model, masks
+
+
 def test_soft_mask_formula_and_gradients_match_autograd():
     torch.manual_seed(1)
     weight = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
@@ -83,12 +94,7 @@ def test_fused_penalty_gives_the_same_logit_gradient():
     grads = []
     for fused in (False, True):
         torch.manual_seed(4)
-        model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
-        masks = cs.attach_masks(model, mask_init=-0.1)
-        with torch.no_grad():
-            for p in masks.mask_parameters():
-                p.normal_(0, 0.3)
-        masks.temperature = 4.0
+        model, masks = masked_mlp((5, 7, 3), temperature=4.0)
         if fused:
             masks.fuse_penalty(0.05)  # before the forward pass that it applies to
         loss = F.cross_entropy(model(x), y)
@@ -258,12 +264,7 @@ def test_make_permanent_leaves_a_plain_module_with_the_same_outputs():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_soft_and_hard_masks_match_cpu():
     torch.manual_seed(5)
-    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-    masks = cs.attach_masks(model, mask_init=-0.1)
-    with torch.no_grad():
-        for p in masks.mask_parameters():
-            p.normal_(0, 0.3)
-    masks.temperature = 3.0
+    model, masks = masked_mlp((6, 5, 3), temperature=3.0)
     masks.fuse_penalty(0.01)
     x = torch.randn(4, 6)
     # a separate model, not a deepcopy: copies of a parametrized module share its class

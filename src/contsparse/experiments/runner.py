@@ -28,6 +28,7 @@ from contsparse.masking.maskset import HARD_SUFFIX
 from contsparse.methods import ContinuousSparsification, CSSettings, Dense, Method
 from contsparse.models import build_model
 from contsparse.training import (
+    NonFiniteLossError,
     build_optimizer,
     evaluate,
     learning_rate,
@@ -180,11 +181,13 @@ class Runner:
         optimizers: dict[str, torch.optim.Optimizer] = {}
         while progress["phase"] < len(phases):
             phase = phases[progress["phase"]]
-            if progress["epoch"] == 0 or not optimizers:
-                if progress["epoch"] == 0:
-                    self._enter_phase(phase, model, method, rewind)
+            if progress["epoch"] == 0:
+                self._enter_phase(phase, model, method, rewind)
+            # Search rounds share their optimisers (as in the reference code); ticket training and
+            # fine-tuning start with fresh ones.
+            if not optimizers or (progress["epoch"] == 0 and phase.kind != "search"):
                 optimizers = self._optimizers(phase, model, method)
-                if optimizer_state is not None and progress["epoch"] > 0:
+                if optimizer_state is not None and (progress["epoch"] > 0 or phase.kind == "search"):
                     for name, optimizer in optimizers.items():
                         optimizer.load_state_dict(optimizer_state[name])
                 optimizer_state = None
@@ -192,8 +195,12 @@ class Runner:
             if phase.kind == "search" and phase.round == 0 and epoch == config.rewind_epoch and rewind is None:
                 rewind = {k: v.detach().clone() for k, v in model.state_dict().items()
                           if isinstance(v, torch.Tensor) and is_rewind_key(k)}
-            record = self._epoch(phase, epoch, model, method, optimizers, train_batches, val_batches,
-                                 progress["epochs_done"], device)
+            try:
+                record = self._epoch(phase, epoch, model, method, optimizers, train_batches, val_batches,
+                                     progress["epochs_done"], device)
+            except NonFiniteLossError as err:
+                raise UserError(f"training diverged in {phase.label()}, epoch {epoch + 1} ({err}); lower --lr "
+                                f"or --mask-lr. Finished epochs stay saved in {self.run.path}") from err
             progress["epochs_done"] += 1
             progress["epoch"] += 1
             if progress["epoch"] == phase.epochs:
