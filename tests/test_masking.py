@@ -281,3 +281,14 @@ def test_cuda_soft_and_hard_masks_match_cpu():
     gpu_masks.harden()
     torch.testing.assert_close(model(x), gpu_model(x.cuda()).cpu())
     assert gpu_masks.weights_remaining() == masks.weights_remaining()
+
+
+def test_loading_saved_binary_masks_gives_a_plain_hardened_model():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    masks = cs.attach_masks(model, mask_init=0.0)
+    raw = {k: w.detach().clone() for k, w in masks.masked_weights().items()}
+    saved = {"0.weight": torch.rand(3, 4) < 0.5, "2.weight": torch.rand(2, 3) < 0.5}
+    masks.load_binary_masks(saved)
+    assert masks.mode == "hard" and not any("parametrizations" in k for k in model.state_dict())
+    torch.testing.assert_close(model[0].weight, raw["0.weight"] * saved["0.weight"] * 2.0)
+    assert masks.binary_masks()["2.weight"].equal(saved["2.weight"])

@@ -144,13 +144,15 @@ class MaskSet:
         return per_layer_remaining(self.binary_masks())
 
     def load_binary_masks(self, masks: dict[str, Tensor]) -> None:
-        """Install saved binary masks (hard mode)."""
+        """Install saved binary masks and harden: the model then computes with exactly them."""
         missing = set(self.masks) - set(masks)
         if missing:
             raise KeyError(f"no saved mask for {sorted(missing)}")
-        weights = self.masked_weights()
+        if self.mode == "hard":
+            raise ValueError("masks are already hardened; load binary masks into a soft MaskSet")
         for name, mask in self.masks.items():
-            mask.set_binary_mask(masks[name], weights[name])
+            mask.set_binary_mask(masks[name])
+        self.harden()
 
     # -- leaving ------------------------------------------------------------------------------
     def make_permanent(self) -> nn.Module:

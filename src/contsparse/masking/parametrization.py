@@ -164,13 +164,12 @@ class ContinuousMask(nn.Module):
         self._cached_mask = None
 
     @torch.no_grad()
-    def set_binary_mask(self, keep: Tensor, weight: Tensor) -> None:
-        """Use a given binary mask (e.g. a saved ticket): logits become ``+1`` / ``-1``, hardened."""
+    def set_binary_mask(self, keep: Tensor) -> None:
+        """Use a given binary mask (e.g. a saved ticket): logits become ``+1`` / ``-1``."""
         keep = keep.to(device=self.logits.device, dtype=torch.bool)
         if keep.shape != self.logits.shape:
             raise ValueError(f"mask shape {tuple(keep.shape)} != weight shape {tuple(self.logits.shape)}")
         self.logits.copy_(torch.where(keep, 1.0, -1.0))
-        self.harden(weight)
 
     def get_extra_state(self) -> dict:
         return {"mode": self.mode, "temperature": self.temperature}
