@@ -55,10 +55,6 @@ class RunDir:
         with open(self.file(self.METRICS), "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
-    def metrics_lines(self) -> int:
-        path = self.file(self.METRICS)
-        return sum(1 for _ in open(path)) if path.is_file() else 0
-
     def truncate_metrics(self, lines: int) -> None:
         """Drop records written after the checkpoint a resumed run restarts from."""
         path = self.file(self.METRICS)

@@ -120,11 +120,6 @@ class ContinuousMask(nn.Module):
         self._cache_key = (self.logits._version, self.temperature)
 
     # -- what methods need ----------------------------------------------------------------------
-    def soft_mask(self) -> Tensor:
-        """``sigmoid(beta * s)`` (unscaled), without gradient."""
-        with torch.no_grad():
-            return torch.sigmoid(self.logits * self.temperature)
-
     def soft_mask_sum(self) -> Tensor:
         """``sum(sigmoid(beta * s))``, differentiable in ``s``: this tensor's L0 stand-in."""
         if self.mode == "hard":
