@@ -1,4 +1,4 @@
-"""Command line: ``contsparse ticket | prune | train | info``. Thin: parses, runs, prints."""
+"""Command line: ``contsparse ticket | prune | train | resume | info``. Thin: parses, runs, prints."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from contsparse import __version__
-from contsparse.errors import UserError
+from contsparse.errors import RunInterrupted, UserError
 from contsparse.experiments.config import FIELDS, RunConfig, load_yaml, make_config
 
 # Flags every training command takes, with help; any other RunConfig field is a flag too.
@@ -48,17 +48,27 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=description, description=description)
         cmd.add_argument("--config", type=Path, help="YAML file of settings (flags override it)")
         cmd.add_argument("--out", type=Path, help="run directory (default: runs/<name>-<hash of settings>)")
-        cmd.add_argument("--debug", action="store_true", help="show tracebacks")
-        if name != "train":
-            cmd.add_argument("--method", choices=["cs"], help="sparsification method (default: cs)")
-        for field in dataclasses.fields(RunConfig):
-            if field.name in ("command", "method"):
-                continue
-            _add_field_flag(cmd, field)
+        _add_run_flags(cmd, with_method=name != "train")
+    resume = sub.add_parser("resume", help="continue a stopped run from its last checkpoint",
+                            description="continue a stopped run from its last checkpoint, with its saved settings "
+                                        "(flags change them, together with --force)")
+    resume.add_argument("run_dir", type=Path)
+    _add_run_flags(resume, with_method=True)
     info = sub.add_parser("info", help="print a run's summary as a table", description="print a run's summary")
     info.add_argument("run_dir", type=Path)
     info.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
+
+
+def _add_run_flags(cmd: argparse.ArgumentParser, with_method: bool) -> None:
+    cmd.add_argument("--force", action="store_true",
+                     help="resume a run even though its settings differ from these (the new ones are saved)")
+    cmd.add_argument("--debug", action="store_true", help="show tracebacks")
+    if with_method:
+        cmd.add_argument("--method", help="sparsification method (default: cs)")
+    for field in dataclasses.fields(RunConfig):
+        if field.name not in ("command", "method"):
+            _add_field_flag(cmd, field)
 
 
 def _add_field_flag(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
@@ -74,11 +84,13 @@ def _add_field_flag(parser: argparse.ArgumentParser, field: dataclasses.Field) -
         parser.add_argument(flag, default=None, metavar=field.name.upper(), help=help_text)
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    values: dict[str, Any] = load_yaml(args.config) if args.config else {}
-    values["command"] = args.command
-    if args.command == "prune" and "rounds" not in values:
-        values["rounds"] = 1
+def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> RunConfig:
+    """Settings from ``saved`` (a resumed run's) or ``--config``, with the flags given on top."""
+    values: dict[str, Any] = dict(saved) if saved is not None else load_yaml(args.config) if args.config else {}
+    if saved is None:
+        values["command"] = args.command
+        if args.command == "prune" and "rounds" not in values:
+            values["rounds"] = 1
     for name in FIELDS:
         value = getattr(args, name, None)
         if value is not None and name != "command":
@@ -87,16 +99,25 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def run_training(args: argparse.Namespace) -> int:
+    from contsparse.experiments.rundir import RunDir
     from contsparse.experiments.runner import Runner
     from contsparse.reports import print_summary
 
-    config = config_from_args(args)
-    out = args.out or Path("runs") / config.default_run_name()
+    if args.command == "resume":
+        run = RunDir(args.run_dir)
+        run.require_run()
+        config, out = config_from_args(args, load_yaml(run.file(RunDir.CONFIG))), args.run_dir
+    else:
+        config = config_from_args(args)
+        out = args.out or Path("runs") / config.default_run_name()
     try:
-        summary = Runner(config, out).execute()
+        summary = Runner(config, out, force=args.force).execute()
+    except RunInterrupted as stopped:
+        print(f"\n{stopped}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print(f"\ninterrupted; progress up to the last finished epoch is saved in {out}. "
-              "Run the same command again to resume.", file=sys.stderr)
+        print(f"\ninterrupted; the last checkpoint in {out} is kept. Resume with: contsparse resume {out}",
+              file=sys.stderr)
         return 130
     print_summary(summary)
     return 0
@@ -106,8 +127,6 @@ def run_info(args: argparse.Namespace) -> int:
     from contsparse.experiments.rundir import RunDir
     from contsparse.reports import print_summary
 
-    if not args.run_dir.is_dir():
-        raise UserError(f"{args.run_dir} is not a directory")
     print_summary(RunDir(args.run_dir).read_summary(), per_layer=True)
     return 0
 

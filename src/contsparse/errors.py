@@ -1,5 +1,13 @@
-"""Errors caused by the user's input: the CLI prints them as one line and exits with status 2."""
+"""Errors caused by the user's input, and the clean stop of an interrupted run.
+
+The CLI prints a :class:`UserError` as one line and exits with status 2; a
+:class:`RunInterrupted` as the way to resume, with status 130 (the shell's code for Ctrl-C).
+"""
 
 
 class UserError(Exception):
     """A mistake the user can fix (bad value, missing file, unknown name); the message says how."""
+
+
+class RunInterrupted(Exception):
+    """The run stopped on Ctrl-C or SIGTERM after saving a checkpoint; the message says how to resume."""

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contsparse.data.checksum import file_digest
 from contsparse.data.safe_pickle import load_numpy_pickle
 from contsparse.data.splits import DatasetSplits, TensorSplit
 from contsparse.errors import UserError
+from contsparse.storage import file_digest
 
 MEAN, STD = 0.1307, 0.3081
 VALIDATION_SIZE = 5_000

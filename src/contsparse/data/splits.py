@@ -64,16 +64,23 @@ class BatchIterator:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.iterate()
+
+    def iterate(self, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches ``start, start + 1, ...`` of this epoch (a run resumed mid-epoch skips the rest).
+
+        Augmentation draws from a generator seeded per batch, so skipping batches changes nothing.
+        """
         n = len(self.split)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(n, generator=generator) if self.shuffle else None
-        for batch in range(len(self)):
-            start = batch * self.batch_size
+        base_seed = self.seed * 1_000_003 + self.epoch
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(base_seed)) if self.shuffle else None
+        for batch in range(start, len(self)):
+            begin = batch * self.batch_size
             if order is None:
-                x, y = self.split.x[start:start + self.batch_size], self.split.y[start:start + self.batch_size]
+                x, y = self.split.x[begin:begin + self.batch_size], self.split.y[begin:begin + self.batch_size]
             else:
-                index = order[start:start + self.batch_size].to(self.split.x.device)
+                index = order[begin:begin + self.batch_size].to(self.split.x.device)
                 x, y = self.split.x.index_select(0, index), self.split.y.index_select(0, index)
             if self.augment is not None:
-                x = self.augment(x, generator)
+                x = self.augment(x, torch.Generator().manual_seed(base_seed * 100_003 + batch))
             yield x, y

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ class RunConfig:
 
     def identity(self) -> str:
         """Short hash of every setting that changes the result (names the default run directory)."""
-        keys = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IN_IDENTITY}
+        keys = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IN_IDENTITY}
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
 
     def default_run_name(self) -> str:
@@ -108,7 +109,7 @@ class RunConfig:
                                    rounds=1, dense_baseline=False)
 
 
-_NOT_IN_IDENTITY = {"device", "tensorboard", "data_dir"}
+NOT_IN_IDENTITY = {"device", "tensorboard", "data_dir"}
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
@@ -207,7 +208,13 @@ def validate(c: RunConfig) -> None:
         fail(f"train_subset must be >= 1, got {c.train_subset}")
     if not 0 <= c.momentum < 1 or not 0 <= c.mask_momentum < 1:
         fail("momentum must be in [0, 1)")
+    for name in ("mask_include", "mask_exclude"):
+        for pattern in getattr(c, name):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                fail(f"{name} pattern {pattern!r} is not a valid regular expression ({err})")
 
 
-def save_yaml(config: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+def dump_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from contsparse.errors import UserError
+from contsparse.storage import fsync_file, write_atomic
 
 
 class RunDir:
@@ -21,10 +25,14 @@ class RunDir:
         self.path = Path(path)
 
     def create(self) -> None:
-        try:
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"run directory {self.path} is a file; choose another --out")
+        with writing(self.path):
             self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"cannot create run directory {self.path}: {err.strerror}") from err
+
+    def is_empty(self) -> bool:
+        """Nothing but (maybe) our own lock file: a fresh directory a run may claim."""
+        return all(entry.name.startswith(".lock") for entry in self.path.iterdir())
 
     # -- files ------------------------------------------------------------------------------
     def file(self, name: str) -> Path:
@@ -34,25 +42,41 @@ class RunDir:
     def checkpoint_dir(self) -> Path:
         return self.path / self.CHECKPOINT
 
+    def has_started(self) -> bool:
+        """Whether any training happened here (a checkpoint or a metrics record exists)."""
+        return any(self.path.glob(self.CHECKPOINT + "*")) or self.file(self.METRICS).is_file()
+
     def is_finished(self) -> bool:
         return self.file(self.SUMMARY).is_file()
 
+    def require_run(self) -> None:
+        """Refuse a path that holds no run, with the reason."""
+        if not self.path.is_dir():
+            raise UserError(f"{self.path} is not a directory")
+        if not self.file(self.CONFIG).is_file():
+            raise UserError(f"{self.path} is not a contsparse run directory (no {self.CONFIG})")
+
     def read_summary(self) -> dict[str, Any]:
+        self.require_run()
         path = self.file(self.SUMMARY)
         if not path.is_file():
-            if not self.file(self.CONFIG).is_file():
-                raise UserError(f"{self.path} is not a contsparse run directory (no {self.CONFIG})")
-            raise UserError(f"run {self.path} has not finished yet (no {self.SUMMARY}); re-run its command to resume")
+            raise UserError(f"run {self.path} has not finished yet (no {self.SUMMARY}); "
+                            f"resume it with: contsparse resume {self.path}")
         try:
             return json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} is damaged: {err}") from err
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"{path} is damaged ({err}); delete it and resume the run to write it again") from err
+
+    def write_config(self, text: str) -> None:
+        with writing(self.path):
+            write_atomic(self.file(self.CONFIG), text.encode())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        write_text_atomic(self.file(self.SUMMARY), json.dumps(summary, indent=2) + "\n")
+        with writing(self.path):
+            write_atomic(self.file(self.SUMMARY), (json.dumps(summary, indent=2) + "\n").encode())
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.file(self.METRICS), "a") as handle:
+        with writing(self.path), open(self.file(self.METRICS), "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def truncate_metrics(self, lines: int) -> None:
@@ -60,18 +84,26 @@ class RunDir:
         path = self.file(self.METRICS)
         if path.is_file():
             kept = path.read_text().splitlines(keepends=True)[:lines]
-            write_text_atomic(path, "".join(kept))
+            with writing(self.path):
+                write_atomic(path, "".join(kept).encode())
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         tmp = self.file(name + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, self.file(name))
+        with writing(self.path):
+            try:
+                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+                fsync_file(tmp)
+                os.replace(tmp, self.file(name))
+            finally:
+                tmp.unlink(missing_ok=True)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+@contextmanager
+def writing(directory: Path) -> Iterator[None]:
+    """Turn a failed write (disk full, read-only, permissions) into a one-line :class:`UserError`."""
+    try:
+        yield
+    except OSError as err:
+        reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        raise UserError(f"cannot write in {directory} ({reason}); fix that and run the same command again "
+                        "to resume from the last checkpoint") from err

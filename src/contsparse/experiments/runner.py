@@ -19,21 +19,29 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import contsparse
+from contsparse import faults
 from contsparse.data import BatchIterator, DatasetSplits, load_dataset
-from contsparse.errors import UserError
-from contsparse.experiments.config import RunConfig, load_yaml, save_yaml
+from contsparse.errors import RunInterrupted, UserError
+from contsparse.experiments.config import NOT_IN_IDENTITY, RunConfig, dump_yaml, load_yaml
+from contsparse.experiments.interrupt import StopRequest
+from contsparse.experiments.lock import RunLock
 from contsparse.experiments.rundir import RunDir
 from contsparse.masking import find_masks, per_layer_remaining, weights_remaining
 from contsparse.masking.maskset import HARD_SUFFIX
 from contsparse.methods import ContinuousSparsification, CSSettings, Dense, Method
 from contsparse.models import build_model
 from contsparse.training import (
+    EpochResult,
     NonFiniteLossError,
     build_optimizer,
     evaluate,
+    has_checkpoint,
     learning_rate,
     load_checkpoint,
+    restore_rng,
+    rng_state,
     save_checkpoint,
+    seed_everything,
     set_learning_rate,
     train_epoch,
     tune_cpu_allocator,
@@ -87,56 +95,74 @@ def is_rewind_key(key: str) -> bool:
 
 
 class Runner:
-    """Executes one :class:`RunConfig` in one run directory."""
+    """Executes one :class:`RunConfig` in one run directory.
+
+    ``force`` lets a run resume under changed settings (they are logged and saved); without it a
+    directory holding a run with other settings is refused.
+    """
 
     def __init__(self, config: RunConfig, run_dir: str | Path, log: Log = tqdm.write,
-                 data: DatasetSplits | None = None) -> None:
+                 data: DatasetSplits | None = None, force: bool = False) -> None:
         self.config = config
         self.run = RunDir(run_dir)
         self.log = log
+        self.force = force
         self._data = data
 
     # -- entry point ----------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
         self.run.create()
-        self._check_same_config()
-        if self.run.is_finished():
-            self.log(f"{self.run.path}: already finished, nothing to do")
-            return self.run.read_summary()
-        save_yaml(self.config, self.run.file(RunDir.CONFIG))
-        dense_summary = None
-        if self.config.command == "ticket" and self.config.dense_baseline:
-            self.log("dense baseline (same settings as ticket training)")
-            dense_summary = Runner(self.config.dense_variant(), self.run.path / "dense", self.log,
-                                   self._load_data()).execute()
-        return self._train(dense_summary)
+        with RunLock(self.run.path) as lock:
+            if lock.stale_owner:
+                self.log(f"{self.run.path}: taking over the lock left by a stopped run ({lock.stale_owner})")
+            self._check_same_config()
+            if self.run.is_finished():
+                self.log(f"{self.run.path}: already finished, nothing to do")
+                return self.run.read_summary()
+            self._load_data()  # a data problem stops the run before anything is written
+            self.run.write_config(dump_yaml(self.config))
+            dense_summary = None
+            if self.config.command == "ticket" and self.config.dense_baseline:
+                self.log("dense baseline (same settings as ticket training)")
+                dense_summary = Runner(self.config.dense_variant(), self.run.path / "dense", self.log,
+                                       self._load_data(), self.force).execute()
+            with StopRequest() as stop:
+                return self._train(dense_summary, stop)
 
     def _check_same_config(self) -> None:
         path = self.run.file(RunDir.CONFIG)
         if not path.is_file():
-            if any(self.run.path.iterdir()):
+            if not self.run.is_empty():
                 raise UserError(f"{self.run.path} exists and is not a contsparse run directory; "
                                 "choose another --out")
             return
         saved = load_yaml(path)
         current = self.config.to_dict()
-        differing = sorted(k for k, v in current.items()
-                           if k not in ("device", "tensorboard", "data_dir") and saved.get(k) != v)
-        if differing:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in differing)
-            raise UserError(f"{self.run.path} holds a run with other settings ({details}); "
-                            "use another --out, or the same settings to resume it")
+        differing = sorted(k for k, v in current.items() if k not in NOT_IN_IDENTITY and saved.get(k) != v)
+        if not differing:
+            return
+        if not self.run.has_started():
+            return  # nothing trained yet (it failed to start): the new settings simply replace the old
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in differing)
+        if self.run.is_finished():
+            raise UserError(f"{self.run.path} holds a finished run with other settings ({details}); "
+                            "use another --out")
+        if not self.force:
+            raise UserError(f"{self.run.path} holds a run with other settings ({details}); use another --out, "
+                            "the same settings to resume it, or --force to resume it with the new ones")
+        self.log(f"--force: resuming {self.run.path} with changed settings ({details})")
 
     def _load_data(self) -> DatasetSplits:
         if self._data is None:
             data = load_dataset(self.config.dataset, self.config.data_dir)
             if self.config.train_subset is not None:
                 data = dataclasses.replace(data, train=data.train.subset(self.config.train_subset))
+            check_labels(data)
             self._data = data
         return self._data
 
     # -- the training ---------------------------------------------------------------------------
-    def _train(self, dense_summary: dict[str, Any] | None) -> dict[str, Any]:
+    def _train(self, dense_summary: dict[str, Any] | None, stop: StopRequest) -> dict[str, Any]:
         config = self.config
         device = resolve_device(config.device)
         if device.type == "cpu":
@@ -145,7 +171,7 @@ class Runner:
         if device.type == "cuda":
             data = dataclasses.replace(data, train=data.train.to(device), val=data.val.to(device),
                                        test=data.test.to(device))
-        torch.manual_seed(config.seed)
+        seed_everything(config.seed)
         train_batches = BatchIterator(data.train, config.batch_size, shuffle=True, seed=config.seed,
                                       augment=data.augment)
         val_batches = BatchIterator(data.val, 1000)
@@ -160,49 +186,75 @@ class Runner:
         model.to(device)
         phases = plan_phases(config)
 
-        progress = {"phase": 0, "epoch": 0, "elapsed": 0.0, "epochs_done": 0, "metrics_lines": 0,
-                    "round_remaining": []}
+        # phase/epoch/step: where the run stands; entered: the current phase's start (rewind,
+        # hardening) is done; partial: running sums of an epoch stopped after `step` steps.
+        progress: dict[str, Any] = {"phase": 0, "epoch": 0, "step": 0, "entered": False, "elapsed": 0.0,
+                                    "epochs_done": 0, "metrics_lines": 0, "round_remaining": []}
         rewind: dict[str, torch.Tensor] | None = None
         optimizer_state: dict[str, Any] | None = None
-        if self.run.checkpoint_dir.exists() or self.run.checkpoint_dir.with_name("checkpoint.old").exists():
-            state = load_checkpoint(self.run.checkpoint_dir, device)
-            resumed = state["progress"]
-            if resumed["phase"] < len(phases) and phases[resumed["phase"]].hard and resumed["epoch"] > 0:
+        partial: dict[str, torch.Tensor] | None = None
+        if has_checkpoint(self.run.checkpoint_dir):
+            state = load_checkpoint(self.run.checkpoint_dir, device, warn=self.log)
+            progress = state["progress"]
+            if progress["phase"] < len(phases) and phases[progress["phase"]].hard and progress["entered"]:
                 method.harden()  # the checkpoint holds a hardened model: same structure first
             model.load_state_dict(state["model"])
-            progress, rewind, optimizer_state = state["progress"], state["rewind"], state["optimizers"]
-            torch.set_rng_state(state["rng"].cpu())
+            rewind, optimizer_state, partial = state["rewind"], state["optimizers"], state["partial"]
+            restore_rng(state["rng"])
             self.run.truncate_metrics(progress["metrics_lines"])
-            self.log(f"resuming {self.run.path} at {phases[min(progress['phase'], len(phases) - 1)].label()}, "
-                     f"epoch {progress['epoch']}")
+            where = phases[min(progress["phase"], len(phases) - 1)].label()
+            self.log(f"resuming {self.run.path} at {where}, epoch {progress['epoch'] + 1}"
+                     + (f", step {progress['step']}" if progress["step"] else ""))
+
+        optimizers: dict[str, torch.optim.Optimizer] = {}
+
+        def checkpoint() -> None:
+            save_checkpoint({"progress": progress, "model": model.state_dict(),
+                             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                             "rewind": rewind, "rng": rng_state(), "partial": partial}, self.run.checkpoint_dir)
 
         writer = _tensorboard(self.run.path) if config.tensorboard else None
         started = time.perf_counter() - progress["elapsed"]
-        optimizers: dict[str, torch.optim.Optimizer] = {}
         while progress["phase"] < len(phases):
             phase = phases[progress["phase"]]
-            if progress["epoch"] == 0:
+            entering = not progress["entered"]
+            if entering:
                 self._enter_phase(phase, model, method, rewind)
+                progress["entered"] = True
             # Search rounds share their optimisers (as in the reference code); ticket training and
             # fine-tuning start with fresh ones.
-            if not optimizers or (progress["epoch"] == 0 and phase.kind != "search"):
+            if not optimizers or (entering and phase.kind != "search"):
                 optimizers = self._optimizers(phase, model, method)
-                if optimizer_state is not None and (progress["epoch"] > 0 or phase.kind == "search"):
+                if optimizer_state is not None and (not entering or phase.kind == "search"):
                     for name, optimizer in optimizers.items():
                         optimizer.load_state_dict(optimizer_state[name])
                 optimizer_state = None
+            if entering and phase.hard:
+                checkpoint()  # phase boundary: rewound, hardened, fresh optimisers
             epoch = progress["epoch"]
             if phase.kind == "search" and phase.round == 0 and epoch == config.rewind_epoch and rewind is None:
                 rewind = {k: v.detach().clone() for k, v in model.state_dict().items()
                           if isinstance(v, torch.Tensor) and is_rewind_key(k)}
+                checkpoint()  # the rewind point is stored
             try:
-                record = self._epoch(phase, epoch, model, method, optimizers, train_batches, val_batches,
-                                     progress["epochs_done"], device)
+                record = self._epoch(phase, epoch, progress["step"], partial, stop, model, method, optimizers,
+                                     train_batches, val_batches, progress["epochs_done"], device)
             except NonFiniteLossError as err:
-                raise UserError(f"training diverged in {phase.label()}, epoch {epoch + 1} ({err}); lower --lr "
-                                f"or --mask-lr. Finished epochs stay saved in {self.run.path}") from err
+                kept = (f"the checkpoint of epoch {progress['epochs_done']} is kept" if progress["epochs_done"]
+                        else "no epoch had finished")
+                raise UserError(
+                    f"training diverged in {phase.label()}, epoch {epoch + 1} ({err}); {kept}. Continue with a lower "
+                    f"--lr (or --mask-lr): contsparse resume {self.run.path} --lr {config.lr / 10:g} --force") from err
+            if isinstance(record, EpochResult):  # stopped by a signal mid-epoch
+                progress["step"], partial = record.steps, record.totals
+                progress["elapsed"] = time.perf_counter() - started
+                checkpoint()
+                raise RunInterrupted(
+                    f"stopped ({stop.reason}) in {phase.label()}, epoch {epoch + 1}, after step {record.steps}; "
+                    f"checkpoint saved. Resume with: contsparse resume {self.run.path}")
             progress["epochs_done"] += 1
             progress["epoch"] += 1
+            progress["step"], partial = 0, None
             if progress["epoch"] == phase.epochs:
                 if phase.kind == "search":
                     last = phase.round == config.rounds - 1
@@ -210,6 +262,7 @@ class Runner:
                     method.end_of_round(phase.round, last)
                 progress["phase"] += 1
                 progress["epoch"] = 0
+                progress["entered"] = False
             progress["elapsed"] = time.perf_counter() - started
             record["seconds"] = round(progress["elapsed"], 3)
             self.run.append_metrics(record)
@@ -218,9 +271,8 @@ class Runner:
                     if isinstance(value, int | float):
                         writer.add_scalar(key, value, progress["epochs_done"])
             progress["metrics_lines"] += 1
-            save_checkpoint({"progress": progress, "model": model.state_dict(),
-                             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                             "rewind": rewind, "rng": torch.get_rng_state()}, self.run.checkpoint_dir)
+            checkpoint()
+            faults.inject(f"epoch:{progress['epochs_done']}")
         if writer is not None:
             writer.close()
         return self._finish(model, method, test_batches, val_batches, device, progress, dense_summary)
@@ -244,9 +296,12 @@ class Runner:
             optimizers["masks"] = build_optimizer(method.search_parameters(), self.config.mask_optimizer_settings())
         return optimizers
 
-    def _epoch(self, phase: Phase, epoch: int, model: nn.Module, method: Method,
-               optimizers: dict[str, torch.optim.Optimizer], train_batches: BatchIterator,
-               val_batches: BatchIterator, global_epoch: int, device: torch.device) -> dict[str, Any]:
+    def _epoch(self, phase: Phase, epoch: int, step: int, partial: dict[str, torch.Tensor] | None,
+               stop: StopRequest, model: nn.Module, method: Method, optimizers: dict[str, torch.optim.Optimizer],
+               train_batches: BatchIterator, val_batches: BatchIterator, global_epoch: int,
+               device: torch.device) -> dict[str, Any] | EpochResult:
+        """Train one epoch (from ``step`` on), then validate: the epoch's metrics record, or the
+        unfinished :class:`EpochResult` when ``stop`` was requested."""
         config = self.config
         lr = learning_rate(config.weight_optimizer(), epoch, phase.epochs)
         set_learning_rate(optimizers["weights"], lr)
@@ -255,17 +310,21 @@ class Runner:
         train_batches.set_epoch(global_epoch)
         search = phase.kind == "search"
         if search:
-            method.before_epoch(phase.round, epoch)
+            method.before_epoch(phase.round, epoch, step)
 
-            def after_step(step: int) -> None:
+        def after_step(step: int) -> None:
+            if search:
                 method.after_step(phase.round, epoch, step)
-        else:
-            after_step = (lambda step: method.after_hard_step()) if phase.hard else None
+            elif phase.hard:
+                method.after_hard_step()
+            faults.inject(f"step:{global_epoch}:{step + 1}")
         desc = f"{phase.label()} {epoch + 1}/{phase.epochs}"
         tick = time.perf_counter()
         result = train_epoch(model, train_batches, list(optimizers.values()), device=device,
                              regularizer=method.regularizer if search else None, after_step=after_step,
-                             postfix=method.progress, desc=desc)
+                             postfix=method.progress, desc=desc, resume=partial, should_stop=stop.requested)
+        if not result.complete:
+            return result
         val = evaluate(model, val_batches, device)
         mask = method.final_mask()
         record: dict[str, Any] = {
@@ -321,6 +380,14 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         raise ValueError("harden the masks before exporting the weights")
     return {k: v for k, v in model.state_dict().items()
             if isinstance(v, torch.Tensor) and f"{HARD_SUFFIX}." not in k}
+
+
+def check_labels(data: DatasetSplits) -> None:
+    """Labels outside ``[0, num_classes)`` would fail deep inside the loss: say so up front."""
+    for name, split in (("train", data.train), ("validation", data.val), ("test", data.test)):
+        if len(split) and (int(split.y.min()) < 0 or int(split.y.max()) >= data.num_classes):
+            raise UserError(f"the {name} split of {data.name} has labels {int(split.y.min())}..{int(split.y.max())}, "
+                            f"outside [0, {data.num_classes}) for its {data.num_classes} classes; check the data")
 
 
 def _tensorboard(path: Path):

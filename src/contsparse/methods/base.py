@@ -28,8 +28,8 @@ class Method(ABC):
         """The model parameters the weight optimiser trains."""
         return list(model.parameters())
 
-    def before_epoch(self, round_index: int, epoch: int) -> None:
-        """Start of a search epoch."""
+    def before_epoch(self, round_index: int, epoch: int, step: int = 0) -> None:
+        """Start of a search epoch (``step > 0``: an epoch resumed after its first ``step`` steps)."""
 
     def after_step(self, round_index: int, epoch: int, step: int) -> None:
         """After every optimiser step of a search epoch."""

@@ -61,8 +61,8 @@ class ContinuousSparsification(Method):
     def weight_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return self.mask_set.weight_parameters()
 
-    def before_epoch(self, round_index: int, epoch: int) -> None:
-        self.mask_set.temperature = self.schedule.value(epoch)
+    def before_epoch(self, round_index: int, epoch: int, step: int = 0) -> None:
+        self.mask_set.temperature = self.schedule.value(epoch, step)
 
     def after_step(self, round_index: int, epoch: int, step: int) -> None:
         if self.schedule.per == "step":

@@ -1,14 +1,16 @@
 """Checkpoints as safetensors (all tensors) plus JSON (everything else): nothing in them can run code.
 
-Nested state (model and optimiser ``state_dict``s, RNG state, counters) is split into a flat dict
-of tensors and a JSON skeleton that refers to them by key. Writes are atomic: a new checkpoint is
-complete on disk before it replaces the old one.
+Nested state (model and optimiser ``state_dict``s, RNG states, counters) is split into a flat dict
+of tensors and a JSON skeleton that refers to them by key. A checkpoint is a folder holding both
+files and a manifest of their SHA-256 digests, checked on load. Writes are crash-safe: the new
+checkpoint is written to a temporary folder, fsynced and renamed into place, and the previous one
+is kept (``<name>.prev``) so that a damaged latest checkpoint still leaves a good one to resume from.
 """
 
 from __future__ import annotations
 
+import errno
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,9 +18,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from contsparse import faults
 from contsparse.errors import UserError
+from contsparse.storage import file_digest, fsync_dir, fsync_file, write_synced
 
-TENSORS, SKELETON = "tensors.safetensors", "state.json"
+TENSORS, SKELETON, MANIFEST = "tensors.safetensors", "state.json", "manifest.json"
+FORMAT = 1
 
 
 def flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") -> Any:
@@ -54,45 +59,81 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skeleton
 
 
+def previous(directory: Path) -> Path:
+    """Where the checkpoint before the latest one is kept."""
+    return directory.with_name(directory.name + ".prev")
+
+
+def has_checkpoint(directory: Path) -> bool:
+    return any((d / MANIFEST).is_file() for d in (directory, previous(directory)))
+
+
 def save_checkpoint(state: dict[str, Any], directory: Path) -> None:
-    """Write ``state`` to ``directory`` atomically (temporary folder, fsync, rename)."""
-    tensors: dict[str, torch.Tensor] = {}
-    skeleton = flatten(state, tensors)
+    """Write ``state`` to ``directory`` crash-safely; a failed write (disk full, ...) is a
+    :class:`UserError` and leaves the previous checkpoint intact."""
     tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / TENSORS))
-    with open(tmp / SKELETON, "w") as handle:
-        json.dump(skeleton, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    _fsync_file(tmp / TENSORS)
-    old = directory.with_name(directory.name + ".old")
-    if directory.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(directory: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (falls back to the previous one if the
-    process died between the two renames)."""
-    if not (directory / SKELETON).is_file():
-        old = directory.with_name(directory.name + ".old")
-        if (old / SKELETON).is_file():
-            directory = old
-        else:
-            raise UserError(f"no checkpoint in {directory}")
     try:
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = json.dumps(flatten(state, tensors)).encode()
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / TENSORS))
+        fsync_file(tmp / TENSORS)
+        write_synced(tmp / SKELETON, skeleton)
+        manifest = {"format": FORMAT, "sha256": {name: file_digest(tmp / name) for name in (TENSORS, SKELETON)}}
+        write_synced(tmp / MANIFEST, json.dumps(manifest).encode())
+        # latest -> .prev, then .tmp -> latest; a crash in between leaves .prev (and .tmp) whole.
+        prev = previous(directory)
+        if directory.exists():
+            shutil.rmtree(prev, ignore_errors=True)
+            directory.rename(prev)
+        faults.inject(f"rename:{faults.count('checkpoint')}")
+        tmp.rename(directory)
+        fsync_dir(directory.parent)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        raise UserError(f"could not write the checkpoint in {directory.parent} ({reason}); the previous "
+                        "checkpoint is intact: fix that and run the same command again to resume") from err
+
+
+def load_checkpoint(directory: Path, map_location: str | torch.device = "cpu",
+                    warn: Any = None) -> dict[str, Any]:
+    """Read the latest good checkpoint: ``directory``, else the previous one (``warn`` is told why)."""
+    problems = []
+    for candidate in (directory, previous(directory)):
+        if not (candidate / MANIFEST).is_file():
+            if candidate.exists():
+                problems.append(f"{candidate.name}: incomplete (no {MANIFEST})")
+            continue
+        try:
+            state = _read_verified(candidate, map_location)
+        except _Damaged as err:
+            problems.append(f"{candidate.name}: {err}")
+            continue
+        if problems and warn is not None:
+            warn(f"checkpoint damaged ({'; '.join(problems)}); resuming from the previous one in {candidate}")
+        return state
+    detail = "; ".join(problems) or "none found"
+    raise UserError(f"no usable checkpoint in {directory.parent} ({detail}); delete {directory}* to restart "
+                    "the run from scratch")
+
+
+class _Damaged(Exception):
+    pass
+
+
+def _read_verified(directory: Path, map_location: str | torch.device) -> dict[str, Any]:
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        expected = manifest["sha256"]
+        for name in (TENSORS, SKELETON):
+            if file_digest(directory / name) != expected[name]:
+                raise _Damaged(f"{name} does not match its checksum (truncated or modified)")
         tensors = load_file(str(directory / TENSORS), device=str(map_location))
-        with open(directory / SKELETON) as handle:
-            skeleton = json.load(handle)
+        skeleton = json.loads((directory / SKELETON).read_text())
         return unflatten(skeleton, tensors)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise UserError(f"checkpoint {directory} is damaged ({err}); delete it to restart the run") from err
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
+    except _Damaged:
+        raise
+    except Exception as err:  # any failure to parse means the file is not a good checkpoint
+        raise _Damaged(f"unreadable ({type(err).__name__}: {err})") from err

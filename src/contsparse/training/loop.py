@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,9 @@ class EpochResult:
     loss: float
     accuracy: float
     regularizer: float = 0.0
+    steps: int = 0
+    complete: bool = True  # False: stopped early on request (an interrupt); see ``totals``
+    totals: dict[str, Tensor] | None = None  # running sums to resume a stopped epoch from
 
 
 class NonFiniteLossError(RuntimeError):
@@ -28,26 +32,32 @@ class NonFiniteLossError(RuntimeError):
 def train_epoch(model: nn.Module, batches: BatchIterator, optimizers: Sequence[torch.optim.Optimizer], *,
                 device: torch.device, regularizer: Callable[[], Tensor] | None = None,
                 after_step: Callable[[int], None] | None = None,
-                postfix: Callable[[], dict[str, str]] | None = None, desc: str = "train") -> EpochResult:
+                postfix: Callable[[], dict[str, str]] | None = None, desc: str = "train",
+                resume: dict[str, Tensor] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> EpochResult:
     """One pass over ``batches``: cross-entropy (+ ``regularizer()``), backward, every optimiser steps.
 
     ``after_step(step)`` runs after the optimisers (temperature updates, re-zeroing pruned weights).
+    ``should_stop()`` is asked after every whole step; when it says yes the epoch ends early with
+    ``complete=False`` and ``totals``, which ``resume`` takes to finish the epoch later exactly as
+    if it had not stopped.
     """
     model.train()
-    total_loss = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    reg_value = 0.0
-    seen = 0
-    bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5, disable=None)
-    for step, (x, y) in enumerate(bar):
+    totals = _start_totals(resume, device)
+    first = int(totals["steps"])
+    bar = tqdm(batches.iterate(first), desc=desc, total=len(batches), initial=first, leave=False,
+               dynamic_ncols=True, mininterval=0.5, disable=None)
+    step = first
+    for step, (x, y) in enumerate(bar, start=first):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         logits = _forward(model, x)
-        loss = F.cross_entropy(logits, y)
+        loss = _cross_entropy(logits, y)
         if regularizer is not None:
             reg = regularizer()
-            reg_value = float(reg.detach()) if step % 50 == 0 else reg_value
+            if step % 50 == 0:
+                totals["regularizer"] = reg.detach().to(totals["regularizer"].dtype)
             (loss + reg).backward()
         else:
             loss.backward()
@@ -55,20 +65,36 @@ def train_epoch(model: nn.Module, batches: BatchIterator, optimizers: Sequence[t
             optimizer.step()
         if after_step is not None:
             after_step(step)
-        total_loss += loss.detach() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += len(y)
+        totals["loss"] += loss.detach() * len(y)
+        totals["correct"] += (logits.detach().argmax(1) == y).sum()
+        totals["seen"] += len(y)
+        totals["steps"] += 1
         if step % 50 == 0:
             if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss is {float(loss)} at step {step}")
+                raise NonFiniteLossError(f"loss is {float(loss.detach())} at step {step}")
             if postfix is not None:
                 bar.set_postfix(postfix(), refresh=False)
+        if should_stop is not None and should_stop() and step + 1 < len(batches):
+            bar.close()
+            return EpochResult(float("nan"), float("nan"), steps=step + 1, complete=False,
+                               totals={k: v.cpu() for k, v in totals.items()})
+    seen = int(totals["seen"])
     if seen == 0:
         raise UserError("the training split is empty")
-    mean_loss = float(total_loss) / seen
-    if not torch.isfinite(torch.tensor(mean_loss)):
+    mean_loss = float(totals["loss"]) / seen
+    if not math.isfinite(mean_loss):
         raise NonFiniteLossError(f"mean training loss is {mean_loss}")
-    return EpochResult(mean_loss, float(correct) / seen, reg_value)
+    return EpochResult(mean_loss, float(totals["correct"]) / seen, float(totals["regularizer"]),
+                       steps=int(totals["steps"]))
+
+
+def _start_totals(resume: dict[str, Tensor] | None, device: torch.device) -> dict[str, Tensor]:
+    totals = {"loss": torch.zeros((), device=device), "correct": torch.zeros((), device=device, dtype=torch.long),
+              "seen": torch.zeros((), dtype=torch.long), "steps": torch.zeros((), dtype=torch.long),
+              "regularizer": torch.zeros((), device=device)}
+    for key, value in (resume or {}).items():
+        totals[key] = value.to(device=totals[key].device, dtype=totals[key].dtype).clone()
+    return totals
 
 
 @torch.no_grad()
@@ -81,7 +107,7 @@ def evaluate(model: nn.Module, batches: BatchIterator, device: torch.device) -> 
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = _forward(model, x)
-        total_loss += F.cross_entropy(logits, y, reduction="sum")
+        total_loss += _cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
     if seen == 0:
@@ -100,3 +126,15 @@ def _forward(model: nn.Module, x: Tensor) -> Tensor:
     if logits.ndim != 2:
         raise UserError(f"the model returned outputs of shape {tuple(logits.shape)}; expected (batch, classes)")
     return logits
+
+
+def _cross_entropy(logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy that names the problem when labels do not fit the model's outputs."""
+    try:
+        return F.cross_entropy(logits, y, reduction=reduction)
+    except (IndexError, RuntimeError) as err:
+        if "out of bounds" in str(err) or "out of range" in str(err):
+            raise UserError(f"labels must be in [0, {logits.shape[1]}) for this model's {logits.shape[1]} outputs, "
+                            f"but the data holds labels {int(y.min())}..{int(y.max())}; "
+                            "check the dataset or the model's number of classes") from err
+        raise

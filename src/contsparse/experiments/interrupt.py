@@ -1,0 +1,47 @@
+"""Stop a run cleanly on Ctrl-C or SIGTERM: finish the current step, checkpoint, exit.
+
+A signal arriving in the middle of an optimiser step would leave the weights half updated, so the
+first Ctrl-C (or the SIGTERM a cluster scheduler sends before killing a job) only sets a flag that
+the training loop checks after each step. A second Ctrl-C stops at once (the last checkpoint stays).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType, TracebackType
+from typing import Any
+
+
+class StopRequest:
+    """``with StopRequest() as stop:`` ... ``if stop.requested(): ...``; handlers restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self._requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def requested(self) -> bool:
+        return self._requested is not None
+
+    @property
+    def reason(self) -> str:
+        return self._requested or ""
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self._requested = signal.Signals(signum).name
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()

@@ -1,0 +1,232 @@
+"""The bad-input catalogue: every user mistake is one line naming the problem and the fix, exit
+status 2, no traceback, and it loses or changes nothing in any run directory."""
+
+import errno
+import gzip
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from contsparse.cli import main
+from contsparse.data import register_dataset
+from contsparse.data.synthetic import load_synthetic
+from contsparse.experiments.lock import RunLock
+from contsparse.faults import ENV
+from contsparse.models import register_model
+from contsparse.training import checkpoint as checkpoint_module
+
+QUICK = ["--model", "lenet300", "--dataset", "synthetic", "--train-subset", "256", "--epochs", "2", "--rounds", "1",
+         "--rewind-epoch", "0", "--ticket-epochs", "1", "--no-dense-baseline", "--device", "cpu"]
+
+
+def _bad_labels(_data_dir):
+    data = load_synthetic()
+    data.train.y[::7] = 12  # labels beyond the 10 classes
+    return data
+
+
+register_dataset("test-bad-labels", _bad_labels)
+
+
+@register_model("test-fixed-input", "takes 3x32x32 inputs whatever the data")
+def _fixed_input(input_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, num_classes))
+
+
+class Evil:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("world")
+    w = {"root": root, "done": root / "done", "stopped": root / "stopped", "marker": root / "code-ran"}
+    assert main(["ticket", *QUICK, "--out", str(w["done"])]) == 0
+    env = dict(os.environ, **{ENV: "epoch:1"})  # SIGKILL after the first epoch's checkpoint
+    killed = subprocess.run([sys.executable, "-m", "contsparse", "ticket", *QUICK, "--out", str(w["stopped"])],
+                            env=env, capture_output=True, timeout=300)
+    assert killed.returncode == -9
+    w["stale"] = root / "stale"
+    shutil.copytree(w["stopped"], w["stale"])  # with the lock file the killed run left
+    for name, damage in (("truncated", lambda p: p.write_bytes(p.read_bytes()[:500])),
+                         ("tampered", lambda p: p.write_bytes(p.read_bytes().replace(b"\x00\x00", b"\x01\x00", 50)))):
+        w[name] = root / name
+        shutil.copytree(w["stopped"], w[name])
+        for folder in ("checkpoint", "checkpoint.prev"):
+            if (w[name] / folder).is_dir():
+                damage(w[name] / folder / "tensors.safetensors")
+    # a checkpoint replaced by a pickle, with checksums recomputed to match it
+    w["evil_ckpt"] = root / "evil-ckpt"
+    shutil.copytree(w["stopped"], w["evil_ckpt"])
+    shutil.rmtree(w["evil_ckpt"] / "checkpoint.prev", ignore_errors=True)
+    evil_tensors = w["evil_ckpt"] / "checkpoint" / "tensors.safetensors"
+    evil_tensors.write_bytes(pickle.dumps(Evil(w["marker"])))
+    manifest = w["evil_ckpt"] / "checkpoint" / "manifest.json"
+    entries = json.loads(manifest.read_text())
+    entries["sha256"]["tensors.safetensors"] = hashlib.sha256(evil_tensors.read_bytes()).hexdigest()
+    manifest.write_text(json.dumps(entries))
+
+    w["not_a_run"] = root / "holiday-photos"
+    w["not_a_run"].mkdir()
+    (w["not_a_run"] / "beach.jpg").write_bytes(b"\xff\xd8")
+    w["empty"] = root / "empty"
+    w["empty"].mkdir()
+    w["a_file"] = root / "notes.txt"
+    w["a_file"].write_text("hello")
+    configs = {"malformed": "epochs: [1,\n", "unknown_key": "epochz: 3\n", "not_mapping": "- epochs\n- 3\n",
+               "bad_bool": "dense_baseline: maybe\n", "bad_value": "penalty: -1e-8\n"}
+    for name, text in configs.items():
+        w[name] = root / f"{name}.yaml"
+        w[name].write_text(text)
+    data = {"bad_checksum": b"not the mnist pickle", "evil_pickle": gzip.compress(pickle.dumps(Evil(w["marker"])))}
+    for name, payload in data.items():
+        w[name] = root / f"data-{name}"
+        w[name].mkdir()
+        (w[name] / "mnist.pkl.gz").write_bytes(payload)
+    w["truncated_idx"] = root / "data-truncated-idx"
+    w["truncated_idx"].mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        (w["truncated_idx"] / name).write_bytes(gzip.compress(b"\x00\x00\x08\x03" + b"\x00" * 40)[:30])
+    return w
+
+
+@contextmanager
+def disk_full():
+    def no_space(tensors, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    original = checkpoint_module.save_file
+    checkpoint_module.save_file = no_space
+    try:
+        yield
+    finally:
+        checkpoint_module.save_file = original
+
+
+@contextmanager
+def locked(path: Path):
+    with RunLock(path):
+        yield
+
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+
+# (case, argv with {placeholders} from `world`, expected part of the message, context)
+CATALOGUE = [
+    ("unknown model", "ticket --model resnet9000 --out {root}/x", "unknown model 'resnet9000'; available:", None),
+    ("unknown dataset", "ticket --dataset imagenet22k --out {root}/x", "unknown dataset 'imagenet22k'", None),
+    ("unknown method", "ticket --method magic --out {root}/x", "unknown method 'magic'; available: cs", None),
+    ("negative penalty", "ticket --penalty -1 --out {root}/x", "penalty must be >= 0", None),
+    ("final_temp <= 1", "ticket --final-temp 1 --out {root}/x", "final_temp must be > 1", None),
+    ("rounds < 1", "ticket --rounds 0 --out {root}/x", "rounds must be >= 1", None),
+    ("rewind epoch >= epochs", "ticket --epochs 3 --rewind-epoch 3 --out {root}/x",
+     "rewind_epoch must be in [0, epochs) = [0, 3)", None),
+    ("NaN learning rate", "ticket --lr nan --out {root}/x", "lr must be a finite number", None),
+    ("infinite penalty", "ticket --penalty inf --out {root}/x", "penalty must be a finite number", None),
+    ("fractional epochs", "ticket --epochs 2.5 --out {root}/x", "epochs = '2.5' is not a valid int", None),
+    ("word for a number", "ticket --epochs many --out {root}/x", "epochs = 'many' is not a valid int", None),
+    ("batch size 0", "ticket --batch-size 0 --out {root}/x", "batch_size must be >= 1", None),
+    ("negative learning rate", "train --lr -0.1 --out {root}/x", "learning rates must be > 0", None),
+    ("momentum >= 1", "ticket --momentum 1.5 --out {root}/x", "momentum must be in [0, 1)", None),
+    ("unknown lr schedule", "ticket --lr-schedule wavy --out {root}/x", "unknown lr_schedule 'wavy'", None),
+    ("unknown device", "ticket --device tpu --out {root}/x", "device must be auto, cpu or cuda", None),
+    ("bad layer regex", "ticket --mask-include [ --out {root}/x", "is not a valid regular expression", None),
+    ("empty training subset", "ticket --train-subset 0 --out {root}/x", "train_subset must be >= 1", None),
+    ("malformed YAML", "ticket --config {malformed} --out {root}/x", "is not valid YAML", None),
+    ("unknown YAML key", "ticket --config {unknown_key} --out {root}/x", "unknown config key(s): epochz", None),
+    ("YAML not a mapping", "ticket --config {not_mapping} --out {root}/x", "must be a mapping of settings", None),
+    ("bad YAML boolean", "ticket --config {bad_bool} --out {root}/x", "dense_baseline = 'maybe' is not a valid bool",
+     None),
+    ("bad YAML value", "ticket --config {bad_value} --out {root}/x", "penalty must be >= 0", None),
+    ("missing config file", "ticket --config {root}/nope.yaml --out {root}/x", "cannot read config file", None),
+    ("missing data directory", "ticket --data-dir {root}/no-data --out {root}/x", "data directory", None),
+    ("data file with a wrong checksum", "train --data-dir {bad_checksum} --out {root}/x", "has sha256", None),
+    ("truncated data files", "train --data-dir {truncated_idx} --out {root}/x", "md5", None),
+    ("malicious pickle as data", "train --data-dir {evil_pickle} --out {root}/x", "has sha256", None),
+    ("truncated checkpoint", "resume {truncated}", "no usable checkpoint", None),
+    ("tampered checkpoint", "resume {tampered}", "does not match its checksum", None),
+    ("pickle in place of a checkpoint", "resume {evil_ckpt}", "no usable checkpoint", None),
+    ("resume a directory that is not a run", "resume {not_a_run}", "is not a contsparse run directory", None),
+    ("resume a path that does not exist", "resume {root}/nowhere", "is not a directory", None),
+    ("info on an empty directory", "info {empty}", "is not a contsparse run directory", None),
+    ("info on an unfinished run", "info {stopped}", "has not finished yet", None),
+    ("--out is a folder of other files", "ticket --out {not_a_run}", "is not a contsparse run directory", None),
+    ("--out is a file", "ticket --out {a_file}", "is a file", None),
+    ("other settings without --force", "ticket " + " ".join(QUICK) + " --seed 7 --out {stopped}",
+     "seed: 0 -> 7", None),
+    ("other settings for a finished run", "ticket " + " ".join(QUICK) + " --seed 7 --force --out {done}",
+     "finished run with other settings", None),
+    ("run directory in use", "resume {stopped}", "is in use by pid", "lock"),
+    ("disk full while checkpointing", "ticket " + " ".join(QUICK) + " --out {root}/full", "the disk is full",
+     "disk_full"),
+    ("labels out of range", "train --dataset test-bad-labels --epochs 1 --out {root}/x", "outside [0, 10)", None),
+    ("input shape the model cannot take", "train --model test-fixed-input --dataset synthetic --epochs 1 "
+     "--out {root}/y", "cannot take inputs of shape (1, 28, 28)", None),
+    ("CUDA requested without a GPU", "train --dataset synthetic --device cuda --out {root}/z",
+     "no CUDA GPU is available", "no_gpu"),
+]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.parametrize("case, argv, message, context", CATALOGUE, ids=[c[0] for c in CATALOGUE])
+def test_bad_input_is_one_clean_line(case, argv, message, context, world, capsys):
+    if context == "no_gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    runs = {name: snapshot(world[name]) for name in ("done", "stopped", "truncated", "tampered", "evil_ckpt")}
+    manager = {"lock": lambda: locked(world["stopped"]), "disk_full": disk_full}.get(context, nullcontext)
+    with manager():
+        status = main(argv.format(**world).split())
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert message in err, err
+    assert err.startswith("contsparse: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    for name, before in runs.items():
+        assert snapshot(world[name]) == before, f"{case} changed {name}"
+    assert not world["marker"].exists(), "a pickle ran code"
+
+
+def test_catalogue_is_large_enough():
+    assert len({case for case, *_ in CATALOGUE}) >= 25
+
+
+def test_debug_shows_the_traceback(world):
+    with pytest.raises(Exception, match="unknown model"):
+        main(["ticket", "--model", "resnet9000", "--debug", "--out", str(world["root"] / "x")])
+
+
+def test_stale_lock_of_a_killed_run_is_taken_over(world, capsys):
+    copy = world["stale"]
+    assert (copy / ".lock").read_text().startswith("pid ")  # left by the SIGKILLed run
+    assert main(["resume", str(copy)]) == 0
+    captured = capsys.readouterr()
+    assert "taking over the lock left by a stopped run" in captured.out + captured.err
+    assert (copy / ".lock").read_text() == ""  # released on a clean exit
+
+
+def test_no_unsafe_deserialisation_in_the_package():
+    source = Path(__file__).resolve().parents[1] / "src" / "contsparse"
+    for path in source.rglob("*.py"):
+        text = path.read_text()
+        assert "torch.load(" not in text or "weights_only=True" in text, path
+        assert "pickle.load(" not in text and "pickle.loads(" not in text, path

@@ -1,0 +1,215 @@
+"""Crash safety: a run killed (SIGKILL) or stopped (Ctrl-C, SIGTERM) anywhere resumes to exactly the
+result of an uninterrupted run; damaged checkpoints and full disks lose nothing."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from contsparse.cli import main
+from contsparse.errors import UserError
+from contsparse.experiments import Runner, make_config
+from contsparse.faults import ENV
+from contsparse.training import checkpoint as checkpoint_module
+from contsparse.training import load_checkpoint
+
+# 10 steps per epoch; global epochs 0-2 are search round 0 (rewind point at the start of epoch 1),
+# 3-5 search round 1, 6-7 the ticket.
+ARGS = ["--model", "lenet300", "--dataset", "synthetic", "--train-subset", "640", "--batch-size", "64",
+        "--epochs", "3", "--rounds", "2", "--rewind-epoch", "1", "--ticket-epochs", "2", "--mask-init", "-0.02",
+        "--no-dense-baseline", "--device", "cpu"]
+SETTINGS = dict(model="lenet300", dataset="synthetic", train_subset=640, batch_size=64, epochs=3, rounds=2,
+                rewind_epoch=1, ticket_epochs=2, mask_init=-0.02, dense_baseline=False, device="cpu")
+KILL_POINTS = {
+    "round 0 before the rewind point": "step:0:4",
+    "round 0 after the rewind point": "step:1:6",
+    "between rounds (after the mask reset)": "epoch:3",
+    "first step of round 1": "step:3:1",
+    "during ticket training": "step:6:7",
+    "inside a checkpoint write": "rename:4",
+}
+
+
+def quiet(_message: str) -> None:
+    pass
+
+
+def run_cli(args: list[str], fault: str | None = None, signal_name: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    if fault:
+        env[ENV] = fault
+    if signal_name:
+        env["CONTSPARSE_FAULT_SIGNAL"] = signal_name
+    return subprocess.run([sys.executable, "-m", "contsparse", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    Runner(make_config(dict(SETTINGS)), out, quiet).execute()
+    return out
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    sa, sb = (json.loads((p / "summary.json").read_text()) for p in (a, b))
+    for key in ("test_accuracy", "val_accuracy", "weights_remaining", "train_epochs", "per_layer",
+                "rounds_weights_remaining"):
+        assert sa[key] == sb[key], key
+    for name in ("masks.safetensors", "model.safetensors"):
+        ta, tb = load_file(str(a / name)), load_file(str(b / name))
+        assert ta.keys() == tb.keys()
+        for key in ta:
+            assert torch.equal(ta[key], tb[key]), (name, key)
+    ma, mb = ([{k: v for k, v in json.loads(line).items() if k != "seconds"}
+               for line in (p / "metrics.jsonl").read_text().splitlines()] for p in (a, b))
+    assert ma == mb
+
+
+@pytest.mark.parametrize("where", list(KILL_POINTS))
+def test_sigkill_then_resume_is_identical(where, reference, tmp_path):
+    out = tmp_path / "run"
+    killed = run_cli(["ticket", *ARGS, "--out", str(out)], fault=KILL_POINTS[where])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (out / "summary.json").exists()
+    assert main(["resume", str(out)]) == 0
+    assert_same_run(reference, out)
+
+
+def test_ctrl_c_checkpoints_mid_epoch_and_resumes_identically(reference, tmp_path, capsys):
+    out = tmp_path / "run"
+    stopped = run_cli(["ticket", *ARGS, "--out", str(out)], fault="step:4:3", signal_name="INT")
+    assert stopped.returncode == 130, stopped.stderr
+    assert "after step 3" in stopped.stderr and f"contsparse resume {out}" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    state = load_checkpoint(out / "checkpoint")
+    assert state["progress"]["epochs_done"] == 4 and state["progress"]["step"] == 3
+    assert main(["resume", str(out)]) == 0
+    assert_same_run(reference, out)
+
+
+def test_sigterm_stops_cleanly(tmp_path):
+    out = tmp_path / "run"
+    stopped = run_cli(["ticket", *ARGS, "--out", str(out)], fault="step:1:2", signal_name="TERM")
+    assert stopped.returncode == 130 and "stopped (SIGTERM)" in stopped.stderr
+    assert load_checkpoint(out / "checkpoint")["progress"]["step"] == 2
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    interrupt_after(monkeypatch, epochs=5)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(make_config(dict(SETTINGS)), out, quiet).execute()
+    monkeypatch.undo()
+    state_file = out / "checkpoint" / "state.json"
+    state_file.write_text(state_file.read_text().replace('"epochs_done": 5', '"epochs_done": 1'))  # tampered
+    messages = []
+    Runner(make_config(dict(SETTINGS)), out, messages.append).execute()
+    assert any("state.json does not match its checksum" in m and "previous one" in m for m in messages)
+    assert_same_run(reference, out)
+
+
+def test_no_good_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    interrupt_after(monkeypatch, epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(make_config(dict(SETTINGS)), out, quiet).execute()
+    monkeypatch.undo()
+    for folder in ("checkpoint", "checkpoint.prev"):
+        tensors = out / folder / "tensors.safetensors"
+        tensors.write_bytes(tensors.read_bytes()[:1000])  # truncated
+    with pytest.raises(UserError, match=r"no usable checkpoint .*does not match its checksum"):
+        Runner(make_config(dict(SETTINGS)), out, quiet).execute()
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(reference, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_save = checkpoint_module.save_file
+    calls = {"n": 0}
+
+    def fills_the_disk(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            with open(path, "wb") as handle:
+                handle.write(b"\0" * 100)  # a partial file, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, path)
+
+    monkeypatch.setattr(checkpoint_module, "save_file", fills_the_disk)
+    with pytest.raises(UserError, match=r"the disk is full.*previous checkpoint is intact"):
+        Runner(make_config(dict(SETTINGS)), out, quiet).execute()
+    monkeypatch.undo()
+    assert not (out / "checkpoint.tmp").exists()
+    assert load_checkpoint(out / "checkpoint")["progress"]["epochs_done"] == 2  # rewind point + 2 epochs saved
+    Runner(make_config(dict(SETTINGS)), out, quiet).execute()
+    assert_same_run(reference, out)
+
+
+def test_checkpoints_at_phase_boundaries(tmp_path, monkeypatch):
+    saved = []
+    real_save = checkpoint_module.save_checkpoint
+
+    def record(state, directory):
+        progress = state["progress"]
+        saved.append((progress["epochs_done"], progress["phase"], progress["entered"], state["rewind"] is not None))
+        real_save(state, directory)
+
+    from contsparse.experiments import runner as runner_module
+    monkeypatch.setattr(runner_module, "save_checkpoint", record)
+    Runner(make_config(dict(SETTINGS)), tmp_path / "run", quiet).execute()
+    assert saved[0] == (1, 0, True, False)  # after epoch 0
+    assert saved[1] == (1, 0, True, True)  # the rewind point, before epoch 1 trains
+    assert (3, 1, False, True) in saved  # end of round 0, logits reset
+    assert (6, 2, True, True) in saved  # start of ticket training: rewound and hardened
+    assert len(saved) == 8 + 2
+
+
+def interrupt_after(monkeypatch, epochs: int) -> None:
+    from contsparse.experiments import runner as runner_module
+
+    original = runner_module.Runner._epoch
+    calls = {"n": 0}
+
+    def crash(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > epochs:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module.Runner, "_epoch", crash)
+
+
+def test_divergence_keeps_the_last_good_checkpoint_and_resumes_with_a_lower_lr(tmp_path, monkeypatch, capsys):
+    from contsparse.experiments import runner as runner_module
+
+    original = runner_module.Runner._epoch
+    calls = {"n": 0}
+
+    def poisoned(self, phase, epoch, step, partial, stop, model, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return original(self, phase, epoch, step, partial, stop, model, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module.Runner, "_epoch", poisoned)
+    out = tmp_path / "run"
+    assert main(["ticket", *ARGS, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "training diverged in search 0, epoch 3" in err and "the checkpoint of epoch 2 is kept" in err
+    assert f"contsparse resume {out} --lr 0.00012 --force" in err and "Traceback" not in err
+    state = load_checkpoint(out / "checkpoint")
+    assert state["progress"]["epochs_done"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if torch.is_tensor(v) and v.is_floating_point())
+    monkeypatch.undo()
+    assert main(["resume", str(out), "--lr", "0.00012"]) == 2  # changed settings need --force
+    assert "lr: 0.0012 -> 0.00012" in capsys.readouterr().err
+    assert main(["resume", str(out), "--lr", "0.00012", "--force"]) == 0
+    assert "--force: resuming" in capsys.readouterr().out
