@@ -142,3 +142,18 @@ def test_batches_are_seeded_per_epoch_and_cover_the_split():
     other = torch.cat([y for _, y in batches])
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert sorted(first.tolist()) == list(range(10)) and len(batches) == 3
+
+
+def test_an_epoch_resumed_mid_way_serves_the_same_batches_and_augmentation():
+    split = TensorSplit(torch.randn(50, 3), torch.arange(50))
+
+    def jitter(x, generator):
+        return x + torch.randn(x.shape, generator=generator)
+
+    batches = BatchIterator(split, 8, shuffle=True, seed=1, augment=jitter)
+    batches.set_epoch(4)
+    full = list(batches)
+    tail = list(batches.iterate(3))
+    assert len(tail) == len(full) - 3
+    for (xa, ya), (xb, yb) in zip(full[3:], tail, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)

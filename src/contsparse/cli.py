@@ -113,7 +113,7 @@ def run_training(args: argparse.Namespace) -> int:
     try:
         summary = Runner(config, out, force=args.force).execute()
     except RunInterrupted as stopped:
-        print(f"\n{stopped}", file=sys.stderr)
+        print(f"\n{stopped}. Resume with: contsparse resume {out}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print(f"\ninterrupted; the last checkpoint in {out} is kept. Resume with: contsparse resume {out}",

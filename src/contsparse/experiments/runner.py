@@ -249,9 +249,8 @@ class Runner:
                 progress["step"], partial = record.steps, record.totals
                 progress["elapsed"] = time.perf_counter() - started
                 checkpoint()
-                raise RunInterrupted(
-                    f"stopped ({stop.reason}) in {phase.label()}, epoch {epoch + 1}, after step {record.steps}; "
-                    f"checkpoint saved. Resume with: contsparse resume {self.run.path}")
+                raise RunInterrupted(f"stopped ({stop.reason}) in {phase.label()}, epoch {epoch + 1}, after step "
+                                     f"{record.steps}; checkpoint saved in {self.run.path}")
             progress["epochs_done"] += 1
             progress["epoch"] += 1
             progress["step"], partial = 0, None
