@@ -1,4 +1,7 @@
-"""Command line: ``contsparse ticket | prune | train | resume | info``. Thin: parses, runs, prints."""
+"""Command line: ``contsparse ticket | prune | train | resume | info | report | export | bench-inference``.
+
+Thin: parses, calls the library, prints.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from typing import Any
 from contsparse import __version__
 from contsparse.errors import RunInterrupted, UserError
 from contsparse.experiments.config import FIELDS, RunConfig, load_yaml, make_config
+from contsparse.export.formats import FORMATS
 
 # Flags every training command takes, with help; any other RunConfig field is a flag too.
 HELP = {
@@ -56,7 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(resume, with_method=True)
     info = sub.add_parser("info", help="print a run's summary as a table", description="print a run's summary")
     info.add_argument("run_dir", type=Path)
-    info.add_argument("--debug", action="store_true", help="show tracebacks")
+    report = sub.add_parser("report", help="per-layer table and plots of a finished run",
+                            description="per-layer weights remaining (table and bar chart) and, for MLPs on "
+                                        "square images, a picture of the first layer's mask")
+    report.add_argument("run_dir", type=Path)
+    report.add_argument("--out", type=Path, help="folder for the PNG files (default: RUN_DIR/report)")
+    export = sub.add_parser("export", help="write a finished run's model as a plain model file",
+                            description="the run's final model with the masks applied and removed")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--format", default="safetensors", choices=list(FORMATS),
+                        help="safetensors / pytorch: plain state_dict; onnx: graph with a dynamic batch axis; "
+                             "compressed: bitmask + nonzero values (default: safetensors)")
+    export.add_argument("--out", type=Path, help="file to write (default: RUN_DIR/export.<ext>)")
+    bench = sub.add_parser("bench-inference", help="CPU latency dense vs sparse (CSR) of a finished run",
+                           description="latency and throughput of the run's model, dense vs sparse CPU kernels")
+    bench.add_argument("run_dir", type=Path)
+    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
+    bench.add_argument("--blocks", type=int, default=15, help="interleaved timing blocks per variant")
+    for command in (info, report, export, bench):
+        command.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -131,11 +153,71 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_report(args: argparse.Namespace) -> int:
+    from contsparse.experiments.rundir import RunDir
+    from contsparse.export import load_run_model
+    from contsparse.reports import print_summary
+    from contsparse.reports.plots import input_mask_image, per_layer_chart
+
+    summary = RunDir(args.run_dir).read_summary()
+    print_summary(summary, per_layer=True)
+    out = args.out or args.run_dir / "report"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        title = f"{summary['method']} · {summary['model']} · {100 * summary['weights_remaining']:.2f} % kept"
+        written = [per_layer_chart(summary["per_layer"], out / "per_layer.png", title)]
+        masks = load_run_model(args.run_dir).masks
+        if masks:
+            first = next(iter(masks.values()))
+            written.append(input_mask_image(first, out / "first_layer_mask.png",
+                                            f"{next(iter(masks))}: kept weights per input pixel"))
+    except OSError as err:
+        raise UserError(f"cannot write the report in {out}: {err.strerror or err}") from err
+    for path in filter(None, written):
+        print(f"wrote {path}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from contsparse.export import export_run
+
+    path = export_run(args.run_dir, args.format, args.out)
+    dense = args.run_dir / "model.safetensors"
+    ratio = f" ({100 * path.stat().st_size / dense.stat().st_size:.1f} % of the dense safetensors file)"
+    print(f"wrote {path}: {path.stat().st_size / 1024:.1f} KiB" + (ratio if args.format == "compressed" else ""))
+    return 0
+
+
+def run_bench_inference(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from contsparse.export import load_run_model
+    from contsparse.export.bench import time_inference
+
+    if any(b < 1 for b in args.batch_sizes) or args.blocks < 1:
+        raise UserError("--batch-sizes and --blocks must be >= 1")
+    run = load_run_model(args.run_dir)
+    table = Table(title=f"CPU inference · {run.name} · {args.run_dir}", header_style="bold")
+    for column in ("batch", "dense ms", "sparse ms", "speedup", "dense img/s", "sparse img/s", "CSR layers",
+                   "same predictions"):
+        table.add_column(column, justify="right")
+    for row in time_inference(run.model, run.input_shape, tuple(args.batch_sizes), blocks=args.blocks):
+        table.add_row(str(row.batch_size), f"{row.dense_ms:.3f}", f"{row.sparse_ms:.3f}", f"{row.speedup:.2f}x",
+                      f"{row.as_dict()['dense_images_per_s']:.0f}", f"{row.as_dict()['sparse_images_per_s']:.0f}",
+                      ", ".join(row.sparse_layers) or "-", "yes" if row.same_predictions else "NO")
+    Console().print(table)
+    return 0
+
+
+COMMANDS = {"info": run_info, "report": run_report, "export": run_export, "bench-inference": run_bench_inference}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return run_info(args) if args.command == "info" else run_training(args)
+        return COMMANDS.get(args.command, run_training)(args)
     except UserError as err:
         if args.debug:
             raise

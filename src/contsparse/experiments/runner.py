@@ -352,6 +352,8 @@ class Runner:
             "method": "dense" if config.command == "train" else config.method,
             "model": config.model,
             "dataset": config.dataset,
+            "input_shape": list(self._load_data().input_shape),
+            "num_classes": self._load_data().num_classes,
             "weights_remaining": weights_remaining(mask),
             "test_accuracy": test.accuracy,
             "val_accuracy": val.accuracy,

@@ -1,4 +1,4 @@
-"""Tables (and later plots) of run results."""
+"""Tables and plots of run results."""
 
 from contsparse.reports.table import per_layer_table, print_summary, summary_table
 

@@ -1,0 +1,88 @@
+"""Smaller and faster sparse models: file size and CPU latency of a LeNet-300-100 ticket.
+
+Uses the run of the default ticket search (``contsparse ticket``, about 3 % of the weights kept),
+training it first if it is not there, or ``--run DIR``. Reports the compressed file size vs the
+dense safetensors file, and latency dense vs sparse at batch 1 and 256, measured interleaved in
+one process (plus the to_sparse graph with dense kernels only, which separates the gain of the CSR
+kernels from that of inlining the layers); predictions are compared on the whole MNIST test set.
+
+    python benchmarks/inference.py            # writes benchmarks/results/inference.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, write_results
+
+from contsparse.data import load_dataset
+from contsparse.experiments import Runner, make_config
+from contsparse.export import export_run, load_run_model, to_sparse
+from contsparse.export.bench import time_inference
+
+
+def test_set_agreement(model: torch.nn.Module, dataset: str, data_dir: str | None) -> dict[str, int]:
+    """How many test predictions of the sparse conversions (batch 1 and 256) equal the dense ones."""
+    test = load_dataset(dataset, data_dir).test
+    counts = {"test_images": len(test)}
+    with torch.inference_mode():
+        dense = torch.cat([model(test.x[i:i + 256]).argmax(1) for i in range(0, len(test), 256)])
+        sparse_256 = to_sparse(model, 256)
+        batched = torch.cat([sparse_256(test.x[i:i + 256]).argmax(1) for i in range(0, len(test), 256)])
+        sparse_1 = to_sparse(model, 1)
+        single = torch.cat([sparse_1(test.x[i:i + 1]).argmax(1) for i in range(len(test))])
+    counts["same_batch_256"] = int((batched == dense).sum())
+    counts["same_batch_1"] = int((single == dense).sum())
+    counts["dense_correct"] = int((dense == test.y).sum())
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, help="a finished run (default: the default ticket search's run)")
+    parser.add_argument("--blocks", type=int, default=21)
+    args = parser.parse_args()
+    run_dir = args.run
+    if run_dir is None:
+        config = make_config({})
+        run_dir = Path("runs") / config.default_run_name()
+        Runner(config, run_dir).execute()  # reused when finished
+    run = load_run_model(run_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        dense_file = export_run(run_dir, "safetensors", Path(tmp) / "dense.safetensors")
+        sparse_file = export_run(run_dir, "compressed", Path(tmp) / "sparse.safetensors")
+        sizes = {"dense_bytes": dense_file.stat().st_size, "compressed_bytes": sparse_file.stat().st_size}
+    sizes["ratio"] = sizes["compressed_bytes"] / sizes["dense_bytes"]
+    kept = sum(int(m.sum()) for m in run.masks.values()) / sum(m.numel() for m in run.masks.values())
+    timings = [t.as_dict() for t in time_inference(run.model, run.input_shape, (1, 256), blocks=args.blocks)]
+    agreement = test_set_agreement(run.model, run.dataset, run.data_dir)
+
+    command = " ".join(["python benchmarks/inference.py", *sys.argv[1:]])
+    lines = [f"# Sparse CPU inference: LeNet-300-100 ticket, {100 * kept:.2f} % of the weights", "",
+             f"Command: `{command}`; run: `{run_dir}`; median of {args.blocks} interleaved blocks per variant.", "",
+             f"File size: compressed {sizes['compressed_bytes'] / 1024:.1f} KiB vs dense safetensors "
+             f"{sizes['dense_bytes'] / 1024:.1f} KiB = **{100 * sizes['ratio']:.1f} %**.", "",
+             "| batch | dense ms | inlined dense ms | sparse ms | **sparse speedup vs dense** | "
+             "speedup vs inlined dense | CSR layers |", "|---|---|---|---|---|---|---|"]
+    for t in timings:
+        lines.append(f"| {t['batch_size']} | {t['dense_ms']:.3f} | {t['inlined_dense_ms']:.3f} | {t['sparse_ms']:.3f} "
+                     f"| **{t['speedup']:.2f}x** | {t['inlined_dense_ms'] / t['sparse_ms']:.2f}x "
+                     f"| {', '.join(t['sparse_layers']) or '-'} |")
+    lines += ["", f"Test set: sparse predictions equal the dense ones on {agreement['same_batch_1']} / "
+              f"{agreement['test_images']} images at batch 1 and {agreement['same_batch_256']} / "
+              f"{agreement['test_images']} at batch 256 (dense accuracy "
+              f"{100 * agreement['dense_correct'] / agreement['test_images']:.2f} %).", "",
+              f"Machine: {machine()['processor']}, torch {machine()['torch']}, {machine()['threads']} threads.", ""]
+    write_results("inference", {"machine": machine(), "command": command, "run": str(run_dir),
+                                "weights_remaining": kept, "sizes": sizes, "timings": timings,
+                                "test_set": agreement}, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

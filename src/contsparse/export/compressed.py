@@ -1,0 +1,70 @@
+"""Compressed storage of sparse weights: a bitmask of the kept entries plus their values.
+
+For a float32 tensor with a fraction ``d`` of nonzeros this takes ``1/32 + d`` of the dense size;
+CSR with 32-bit column indices would take ``2d`` plus row pointers, so the bitmask is the smaller
+one above ``d = 1/32`` (3 %), where lottery tickets live.
+The file is an ordinary safetensors file; its metadata says which entries are compressed, so
+:func:`load_compressed` restores the dense ``state_dict`` exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from contsparse.errors import UserError
+
+FORMAT_KEY = "contsparse.compressed"
+
+
+def compress_state_dict(state: dict[str, torch.Tensor], min_zero_fraction: float = 0.5
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors to store and metadata: floating tensors with at least ``min_zero_fraction`` zeros
+    become ``<name>.bitmask`` (packed bits, row-major) and ``<name>.values`` (the nonzeros)."""
+    tensors: dict[str, torch.Tensor] = {}
+    layout: dict[str, dict] = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu().contiguous()
+        nonzero = tensor != 0
+        if tensor.is_floating_point() and tensor.numel() and 1 - nonzero.float().mean().item() >= min_zero_fraction:
+            bits = np.packbits(nonzero.flatten().numpy())
+            tensors[f"{name}.bitmask"] = torch.from_numpy(bits)
+            tensors[f"{name}.values"] = tensor[nonzero]
+            layout[name] = {"shape": list(tensor.shape)}
+        else:
+            tensors[name] = tensor
+    return tensors, {FORMAT_KEY: json.dumps(layout)}
+
+
+def save_compressed(state: dict[str, torch.Tensor], path: str | Path, min_zero_fraction: float = 0.5) -> None:
+    tensors, metadata = compress_state_dict(state, min_zero_fraction)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_compressed(path: str | Path) -> dict[str, torch.Tensor]:
+    """The dense ``state_dict`` stored by :func:`save_compressed` (loads without contsparse too:
+    see the README for the five numpy lines)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if FORMAT_KEY not in metadata:
+                raise UserError(f"{path} is not a contsparse compressed file (no {FORMAT_KEY} metadata)")
+            layout = json.loads(metadata[FORMAT_KEY])
+            stored = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
+    except (OSError, SafetensorError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {path} ({err})") from err
+    state = {k: v for k, v in stored.items() if not any(k == f"{n}.bitmask" or k == f"{n}.values" for n in layout)}
+    for name, info in layout.items():
+        shape = info["shape"]
+        numel = int(np.prod(shape)) if shape else 1
+        keep = np.unpackbits(stored[f"{name}.bitmask"].numpy(), count=numel).astype(bool)
+        values = stored[f"{name}.values"]
+        dense = torch.zeros(numel, dtype=values.dtype)
+        dense[torch.from_numpy(keep)] = values
+        state[name] = dense.reshape(shape)
+    return state

@@ -1,0 +1,67 @@
+"""``contsparse export``: a finished run's model in the formats other tools load."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from contsparse.errors import UserError
+from contsparse.export.compressed import save_compressed
+from contsparse.export.run_model import RunModel, load_run_model
+
+FORMATS = {"safetensors": ".safetensors", "pytorch": ".pt", "onnx": ".onnx", "compressed": ".sparse.safetensors"}
+
+
+def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> Path:
+    """Write the run's final model as ``fmt`` (see :data:`FORMATS`) to ``out`` (default: in the run)."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    run = load_run_model(run_dir)
+    path = Path(out) if out is not None else Path(run_dir) / f"export{FORMATS[fmt]}"
+    if path.is_dir():
+        raise UserError(f"--out {path} is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in run.model.state_dict().items()}
+        if fmt == "safetensors":
+            save_file(state, str(path), metadata=_metadata(run))
+        elif fmt == "pytorch":
+            torch.save(state, path)  # a plain state_dict: torch.load(path, weights_only=True) reads it
+        elif fmt == "compressed":
+            save_compressed(state, path)
+        else:
+            export_onnx(run, path)
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from err
+    return path
+
+
+def export_onnx(run: RunModel, path: Path) -> None:
+    """ONNX with a dynamic batch dimension (PyTorch's ``torch.export``-based exporter)."""
+    try:
+        import onnxscript  # noqa: F401 - the exporter needs it
+    except ImportError as err:
+        raise UserError("ONNX export needs the onnx extras: pip install 'contsparse[onnx]'") from err
+    example = torch.zeros(2, *run.input_shape)
+    batch = torch.export.Dim("batch", min=1)
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "torchvision is not installed" and similar notes
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(run.model, (example,), dynamo=True, input_names=["input"],
+                                        output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False)
+    finally:
+        quiet.setLevel(level)
+    program.save(str(path))
+
+
+def _metadata(run: RunModel) -> dict[str, str]:
+    return {"architecture": run.name, "input_shape": json.dumps(list(run.input_shape)),
+            "num_classes": str(run.num_classes)}

@@ -1,0 +1,49 @@
+"""A finished run's model as the plain architecture: masks folded in, no contsparse modules left."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from contsparse.errors import UserError
+from contsparse.experiments.config import load_yaml, make_config
+from contsparse.experiments.rundir import RunDir
+from contsparse.models import build_model
+
+
+@dataclass
+class RunModel:
+    model: nn.Module  # the vanilla architecture in eval mode, pruned weights exactly zero
+    name: str  # registry name of the architecture
+    input_shape: tuple[int, ...]
+    num_classes: int
+    masks: dict[str, torch.Tensor]  # weight name -> bool mask of the weights kept
+    dataset: str
+    data_dir: str | None
+
+
+def load_run_model(run_dir: str | Path) -> RunModel:
+    """Build the run's architecture and load its final weights (``model.safetensors``)."""
+    run = RunDir(run_dir)
+    summary = run.read_summary()  # refuses what is not a finished run, with the reason
+    config = make_config(load_yaml(run.file(RunDir.CONFIG)))
+    if "input_shape" in summary:
+        input_shape, num_classes = tuple(summary["input_shape"]), int(summary["num_classes"])
+    else:  # runs written before the summary recorded the data's shape
+        from contsparse.data import load_dataset
+
+        data = load_dataset(config.dataset, config.data_dir)
+        input_shape, num_classes = data.input_shape, data.num_classes
+    model = build_model(config.model, input_shape, num_classes)
+    try:
+        state = load_file(str(run.file(RunDir.MODEL)))
+        masks = {k: v.bool() for k, v in load_file(str(run.file(RunDir.MASKS))).items()}
+        model.load_state_dict(state)
+    except (OSError, SafetensorError, RuntimeError) as err:
+        raise UserError(f"the final model of {run.path} cannot be read ({err}); resume or re-run it") from err
+    return RunModel(model.eval(), config.model, input_shape, num_classes, masks, config.dataset, config.data_dir)

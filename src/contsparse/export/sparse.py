@@ -1,0 +1,163 @@
+"""Sparse CPU inference: run each sparse enough Linear layer with PyTorch's CSR kernels.
+
+:func:`to_sparse` traces the model with ``torch.fx`` and replaces every ``nn.Linear`` by a direct
+call of the faster of two kernels, measured on this machine at the batch size given: the dense
+``F.linear`` or a CSR matrix product (``torch.addmv`` at batch 1, ``torch.addmm`` above). The
+choice is per layer, so the converted model is never slower than dense layer by layer; inlining
+the layers also drops ``nn.Module`` call overhead, which matters at batch 1 (``kernels="dense"``
+gives the same inlined graph with dense kernels only, to tell the two gains apart). Conv layers stay
+dense: PyTorch has no sparse convolution kernel on the CPU. Models that ``torch.fx`` cannot trace
+get their Linear modules swapped in place instead.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from contsparse.timing import interleaved_times
+
+Kernels = Literal["auto", "dense", "sparse"]
+
+
+def csr_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` with a sparse CSR ``weight`` (matrix-vector kernel for a single input)."""
+    if x.dim() == 2 and x.shape[0] == 1:
+        row = x[0]
+        out = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)
+        return out.unsqueeze(0)
+    # MKL's CSR x dense product wants a row-major right-hand side, i.e. x transposed. The result
+    # is returned as a transposed view (no copy): elementwise ops keep that layout, so the next
+    # CSR layer's transpose is free, and dense layers take it through BLAS's transpose flag.
+    flat = x.reshape(-1, x.shape[-1]).t().contiguous()
+    out = torch.mm(weight, flat)
+    if bias is not None:
+        out.add_(bias.unsqueeze(1))
+    out = out.t()
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear``, with the matrix-vector kernel for a single input (``addmm`` with one row is
+    several times slower than ``addmv`` on the CPU)."""
+    if x.dim() == 2 and x.shape[0] == 1:
+        row = x[0]
+        return (torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)).unsqueeze(0)
+    return F.linear(x, weight, bias)
+
+
+def to_csr(weight: Tensor) -> Tensor:
+    """CSR copy of ``weight`` with 32-bit indices: with 64-bit ones every MKL call first converts
+    them (a third of a layer's time at batch 256, half of it at batch 1)."""
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        csr = weight.detach().to_sparse_csr()
+        return torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(), csr.shape)
+
+
+class SparseLinear(nn.Module):
+    """A Linear layer holding its weight in CSR form (used where ``torch.fx`` cannot trace)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", to_csr(linear.weight))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return csr_linear(x, self.weight, self.bias)
+
+
+def zero_fraction(weight: Tensor) -> float:
+    return 1.0 - (weight != 0).float().mean().item()
+
+
+def faster_kernel(linear: nn.Linear, batch_size: int, rounds: int = 7, calls: int = 50) -> str:
+    """``"sparse"`` if the CSR kernel beats ``F.linear`` on this machine at ``batch_size`` by 10 %
+    (median of interleaved rounds), else ``"dense"``."""
+    x = torch.randn(batch_size, linear.in_features)
+    csr = to_csr(linear.weight)
+    weight, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+    with torch.inference_mode():
+        times = interleaved_times({"dense": lambda: dense_linear(x, weight, bias),
+                                   "sparse": lambda: csr_linear(x, csr, bias)}, rounds, calls, warmup=5)
+    return "sparse" if times["sparse"] < 0.9 * times["dense"] else "dense"
+
+
+def to_sparse(model: nn.Module, batch_size: int = 1, kernels: Kernels = "auto",
+              min_zero_fraction: float = 0.5) -> nn.Module:
+    """An inference copy of ``model`` whose sparse Linear layers run on CSR kernels where faster.
+
+    ``kernels="auto"`` measures each layer with at least ``min_zero_fraction`` zeros at
+    ``batch_size``; ``"sparse"`` / ``"dense"`` force one kernel. The chosen kernel of each layer
+    is in the returned module's ``kernel_choices``. The result is for inference only (no gradients).
+    """
+    model = model.eval()
+    choices: dict[str, str] = {}
+
+    def choose(name: str, linear: nn.Linear) -> str:
+        if kernels != "auto":
+            choice = kernels
+        elif zero_fraction(linear.weight) < min_zero_fraction:
+            choice = "dense"
+        else:
+            choice = faster_kernel(linear, batch_size)
+        choices[name] = choice
+        return choice
+
+    try:
+        traced = fx.symbolic_trace(model)
+    except Exception:  # data-dependent control flow and the like: swap modules in place instead
+        converted = _swap_modules(model, choose)
+    else:
+        converted = _inline_linears(traced, choose)
+    converted.kernel_choices = choices
+    return converted
+
+
+def _inline_linears(traced: fx.GraphModule, choose: Callable[[str, nn.Linear], str]) -> fx.GraphModule:
+    graph = traced.graph
+    modules = dict(traced.named_modules())
+    for node in list(graph.nodes):
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(module, nn.Linear):
+            sparse = choose(str(node.target), module) == "sparse"
+            attr = str(node.target).replace(".", "_")
+            weight = to_csr(module.weight) if sparse else module.weight.detach().clone()
+            bias = None if module.bias is None else module.bias.detach().clone()
+            # Plain attributes, not buffers: reading a buffer goes through nn.Module.__getattr__,
+            # a few microseconds per tensor per call, which is most of a batch-1 forward here.
+            object.__setattr__(traced, f"{attr}_weight", weight)
+            object.__setattr__(traced, f"{attr}_bias", bias)
+            with graph.inserting_before(node), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # fx expects get_attr targets to be buffers
+                args = (node.args[0], graph.get_attr(f"{attr}_weight"),
+                        graph.get_attr(f"{attr}_bias") if module.bias is not None else None)
+                call = graph.call_function(csr_linear if sparse else dense_linear, args)
+            node.replace_all_uses_with(call)
+            graph.erase_node(node)
+        elif isinstance(module, nn.ReLU):
+            with graph.inserting_before(node):
+                call = graph.call_function(torch.relu, (node.args[0],))
+            node.replace_all_uses_with(call)
+            graph.erase_node(node)
+    traced.delete_all_unused_submodules()
+    graph.lint()
+    traced.recompile()
+    return traced
+
+
+def _swap_modules(model: nn.Module, choose: Callable[[str, nn.Linear], str]) -> nn.Module:
+    import copy
+
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if name and isinstance(module, nn.Linear) and choose(name, module) == "sparse":
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, SparseLinear(module))
+    return model

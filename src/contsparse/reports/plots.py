@@ -1,0 +1,51 @@
+"""Pictures of a run: weights remaining per layer, and the first layer's mask of an MLP as an image."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: works on headless machines
+import matplotlib.pyplot as plt
+import torch
+
+
+def per_layer_chart(per_layer: dict[str, float], path: Path, title: str = "") -> Path:
+    """Horizontal bars of the fraction of weights kept in each masked layer (log scale)."""
+    names = list(per_layer)
+    values = [100 * per_layer[n] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.4))
+    bars = ax.barh(range(len(names)), values, color="#3b75af")
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("weights remaining (%)")
+    ax.bar_label(bars, labels=[f"{v:.2f} %" for v in values], padding=3, fontsize=8)
+    ax.set_xlim(min([*values, 1.0]) / 2, 300)
+    ax.set_title(title or "weights remaining per layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def input_mask_image(mask: torch.Tensor, path: Path, title: str = "") -> Path | None:
+    """For a first Linear layer on square images (e.g. 784 = 28 x 28 inputs): how many of each
+    input pixel's outgoing weights are kept, as a heat map. None if the inputs are not square."""
+    inputs = mask.shape[1]
+    side = math.isqrt(inputs)
+    if mask.dim() != 2 or side * side != inputs:
+        return None
+    kept = mask.float().sum(0).reshape(side, side)
+    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    image = ax.imshow(kept.numpy(), cmap="viridis")
+    fig.colorbar(image, ax=ax, label="weights kept")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title or "kept weights per input pixel")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

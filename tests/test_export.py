@@ -1,0 +1,146 @@
+"""Export formats, compressed storage, sparse CPU inference, ONNX, reports."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from contsparse.cli import main
+from contsparse.errors import UserError
+from contsparse.experiments import Runner, make_config
+from contsparse.experiments.runner import build_method
+from contsparse.export import export_run, load_compressed, load_run_model, save_compressed, to_sparse
+from contsparse.models import build_model
+from contsparse.training import load_checkpoint
+
+SETTINGS = dict(model="lenet300", dataset="synthetic", epochs=3, rounds=1, rewind_epoch=0, ticket_epochs=1,
+                mask_init=-0.02, dense_baseline=False, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "run"
+    Runner(make_config(dict(SETTINGS)), out, lambda _: None).execute()
+    return out
+
+
+def hard_masked_model(run_dir):
+    """The run's model as training left it: masks attached and hardened, state from the checkpoint."""
+    config = make_config(dict(SETTINGS))
+    model = build_model("lenet300", (1, 28, 28), 10)
+    method = build_method(config, steps_per_epoch=1)
+    method.attach(model)
+    method.harden()
+    model.load_state_dict(load_checkpoint(run_dir / "checkpoint")["model"])
+    return model.eval()
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pytorch", "compressed"])
+def test_exported_weights_load_into_the_vanilla_model_with_identical_outputs(fmt, run_dir, tmp_path):
+    path = export_run(run_dir, fmt, tmp_path / f"model.{fmt}")
+    if fmt == "pytorch":
+        state = torch.load(path, weights_only=True)
+    elif fmt == "compressed":
+        state = load_compressed(path)
+    else:
+        state = load_file(str(path))
+    vanilla = build_model("lenet300", (1, 28, 28), 10)  # no masks anywhere
+    vanilla.load_state_dict(state)
+    assert all("mask" not in key for key in state)
+    x = torch.randn(32, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(vanilla.eval()(x), hard_masked_model(run_dir)(x))
+
+
+def test_compressed_storage_is_exact_and_small(tmp_path):
+    torch.manual_seed(0)
+    weight = torch.randn(300, 784) * (torch.rand(300, 784) < 0.03)
+    state = {"w": weight, "b": torch.randn(300), "steps": torch.tensor(7)}
+    save_file(state, str(tmp_path / "dense.safetensors"))
+    save_compressed(state, tmp_path / "c.safetensors")
+    restored = load_compressed(tmp_path / "c.safetensors")
+    assert restored.keys() == state.keys()
+    for key in state:
+        assert torch.equal(restored[key], state[key]) and restored[key].dtype == state[key].dtype
+    ratio = (tmp_path / "c.safetensors").stat().st_size / (tmp_path / "dense.safetensors").stat().st_size
+    assert ratio < 0.08  # bitmask (1/32 of float32) + 3 % values
+
+
+def test_a_plain_file_is_not_taken_for_a_compressed_one(run_dir):
+    with pytest.raises(UserError, match="not a contsparse compressed file"):
+        load_compressed(run_dir / "model.safetensors")
+
+
+@pytest.mark.parametrize("kernels", ["auto", "sparse", "dense"])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_sparse_inference_matches_dense(kernels, batch, run_dir):
+    model = load_run_model(run_dir).model
+    converted = to_sparse(model, batch_size=batch, kernels=kernels)
+    expected = {"sparse": "sparse", "dense": "dense"}.get(kernels)
+    if expected:
+        assert set(converted.kernel_choices.values()) == {expected}
+    assert set(converted.kernel_choices) == {"hidden.0", "hidden.1", "output"}
+    for n in (1, 7, 64):
+        x = torch.randn(n, 1, 28, 28)
+        with torch.inference_mode():
+            torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_untraceable_models_get_their_layers_swapped():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(20, 30), nn.Linear(30, 5)
+
+        def forward(self, x):
+            h = self.a(x)
+            if h.sum() > 1e9:  # control flow on data: torch.fx cannot trace this
+                h = h * 0
+            return self.b(torch.relu(h))
+
+    model = DataDependent().eval()
+    with torch.no_grad():
+        model.a.weight.mul_(torch.rand_like(model.a.weight) < 0.1)
+    converted = to_sparse(model, kernels="sparse")
+    assert type(converted.a).__name__ == "SparseLinear"
+    x = torch.randn(4, 20)
+    with torch.inference_mode():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_round_trip_through_onnxruntime(run_dir, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    path = export_run(run_dir, "onnx", tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    model = load_run_model(run_dir).model
+    for n in (1, 13):  # the batch axis is dynamic
+        x = torch.randn(n, 1, 28, 28)
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        with torch.no_grad():
+            want = model(x)
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(torch.from_numpy(got).argmax(1), want.argmax(1))
+
+
+def test_cli_export_report_and_bench(run_dir, tmp_path, capsys):
+    assert main(["export", str(run_dir), "--format", "compressed", "--out", str(tmp_path / "m.sparse")]) == 0
+    assert "% of the dense safetensors file" in capsys.readouterr().out
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "report")]) == 0
+    for name in ("per_layer.png", "first_layer_mask.png"):
+        assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["bench-inference", str(run_dir), "--batch-sizes", "1", "4", "--blocks", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and "yes" in printed
+
+
+def test_cli_export_errors_are_one_line(run_dir, tmp_path, capsys):
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "config.yaml").write_text(json.dumps({"epochs": 1}))
+    assert main(["export", str(tmp_path / "unfinished")]) == 2
+    assert "has not finished yet" in capsys.readouterr().err
+    assert main(["export", str(run_dir), "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["bench-inference", str(run_dir), "--batch-sizes", "0"]) == 2
+    assert "must be >= 1" in capsys.readouterr().err
