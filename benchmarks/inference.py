@@ -29,7 +29,7 @@ from contsparse.export.bench import time_inference
 
 def test_set_agreement(model: torch.nn.Module, dataset: str, data_dir: str | None) -> dict[str, int]:
     """How many test predictions of the sparse conversions (batch 1 and 256) equal the dense ones."""
-    test = load_dataset(dataset, data_dir).test
+    test = load_dataset(dataset, data_dir).test  # MNIST: no dataset options
     counts = {"test_images": len(test)}
     with torch.inference_mode():
         dense = torch.cat([model(test.x[i:i + 256]).argmax(1) for i in range(0, len(test), 256)])

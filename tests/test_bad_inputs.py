@@ -29,7 +29,7 @@ QUICK = ["--model", "lenet300", "--dataset", "synthetic", "--train-subset", "256
          "--rewind-epoch", "0", "--ticket-epochs", "1", "--no-dense-baseline", "--device", "cpu"]
 
 
-def _bad_labels(_data_dir):
+def _bad_labels(_data_dir, _options):
     data = load_synthetic()
     data.train.y[::7] = 12  # labels beyond the 10 classes
     return data

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,8 @@ def run_training(args: argparse.Namespace) -> int:
         print(f"\ninterrupted; the last checkpoint in {out} is kept. Resume with: contsparse resume {out}",
               file=sys.stderr)
         return 130
-    print_summary(summary)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        print_summary(summary)
     return 0
 
 

@@ -1,7 +1,7 @@
-"""Datasets as in-memory tensors (MNIST, synthetic), served by a seeded batch iterator."""
+"""Datasets (MNIST, CIFAR-10/100, ImageNet folders, synthetic) and the seeded batch iterators serving them."""
 
-from contsparse.data.registry import available_datasets, load_dataset, register_dataset
-from contsparse.data.splits import BatchIterator, DatasetSplits, TensorSplit
+from contsparse.data.registry import DataOptions, available_datasets, load_dataset, register_dataset
+from contsparse.data.splits import BatchIterator, DatasetSplits, TensorSplit, make_batches
 
-__all__ = ["BatchIterator", "DatasetSplits", "TensorSplit", "available_datasets", "load_dataset",
-           "register_dataset"]
+__all__ = ["BatchIterator", "DataOptions", "DatasetSplits", "TensorSplit", "available_datasets", "load_dataset",
+           "make_batches", "register_dataset"]

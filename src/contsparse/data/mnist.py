@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import gzip
 import importlib.metadata
-import os
-import shutil
 import struct
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from contsparse.data.download import data_root, fetch_verified
 from contsparse.data.safe_pickle import load_numpy_pickle
 from contsparse.data.splits import DatasetSplits, TensorSplit
 from contsparse.errors import UserError
@@ -45,7 +42,7 @@ PICKLE_NAME = "mnist.pkl.gz"
 
 
 def default_data_dir() -> Path:
-    return Path(os.environ.get("CONTSPARSE_DATA", Path.home() / ".cache" / "contsparse")) / "mnist"
+    return data_root() / "mnist"
 
 
 def load_mnist(data_dir: str | Path | None = None, download: bool = True,
@@ -146,25 +143,9 @@ def _download(directory: Path, mirrors: tuple[str, ...]) -> tuple[np.ndarray, ..
         target = directory / name
         if target.is_file() and file_digest(target, "md5") == md5:
             continue
-        if not _fetch_from_mirrors(name, md5, target, mirrors):
+        if not fetch_verified(name, md5, target, mirrors):
             return None
     return _read_idx_set(directory)
-
-
-def _fetch_from_mirrors(name: str, md5: str, target: Path, mirrors: tuple[str, ...]) -> bool:
-    partial = target.with_suffix(target.suffix + ".part")
-    for mirror in mirrors:
-        try:
-            with urllib.request.urlopen(mirror + name, timeout=10) as response, open(partial, "wb") as out:
-                shutil.copyfileobj(response, out)
-        except (urllib.error.URLError, OSError, TimeoutError):
-            continue
-        if file_digest(partial, "md5") == md5:
-            partial.replace(target)
-            return True
-        partial.unlink(missing_ok=True)
-    partial.unlink(missing_ok=True)
-    return False
 
 
 def _split(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> DatasetSplits:

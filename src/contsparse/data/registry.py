@@ -3,17 +3,36 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from contsparse.data.cifar import VARIANTS, load_cifar
+from contsparse.data.imagenet import load_image_folder
 from contsparse.data.mnist import load_mnist
 from contsparse.data.splits import DatasetSplits
 from contsparse.data.synthetic import load_synthetic
 
-DatasetLoader = Callable[[Path | None], DatasetSplits]
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Settings some datasets take (the rest ignore them)."""
+
+    image_size: int = 224  # imagenet: crop size
+    workers: int = 4  # imagenet: decoding processes
+    synthetic_shape: tuple[int, ...] = (1, 28, 28)
+    synthetic_classes: int = 10
+    synthetic_size: int = 2048  # synthetic: training examples (validation and test: 256 each)
+
+
+DatasetLoader = Callable[[Path | None, DataOptions], DatasetSplits]
 
 _REGISTRY: dict[str, DatasetLoader] = {
-    "mnist": lambda data_dir: load_mnist(data_dir),
-    "synthetic": lambda data_dir: load_synthetic(),
+    "mnist": lambda data_dir, options: load_mnist(data_dir),
+    "cifar10": lambda data_dir, options: load_cifar(VARIANTS["cifar10"], data_dir),
+    "cifar100": lambda data_dir, options: load_cifar(VARIANTS["cifar100"], data_dir),
+    "imagenet": lambda data_dir, options: load_image_folder(data_dir, options.image_size, options.workers),
+    "synthetic": lambda data_dir, options: load_synthetic(options.synthetic_shape, options.synthetic_classes,
+                                                          (options.synthetic_size, 256, 256)),
 }
 
 
@@ -22,14 +41,15 @@ def available_datasets() -> list[str]:
 
 
 def register_dataset(name: str, loader: DatasetLoader) -> None:
+    """Add a dataset: ``loader(data_dir, options)`` returns its :class:`DatasetSplits`."""
     if name in _REGISTRY:
         raise ValueError(f"dataset {name!r} registered twice")
     _REGISTRY[name] = loader
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None) -> DatasetSplits:
+def load_dataset(name: str, data_dir: str | Path | None = None, options: DataOptions | None = None) -> DatasetSplits:
     try:
         loader = _REGISTRY[name]
     except KeyError:
         raise KeyError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}") from None
-    return loader(Path(data_dir) if data_dir is not None else None)
+    return loader(Path(data_dir) if data_dir is not None else None, options or DataOptions())

@@ -84,3 +84,11 @@ class BatchIterator:
             if self.augment is not None:
                 x = self.augment(x, torch.Generator().manual_seed(base_seed * 100_003 + batch))
             yield x, y
+
+
+def make_batches(split, batch_size: int, shuffle: bool = False, seed: int = 0, augment: Augment | None = None):
+    """The batch iterator of ``split``: in-memory tensors, or a split that serves its own
+    (``split.batches(...)``, e.g. image files decoded by worker processes)."""
+    if hasattr(split, "batches"):
+        return split.batches(batch_size, shuffle=shuffle, seed=seed, augment=augment)
+    return BatchIterator(split, batch_size, shuffle=shuffle, seed=seed, augment=augment)

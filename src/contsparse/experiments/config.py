@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from contsparse.data import available_datasets
+from contsparse.data import DataOptions, available_datasets
 from contsparse.errors import UserError
 from contsparse.masking import LayerSelection
 from contsparse.models import available_models
@@ -34,6 +34,11 @@ class RunConfig:
     dataset: str = "mnist"
     data_dir: str | None = None
     train_subset: int | None = None  # use only the first N training examples (quick runs, tests)
+    image_size: int = 224  # imagenet: training crop / evaluation size
+    workers: int = 4  # imagenet: image-decoding processes
+    synthetic_shape: list[int] = field(default_factory=lambda: [1, 28, 28])  # synthetic: input shape
+    synthetic_classes: int = 10
+    synthetic_size: int = 2048
 
     # schedule
     epochs: int = 8  # per search round (prune: the search; train: all)
@@ -72,6 +77,8 @@ class RunConfig:
     dense_baseline: bool = True  # ticket: also train the dense model with the ticket's settings
     seed: int = 0
     device: str = "auto"
+    amp: bool = False  # CUDA: bfloat16 autocast
+    channels_last: bool = False  # CUDA: channels-last memory format for conv models
     tensorboard: bool = False
 
     # -- derived settings -----------------------------------------------------------------------
@@ -86,6 +93,11 @@ class RunConfig:
     def mask_optimizer_settings(self) -> OptimizerSettings:
         return OptimizerSettings(self.mask_optimizer, self.mask_lr, self.mask_momentum, False, 0.0,
                                  self.lr_schedule, tuple(self.lr_milestones), self.lr_gamma)
+
+    def data_options(self) -> DataOptions:
+        return DataOptions(image_size=self.image_size, workers=self.workers,
+                           synthetic_shape=tuple(self.synthetic_shape), synthetic_classes=self.synthetic_classes,
+                           synthetic_size=self.synthetic_size)
 
     def selection(self) -> LayerSelection:
         return LayerSelection(include=tuple(self.mask_include), exclude=tuple(self.mask_exclude),
@@ -109,7 +121,7 @@ class RunConfig:
                                    rounds=1, dense_baseline=False)
 
 
-NOT_IN_IDENTITY = {"device", "tensorboard", "data_dir"}
+NOT_IN_IDENTITY = {"device", "tensorboard", "data_dir", "workers"}
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
@@ -153,14 +165,24 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(default, float):
             return float(value)
         if isinstance(default, int) or key in ("ticket_epochs", "train_subset"):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
+            return _int(value)
         if isinstance(default, list):
-            return [type(x)(x) for x in (value if isinstance(value, list) else [value])]
+            items = value if isinstance(value, list | tuple) else [value]
+            kind = LIST_ITEM_TYPES[key]
+            return [_int(x) if kind is int else kind(x) for x in items]
         return str(value) if not isinstance(value, str) else value
     except (TypeError, ValueError):
         raise UserError(f"{key} = {value!r} is not a valid {type(default).__name__}") from None
+
+
+LIST_ITEM_TYPES: dict[str, type] = {"lr_milestones": int, "synthetic_shape": int, "mask_include": str,
+                                    "mask_exclude": str}
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError
+    return int(value)
 
 
 def validate(c: RunConfig) -> None:
@@ -206,6 +228,11 @@ def validate(c: RunConfig) -> None:
         fail(f"device must be auto, cpu or cuda[:N], got {c.device!r}")
     if c.train_subset is not None and c.train_subset < 1:
         fail(f"train_subset must be >= 1, got {c.train_subset}")
+    if c.image_size < 8 or c.workers < 0:
+        fail("image_size must be >= 8 and workers >= 0")
+    if not c.synthetic_shape or any(d < 1 for d in c.synthetic_shape) or c.synthetic_classes < 2 \
+            or c.synthetic_size < 1:
+        fail("synthetic_shape needs positive sizes, synthetic_classes >= 2 and synthetic_size >= 1")
     if not 0 <= c.momentum < 1 or not 0 <= c.mask_momentum < 1:
         fail("momentum must be in [0, 1)")
     for name in ("mask_include", "mask_exclude"):

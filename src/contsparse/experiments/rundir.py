@@ -21,10 +21,14 @@ class RunDir:
     CONFIG, METRICS, SUMMARY = "config.yaml", "metrics.jsonl", "summary.json"
     CHECKPOINT, MASKS, MODEL = "checkpoint", "masks.safetensors", "model.safetensors"
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, writable: bool = True) -> None:
         self.path = Path(path)
+        # False in data-parallel processes other than rank 0: they read the run, never write it.
+        self.writable = writable
 
     def create(self) -> None:
+        if not self.writable:
+            return
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"run directory {self.path} is a file; choose another --out")
         with writing(self.path):
@@ -68,19 +72,27 @@ class RunDir:
             raise UserError(f"{path} is damaged ({err}); delete it and resume the run to write it again") from err
 
     def write_config(self, text: str) -> None:
+        if not self.writable:
+            return
         with writing(self.path):
             write_atomic(self.file(self.CONFIG), text.encode())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        if not self.writable:
+            return
         with writing(self.path):
             write_atomic(self.file(self.SUMMARY), (json.dumps(summary, indent=2) + "\n").encode())
 
     def append_metrics(self, record: dict[str, Any]) -> None:
+        if not self.writable:
+            return
         with writing(self.path), open(self.file(self.METRICS), "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def truncate_metrics(self, lines: int) -> None:
         """Drop records written after the checkpoint a resumed run restarts from."""
+        if not self.writable:
+            return
         path = self.file(self.METRICS)
         if path.is_file():
             kept = path.read_text().splitlines(keepends=True)[:lines]
@@ -88,6 +100,8 @@ class RunDir:
                 write_atomic(path, "".join(kept).encode())
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        if not self.writable:
+            return
         tmp = self.file(name + ".tmp")
         with writing(self.path):
             try:

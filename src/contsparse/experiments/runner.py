@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,10 @@ from tqdm.auto import tqdm
 
 import contsparse
 from contsparse import faults
-from contsparse.data import BatchIterator, DatasetSplits, load_dataset
+from contsparse.data import BatchIterator, DatasetSplits, TensorSplit, load_dataset, make_batches
 from contsparse.errors import RunInterrupted, UserError
 from contsparse.experiments.config import NOT_IN_IDENTITY, RunConfig, dump_yaml, load_yaml
+from contsparse.experiments.distributed import Distributed, device_for, from_environment
 from contsparse.experiments.interrupt import StopRequest
 from contsparse.experiments.lock import RunLock
 from contsparse.experiments.rundir import RunDir
@@ -33,6 +35,7 @@ from contsparse.models import build_model
 from contsparse.training import (
     EpochResult,
     NonFiniteLossError,
+    StepSettings,
     build_optimizer,
     evaluate,
     has_checkpoint,
@@ -108,13 +111,21 @@ class Runner:
         self.log = log
         self.force = force
         self._data = data
+        self.dist = Distributed()
 
     # -- entry point ----------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
-        self.run.create()
-        with RunLock(self.run.path) as lock:
-            if lock.stale_owner:
-                self.log(f"{self.run.path}: taking over the lock left by a stopped run ({lock.stale_owner})")
+        self.dist = from_environment(self.config.device)
+        self.run.writable = self.dist.is_main
+        if not self.dist.is_main:
+            self.log = _silent
+        with ExitStack() as stack:
+            if self.dist.is_main:
+                self.run.create()
+                lock = stack.enter_context(RunLock(self.run.path))
+                if lock.stale_owner:
+                    self.log(f"{self.run.path}: taking over the lock left by a stopped run ({lock.stale_owner})")
+            self.dist.barrier()  # the directory exists for every process
             self._check_same_config()
             if self.run.is_finished():
                 self.log(f"{self.run.path}: already finished, nothing to do")
@@ -154,7 +165,7 @@ class Runner:
 
     def _load_data(self) -> DatasetSplits:
         if self._data is None:
-            data = load_dataset(self.config.dataset, self.config.data_dir)
+            data = load_dataset(self.config.dataset, self.config.data_dir, self.config.data_options())
             if self.config.train_subset is not None:
                 data = dataclasses.replace(data, train=data.train.subset(self.config.train_subset))
             check_labels(data)
@@ -164,7 +175,7 @@ class Runner:
     # -- the training ---------------------------------------------------------------------------
     def _train(self, dense_summary: dict[str, Any] | None, stop: StopRequest) -> dict[str, Any]:
         config = self.config
-        device = resolve_device(config.device)
+        device = resolve_device(device_for(config.device, self.dist))
         if device.type == "cpu":
             tune_cpu_allocator()
         data = self._load_data()
@@ -172,10 +183,11 @@ class Runner:
             data = dataclasses.replace(data, train=data.train.to(device), val=data.val.to(device),
                                        test=data.test.to(device))
         seed_everything(config.seed)
-        train_batches = BatchIterator(data.train, config.batch_size, shuffle=True, seed=config.seed,
-                                      augment=data.augment)
-        val_batches = BatchIterator(data.val, 1000)
-        test_batches = BatchIterator(data.test, 1000)
+        train_batches = make_batches(data.train, config.batch_size, shuffle=True, seed=config.seed,
+                                     augment=data.augment)
+        eval_batch = 1000 if isinstance(data.val, TensorSplit) else config.batch_size
+        val_batches = make_batches(data.val, eval_batch)
+        test_batches = make_batches(data.test, eval_batch)
 
         model = build_model(config.model, data.input_shape, data.num_classes)
         method = build_method(config, len(train_batches))
@@ -184,6 +196,10 @@ class Runner:
         except ValueError as err:
             raise UserError(f"cannot attach masks: {err}") from err
         model.to(device)
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)
+        speed = StepSettings(self.dist.shard, (lambda v: self.dist.all_sum(v, device)) if self.dist.enabled else None,
+                             config.amp, config.channels_last)
         phases = plan_phases(config)
 
         # phase/epoch/step: where the run stands; entered: the current phase's start (rewind,
@@ -209,11 +225,14 @@ class Runner:
         optimizers: dict[str, torch.optim.Optimizer] = {}
 
         def checkpoint() -> None:
+            if not self.dist.is_main:
+                return
             save_checkpoint({"progress": progress, "model": model.state_dict(),
                              "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                              "rewind": rewind, "rng": rng_state(), "partial": partial}, self.run.checkpoint_dir)
 
-        writer = _tensorboard(self.run.path) if config.tensorboard else None
+        writer = _tensorboard(self.run.path) if config.tensorboard and self.dist.is_main else None
+        trainable: nn.Module | None = None  # the module the steps run on: the model, or DDP around it
         started = time.perf_counter() - progress["elapsed"]
         while progress["phase"] < len(phases):
             phase = phases[progress["phase"]]
@@ -229,6 +248,8 @@ class Runner:
                     for name, optimizer in optimizers.items():
                         optimizer.load_state_dict(optimizer_state[name])
                 optimizer_state = None
+            if entering or trainable is None:
+                trainable = self.dist.wrap(model, device)
             if entering and phase.hard:
                 checkpoint()  # phase boundary: rewound, hardened, fresh optimisers
             epoch = progress["epoch"]
@@ -237,8 +258,8 @@ class Runner:
                           if isinstance(v, torch.Tensor) and is_rewind_key(k)}
                 checkpoint()  # the rewind point is stored
             try:
-                record = self._epoch(phase, epoch, progress["step"], partial, stop, model, method, optimizers,
-                                     train_batches, val_batches, progress["epochs_done"], device)
+                record = self._epoch(phase, epoch, progress["step"], partial, stop, trainable, model, method,
+                                     optimizers, train_batches, val_batches, progress["epochs_done"], device, speed)
             except NonFiniteLossError as err:
                 kept = (f"the checkpoint of epoch {progress['epochs_done']} is kept" if progress["epochs_done"]
                         else "no epoch had finished")
@@ -272,9 +293,13 @@ class Runner:
             progress["metrics_lines"] += 1
             checkpoint()
             faults.inject(f"epoch:{progress['epochs_done']}")
+            if self.dist.enabled and self.dist.all_sum([float(stop.requested())], device)[0] > 0:
+                # data-parallel processes stop together, at an epoch boundary (already checkpointed)
+                raise RunInterrupted(f"stopped after {phase.label()}, epoch {epoch + 1}; checkpoint saved in "
+                                     f"{self.run.path}")
         if writer is not None:
             writer.close()
-        return self._finish(model, method, test_batches, val_batches, device, progress, dense_summary)
+        return self._finish(model, method, test_batches, val_batches, device, progress, dense_summary, speed)
 
     def _enter_phase(self, phase: Phase, model: nn.Module, method: Method,
                      rewind: dict[str, torch.Tensor] | None) -> None:
@@ -296,9 +321,10 @@ class Runner:
         return optimizers
 
     def _epoch(self, phase: Phase, epoch: int, step: int, partial: dict[str, torch.Tensor] | None,
-               stop: StopRequest, model: nn.Module, method: Method, optimizers: dict[str, torch.optim.Optimizer],
-               train_batches: BatchIterator, val_batches: BatchIterator, global_epoch: int,
-               device: torch.device) -> dict[str, Any] | EpochResult:
+               stop: StopRequest, trainable: nn.Module, model: nn.Module, method: Method,
+               optimizers: dict[str, torch.optim.Optimizer], train_batches: BatchIterator,
+               val_batches: BatchIterator, global_epoch: int, device: torch.device,
+               speed: StepSettings) -> dict[str, Any] | EpochResult:
         """Train one epoch (from ``step`` on), then validate: the epoch's metrics record, or the
         unfinished :class:`EpochResult` when ``stop`` was requested."""
         config = self.config
@@ -319,12 +345,15 @@ class Runner:
             faults.inject(f"step:{global_epoch}:{step + 1}")
         desc = f"{phase.label()} {epoch + 1}/{phase.epochs}"
         tick = time.perf_counter()
-        result = train_epoch(model, train_batches, list(optimizers.values()), device=device,
+        # Under data parallelism a stop request is honoured at the next epoch boundary (the
+        # processes must agree on the step they stop at).
+        result = train_epoch(trainable, train_batches, list(optimizers.values()), device=device,
                              regularizer=method.regularizer if search else None, after_step=after_step,
-                             postfix=method.progress, desc=desc, resume=partial, should_stop=stop.requested)
+                             postfix=method.progress, desc=desc, resume=partial,
+                             should_stop=None if self.dist.enabled else stop.requested, speed=speed)
         if not result.complete:
             return result
-        val = evaluate(model, val_batches, device)
+        val = evaluate(model, val_batches, device, speed)
         mask = method.final_mask()
         record: dict[str, Any] = {
             "phase": phase.kind, "round": phase.round, "epoch": epoch, "lr": lr,
@@ -340,10 +369,10 @@ class Runner:
 
     def _finish(self, model: nn.Module, method: Method, test_batches: BatchIterator,
                 val_batches: BatchIterator, device: torch.device, progress: dict[str, Any],
-                dense_summary: dict[str, Any] | None) -> dict[str, Any]:
+                dense_summary: dict[str, Any] | None, speed: StepSettings) -> dict[str, Any]:
         config = self.config
-        test = evaluate(model, test_batches, device)
-        val = evaluate(model, val_batches, device)
+        test = evaluate(model, test_batches, device, speed)
+        val = evaluate(model, val_batches, device, speed)
         mask = method.final_mask()
         self.run.save_tensors(RunDir.MASKS, {k: v.to(torch.uint8) for k, v in mask.items()})
         self.run.save_tensors(RunDir.MODEL, plain_state_dict(model))
@@ -381,6 +410,10 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         raise ValueError("harden the masks before exporting the weights")
     return {k: v for k, v in model.state_dict().items()
             if isinstance(v, torch.Tensor) and f"{HARD_SUFFIX}." not in k}
+
+
+def _silent(_message: str) -> None:
+    """The log of data-parallel processes other than rank 0."""
 
 
 def check_labels(data: DatasetSplits) -> None:

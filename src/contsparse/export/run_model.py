@@ -37,7 +37,7 @@ def load_run_model(run_dir: str | Path) -> RunModel:
     else:  # runs written before the summary recorded the data's shape
         from contsparse.data import load_dataset
 
-        data = load_dataset(config.dataset, config.data_dir)
+        data = load_dataset(config.dataset, config.data_dir, config.data_options())
         input_shape, num_classes = data.input_shape, data.num_classes
     model = build_model(config.model, input_shape, num_classes)
     try:

@@ -16,6 +16,31 @@ from contsparse.errors import UserError
 
 
 @dataclass
+class StepSettings:
+    """How each step runs: this process's share of the batch under data parallelism
+    (``shard = (rank, world_size)``, with ``all_sum`` summing epoch totals over the processes),
+    bfloat16 autocast, and channels-last inputs (both pay on GPUs)."""
+
+    shard: tuple[int, int] | None = None
+    all_sum: Callable[[list[float]], list[float]] | None = None
+    amp: bool = False
+    channels_last: bool = False
+
+    def prepare(self, x: Tensor, y: Tensor, device: torch.device) -> tuple[Tensor, Tensor, int]:
+        global_size = len(y)
+        if self.shard is not None:
+            rank, world = self.shard
+            x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y, global_size
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+
+@dataclass
 class EpochResult:
     loss: float
     accuracy: float
@@ -34,14 +59,16 @@ def train_epoch(model: nn.Module, batches: BatchIterator, optimizers: Sequence[t
                 after_step: Callable[[int], None] | None = None,
                 postfix: Callable[[], dict[str, str]] | None = None, desc: str = "train",
                 resume: dict[str, Tensor] | None = None,
-                should_stop: Callable[[], bool] | None = None) -> EpochResult:
+                should_stop: Callable[[], bool] | None = None,
+                speed: StepSettings | None = None) -> EpochResult:
     """One pass over ``batches``: cross-entropy (+ ``regularizer()``), backward, every optimiser steps.
 
     ``after_step(step)`` runs after the optimisers (temperature updates, re-zeroing pruned weights).
     ``should_stop()`` is asked after every whole step; when it says yes the epoch ends early with
     ``complete=False`` and ``totals``, which ``resume`` takes to finish the epoch later exactly as
-    if it had not stopped.
+    if it had not stopped. ``speed`` sets data-parallel sharding, autocast and memory format.
     """
+    speed = speed or StepSettings()
     model.train()
     totals = _start_totals(resume, device)
     first = int(totals["steps"])
@@ -49,11 +76,15 @@ def train_epoch(model: nn.Module, batches: BatchIterator, optimizers: Sequence[t
                dynamic_ncols=True, mininterval=0.5, disable=None)
     step = first
     for step, (x, y) in enumerate(bar, start=first):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y, global_size = speed.prepare(x, y, device)
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
-        logits = _forward(model, x)
-        loss = _cross_entropy(logits, y)
+        with speed.autocast(device):
+            logits = _forward(model, x)
+            loss = _cross_entropy(logits, y) if speed.shard is None else (
+                # this process's share of the global batch's mean: DDP's averaging over the
+                # processes then gives exactly the one-process gradient
+                _cross_entropy(logits, y, "sum") * (speed.shard[1] / global_size))
         if regularizer is not None:
             reg = regularizer()
             if step % 50 == 0:
@@ -65,7 +96,7 @@ def train_epoch(model: nn.Module, batches: BatchIterator, optimizers: Sequence[t
             optimizer.step()
         if after_step is not None:
             after_step(step)
-        totals["loss"] += loss.detach() * len(y)
+        totals["loss"] += loss.detach().float() * (len(y) if speed.shard is None else global_size / speed.shard[1])
         totals["correct"] += (logits.detach().argmax(1) == y).sum()
         totals["seen"] += len(y)
         totals["steps"] += 1
@@ -78,6 +109,9 @@ def train_epoch(model: nn.Module, batches: BatchIterator, optimizers: Sequence[t
             bar.close()
             return EpochResult(float("nan"), float("nan"), steps=step + 1, complete=False,
                                totals={k: v.cpu() for k, v in totals.items()})
+    if speed.all_sum is not None:  # every process saw its own share of the batches
+        summed = speed.all_sum([float(totals["loss"]), float(totals["correct"]), float(totals["seen"])])
+        totals["loss"], totals["correct"], totals["seen"] = (torch.tensor(v) for v in summed)
     seen = int(totals["seen"])
     if seen == 0:
         raise UserError("the training split is empty")
@@ -98,15 +132,18 @@ def _start_totals(resume: dict[str, Tensor] | None, device: torch.device) -> dic
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: BatchIterator, device: torch.device) -> EpochResult:
+def evaluate(model: nn.Module, batches: BatchIterator, device: torch.device,
+             speed: StepSettings | None = None) -> EpochResult:
     """Mean cross-entropy and accuracy of ``model`` on ``batches`` (eval mode, no gradient)."""
+    speed = speed or StepSettings()
     model.eval()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = _forward(model, x)
+        x, y, _ = StepSettings(amp=speed.amp, channels_last=speed.channels_last).prepare(x, y, device)
+        with speed.autocast(device):
+            logits = _forward(model, x).float()
         total_loss += _cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)

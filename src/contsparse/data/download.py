@@ -1,0 +1,35 @@
+"""Downloads with checksums, and where datasets are kept."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from contsparse.storage import file_digest
+
+
+def data_root() -> Path:
+    """``$CONTSPARSE_DATA``, else ``~/.cache/contsparse``."""
+    return Path(os.environ.get("CONTSPARSE_DATA", Path.home() / ".cache" / "contsparse"))
+
+
+def fetch_verified(name: str, md5: str, target: Path, mirrors: tuple[str, ...]) -> bool:
+    """Download ``name`` from the first mirror that serves it with the right MD5 into ``target``;
+    False when none does (offline). A partial or wrong download never takes ``target``'s place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(target.suffix + ".part")
+    for mirror in mirrors:
+        try:
+            with urllib.request.urlopen(mirror + name, timeout=10) as response, open(partial, "wb") as out:
+                shutil.copyfileobj(response, out)
+        except (urllib.error.URLError, OSError, TimeoutError):
+            continue
+        if file_digest(partial, "md5") == md5:
+            partial.replace(target)
+            return True
+        partial.unlink(missing_ok=True)
+    partial.unlink(missing_ok=True)
+    return False

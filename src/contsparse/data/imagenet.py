@@ -1,0 +1,177 @@
+"""ImageNet (or any image classification set) from the usual class-folder layout.
+
+``DIR/train/<class>/<image>`` and ``DIR/val/<class>/<image>``; classes are the sorted folder names
+of ``train``. The ``val`` folder is the test split (as in every ImageNet paper) and a seeded
+hold-out of the training images is the validation split. Images are decoded and augmented by
+DataLoader worker processes (random resized crop + flip for training; resize and centre crop for
+evaluation), each image drawing from a generator seeded by (seed, epoch, index), so batches are
+reproducible and an epoch can resume mid-way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from contsparse.data.splits import DatasetSplits
+from contsparse.errors import UserError
+
+EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+VALIDATION_FRACTION = 0.01
+
+
+@dataclass(frozen=True)
+class FolderSplit:
+    """Image files with labels; decoded on demand. Quacks like a TensorSplit where the runner asks."""
+
+    files: tuple[str, ...]
+    y: Tensor
+    train: bool
+    image_size: int = 224
+    workers: int = 4
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def subset(self, n: int) -> FolderSplit:
+        return replace(self, files=self.files[:n], y=self.y[:n])
+
+    def to(self, device: torch.device | str) -> FolderSplit:
+        return self  # batches are moved to the device as they are served
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, augment=None) -> FolderBatches:
+        return FolderBatches(self, batch_size, shuffle, seed)
+
+
+class _Images(Dataset):
+    def __init__(self, split: FolderSplit, seed: int, epoch: int) -> None:
+        self.split, self.seed, self.epoch = split, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        from PIL import Image  # in the worker: decoding is the slow part
+
+        path = self.split.files[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                size = self.split.image_size
+                if self.split.train:
+                    generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+                    image = _random_resized_crop(image, size, generator)
+                    if torch.rand((), generator=generator) < 0.5:
+                        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                else:
+                    image = _resize_centre_crop(image, size)
+        except OSError as err:
+            raise UserError(f"cannot decode image {path}: {err}") from err
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3)
+        x = pixels.permute(2, 0, 1).float().div_(255.0)
+        x = (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+        return x, int(self.split.y[index])
+
+
+def _random_resized_crop(image, size: int, generator: torch.Generator):
+    """Inception-style crop: 8-100 % of the area, aspect ratio 3/4-4/3, resized to ``size``."""
+    from PIL import Image
+
+    width, height = image.size
+    area = width * height
+    for _ in range(10):
+        target = area * (0.08 + 0.92 * torch.rand((), generator=generator).item())
+        log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand((), generator=generator).item()
+        ratio = math.exp(log_ratio)
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(torch.randint(0, width - w + 1, (), generator=generator))
+            top = int(torch.randint(0, height - h + 1, (), generator=generator))
+            return image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+    return _resize_centre_crop(image, size, scale=1.0)
+
+
+def _resize_centre_crop(image, size: int, scale: float = 256 / 224):
+    from PIL import Image
+
+    width, height = image.size
+    side = min(width, height) / scale  # the centre square that becomes the crop after resizing
+    left, top = (width - side) / 2, (height - side) / 2
+    return image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+
+
+class FolderBatches:
+    """Mini-batches of a :class:`FolderSplit` decoded by DataLoader workers; same interface as
+    :class:`~contsparse.data.splits.BatchIterator` (``set_epoch``, ``iterate(start)``)."""
+
+    def __init__(self, split: FolderSplit, batch_size: int, shuffle: bool, seed: int) -> None:
+        self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.split) // self.batch_size)
+
+    def __iter__(self):
+        return self.iterate()
+
+    def iterate(self, start: int = 0):
+        n = len(self.split)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        else:
+            order = torch.arange(n)
+        batches = [order[b * self.batch_size:(b + 1) * self.batch_size].tolist() for b in range(start, len(self))]
+        loader = DataLoader(_Images(self.split, self.seed, self.epoch), batch_sampler=batches,
+                            num_workers=self.split.workers, pin_memory=torch.cuda.is_available(),
+                            persistent_workers=False)
+        yield from loader
+
+
+def load_image_folder(directory: Path | None, image_size: int = 224, workers: int = 4) -> DatasetSplits:
+    if directory is None:
+        raise UserError("imagenet needs --data-dir pointing at a folder with train/<class>/ and val/<class>/")
+    if not directory.is_dir():
+        raise UserError(f"data directory {directory} does not exist")
+    train_dir, val_dir = directory / "train", directory / "val"
+    if not train_dir.is_dir() or not val_dir.is_dir():
+        raise UserError(f"{directory} must hold train/<class>/ and val/<class>/ image folders")
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise UserError(f"{train_dir} has no class folders")
+    index = {name: i for i, name in enumerate(classes)}
+
+    def listing(root: Path) -> tuple[list[str], list[int]]:
+        files, labels = [], []
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            if folder.name not in index:
+                raise UserError(f"{folder} is a class that {train_dir} does not have")
+            for path in sorted(folder.iterdir()):
+                if path.suffix.lower() in EXTENSIONS:
+                    files.append(str(path))
+                    labels.append(index[folder.name])
+        return files, labels
+
+    files, labels = listing(train_dir)
+    test_files, test_labels = listing(val_dir)
+    if not files or not test_files:
+        raise UserError(f"no images ({', '.join(EXTENSIONS)}) in {train_dir} or {val_dir}")
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()
+    held = max(1, int(len(files) * VALIDATION_FRACTION))
+    val_idx, train_idx = sorted(order[:held]), sorted(order[held:])
+
+    def split(idx: list[int], source: list[str], y: list[int], train: bool) -> FolderSplit:
+        return FolderSplit(tuple(source[i] for i in idx), torch.tensor([y[i] for i in idx], dtype=torch.long),
+                           train, image_size, workers)
+
+    return DatasetSplits("imagenet", split(train_idx, files, labels, True), split(val_idx, files, labels, False),
+                         split(list(range(len(test_files))), test_files, test_labels, False),
+                         (3, image_size, image_size), len(classes))
