@@ -133,6 +133,7 @@ CATALOGUE = [
     ("unknown model", "ticket --model resnet9000 --out {root}/x", "unknown model 'resnet9000'; available:", None),
     ("unknown dataset", "ticket --dataset imagenet22k --out {root}/x", "unknown dataset 'imagenet22k'", None),
     ("unknown method", "ticket --method magic --out {root}/x", "unknown method 'magic'; available: cs", None),
+    ("unknown preset", "ticket --preset cifar11-resnet21 --out {root}/x", "unknown preset 'cifar11-resnet21'", None),
     ("negative penalty", "ticket --penalty -1 --out {root}/x", "penalty must be >= 0", None),
     ("final_temp <= 1", "ticket --final-temp 1 --out {root}/x", "final_temp must be > 1", None),
     ("rounds < 1", "ticket --rounds 0 --out {root}/x", "rounds must be >= 1", None),

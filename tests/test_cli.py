@@ -71,3 +71,31 @@ def test_divergence_is_reported_not_a_traceback(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "training diverged" in err and "lower --lr" in err and "Traceback" not in err
+
+
+def test_presets_are_listed_and_fill_the_defaults(capsys):
+    from contsparse.cli import build_parser, config_from_args
+
+    assert main(["presets"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("mnist-lenet300-ticket", "cifar10-resnet20-ticket", "cifar10-vgg16-ticket", "imagenet-resnet50-prune"):
+        assert name in listing
+    args = build_parser().parse_args(["ticket", "--preset", "cifar10-resnet20-ticket", "--dataset", "synthetic",
+                                      "--epochs", "1"])
+    config = config_from_args(args)
+    assert (config.model, config.dataset, config.epochs, config.rounds, config.batch_size) == (
+        "resnet20", "synthetic", 1, 3, 128)
+    assert config.lr_milestones == [56, 71] and config.mask_exclude == ["downsample", "^fc$"]
+    assert config.rewind_epoch == 0  # the preset's epoch-2 rewind point, moved inside a 1-epoch round
+    args = build_parser().parse_args(["prune", "--preset", "imagenet-resnet50-prune", "--rewind-epoch", "0"])
+    assert config_from_args(args).model == "resnet50"
+
+
+def test_cifar_resnet20_preset_runs_on_cpu_with_synthetic_data(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["ticket", "--preset", "cifar10-resnet20-ticket", "--dataset", "synthetic", "--epochs", "1",
+            "--out", str(out)]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "resnet20" and summary["input_shape"] == [3, 32, 32]
+    assert summary["train_epochs"] == 4 and summary["dense_train_epochs"] == 1  # 3 rounds + ticket, dense

@@ -15,6 +15,7 @@ from typing import Any
 from contsparse import __version__
 from contsparse.errors import RunInterrupted, UserError
 from contsparse.experiments.config import FIELDS, RunConfig, load_yaml, make_config
+from contsparse.experiments.presets import preset_values
 from contsparse.export.formats import FORMATS
 
 # Flags every training command takes, with help; any other RunConfig field is a flag too.
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, description in TRAINING_COMMANDS.items():
         cmd = sub.add_parser(name, help=description, description=description)
-        cmd.add_argument("--config", type=Path, help="YAML file of settings (flags override it)")
+        cmd.add_argument("--preset", help="named paper settings filling every default (see: contsparse presets)")
+        cmd.add_argument("--config", type=Path, help="YAML file of settings (overrides the preset; flags override it)")
         cmd.add_argument("--out", type=Path, help="run directory (default: runs/<name>-<hash of settings>)")
         _add_run_flags(cmd, with_method=name != "train")
     resume = sub.add_parser("resume", help="continue a stopped run from its last checkpoint",
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(flags change them, together with --force)")
     resume.add_argument("run_dir", type=Path)
     _add_run_flags(resume, with_method=True)
+    sub.add_parser("presets", help="list the named paper settings for --preset", description="list the presets")
     info = sub.add_parser("info", help="print a run's summary as a table", description="print a run's summary")
     info.add_argument("run_dir", type=Path)
     report = sub.add_parser("report", help="per-layer table and plots of a finished run",
@@ -78,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("run_dir", type=Path)
     bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
     bench.add_argument("--blocks", type=int, default=15, help="interleaved timing blocks per variant")
-    for command in (info, report, export, bench):
+    for command in (sub.choices["presets"], info, report, export, bench):
         command.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -108,16 +111,27 @@ def _add_field_flag(parser: argparse.ArgumentParser, field: dataclasses.Field) -
 
 
 def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> RunConfig:
-    """Settings from ``saved`` (a resumed run's) or ``--config``, with the flags given on top."""
-    values: dict[str, Any] = dict(saved) if saved is not None else load_yaml(args.config) if args.config else {}
-    if saved is None:
+    """Settings from ``saved`` (a resumed run's), or preset < ``--config`` < flags."""
+    if saved is not None:
+        values: dict[str, Any] = dict(saved)
+        preset: dict[str, Any] = {}
+    else:
+        preset = preset_values(args.preset) if getattr(args, "preset", None) else {}
+        preset.pop("command", None)  # the command given wins
+        values = {**preset, **(load_yaml(args.config) if args.config else {})}
         values["command"] = args.command
         if args.command == "prune" and "rounds" not in values:
             values["rounds"] = 1
+    given = set()
     for name in FIELDS:
         value = getattr(args, name, None)
         if value is not None and name != "command":
             values[name] = value
+            given.add(name)
+    # A preset's rewind point belongs to its schedule: shortened runs (--epochs 1) rewind earlier.
+    if "rewind_epoch" in preset and values["rewind_epoch"] == preset["rewind_epoch"] and "rewind_epoch" not in given:
+        epochs = int(values.get("epochs", preset.get("epochs", 1)))
+        values["rewind_epoch"] = min(values["rewind_epoch"], max(epochs - 1, 0))
     return make_config(values)
 
 
@@ -212,7 +226,26 @@ def run_bench_inference(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"info": run_info, "report": run_report, "export": run_export, "bench-inference": run_bench_inference}
+def run_presets(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from contsparse.experiments.presets import PRESETS
+
+    table = Table(title="presets (contsparse COMMAND --preset NAME; flags override)", header_style="bold")
+    table.add_column("name", no_wrap=True)
+    table.add_column("command")
+    table.add_column("what", overflow="fold")
+    table.add_column("settings", overflow="fold")
+    for name, (description, values) in PRESETS.items():
+        settings = ", ".join(f"{k}={v}" for k, v in values.items() if k != "command")
+        table.add_row(name, values.get("command", "ticket"), description, settings or "(defaults)")
+    Console().print(table)
+    return 0
+
+
+COMMANDS = {"presets": run_presets, "info": run_info, "report": run_report, "export": run_export,
+            "bench-inference": run_bench_inference}
 
 
 def main(argv: list[str] | None = None) -> int:

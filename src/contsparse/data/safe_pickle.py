@@ -32,6 +32,16 @@ _ALLOWED[("numpy", "ndarray")] = np.ndarray
 _ALLOWED[("numpy", "dtype")] = np.dtype
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """How Python 3 pickles ``bytes`` at protocol 2 (e.g. a re-saved CIFAR batch): only latin-1."""
+    if encoding.replace("-", "").lower() != "latin1":
+        raise pickle.UnpicklingError(f"refused to load _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+_ALLOWED[("_codecs", "encode")] = _latin1_bytes
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         try:

@@ -1,0 +1,197 @@
+"""CIFAR-10/100 (tarball, extracted batches, download), image folders, synthetic data, augmentation,
+on tiny files written in exactly the real formats."""
+
+import dataclasses
+import hashlib
+import io
+import pickle
+import struct
+import tarfile
+import threading
+from functools import partial
+from http.server import HTTPServer, SimpleHTTPRequestHandler
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from contsparse.cli import main
+from contsparse.data import DataOptions, load_dataset
+from contsparse.data import cifar as cifar_module
+from contsparse.data.augment import pad_crop_flip
+from contsparse.errors import UserError
+
+
+class Python2Pickler(pickle._Pickler):
+    """Writes byte strings as Python 2's cPickle did (BINSTRING opcodes), as in the real CIFAR files."""
+
+    def save_bytes(self, obj: bytes) -> None:
+        size = len(obj)
+        self.write(pickle.SHORT_BINSTRING + bytes([size]) + obj if size < 256
+                   else pickle.BINSTRING + struct.pack("<i", size) + obj)
+        self.memoize(obj)
+
+    dispatch = {**pickle._Pickler.dispatch, bytes: save_bytes}
+
+
+def cifar_batch(n: int, label_key: str, classes: int, seed: int, python2: bool = True) -> bytes:
+    """A batch as the real files hold it: a protocol-2 pickle of a dict with data (N, 3072) uint8."""
+    rng = np.random.default_rng(seed)
+    batch = {"batch_label": "training batch", label_key: rng.integers(0, classes, n).tolist(),
+             "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "filenames": [f"{i}.png" for i in range(n)]}
+    if not python2:  # as re-saved by Python 3
+        return pickle.dumps(batch, protocol=2)
+    buffer = io.BytesIO()
+    Python2Pickler(buffer, protocol=2).dump(batch)
+    return buffer.getvalue()
+
+
+def write_cifar(root: Path, variant, n: int = 40, as_tarball: bool = True, python2: bool = True):
+    """Write the variant's files (tarball or extracted folder) and return it with their checksums."""
+    files = {name: cifar_batch(n, variant.label_key, variant.num_classes, i, python2)
+             for i, name in enumerate([*variant.train_files, *variant.test_files])}
+    md5 = {name: hashlib.md5(data).hexdigest() for name, data in files.items()}
+    if as_tarball:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            for name, data in files.items():
+                info = tarfile.TarInfo(f"{variant.folder}/{name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        (root / variant.archive).write_bytes(buffer.getvalue())
+        archive_md5 = hashlib.md5(buffer.getvalue()).hexdigest()
+    else:
+        (root / variant.folder).mkdir(parents=True)
+        for name, data in files.items():
+            (root / variant.folder / name).write_bytes(data)
+        archive_md5 = variant.archive_md5
+    return dataclasses.replace(variant, archive_md5=archive_md5,
+                               train_files={k: md5[k] for k in variant.train_files},
+                               test_files={k: md5[k] for k in variant.test_files})
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+@pytest.mark.parametrize("as_tarball, python2", [(True, True), (False, True), (True, False)])
+def test_cifar_from_tarball_or_folder(name, as_tarball, python2, tmp_path, monkeypatch):
+    variant = write_cifar(tmp_path, cifar_module.VARIANTS[name], as_tarball=as_tarball, python2=python2)
+    monkeypatch.setitem(cifar_module.VARIANTS, name, variant)
+    data = load_dataset(name, tmp_path)
+    train_files = len(variant.train_files) * 40
+    assert len(data.train) + len(data.val) == train_files and len(data.test) == 40
+    assert data.input_shape == (3, 32, 32) and data.num_classes == variant.num_classes
+    assert data.train.x.shape[1:] == (3, 32, 32) and abs(float(data.train.x.mean())) < 1.5
+    assert data.augment is pad_crop_flip
+
+
+def test_cifar_corrupt_files_are_refused(tmp_path, monkeypatch):
+    variant = write_cifar(tmp_path, cifar_module.CIFAR10)
+    monkeypatch.setitem(cifar_module.VARIANTS, "cifar10", variant)
+    archive = tmp_path / variant.archive
+    archive.write_bytes(archive.read_bytes()[:-10])
+    with pytest.raises(UserError, match="md5"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_malicious_cifar_batch_is_refused_without_running(tmp_path, monkeypatch):
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    variant = write_cifar(tmp_path, cifar_module.CIFAR10, as_tarball=False)
+    evil = pickle.dumps(Evil(), protocol=2)
+    (tmp_path / variant.folder / "data_batch_1").write_bytes(evil)
+    variant = dataclasses.replace(variant, train_files={**variant.train_files,
+                                                       "data_batch_1": hashlib.md5(evil).hexdigest()})
+    monkeypatch.setitem(cifar_module.VARIANTS, "cifar10", variant)  # even with a matching checksum
+    with pytest.raises(UserError, match="refused to load"):
+        load_dataset("cifar10", tmp_path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_cifar_download_from_a_local_server(tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    served.mkdir()
+    variant = write_cifar(served, cifar_module.CIFAR10)
+    monkeypatch.setitem(cifar_module.VARIANTS, "cifar10", variant)
+    monkeypatch.setenv("CONTSPARSE_DATA", str(tmp_path / "cache"))
+    handler = partial(SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        data = cifar_module.load_cifar(variant, None, mirrors=("http://127.0.0.1:9/", url))
+    finally:
+        server.shutdown()
+    assert len(data.test) == 40
+    assert (tmp_path / "cache" / "cifar10" / variant.archive).is_file()
+
+
+def test_cifar_offline_message_names_the_ways(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONTSPARSE_DATA", str(tmp_path))
+    with pytest.raises(UserError) as error:
+        cifar_module.load_cifar(cifar_module.CIFAR10, None, mirrors=("http://127.0.0.1:9/",))
+    assert "cifar-10-python.tar.gz" in str(error.value) and "--data-dir" in str(error.value)
+
+
+def write_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 3) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class if split == "train" else 1):
+                pixels = rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"img{i}.JPEG", quality=90)
+
+
+def test_image_folder_batches_are_decoded_augmented_and_resumable(tmp_path):
+    write_image_folder(tmp_path)
+    data = load_dataset("imagenet", tmp_path, DataOptions(image_size=24, workers=0))
+    assert data.num_classes == 2 and data.input_shape == (3, 24, 24)
+    assert len(data.train) + len(data.val) == 6 and len(data.test) == 2
+    batches = data.train.batches(2, shuffle=True, seed=1)
+    batches.set_epoch(3)
+    full = list(batches)
+    assert full[0][0].shape == (2, 3, 24, 24) and full[0][1].dtype == torch.long
+    again = list(batches.iterate(1))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(full[1:], again, strict=True))
+    batches.set_epoch(4)
+    assert not torch.equal(torch.cat([x for x, _ in batches]), torch.cat([x for x, _ in full]))
+
+
+def test_image_folder_trains_through_the_cli_with_worker_processes(tmp_path, capsys):
+    write_image_folder(tmp_path / "data", per_class=4)
+    argv = ["train", "--model", "resnet18", "--dataset", "imagenet", "--data-dir", str(tmp_path / "data"),
+            "--image-size", "32", "--workers", "2", "--epochs", "1", "--batch-size", "4", "--out",
+            str(tmp_path / "run")]
+    assert main(argv) == 0
+    assert "resnet18 / imagenet" in capsys.readouterr().out
+
+
+def test_image_folder_layout_errors(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(UserError, match="train/<class>/ and val/<class>/"):
+        load_dataset("imagenet", tmp_path)
+    with pytest.raises(UserError, match="needs --data-dir"):
+        load_dataset("imagenet", None)
+
+
+def test_synthetic_data_of_any_shape():
+    data = load_dataset("synthetic", None, DataOptions(synthetic_shape=(3, 8, 8), synthetic_classes=5,
+                                                       synthetic_size=100))
+    assert data.train.x.shape == (100, 3, 8, 8) and data.num_classes == 5 and int(data.train.y.max()) < 5
+
+
+def test_pad_crop_flip_is_a_seeded_batched_crop():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
+    a = pad_crop_flip(x, torch.Generator().manual_seed(5), pad=2)
+    b = pad_crop_flip(x, torch.Generator().manual_seed(5), pad=2)
+    assert a.shape == x.shape and torch.equal(a, b)
+    for image, original in zip(a, x, strict=True):  # every value is a pixel of the image or padding
+        assert set(image.unique().tolist()) <= set(original.unique().tolist()) | {0.0}
+    # with no padding, a crop is the image or its mirror
+    c = pad_crop_flip(x, torch.Generator().manual_seed(1), pad=0)
+    assert all(torch.equal(ci, xi) or torch.equal(ci, xi.flip(2)) for ci, xi in zip(c, x, strict=True))
