@@ -141,3 +141,10 @@ def test_end_to_end_cs_ticket_on_an_mnist_subset(tmp_path):
     assert summary["test_accuracy"] > 0.85  # chance is 0.10
     assert summary["dense_test_accuracy"] > 0.9
     assert (tmp_path / "mnist" / "dense" / "summary.json").is_file()
+
+
+def test_bf16_autocast_and_channels_last_run(tmp_path):
+    config = make_config(dict(SMALL, model="conv2", synthetic_shape=[3, 16, 16], synthetic_size=128, epochs=2,
+                              rounds=1, rewind_epoch=0, ticket_epochs=1, amp=True, channels_last=True))
+    summary = Runner(config, tmp_path / "run", quiet).execute()
+    assert 0 < summary["weights_remaining"] <= 1 and summary["input_shape"] == [3, 16, 16]
