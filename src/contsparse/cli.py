@@ -91,7 +91,7 @@ def _add_run_flags(cmd: argparse.ArgumentParser, with_method: bool) -> None:
                      help="resume a run even though its settings differ from these (the new ones are saved)")
     cmd.add_argument("--debug", action="store_true", help="show tracebacks")
     if with_method:
-        cmd.add_argument("--method", help="sparsification method (default: cs)")
+        cmd.add_argument("--method", help="cs (default), imp, magnitude, random or gmp")
     for field in dataclasses.fields(RunConfig):
         if field.name not in ("command", "method"):
             _add_field_flag(cmd, field)

@@ -20,7 +20,7 @@ from contsparse.models import available_models
 from contsparse.training.optim import OPTIMIZERS, SCHEDULES, OptimizerSettings
 
 COMMANDS = ("ticket", "prune", "train")
-METHOD_NAMES = ("cs",)
+METHOD_NAMES = ("cs", "imp", "magnitude", "random", "gmp")
 
 
 @dataclass
@@ -67,6 +67,14 @@ class RunConfig:
     mask_optimizer: str = "sgd"
     mask_lr: float = 0.1
     mask_momentum: float = 0.9
+
+    # baselines (imp, magnitude, random, gmp)
+    sparsity: float | None = None  # magnitude / random / gmp: fraction of the weights pruned
+    prune_fraction: float = 0.2  # imp: share of the remaining weights pruned per round
+    prune_fraction_last: float = 0.1  # imp: the same for the output layer
+    prune_scope: str = "layerwise"  # or "global"
+    gmp_frequency: int = 100  # gmp: steps between pruning steps
+    reinit: bool = False  # ticket control: train the mask from a fresh random initialisation
 
     # which layers are masked
     mask_include: list[str] = field(default_factory=list)
@@ -164,6 +172,8 @@ def _coerce(key: str, value: Any) -> Any:
             return value
         if isinstance(default, float):
             return float(value)
+        if key == "sparsity":
+            return float(value)
         if isinstance(default, int) or key in ("ticket_epochs", "train_subset"):
             return _int(value)
         if isinstance(default, list):
@@ -235,6 +245,16 @@ def validate(c: RunConfig) -> None:
         fail("synthetic_shape needs positive sizes, synthetic_classes >= 2 and synthetic_size >= 1")
     if not 0 <= c.momentum < 1 or not 0 <= c.mask_momentum < 1:
         fail("momentum must be in [0, 1)")
+    if c.sparsity is not None and not (math.isfinite(c.sparsity) and 0 < c.sparsity < 1):
+        fail(f"sparsity is the fraction of weights pruned and must be in (0, 1), got {c.sparsity}")
+    if c.command != "train" and c.method in ("magnitude", "random", "gmp") and c.sparsity is None:
+        fail(f"method {c.method} prunes to a target: give --sparsity (fraction pruned, e.g. 0.95)")
+    if not (0 < c.prune_fraction < 1 and 0 <= c.prune_fraction_last < 1):
+        fail("prune_fraction must be in (0, 1) and prune_fraction_last in [0, 1)")
+    if c.prune_scope not in ("layerwise", "global"):
+        fail(f"prune_scope must be 'layerwise' or 'global', got {c.prune_scope!r}")
+    if c.gmp_frequency < 1:
+        fail(f"gmp_frequency must be >= 1, got {c.gmp_frequency}")
     for name in ("mask_include", "mask_exclude"):
         for pattern in getattr(c, name):
             try:

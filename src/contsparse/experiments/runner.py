@@ -30,7 +30,7 @@ from contsparse.experiments.lock import RunLock
 from contsparse.experiments.rundir import RunDir
 from contsparse.masking import find_masks, per_layer_remaining, weights_remaining
 from contsparse.masking.maskset import HARD_SUFFIX
-from contsparse.methods import ContinuousSparsification, CSSettings, Dense, Method
+from contsparse.methods import METHODS, ContinuousSparsification, CSSettings, Dense, Method, PruneSettings
 from contsparse.models import build_model
 from contsparse.training import (
     EpochResult,
@@ -86,10 +86,17 @@ def resolve_device(name: str) -> torch.device:
 def build_method(config: RunConfig, steps_per_epoch: int) -> Method:
     if config.command == "train":
         return Dense(config.selection())
-    return ContinuousSparsification(CSSettings(
-        mask_init=config.mask_init, penalty=config.penalty, penalty_normalize=config.penalty_normalize,
-        final_temp=config.final_temp, epochs_per_round=config.epochs, temp_schedule=config.temp_schedule,
-        steps_per_epoch=steps_per_epoch, scale_by_init=config.mask_scaling, selection=config.selection()))
+    if config.method == "cs":
+        return ContinuousSparsification(CSSettings(
+            mask_init=config.mask_init, penalty=config.penalty, penalty_normalize=config.penalty_normalize,
+            final_temp=config.final_temp, epochs_per_round=config.epochs, temp_schedule=config.temp_schedule,
+            steps_per_epoch=steps_per_epoch, scale_by_init=config.mask_scaling, selection=config.selection()))
+    settings = PruneSettings(
+        fraction=config.prune_fraction, last_fraction=config.prune_fraction_last,
+        sparsity=config.sparsity if config.sparsity is not None else 0.0, scope=config.prune_scope, seed=config.seed,
+        epochs_per_round=config.epochs, steps_per_epoch=steps_per_epoch, gmp_frequency=config.gmp_frequency,
+        selection=config.selection())
+    return METHODS[config.method](settings)
 
 
 def is_rewind_key(key: str) -> bool:
@@ -205,7 +212,7 @@ class Runner:
         # phase/epoch/step: where the run stands; entered: the current phase's start (rewind,
         # hardening) is done; partial: running sums of an epoch stopped after `step` steps.
         progress: dict[str, Any] = {"phase": 0, "epoch": 0, "step": 0, "entered": False, "elapsed": 0.0,
-                                    "epochs_done": 0, "metrics_lines": 0, "round_remaining": []}
+                                    "epochs_done": 0, "metrics_lines": 0, "round_remaining": [], "curve": []}
         rewind: dict[str, torch.Tensor] | None = None
         optimizer_state: dict[str, Any] | None = None
         partial: dict[str, torch.Tensor] | None = None
@@ -242,9 +249,10 @@ class Runner:
                 progress["entered"] = True
             # Search rounds share their optimisers (as in the reference code); ticket training and
             # fine-tuning start with fresh ones.
-            if not optimizers or (entering and phase.kind != "search"):
+            fresh_phase = entering and (phase.kind != "search" or method.fresh_optimizers_each_round)
+            if not optimizers or fresh_phase:
                 optimizers = self._optimizers(phase, model, method)
-                if optimizer_state is not None and (not entering or phase.kind == "search"):
+                if optimizer_state is not None and not fresh_phase:
                     for name, optimizer in optimizers.items():
                         optimizer.load_state_dict(optimizer_state[name])
                 optimizer_state = None
@@ -279,6 +287,11 @@ class Runner:
                 if phase.kind == "search":
                     last = phase.round == config.rounds - 1
                     progress["round_remaining"].append(record.get("weights_remaining", 1.0))
+                    if method.records_round_tickets:  # this round trained a ticket: test it
+                        progress.setdefault("curve", []).append({
+                            "round": phase.round, "weights_remaining": record["weights_remaining"],
+                            "test_accuracy": evaluate(model, test_batches, device, speed).accuracy,
+                            "val_accuracy": record["val_accuracy"], "train_epochs": progress["epochs_done"]})
                     method.end_of_round(phase.round, last)
                 progress["phase"] += 1
                 progress["epoch"] = 0
@@ -303,20 +316,35 @@ class Runner:
 
     def _enter_phase(self, phase: Phase, model: nn.Module, method: Method,
                      rewind: dict[str, torch.Tensor] | None) -> None:
-        if phase.kind == "ticket":
+        restart = phase.kind == "ticket" or (phase.kind == "search" and phase.round > 0
+                                             and method.rewind_between_rounds)
+        if restart:
             if rewind is None:
                 raise RuntimeError("no rewind point was stored")
-            model.load_state_dict(rewind, strict=False)
+            start = self._fresh_init(model) if self.config.reinit and phase.kind == "ticket" else rewind
+            model.load_state_dict(start, strict=False)
             method.harden()
-            self.log(f"ticket: weights rewound to epoch {self.config.rewind_epoch}, "
-                     f"{weights_remaining(method.final_mask()):.4f} of the weights kept")
+            method.after_rewind()
+            origin = "re-initialised (--reinit control)" if start is not rewind else \
+                f"rewound to epoch {self.config.rewind_epoch}"
+            self.log(f"{phase.label()}: weights {origin}, {weights_remaining(method.final_mask()):.4f} of them kept")
         elif phase.kind == "finetune":
             method.harden()
+
+    def _fresh_init(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Weights of a new random initialisation in ``model``'s layout: the ticket's mask with
+        other weights, the control that shows whether the ticket's own initial values matter."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed + 1_000_003)
+            fresh = build_model(self.config.model, self._load_data().input_shape, self._load_data().num_classes)
+            build_method(self.config, 1).attach(fresh)
+        device = next(model.parameters()).device
+        return {k: v.to(device) for k, v in fresh.state_dict().items() if torch.is_tensor(v) and is_rewind_key(k)}
 
     def _optimizers(self, phase: Phase, model: nn.Module, method: Method) -> dict[str, torch.optim.Optimizer]:
         weights = [p for p in method.weight_parameters(model) if p.requires_grad]
         optimizers = {"weights": build_optimizer(weights, self.config.weight_optimizer())}
-        if phase.kind == "search":
+        if phase.kind == "search" and method.search_parameters():
             optimizers["masks"] = build_optimizer(method.search_parameters(), self.config.mask_optimizer_settings())
         return optimizers
 
@@ -391,6 +419,7 @@ class Runner:
             "train_epochs": progress["epochs_done"],
             "wall_seconds": round(progress["elapsed"], 2),
             "rounds_weights_remaining": progress["round_remaining"],
+            "round_tickets": progress.get("curve", []),
             "per_layer": per_layer_remaining(mask),
             "contsparse_version": contsparse.__version__,
             "seed": config.seed,

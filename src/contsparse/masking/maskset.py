@@ -154,6 +154,17 @@ class MaskSet:
             mask.set_binary_mask(masks[name])
         self.harden()
 
+    def set_hard_masks(self, keep: dict[str, Tensor]) -> None:
+        """Replace the hard masks (methods that prune by magnitude, at random, on a schedule) and
+        zero the weights they prune. Layers not named keep their mask."""
+        if self.mode != "hard":
+            raise ValueError("harden the masks before setting hard masks")
+        weights = self.masked_weights()
+        with torch.no_grad():
+            for name, mask in keep.items():
+                self.masks[name].hard_mask.copy_(mask)
+                weights[name].mul_(self.masks[name].hard_mask)
+
     # -- leaving ------------------------------------------------------------------------------
     def make_permanent(self) -> nn.Module:
         """Bake ``W * scale * H(s)`` into plain weights and remove the masks: the model becomes an

@@ -3,7 +3,16 @@
 from contsparse.methods.base import Method
 from contsparse.methods.cs import ContinuousSparsification, CSSettings
 from contsparse.methods.dense import Dense
+from contsparse.methods.magnitude import (
+    GradualMagnitudePruning,
+    IterativeMagnitudePruning,
+    MagnitudePruning,
+    PruneSettings,
+    RandomPruning,
+)
 
-METHODS = {"cs": ContinuousSparsification}
+METHODS = {"cs": ContinuousSparsification, "imp": IterativeMagnitudePruning, "magnitude": MagnitudePruning,
+           "random": RandomPruning, "gmp": GradualMagnitudePruning}
 
-__all__ = ["METHODS", "CSSettings", "ContinuousSparsification", "Dense", "Method"]
+__all__ = ["METHODS", "CSSettings", "ContinuousSparsification", "Dense", "GradualMagnitudePruning",
+           "IterativeMagnitudePruning", "MagnitudePruning", "Method", "PruneSettings", "RandomPruning"]

@@ -15,6 +15,9 @@ class Method(ABC):
     """
 
     name: str = "method"
+    rewind_between_rounds = False  # IMP: every round restarts from the rewind point
+    fresh_optimizers_each_round = False  # IMP: and with fresh optimisers
+    records_round_tickets = False  # IMP: each round's trained network is a ticket worth testing
 
     @abstractmethod
     def attach(self, model: nn.Module) -> None:
@@ -44,6 +47,9 @@ class Method(ABC):
     @abstractmethod
     def harden(self) -> None:
         """Fix the final mask for ticket training / fine-tuning (pruned weights become zero)."""
+
+    def after_rewind(self) -> None:
+        """After the weights were rewound (e.g. re-zero what the mask prunes)."""
 
     def after_hard_step(self) -> None:
         """After every optimiser step under the fixed mask: keep pruned weights exactly zero."""

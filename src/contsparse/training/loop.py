@@ -85,8 +85,8 @@ def train_epoch(model: nn.Module, batches: BatchIterator, optimizers: Sequence[t
                 # this process's share of the global batch's mean: DDP's averaging over the
                 # processes then gives exactly the one-process gradient
                 _cross_entropy(logits, y, "sum") * (speed.shard[1] / global_size))
-        if regularizer is not None:
-            reg = regularizer()
+        reg = regularizer() if regularizer is not None else None
+        if reg is not None:
             if step % 50 == 0:
                 totals["regularizer"] = reg.detach().to(totals["regularizer"].dtype)
             (loss + reg).backward()

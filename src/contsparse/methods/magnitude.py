@@ -1,0 +1,183 @@
+"""The baselines that keep a hard mask all along: IMP with rewinding, one-shot magnitude pruning,
+random pruning, and gradual magnitude pruning (GMP). Masks are the same hard masks CS tickets
+use (folded into the weights, pruned entries re-zeroed after every step), so weights remaining is
+counted the same way for every method.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from contsparse.masking import LayerSelection, MaskSet, attach_masks
+from contsparse.methods.base import Method
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """``fraction``: share of the remaining weights IMP prunes per round (``last_fraction`` for the
+    output layer; LeNet: 0.2 and 0.1). ``sparsity``: target fraction pruned (magnitude, random,
+    GMP). ``scope``: rank weights per layer (``layerwise``) or across all layers (``global``)."""
+
+    fraction: float = 0.2
+    last_fraction: float = 0.1
+    sparsity: float = 0.9
+    scope: str = "layerwise"
+    seed: int = 0
+    epochs_per_round: int = 1
+    steps_per_epoch: int = 1
+    gmp_frequency: int = 100  # GMP: steps between pruning steps
+    selection: LayerSelection = field(default_factory=LayerSelection)
+
+
+class HardMaskMethod(Method):
+    """Masks are hard from the start (all ones); subclasses decide when and what to prune."""
+
+    rewind_between_rounds = False
+    fresh_optimizers_each_round = False
+
+    def __init__(self, settings: PruneSettings) -> None:
+        self.settings = settings
+        self.masks: MaskSet | None = None
+
+    def attach(self, model: nn.Module) -> None:
+        self.masks = attach_masks(model, 1.0, scale_by_init=False, selection=self.settings.selection)
+        self.masks.harden()  # all ones, no scale: the model is unchanged
+
+    @property
+    def mask_set(self) -> MaskSet:
+        if self.masks is None:
+            raise RuntimeError("attach() the method to a model first")
+        return self.masks
+
+    def weight_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return self.mask_set.weight_parameters()
+
+    def after_step(self, round_index: int, epoch: int, step: int) -> None:
+        self.mask_set.zero_pruned()
+
+    def after_hard_step(self) -> None:
+        self.mask_set.zero_pruned()
+
+    def after_rewind(self) -> None:
+        self.mask_set.zero_pruned()
+
+    def harden(self) -> None:
+        pass  # already hard
+
+    def final_mask(self) -> dict[str, Tensor]:
+        return self.mask_set.binary_masks()
+
+    def progress(self) -> dict[str, str]:
+        return {"kept": f"{self.mask_set.weights_remaining():.4f}"}
+
+    # -- pruning ------------------------------------------------------------------------------
+    def _weights(self) -> dict[str, Tensor]:
+        return {name: w.detach() for name, w in self.mask_set.masked_weights().items()}
+
+    def prune_by_magnitude(self, fractions: dict[str, float] | None = None, target: float | None = None) -> None:
+        """Prune the smallest weights: ``fractions`` of each layer's remaining ones, or down to a
+        ``target`` fraction pruned (of each layer, or of all layers with ``scope="global"``)."""
+        weights, current = self._weights(), self.mask_set.binary_masks()
+        if self.settings.scope == "global":
+            if target is None:
+                kept = sum(int(m.sum()) for m in current.values())
+                target = 1 - (1 - next(iter(fractions.values()))) * kept / sum(m.numel() for m in current.values())
+            scores = torch.cat([torch.where(current[n], weights[n].abs(), -1.0).flatten() for n in weights])
+            keep_count = round((1 - target) * scores.numel())
+            threshold = _kth_largest(scores, keep_count)
+            self.mask_set.set_hard_masks({n: _keep_at_least(weights[n].abs(), current[n], threshold)
+                                          for n in weights})
+            return
+        new = {}
+        for name, weight in weights.items():
+            keep = current[name]
+            if target is not None:
+                keep_count = round((1 - target) * keep.numel())
+            else:
+                keep_count = round(int(keep.sum()) * (1 - fractions[name]))
+            scores = torch.where(keep, weight.abs(), -1.0).flatten()
+            new[name] = _top(scores, keep_count).view_as(keep)
+        self.mask_set.set_hard_masks(new)
+
+
+def _kth_largest(scores: Tensor, k: int) -> float:
+    if k <= 0:
+        return math.inf
+    return float(torch.topk(scores, k).values[-1])
+
+
+def _keep_at_least(magnitude: Tensor, current: Tensor, threshold: float) -> Tensor:
+    return current & (magnitude >= threshold)
+
+
+def _top(scores: Tensor, k: int) -> Tensor:
+    """Bool mask of the ``k`` largest scores (ties broken by position, so exactly ``k``)."""
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    if k > 0:
+        keep[torch.topk(scores, min(k, scores.numel())).indices] = True
+    return keep
+
+
+class IterativeMagnitudePruning(HardMaskMethod):
+    """IMP with weight rewinding (Frankle & Carbin 2019; Frankle et al. 2020): each round trains
+    the current mask from the rewind point, then prunes ``fraction`` of the remaining weights by
+    magnitude (``last_fraction`` in the output layer). Every round's trained network is a ticket
+    at its sparsity, so one run gives a whole sparsity-accuracy curve."""
+
+    name = "imp"
+    rewind_between_rounds = True
+    fresh_optimizers_each_round = True
+    records_round_tickets = True
+
+    def end_of_round(self, round_index: int, last: bool) -> None:
+        names = list(self.mask_set.masks)
+        fractions = {n: self.settings.fraction for n in names}
+        fractions[names[-1]] = self.settings.last_fraction
+        self.prune_by_magnitude(fractions=fractions)
+
+
+class MagnitudePruning(HardMaskMethod):
+    """One-shot magnitude pruning to ``sparsity`` after the (dense) search round."""
+
+    name = "magnitude"
+
+    def end_of_round(self, round_index: int, last: bool) -> None:
+        if last:
+            self.prune_by_magnitude(target=self.settings.sparsity)
+
+
+class RandomPruning(HardMaskMethod):
+    """Control: a random mask with ``sparsity`` in every layer, drawn after the search round."""
+
+    name = "random"
+
+    def end_of_round(self, round_index: int, last: bool) -> None:
+        if not last:
+            return
+        generator = torch.Generator().manual_seed(self.settings.seed + 7919)
+        new = {}
+        for name, keep in self.mask_set.binary_masks().items():
+            scores = torch.rand(keep.numel(), generator=generator).to(keep.device)
+            new[name] = _top(scores, round((1 - self.settings.sparsity) * keep.numel())).view_as(keep)
+        self.mask_set.set_hard_masks(new)
+
+
+class GradualMagnitudePruning(HardMaskMethod):
+    """GMP (Zhu & Gupta 2017): during the search round the sparsity rises as
+    ``s_t = s_f * (1 - (1 - t / T) ** 3)``, pruning by magnitude every ``gmp_frequency`` steps and
+    reaching ``sparsity`` at 3/4 of the round; the rest of the round trains at that sparsity."""
+
+    name = "gmp"
+
+    def after_step(self, round_index: int, epoch: int, step: int) -> None:
+        settings = self.settings
+        t = epoch * settings.steps_per_epoch + step + 1
+        end = max(1, int(0.75 * settings.epochs_per_round * settings.steps_per_epoch))
+        if round_index == 0 and t <= end and (t % settings.gmp_frequency == 0 or t == end):
+            self.prune_by_magnitude(target=settings.sparsity * (1 - (1 - t / end) ** 3))
+        else:
+            self.mask_set.zero_pruned()

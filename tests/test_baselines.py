@@ -1,0 +1,111 @@
+"""Baselines on the same loop: IMP with rewinding, magnitude, random, GMP, the re-init control."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from contsparse.experiments import Runner, make_config
+from contsparse.masking import LayerSelection
+from contsparse.methods import MagnitudePruning, PruneSettings, RandomPruning
+from contsparse.models import build_model
+
+BASE = dict(model="lenet300", dataset="synthetic", train_subset=320, batch_size=64, epochs=2, ticket_epochs=1,
+            dense_baseline=False, device="cpu")
+
+
+def quiet(_message: str) -> None:
+    pass
+
+
+def test_imp_prunes_per_round_rewinds_and_records_every_ticket(tmp_path, monkeypatch):
+    from contsparse.experiments import runner as runner_module
+
+    starts = []
+    original = runner_module.Runner._enter_phase
+
+    def spy(self, phase, model, method, rewind):
+        original(self, phase, model, method, rewind)
+        if phase.kind == "ticket" or phase.round > 0:
+            starts.append(({k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)},
+                           {k: v.clone() for k, v in rewind.items()}))
+
+    monkeypatch.setattr(runner_module.Runner, "_enter_phase", spy)
+    summary = Runner(make_config(dict(BASE, method="imp", rounds=3, rewind_epoch=1)), tmp_path / "run",
+                     quiet).execute()
+    layers = summary["per_layer"]
+    assert layers["hidden.0.weight"] == pytest.approx(0.8 ** 3, abs=1e-5)
+    assert layers["output.weight"] == pytest.approx(0.9 ** 3, abs=1e-3)
+    assert [p["round"] for p in summary["round_tickets"]] == [0, 1, 2]
+    assert summary["round_tickets"][0]["weights_remaining"] == 1.0
+    assert [p["train_epochs"] for p in summary["round_tickets"]] == [2, 4, 6]
+    assert len(starts) == 3  # rounds 1, 2 and the ticket start from the rewind point
+    for state, rewind in starts:
+        weight, start = state["hidden.0.weight"], rewind["hidden.0.weight"]
+        keep = state["hidden.0.weight_cs_mask.hard_mask"].bool()
+        assert torch.equal(weight[keep], start[keep]) and not weight[~keep].any()
+
+
+@pytest.mark.parametrize("optimizer, extra", [("sgd", dict(momentum=0.9, weight_decay=5e-4)),
+                                              ("adam", {}), ("adamw", dict(weight_decay=0.1))])
+def test_pruned_weights_stay_exactly_zero_under_every_optimiser(optimizer, extra, tmp_path):
+    config = make_config(dict(BASE, command="prune", method="magnitude", sparsity=0.8, rounds=1,
+                              optimizer=optimizer, **extra))
+    Runner(config, tmp_path / "run", quiet).execute()
+    model = load_file(str(tmp_path / "run/model.safetensors"))
+    masks = load_file(str(tmp_path / "run/masks.safetensors"))
+    for name, keep in masks.items():
+        assert not model[name][~keep.bool()].any()
+        assert (model[name][keep.bool()] != 0).float().mean() > 0.99
+
+
+def _pruner(cls, **settings):
+    model = build_model("lenet300", (1, 28, 28), 10)
+    method = cls(PruneSettings(selection=LayerSelection(), **settings))
+    method.attach(model)
+    return model, method
+
+
+def test_magnitude_keeps_the_largest_weights_layerwise_or_globally():
+    _, method = _pruner(MagnitudePruning, sparsity=0.9)
+    before = {n: w.detach().clone() for n, w in method.mask_set.masked_weights().items()}
+    method.end_of_round(0, last=True)
+    for name, keep in method.final_mask().items():
+        assert keep.float().mean().item() == pytest.approx(0.1, abs=1e-3)
+        assert before[name].abs()[keep].min() >= before[name].abs()[~keep].max()
+    _, global_method = _pruner(MagnitudePruning, sparsity=0.9, scope="global")
+    global_method.end_of_round(0, last=True)
+    masks = global_method.final_mask()
+    kept = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    assert kept == pytest.approx(0.1, abs=1e-3)
+    assert masks["output.weight"].float().mean() != pytest.approx(0.1, abs=1e-3)  # global: layers differ
+
+
+def test_random_pruning_hits_the_sparsity_with_another_mask():
+    _, magnitude = _pruner(MagnitudePruning, sparsity=0.9)
+    _, random = _pruner(RandomPruning, sparsity=0.9)
+    magnitude.end_of_round(0, last=True)
+    random.end_of_round(0, last=True)
+    a, b = magnitude.final_mask()["hidden.0.weight"], random.final_mask()["hidden.0.weight"]
+    assert a.float().mean() == b.float().mean() and not torch.equal(a, b)
+
+
+def test_gmp_raises_sparsity_gradually_to_the_target(tmp_path):
+    config = make_config(dict(BASE, command="prune", method="gmp", sparsity=0.9, rounds=1, epochs=4,
+                              gmp_frequency=2))
+    summary = Runner(config, tmp_path / "run", quiet).execute()
+    import json
+
+    kept = [json.loads(line)["weights_remaining"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert kept[0] > kept[1] > kept[2] and kept[2] == pytest.approx(0.1, abs=1e-3)  # target at 3/4 of the round
+    assert summary["weights_remaining"] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_reinit_control_trains_the_same_mask_from_other_weights(tmp_path):
+    runs = {}
+    for reinit in (False, True):
+        config = make_config(dict(BASE, method="magnitude", sparsity=0.9, rounds=1, rewind_epoch=0, reinit=reinit))
+        Runner(config, tmp_path / str(reinit), quiet).execute()
+        runs[reinit] = (load_file(str(tmp_path / str(reinit) / "masks.safetensors")),
+                        load_file(str(tmp_path / str(reinit) / "model.safetensors")))
+    assert all(torch.equal(runs[False][0][k], runs[True][0][k]) for k in runs[False][0])
+    assert not torch.equal(runs[False][1]["hidden.0.weight"], runs[True][1]["hidden.0.weight"])
