@@ -109,3 +109,25 @@ def test_reinit_control_trains_the_same_mask_from_other_weights(tmp_path):
                         load_file(str(tmp_path / str(reinit) / "model.safetensors")))
     assert all(torch.equal(runs[False][0][k], runs[True][0][k]) for k in runs[False][0])
     assert not torch.equal(runs[False][1]["hidden.0.weight"], runs[True][1]["hidden.0.weight"])
+
+
+def test_compare_writes_tables_and_plots_and_reuses_finished_runs(tmp_path, capsys):
+    import csv
+
+    from contsparse.cli import main
+
+    argv = ["compare", "--dataset", "synthetic", "--train-subset", "320", "--batch-size", "64", "--epochs", "2",
+            "--rounds", "1", "--rewind-epoch", "0", "--ticket-epochs", "1", "--mask-inits", "0.0", "-0.02",
+            "--imp-rounds", "3", "--random-every", "2", "--seeds", "2", "--out", str(tmp_path / "cmp")]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    rows = list(csv.DictReader((tmp_path / "cmp/compare.csv").read_text().splitlines()))
+    methods = {r["method"] for r in rows}
+    assert methods == {"dense", "cs", "imp", "random"}
+    assert len([r for r in rows if r["method"] == "imp"]) == 2 * 4  # rounds 0-2 and the final ticket, 2 seeds
+    assert len([r for r in rows if r["method"] == "random"]) == 2  # IMP's 2nd sparsity, each seed
+    for name in ("accuracy_vs_weights.png", "accuracy_vs_epochs.png"):
+        assert (tmp_path / "cmp" / name).read_bytes()[:4] == b"\x89PNG"
+    assert "Sparsest ticket within 0.3 points of dense" in first and "± " in first
+    assert main(argv) == 0  # everything finished: nothing is trained again
+    assert "[search" not in capsys.readouterr().out

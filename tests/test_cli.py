@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,31 @@ def test_cifar_resnet20_preset_runs_on_cpu_with_synthetic_data(tmp_path, capsys)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"] == "resnet20" and summary["input_shape"] == [3, 32, 32]
     assert summary["train_epochs"] == 4 and summary["dense_train_epochs"] == 1  # 3 rounds + ticket, dense
+
+
+@pytest.mark.parametrize("model, shape", [("vgg11", "3 32 32"), ("vgg16", "3 32 32"), ("vgg19", "3 32 32"),
+                                          ("resnet20", "3 32 32"), ("resnet32", "3 32 32"), ("resnet56", "3 32 32"),
+                                          ("resnet18", "3 64 64"), ("resnet50", "3 64 64")])
+def test_paper_models_train_through_the_cli(model, shape, tmp_path):
+    argv = ["prune", "--model", model, "--dataset", "synthetic", "--synthetic-shape", *shape.split(),
+            "--synthetic-size", "32", "--batch-size", "16", "--epochs", "1", "--ticket-epochs", "1",
+            "--mask-exclude", "downsample", "^fc$", "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["model"] == model and "fc.weight" not in summary["per_layer"]
+
+
+def test_cifar10_trains_through_the_cli(tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_datasets import write_cifar
+
+    from contsparse.data import cifar as cifar_module
+
+    variant = write_cifar(tmp_path, cifar_module.CIFAR10, n=40)
+    monkeypatch.setitem(cifar_module.VARIANTS, "cifar10", variant)
+    argv = ["ticket", "--model", "conv2", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--epochs", "2",
+            "--rounds", "1", "--rewind-epoch", "0", "--ticket-epochs", "1", "--batch-size", "32",
+            "--no-dense-baseline", "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["dataset"] == "cifar10" and summary["input_shape"] == [3, 32, 32]

@@ -61,6 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(flags change them, together with --force)")
     resume.add_argument("run_dir", type=Path)
     _add_run_flags(resume, with_method=True)
+    compare = sub.add_parser("compare", help="CS vs IMP vs random vs dense on one model, tables and plots",
+                             description="the paper's comparison: dense, CS tickets at several mask_init values, "
+                                         "IMP with rewinding (every round), random pruning at IMP's sparsities")
+    compare.add_argument("--preset", help="named paper settings for the shared training settings")
+    compare.add_argument("--config", type=Path, help="YAML file of shared settings")
+    compare.add_argument("--out", type=Path, help="comparison directory (default: runs/compare-<model>-<dataset>)")
+    compare.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 for every method (default: 1)")
+    compare.add_argument("--mask-inits", type=float, nargs="+", default=[-0.03, -0.05, -0.08],
+                         help="CS s0 values, one ticket search each")
+    compare.add_argument("--imp-rounds", type=int, default=20, help="IMP rounds (LeNet: 20 -> 1.2 %% weights)")
+    compare.add_argument("--random-every", type=int, default=3, help="random pruning at every n-th IMP sparsity")
+    compare.add_argument("--methods", nargs="+", default=["dense", "cs", "imp", "random"],
+                         choices=["dense", "cs", "imp", "random"])
+    _add_run_flags(compare, with_method=False)
     sub.add_parser("presets", help="list the named paper settings for --preset", description="list the presets")
     info = sub.add_parser("info", help="print a run's summary as a table", description="print a run's summary")
     info.add_argument("run_dir", type=Path)
@@ -226,6 +240,35 @@ def run_bench_inference(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_compare(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from contsparse.experiments.compare import ComparePlan, run_comparison
+    from contsparse.reports.compare import write_comparison
+
+    if args.seeds < 1 or args.imp_rounds < 1 or args.random_every < 1:
+        raise UserError("--seeds, --imp-rounds and --random-every must be >= 1")
+    args.command = "ticket"
+    base = config_from_args(args)
+    out = args.out or Path("runs") / f"compare-{base.model}-{base.dataset}"
+    plan = ComparePlan(base, tuple(range(args.seeds)), tuple(args.mask_inits), args.imp_rounds, args.random_every,
+                       tuple(args.methods))
+    try:
+        rows = [r.as_dict() for r in run_comparison(plan, out, tqdm.write)]
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; finished runs are kept in {out}. Run the same command again to continue.",
+              file=sys.stderr)
+        return 130
+    title = f"{base.model} / {base.dataset}, {args.seeds} seed{'s' if args.seeds > 1 else ''}"
+    try:
+        write_comparison(rows, out, title)
+    except OSError as err:
+        raise UserError(f"cannot write the comparison into {out}: {err.strerror or err}") from err
+    print((out / "compare.md").read_text())
+    print(f"wrote {out}/compare.md, compare.csv, compare.json, accuracy_vs_weights.png, accuracy_vs_epochs.png")
+    return 0
+
+
 def run_presets(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -244,8 +287,8 @@ def run_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"presets": run_presets, "info": run_info, "report": run_report, "export": run_export,
-            "bench-inference": run_bench_inference}
+COMMANDS = {"compare": run_compare, "presets": run_presets, "info": run_info, "report": run_report,
+            "export": run_export, "bench-inference": run_bench_inference}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,126 @@
+"""``contsparse compare``: the paper's comparison on your model, in one command.
+
+Runs, in one directory, the dense baseline, CS tickets at several ``mask_init`` values, IMP with
+rewinding (every round's ticket), and random pruning at IMP's sparsities, for each seed; each run
+is an ordinary run directory, so finished runs are reused and unfinished ones resume. The results
+are collected into rows (one per ticket) for the table, CSV and plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from contsparse.experiments.config import RunConfig
+from contsparse.experiments.rundir import RunDir
+from contsparse.experiments.runner import Runner
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ComparePlan:
+    base: RunConfig  # shared settings (model, dataset, schedule of ticket training)
+    seeds: tuple[int, ...] = (0,)
+    mask_inits: tuple[float, ...] = (-0.03, -0.05, -0.08)
+    imp_rounds: int = 20  # LeNet-300-100: 1.2 % of the weights after 20 rounds
+    random_every: int = 3  # random pruning at every n-th IMP sparsity
+    methods: tuple[str, ...] = ("dense", "cs", "imp", "random")
+
+
+@dataclass
+class Row:
+    method: str
+    label: str
+    seed: int
+    weights_remaining: float
+    test_accuracy: float
+    train_epochs: int  # epochs of training it took to find and train this ticket
+    wall_seconds: float
+    run_dir: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+
+
+def run_comparison(plan: ComparePlan, out: Path, log: Log) -> list[Row]:
+    rows: list[Row] = []
+    base = dataclasses.replace(plan.base, dense_baseline=False)
+    for seed in plan.seeds:
+        seeded = dataclasses.replace(base, seed=seed)
+        if "dense" in plan.methods:
+            rows.append(_single(Runner(seeded.dense_variant(), out / f"dense-seed{seed}", log).execute(),
+                                "dense", "dense", seed, out / f"dense-seed{seed}"))
+        if "cs" in plan.methods:
+            for s0 in plan.mask_inits:
+                path = out / f"cs-s0={s0:g}-seed{seed}"
+                config = dataclasses.replace(seeded, command="ticket", method="cs", mask_init=s0)
+                rows.append(_single(Runner(config, path, log).execute(), "cs", f"cs s0={s0:g}", seed, path))
+        imp_points: list[float] = []
+        if "imp" in plan.methods:
+            path = out / f"imp-seed{seed}"
+            config = dataclasses.replace(seeded, command="ticket", method="imp", rounds=plan.imp_rounds,
+                                         epochs=seeded.phase_epochs)
+            summary = Runner(config, path, log).execute()
+            rows += _imp_rows(summary, seed, path)
+            imp_points = [r.weights_remaining for r in rows if r.method == "imp" and r.seed == seed][1:]
+        if "random" in plan.methods and imp_points:
+            for kept in imp_points[plan.random_every - 1::plan.random_every]:
+                path = out / f"random-kept={kept:.4f}-seed{seed}"
+                config = dataclasses.replace(seeded, command="ticket", method="random", sparsity=1 - kept, rounds=1,
+                                             epochs=seeded.rewind_epoch + 1)
+                rows.append(_single(Runner(config, path, log).execute(), "random", f"random {100 * kept:.2f} %",
+                                    seed, path))
+    return rows
+
+
+def _single(summary: dict[str, Any], method: str, label: str, seed: int, path: Path) -> Row:
+    return Row(method, label, seed, summary["weights_remaining"], summary["test_accuracy"],
+               summary["train_epochs"], summary["wall_seconds"], str(path))
+
+
+def _imp_rows(summary: dict[str, Any], seed: int, path: Path) -> list[Row]:
+    """One row per IMP round (each round trained a ticket), then the final ticket."""
+    seconds = [json.loads(line)["seconds"] for line in (path / RunDir.METRICS).read_text().splitlines()]
+    rows = [Row("imp", f"imp round {p['round']}", seed, p["weights_remaining"], p["test_accuracy"],
+                p["train_epochs"], seconds[p["train_epochs"] - 1], str(path))
+            for p in summary.get("round_tickets", [])]
+    rows.append(Row("imp", "imp final", seed, summary["weights_remaining"], summary["test_accuracy"],
+                    summary["train_epochs"], summary["wall_seconds"], str(path)))
+    return rows
+
+
+def aggregate(rows: list[Row]) -> list[dict[str, Any]]:
+    """Mean and spread over seeds of each (method, label)."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.method, row.label), []).append(row)
+    out = []
+    for (method, label), members in groups.items():
+        accuracy = [r.test_accuracy for r in members]
+        out.append({"method": method, "label": label, "seeds": len(members),
+                    "weights_remaining": statistics.fmean(r.weights_remaining for r in members),
+                    "test_accuracy": statistics.fmean(accuracy),
+                    "test_accuracy_std": statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0,
+                    "train_epochs": statistics.fmean(r.train_epochs for r in members),
+                    "wall_seconds": statistics.fmean(r.wall_seconds for r in members)})
+    return sorted(out, key=lambda r: (r["method"], -r["weights_remaining"]))
+
+
+def sparsest_within(groups: list[dict[str, Any]], dense_accuracy: float, tolerance: float = 0.003
+                    ) -> dict[str, dict[str, Any]]:
+    """Per method: the ticket with the fewest weights whose accuracy is >= dense - tolerance."""
+    best: dict[str, dict[str, Any]] = {}
+    for group in groups:
+        if group["method"] == "dense" or group["test_accuracy"] < dense_accuracy - tolerance:
+            continue
+        current = best.get(group["method"])
+        if current is None or group["weights_remaining"] < current["weights_remaining"]:
+            best[group["method"]] = group
+    return best

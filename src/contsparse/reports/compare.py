@@ -1,0 +1,114 @@
+"""Tables and plots of a comparison: accuracy vs weights remaining, and vs training epochs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from contsparse.reports.plots import plt
+
+COLORS = {"cs": "#c0392b", "imp": "#2c6fbb", "random": "#7f8c8d", "magnitude": "#27ae60", "gmp": "#8e44ad"}
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def markdown_table(groups: list[dict[str, Any]], best: dict[str, dict[str, Any]], dense: float | None) -> str:
+    lines = ["| method | ticket | weights remaining | test accuracy | seeds | training epochs | wall seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for g in groups:
+        spread = f" ± {100 * g['test_accuracy_std']:.2f}" if g["seeds"] > 1 else ""
+        lines.append(f"| {g['method']} | {g['label']} | {100 * g['weights_remaining']:.2f} % | "
+                     f"{100 * g['test_accuracy']:.2f} %{spread} | {g['seeds']} | {g['train_epochs']:.0f} | "
+                     f"{g['wall_seconds']:.0f} |")
+    if dense is not None:
+        lines += ["", f"Sparsest ticket within 0.3 points of dense ({100 * dense:.2f} %):", ""]
+        for method, g in sorted(best.items()):
+            lines.append(f"* {method}: {100 * g['weights_remaining']:.2f} % of the weights, "
+                         f"{100 * g['test_accuracy']:.2f} % ({g['label']}, {g['train_epochs']:.0f} epochs)")
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_vs_weights(groups: list[dict[str, Any]], dense: list[float], path: Path, title: str) -> Path:
+    """Test accuracy against weights remaining (log axis), one line per method, dense as a band."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if dense:
+        mean = statistics.fmean(dense)
+        spread = statistics.stdev(dense) if len(dense) > 1 else 0.0
+        ax.axhspan(100 * (mean - spread) - 0.02, 100 * (mean + spread) + 0.02, color="#f1c40f", alpha=0.35,
+                   label=f"dense ({len(dense)} seed{'s' if len(dense) > 1 else ''})")
+        ax.axhline(100 * mean, color="#b7950b", linewidth=1)
+    for method in sorted({g["method"] for g in groups} - {"dense"}):
+        points = sorted((g for g in groups if g["method"] == method), key=lambda g: g["weights_remaining"])
+        x = [100 * g["weights_remaining"] for g in points]
+        y = [100 * g["test_accuracy"] for g in points]
+        err = [100 * g["test_accuracy_std"] for g in points]
+        ax.errorbar(x, y, yerr=err, marker="o", markersize=4, capsize=2, label=method, color=COLORS.get(method))
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("weights remaining (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def accuracy_vs_epochs(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Best test accuracy among the tickets found so far against the training epochs spent, per
+    method and seed (CS runs counted one after another, as on a single worker)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in sorted({r["method"] for r in rows} - {"dense"}):
+        for seed in sorted({r["seed"] for r in rows if r["method"] == method}):
+            mine = [r for r in rows if r["method"] == method and r["seed"] == seed]
+            if method == "imp":  # one run: its rounds share the epochs
+                steps = sorted((r["train_epochs"], r["test_accuracy"]) for r in mine)
+            else:  # independent runs: epochs add up
+                total, steps = 0, []
+                for r in mine:
+                    total += r["train_epochs"]
+                    steps.append((total, r["test_accuracy"]))
+            best, xs, ys = 0.0, [], []
+            for epochs, accuracy in steps:
+                best = max(best, accuracy)
+                xs.append(epochs)
+                ys.append(100 * best)
+            ax.step(xs, ys, where="post", marker="o", markersize=3, color=COLORS.get(method),
+                    label=method if seed == min(r["seed"] for r in mine) else None)
+    ax.set_xlabel("cumulative training epochs")
+    ax.set_ylabel("best test accuracy so far (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_comparison(rows: list[dict[str, Any]], out: Path, title: str) -> dict[str, Any]:
+    """compare.csv / .md / .json and the two plots in ``out``; returns the aggregated results."""
+    from contsparse.experiments.compare import Row, aggregate, sparsest_within
+
+    groups = aggregate([Row(**r) for r in rows])
+    dense = [r["test_accuracy"] for r in rows if r["method"] == "dense"]
+    dense_mean = sum(dense) / len(dense) if dense else None
+    best = sparsest_within(groups, dense_mean) if dense_mean is not None else {}
+    write_csv(rows, out / "compare.csv")
+    (out / "compare.md").write_text(f"# Comparison: {title}\n\n" + markdown_table(groups, best, dense_mean))
+    (out / "compare.json").write_text(json.dumps({"groups": groups, "dense_accuracy": dense_mean,
+                                                  "sparsest_within_0.3": best}, indent=2) + "\n")
+    accuracy_vs_weights(groups, dense, out / "accuracy_vs_weights.png", title)
+    accuracy_vs_epochs(rows, out / "accuracy_vs_epochs.png", title)
+    return {"groups": groups, "dense_accuracy": dense_mean, "best": best}
