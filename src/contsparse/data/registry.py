@@ -21,7 +21,7 @@ class DataOptions:
     workers: int = 4  # imagenet: decoding processes
     synthetic_shape: tuple[int, ...] = (1, 28, 28)
     synthetic_classes: int = 10
-    synthetic_size: int = 2048  # synthetic: training examples (validation and test: 256 each)
+    synthetic_size: int = 2048  # synthetic: training examples (validation and test: up to 256 each)
 
 
 DatasetLoader = Callable[[Path | None, DataOptions], DatasetSplits]
@@ -32,7 +32,9 @@ _REGISTRY: dict[str, DatasetLoader] = {
     "cifar100": lambda data_dir, options: load_cifar(VARIANTS["cifar100"], data_dir),
     "imagenet": lambda data_dir, options: load_image_folder(data_dir, options.image_size, options.workers),
     "synthetic": lambda data_dir, options: load_synthetic(options.synthetic_shape, options.synthetic_classes,
-                                                          (options.synthetic_size, 256, 256)),
+                                                          (options.synthetic_size,
+                                                           min(256, options.synthetic_size),
+                                                           min(256, options.synthetic_size))),
 }
 
 
