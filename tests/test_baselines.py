@@ -131,3 +131,37 @@ def test_compare_writes_tables_and_plots_and_reuses_finished_runs(tmp_path, caps
     assert "Sparsest ticket within 0.3 points of dense" in first and "± " in first
     assert main(argv) == 0  # everything finished: nothing is trained again
     assert "[search" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method, extra", [("str", dict(optimizer="sgd", lr=0.1, weight_decay=5e-4)),
+                                           ("dnw", dict(sparsity=0.9))])
+@pytest.mark.parametrize("command", ["prune", "ticket"])
+def test_str_and_dnw_fix_a_mask_and_keep_it(method, extra, command, tmp_path, monkeypatch):
+    from contsparse.experiments import runner as runner_module
+
+    config = make_config(dict(BASE, command=command, method=method, rounds=1, epochs=3, rewind_epoch=1, **extra))
+    reference = Runner(config, tmp_path / "reference", quiet).execute()
+    masks = load_file(str(tmp_path / "reference/masks.safetensors"))
+    model = load_file(str(tmp_path / "reference/model.safetensors"))
+    kept = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    assert reference["weights_remaining"] == pytest.approx(kept)
+    assert kept == pytest.approx(0.1, abs=1e-3) if method == "dnw" else 0 < kept < 1
+    for name, keep in masks.items():
+        assert not model[name][~keep.bool()].any()
+    # interrupted in the last phase and resumed: the same result
+    original, calls = runner_module.Runner._epoch, {"n": 0}
+
+    def crash(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module.Runner, "_epoch", crash)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(config, tmp_path / "run", quiet).execute()
+    monkeypatch.undo()
+    resumed = Runner(config, tmp_path / "run", quiet).execute()
+    assert resumed["test_accuracy"] == reference["test_accuracy"]
+    again = load_file(str(tmp_path / "run/model.safetensors"))
+    assert all(torch.equal(again[k], model[k]) for k in model)

@@ -105,7 +105,7 @@ def _add_run_flags(cmd: argparse.ArgumentParser, with_method: bool) -> None:
                      help="resume a run even though its settings differ from these (the new ones are saved)")
     cmd.add_argument("--debug", action="store_true", help="show tracebacks")
     if with_method:
-        cmd.add_argument("--method", help="cs (default), imp, magnitude, random or gmp")
+        cmd.add_argument("--method", help="cs (default), imp, magnitude, random, gmp, str or dnw")
     for field in dataclasses.fields(RunConfig):
         if field.name not in ("command", "method"):
             _add_field_flag(cmd, field)

@@ -20,7 +20,7 @@ from contsparse.models import available_models
 from contsparse.training.optim import OPTIMIZERS, SCHEDULES, OptimizerSettings
 
 COMMANDS = ("ticket", "prune", "train")
-METHOD_NAMES = ("cs", "imp", "magnitude", "random", "gmp")
+METHOD_NAMES = ("cs", "imp", "magnitude", "random", "gmp", "str", "dnw")
 
 
 @dataclass
@@ -74,6 +74,7 @@ class RunConfig:
     prune_fraction_last: float = 0.1  # imp: the same for the output layer
     prune_scope: str = "layerwise"  # or "global"
     gmp_frequency: int = 100  # gmp: steps between pruning steps
+    str_init: float = -5.0  # str: initial threshold logit
     reinit: bool = False  # ticket control: train the mask from a fresh random initialisation
 
     # which layers are masked
@@ -247,7 +248,7 @@ def validate(c: RunConfig) -> None:
         fail("momentum must be in [0, 1)")
     if c.sparsity is not None and not (math.isfinite(c.sparsity) and 0 < c.sparsity < 1):
         fail(f"sparsity is the fraction of weights pruned and must be in (0, 1), got {c.sparsity}")
-    if c.command != "train" and c.method in ("magnitude", "random", "gmp") and c.sparsity is None:
+    if c.command != "train" and c.method in ("magnitude", "random", "gmp", "dnw") and c.sparsity is None:
         fail(f"method {c.method} prunes to a target: give --sparsity (fraction pruned, e.g. 0.95)")
     if not (0 < c.prune_fraction < 1 and 0 <= c.prune_fraction_last < 1):
         fail("prune_fraction must be in (0, 1) and prune_fraction_last in [0, 1)")

@@ -95,7 +95,7 @@ def build_method(config: RunConfig, steps_per_epoch: int) -> Method:
         fraction=config.prune_fraction, last_fraction=config.prune_fraction_last,
         sparsity=config.sparsity if config.sparsity is not None else 0.0, scope=config.prune_scope, seed=config.seed,
         epochs_per_round=config.epochs, steps_per_epoch=steps_per_epoch, gmp_frequency=config.gmp_frequency,
-        selection=config.selection())
+        str_init=config.str_init, selection=config.selection())
     return METHODS[config.method](settings)
 
 

@@ -10,9 +10,12 @@ from contsparse.methods.magnitude import (
     PruneSettings,
     RandomPruning,
 )
+from contsparse.methods.reparam import DiscoveringNeuralWirings, SoftThresholdReparametrization
 
 METHODS = {"cs": ContinuousSparsification, "imp": IterativeMagnitudePruning, "magnitude": MagnitudePruning,
-           "random": RandomPruning, "gmp": GradualMagnitudePruning}
+           "random": RandomPruning, "gmp": GradualMagnitudePruning, "str": SoftThresholdReparametrization,
+           "dnw": DiscoveringNeuralWirings}
 
-__all__ = ["METHODS", "CSSettings", "ContinuousSparsification", "Dense", "GradualMagnitudePruning",
-           "IterativeMagnitudePruning", "MagnitudePruning", "Method", "PruneSettings", "RandomPruning"]
+__all__ = ["METHODS", "CSSettings", "ContinuousSparsification", "Dense", "DiscoveringNeuralWirings",
+           "GradualMagnitudePruning", "IterativeMagnitudePruning", "MagnitudePruning", "Method", "PruneSettings",
+           "RandomPruning", "SoftThresholdReparametrization"]

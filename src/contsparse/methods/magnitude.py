@@ -30,6 +30,7 @@ class PruneSettings:
     epochs_per_round: int = 1
     steps_per_epoch: int = 1
     gmp_frequency: int = 100  # GMP: steps between pruning steps
+    str_init: float = -5.0  # STR: initial threshold logit (sigmoid(-5) = 0.0067)
     selection: LayerSelection = field(default_factory=LayerSelection)
 
 
