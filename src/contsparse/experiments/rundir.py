@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,19 @@ from safetensors.torch import save_file
 
 from contsparse.errors import UserError
 from contsparse.storage import fsync_file, write_atomic
+
+
+def _writes(method: Callable[..., None]) -> Callable[..., None]:
+    """A RunDir write: skipped in read-only (non-zero-rank) processes; an OSError becomes a
+    one-line :class:`UserError`."""
+
+    @functools.wraps(method)
+    def write(self: RunDir, *args: Any, **kwargs: Any) -> None:
+        if self.writable:
+            with writing(self.path):
+                method(self, *args, **kwargs)
+
+    return write
 
 
 class RunDir:
@@ -71,45 +85,35 @@ class RunDir:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise UserError(f"{path} is damaged ({err}); delete it and resume the run to write it again") from err
 
+    @_writes
     def write_config(self, text: str) -> None:
-        if not self.writable:
-            return
-        with writing(self.path):
-            write_atomic(self.file(self.CONFIG), text.encode())
+        write_atomic(self.file(self.CONFIG), text.encode())
 
+    @_writes
     def write_summary(self, summary: dict[str, Any]) -> None:
-        if not self.writable:
-            return
-        with writing(self.path):
-            write_atomic(self.file(self.SUMMARY), (json.dumps(summary, indent=2) + "\n").encode())
+        write_atomic(self.file(self.SUMMARY), (json.dumps(summary, indent=2) + "\n").encode())
 
+    @_writes
     def append_metrics(self, record: dict[str, Any]) -> None:
-        if not self.writable:
-            return
-        with writing(self.path), open(self.file(self.METRICS), "a") as handle:
+        with open(self.file(self.METRICS), "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
+    @_writes
     def truncate_metrics(self, lines: int) -> None:
         """Drop records written after the checkpoint a resumed run restarts from."""
-        if not self.writable:
-            return
         path = self.file(self.METRICS)
         if path.is_file():
-            kept = path.read_text().splitlines(keepends=True)[:lines]
-            with writing(self.path):
-                write_atomic(path, "".join(kept).encode())
+            write_atomic(path, "".join(path.read_text().splitlines(keepends=True)[:lines]).encode())
 
+    @_writes
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        if not self.writable:
-            return
         tmp = self.file(name + ".tmp")
-        with writing(self.path):
-            try:
-                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-                fsync_file(tmp)
-                os.replace(tmp, self.file(name))
-            finally:
-                tmp.unlink(missing_ok=True)
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+            fsync_file(tmp)
+            os.replace(tmp, self.file(name))
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 @contextmanager
