@@ -12,7 +12,7 @@ import dataclasses
 import json
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +43,9 @@ class Row:
     train_epochs: int  # epochs of training it took to find and train this ticket
     wall_seconds: float
     run_dir: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        return dataclasses.asdict(self)
 
 
 def run_comparison(plan: ComparePlan, out: Path, log: Log) -> list[Row]:

@@ -99,6 +99,12 @@ def build_method(config: RunConfig, steps_per_epoch: int) -> Method:
     return METHODS[config.method](settings)
 
 
+def rewind_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of what rewinding restores: weights and norm statistics, not mask state."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if isinstance(v, torch.Tensor) and is_rewind_key(k)}
+
+
 def is_rewind_key(key: str) -> bool:
     """Weights and norm statistics are rewound; mask logits and mask state are not."""
     return not (key.endswith(".logits") or key.endswith(".hard_mask") or key.endswith("_extra_state"))
@@ -262,8 +268,7 @@ class Runner:
                 checkpoint()  # phase boundary: rewound, hardened, fresh optimisers
             epoch = progress["epoch"]
             if phase.kind == "search" and phase.round == 0 and epoch == config.rewind_epoch and rewind is None:
-                rewind = {k: v.detach().clone() for k, v in model.state_dict().items()
-                          if isinstance(v, torch.Tensor) and is_rewind_key(k)}
+                rewind = rewind_state(model)
                 checkpoint()  # the rewind point is stored
             try:
                 record = self._epoch(phase, epoch, progress["step"], partial, stop, trainable, model, method,
@@ -336,10 +341,11 @@ class Runner:
         other weights, the control that shows whether the ticket's own initial values matter."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed + 1_000_003)
-            fresh = build_model(self.config.model, self._load_data().input_shape, self._load_data().num_classes)
+            data = self._load_data()
+            fresh = build_model(self.config.model, data.input_shape, data.num_classes)
             build_method(self.config, 1).attach(fresh)
         device = next(model.parameters()).device
-        return {k: v.to(device) for k, v in fresh.state_dict().items() if torch.is_tensor(v) and is_rewind_key(k)}
+        return {k: v.to(device) for k, v in rewind_state(fresh).items()}
 
     def _optimizers(self, phase: Phase, model: nn.Module, method: Method) -> dict[str, torch.optim.Optimizer]:
         weights = [p for p in method.weight_parameters(model) if p.requires_grad]

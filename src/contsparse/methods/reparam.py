@@ -112,8 +112,7 @@ class _Reparametrised(HardMaskMethod):
     def harden(self) -> None:
         for module, attr in self._parametrised().values():
             parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
-        self.mask_set._weights = None  # the raw weights are the layers' own parameters again
-        self.mask_set.zero_pruned()
+        self.mask_set.zero_pruned()  # the same Parameter objects are the layers' weights again
 
 
 class SoftThresholdReparametrization(_Reparametrised):

@@ -74,7 +74,6 @@ def train_epoch(model: nn.Module, batches: BatchIterator, optimizers: Sequence[t
     first = int(totals["steps"])
     bar = tqdm(batches.iterate(first), desc=desc, total=len(batches), initial=first, leave=False,
                dynamic_ncols=True, mininterval=0.5, disable=None)
-    step = first
     for step, (x, y) in enumerate(bar, start=first):
         x, y, global_size = speed.prepare(x, y, device)
         for optimizer in optimizers:
@@ -136,12 +135,13 @@ def evaluate(model: nn.Module, batches: BatchIterator, device: torch.device,
              speed: StepSettings | None = None) -> EpochResult:
     """Mean cross-entropy and accuracy of ``model`` on ``batches`` (eval mode, no gradient)."""
     speed = speed or StepSettings()
+    whole_batches = StepSettings(amp=speed.amp, channels_last=speed.channels_last)  # every process sees all
     model.eval()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for x, y in batches:
-        x, y, _ = StepSettings(amp=speed.amp, channels_last=speed.channels_last).prepare(x, y, device)
+        x, y, _ = whole_batches.prepare(x, y, device)
         with speed.autocast(device):
             logits = _forward(model, x).float()
         total_loss += _cross_entropy(logits, y, reduction="sum")
