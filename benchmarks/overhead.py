@@ -24,10 +24,13 @@ from contsparse.models import build_model
 from contsparse.training import tune_cpu_allocator
 
 FUSED = True  # fused Adam: about 30 % faster steps on CPU, for dense and CS alike
-MODELS = {  # name -> (input shape, weight optimiser)
-    "lenet300": ((1, 28, 28), "adam"),
-    "conv4": ((3, 32, 32), "sgd"),
+MODELS = {  # name -> (input shape, classes, weight optimiser); the CPU default is the first two
+    "lenet300": ((1, 28, 28), 10, "adam"),
+    "conv4": ((3, 32, 32), 10, "sgd"),
+    "resnet20": ((3, 32, 32), 10, "sgd"),  # CIFAR-shaped batches
+    "resnet50": ((3, 224, 224), 1000, "sgd"),  # synthetic ImageNet-shaped batches
 }
+CPU_DEFAULT = ["lenet300", "conv4"]
 
 
 def optimizer(name: str, params) -> torch.optim.Optimizer:
@@ -36,14 +39,20 @@ def optimizer(name: str, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, fused=FUSED)
 
 
-def make_steps(model_name: str, batch: int, device: torch.device):
-    shape, opt_name = MODELS[model_name]
-    x = torch.randn(batch, *shape, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
+def make_steps(model_name: str, batch: int, device: torch.device, amp: bool = False,
+               channels_last: bool = False):
+    shape, classes, opt_name = MODELS[model_name]
+    memory_format = torch.channels_last if channels_last and len(shape) == 3 else torch.contiguous_format
+    x = torch.randn(batch, *shape, device=device).contiguous(memory_format=memory_format)
+    y = torch.randint(0, classes, (batch,), device=device)
 
     def fresh():
         torch.manual_seed(0)
-        return build_model(model_name, shape, 10).to(device)
+        return build_model(model_name, shape, classes).to(device, memory_format=memory_format)
+
+    def loss(model):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            return F.cross_entropy(model(x), y)
 
     dense = fresh()
     dense_opt = optimizer(opt_name, dense.parameters())
@@ -65,19 +74,19 @@ def make_steps(model_name: str, batch: int, device: torch.device):
 
     def dense_step():
         dense_opt.zero_grad(set_to_none=True)
-        F.cross_entropy(dense(x), y).backward()
+        loss(dense).backward()
         dense_opt.step()
 
     def search_step():
         search_opt.zero_grad(set_to_none=True)
         mask_opt.zero_grad(set_to_none=True)
-        F.cross_entropy(search(x), y).backward()
+        loss(search).backward()
         search_opt.step()
         mask_opt.step()
 
     def ticket_step():
         ticket_opt.zero_grad(set_to_none=True)
-        F.cross_entropy(ticket(x), y).backward()
+        loss(ticket).backward()
         ticket_opt.step()
         ticket_masks.zero_pruned()
 
@@ -89,7 +98,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--blocks", type=int, default=15)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--models", nargs="*", choices=list(MODELS), default=CPU_DEFAULT)
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast in every variant")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last conv models and inputs")
     parser.add_argument("--name", default="overhead", help="results file name")
     parser.add_argument("--optimizers", choices=["fused", "foreach"], default="fused",
                         help="PyTorch optimiser kernels for every variant (contsparse uses fused)")
@@ -101,7 +112,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = []
     for model_name in args.models:
-        steps = make_steps(model_name, args.batch_size, device)
+        steps = make_steps(model_name, args.batch_size, device, args.amp, args.channels_last)
         per_block = 40 if model_name == "lenet300" else 4
         times = interleaved_times(steps, args.blocks, per_block, warmup=10, sync=sync)
         rows.append({
@@ -116,7 +127,8 @@ def main() -> None:
         })
     command = " ".join(["python benchmarks/overhead.py", *sys.argv[1:]])
     lines = [f"# Step-time overhead of CS masks ({args.device}, batch {args.batch_size}, "
-             f"{args.optimizers} optimisers)", "",
+             f"{args.optimizers} optimisers" + (", bf16 autocast" if args.amp else "")
+             + (", channels-last" if args.channels_last else "") + ")", "",
              f"Command: `{command}`; median of {args.blocks} interleaved blocks per variant, one process.", "",
              "| model | dense ms/step | CS search ms/step | ticket ms/step | search / dense | ticket / dense "
              "| dense img/s | search img/s | ticket img/s |",
@@ -131,7 +143,7 @@ def main() -> None:
               + (f", GPU {info['cuda']}" if info["cuda"] and device.type == "cuda" else "")
               + f"; glibc allocator tuning: {allocator}.", ""]
     write_results(args.name, {"machine": info, "allocator_tuned": allocator, "optimizers": args.optimizers,
-                              "command": command, "rows": rows}, "\n".join(lines))
+                              "amp": args.amp, "channels_last": args.channels_last, "command": command, "rows": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -292,3 +292,16 @@ def test_loading_saved_binary_masks_gives_a_plain_hardened_model():
     assert masks.mode == "hard" and not any("parametrizations" in k for k in model.state_dict())
     torch.testing.assert_close(model[0].weight, raw["0.weight"] * saved["0.weight"] * 2.0)
     assert masks.binary_masks()["2.weight"].equal(saved["2.weight"])
+
+
+def test_masks_on_a_channels_last_model_keep_its_layout_and_outputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    x = torch.randn(2, 3, 8, 8)
+    reference = model(x)
+    model.to(memory_format=torch.channels_last)
+    masks = cs.attach_masks(model, mask_init=0.5)
+    for logits in masks.mask_parameters():
+        assert logits.is_contiguous(memory_format=torch.channels_last)
+    out = model(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)

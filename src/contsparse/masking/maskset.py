@@ -205,6 +205,10 @@ def attach_masks(model: nn.Module, mask_init: float = 0.0, *, scale_by_init: boo
             raise ValueError(f"{module_name}.weight is already parametrized (masks attached twice?)")
         weight = module.weight
         mask = ContinuousMask(weight.shape, mask_init, scale_by_init, device=weight.device, dtype=weight.dtype)
+        if weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
+            # Logits in the weight's layout: a channels-last weight times a contiguous mask would
+            # take the slow strided elementwise path and hand the conv a weight to re-layout.
+            mask.to(memory_format=torch.channels_last)
         parametrize.register_parametrization(module, "weight", mask, unsafe=True)
         masks[f"{module_name}.weight" if module_name else "weight"] = mask
     return MaskSet(model, masks)
