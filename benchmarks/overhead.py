@@ -143,7 +143,8 @@ def main() -> None:
               + (f", GPU {info['cuda']}" if info["cuda"] and device.type == "cuda" else "")
               + f"; glibc allocator tuning: {allocator}.", ""]
     write_results(args.name, {"machine": info, "allocator_tuned": allocator, "optimizers": args.optimizers,
-                              "amp": args.amp, "channels_last": args.channels_last, "command": command, "rows": rows}, "\n".join(lines))
+                              "amp": args.amp, "channels_last": args.channels_last, "command": command,
+                              "rows": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":

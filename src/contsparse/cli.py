@@ -1,4 +1,5 @@
-"""Command line: ``contsparse ticket | prune | train | resume | info | report | export | bench-inference``.
+"""Command line: ``contsparse ticket | prune | train | resume | compare | sweep | info | report | export |
+bench-inference``.
 
 Thin: parses, calls the library, prints.
 """
@@ -75,14 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", nargs="+", default=["dense", "cs", "imp", "random"],
                          choices=["dense", "cs", "imp", "random"])
     _add_run_flags(compare, with_method=False)
+    _add_sweep_parser(sub)
     sub.add_parser("presets", help="list the named paper settings for --preset", description="list the presets")
     info = sub.add_parser("info", help="print a run's summary as a table", description="print a run's summary")
     info.add_argument("run_dir", type=Path)
-    report = sub.add_parser("report", help="per-layer table and plots of a finished run",
-                            description="per-layer weights remaining (table and bar chart) and, for MLPs on "
-                                        "square images, a picture of the first layer's mask")
-    report.add_argument("run_dir", type=Path)
-    report.add_argument("--out", type=Path, help="folder for the PNG files (default: RUN_DIR/report)")
+    report = sub.add_parser("report", help="tables and plots of runs, sweeps and comparisons",
+                            description="one run: per-layer weights remaining (table and bar chart) and, for MLPs "
+                                        "on square images, a picture of the first layer's mask; one sweep: its "
+                                        "sweep.md/csv/json and plot again; several directories (runs, sweeps, "
+                                        "comparisons): one table per directory and one accuracy-vs-weights plot")
+    report.add_argument("run_dirs", type=Path, nargs="+", metavar="DIR")
+    report.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/report for one run, the sweep "
+                                                 "directory for one sweep, ./report for several)")
     export = sub.add_parser("export", help="write a finished run's model as a plain model file",
                             description="the run's final model with the masks applied and removed")
     export.add_argument("run_dir", type=Path)
@@ -100,14 +105,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_run_flags(cmd: argparse.ArgumentParser, with_method: bool) -> None:
+def _add_sweep_parser(sub: Any) -> None:
+    sweep = sub.add_parser("sweep", help="many runs over a grid of settings, in parallel (processes or Ray)",
+                           description="a grid (--grid) and/or list (--point) of settings, each point an ordinary "
+                                       "run directory, run by a local process pool or a Ray cluster; finished "
+                                       "points are skipped, unfinished ones resume, a failing one does not stop "
+                                       "the others. Writes sweep.md/csv/json with the Pareto front and sweep.png. "
+                                       "Default grid: mask_init=-0.02,-0.03,-0.05,-0.08")
+    sweep.add_argument("--run", choices=list(TRAINING_COMMANDS), default="ticket", help="what each point runs")
+    sweep.add_argument("--preset", help="named paper settings for the base settings")
+    sweep.add_argument("--config", type=Path, help="YAML file of base settings")
+    sweep.add_argument("--out", type=Path, help="sweep directory (default: runs/sweep-<model>-<dataset>)")
+    sweep.add_argument("--grid", action="append", metavar="KEY=V1,V2",
+                       help="sweep KEY over the values (repeat for a cartesian product), e.g. --grid penalty=1e-9,1e-8")
+    sweep.add_argument("--point", action="append", metavar="KEY=V,KEY=V",
+                       help="one explicit point (repeat for a list; combined with every --grid combination)")
+    sweep.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 for every point (default: 1)")
+    sweep.add_argument("--dense-reference", action=argparse.BooleanOptionalAction, default=True,
+                       help="also train the dense model once per seed, the accuracy the curve is read against")
+    sweep.add_argument("--workers", type=int, dest="pool_workers",
+                       help="points at once on this machine (default: one per core)")
+    sweep.add_argument("--data-workers", type=int, dest="workers",
+                       help="DataLoader processes per point for image folders (the runs' --workers)")
+    sweep.add_argument("--threads", type=int, help="torch threads per point (default: cores / workers)")
+    sweep.add_argument("--ray-address", metavar="auto|local|HOST:PORT",
+                       help="run the points as Ray tasks on this cluster instead (pip install 'contsparse[ray]')")
+    sweep.add_argument("--gpus-per-point", type=float, default=0.0, help="Ray: GPUs each point asks for")
+    _add_run_flags(sweep, with_method=True, skip={"workers"})
+
+
+def _add_run_flags(cmd: argparse.ArgumentParser, with_method: bool, skip: frozenset[str] | set[str] = frozenset()
+                   ) -> None:
     cmd.add_argument("--force", action="store_true",
                      help="resume a run even though its settings differ from these (the new ones are saved)")
     cmd.add_argument("--debug", action="store_true", help="show tracebacks")
     if with_method:
         cmd.add_argument("--method", help="cs (default), imp, magnitude, random, gmp, str or dnw")
     for field in dataclasses.fields(RunConfig):
-        if field.name not in ("command", "method"):
+        if field.name not in ("command", "method", *skip):
             _add_field_flag(cmd, field)
 
 
@@ -184,19 +219,32 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from contsparse.experiments.sweep import is_sweep
+
+    if len(args.run_dirs) == 1 and not is_sweep(args.run_dirs[0]):
+        return _report_run(args.run_dirs[0], args.out)
+    from contsparse.reports.collect import report_directories
+
+    written = report_directories(args.run_dirs, args.out)
+    print(written[0].read_text())
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _report_run(run_dir: Path, out: Path | None) -> int:
     from contsparse.experiments.rundir import RunDir
     from contsparse.export import load_run_model
     from contsparse.reports import print_summary
     from contsparse.reports.plots import input_mask_image, per_layer_chart
 
-    summary = RunDir(args.run_dir).read_summary()
+    summary = RunDir(run_dir).read_summary()
     print_summary(summary, per_layer=True)
-    out = args.out or args.run_dir / "report"
+    out = out or run_dir / "report"
     try:
         out.mkdir(parents=True, exist_ok=True)
         title = f"{summary['method']} · {summary['model']} · {100 * summary['weights_remaining']:.2f} % kept"
         written = [per_layer_chart(summary["per_layer"], out / "per_layer.png", title)]
-        masks = load_run_model(args.run_dir).masks
+        masks = load_run_model(run_dir).masks
         if masks:
             first = next(iter(masks.values()))
             written.append(input_mask_image(first, out / "first_layer_mask.png",
@@ -269,6 +317,65 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_sweep(args: argparse.Namespace) -> int:
+    import signal
+
+    from contsparse.experiments.executors import LocalPool, RayExecutor, available_cores
+    from contsparse.experiments.sweep import SweepPlan, collect, parse_assignments, parse_point, run_sweep
+    from contsparse.reports.progress import SweepProgress
+    from contsparse.reports.sweep import sweep_title, write_sweep
+
+    if args.seeds < 1:
+        raise UserError("--seeds must be >= 1")
+    args.command = args.run
+    base = config_from_args(args)
+    plan = SweepPlan(base, parse_assignments(args.grid or [], "--grid"), [parse_point(p) for p in args.point or []],
+                     args.seeds, args.dense_reference)
+    points = plan.expand()  # a bad grid value fails here, before anything runs
+    out = args.out or Path("runs") / f"sweep-{base.model}-{base.dataset}"
+    if args.ray_address:
+        executor = RayExecutor(args.ray_address, out, args.threads or 1, args.gpus_per_point)
+    else:
+        workers = args.pool_workers if args.pool_workers is not None else min(available_cores(), len(points))
+        gpus = 0
+        if base.device.startswith("cuda") or base.device == "auto":
+            import torch
+
+            gpus = torch.cuda.device_count()
+        executor = LocalPool(workers, args.threads, gpus)
+    where = f"Ray at {args.ray_address}" if args.ray_address else f"{executor.capacity} worker(s)"
+    print(f"sweep of {len(points)} points in {out} on {where}, {executor.threads} torch thread(s) each",
+          file=sys.stderr)
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, terminate)
+    interrupted = False
+    try:
+        results = run_sweep(plan, out, executor, SweepProgress())
+    except KeyboardInterrupt:
+        interrupted = True
+        results = collect(out)[1]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    try:
+        written = write_sweep(results, out, sweep_title(base))
+    except OSError as err:
+        raise UserError(f"cannot write the sweep results into {out}: {err.strerror or err}") from err
+    print(written[0].read_text())
+    print("wrote " + ", ".join(str(p) for p in written))
+    if interrupted:
+        print("interrupted: finished points are kept and running ones saved a checkpoint. Run the same command "
+              "again to continue.", file=sys.stderr)
+        return 130
+    failed = [r for r in results if r.status != "done"]
+    if failed:
+        print(f"{len(failed)} point(s) did not finish: " + "; ".join(f"{r.name}: {r.message}" for r in failed)
+              + f". Logs: {out / 'logs'}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run_presets(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -287,7 +394,7 @@ def run_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"compare": run_compare, "presets": run_presets, "info": run_info, "report": run_report,
+COMMANDS = {"compare": run_compare, "sweep": run_sweep, "presets": run_presets, "info": run_info, "report": run_report,
             "export": run_export, "bench-inference": run_bench_inference}
 
 

@@ -1,0 +1,280 @@
+"""Where sweep points run: a local process pool, or a Ray cluster.
+
+Each point runs in a process of its own, so one that fails (an exception, a crash, a kill) is
+reported and the others go on; ``concurrent.futures.ProcessPoolExecutor`` would instead break
+the whole pool when one worker dies. Workers get ``threads`` torch threads each, so that
+``workers * threads`` matches the cores instead of oversubscribing them.
+
+This module imports torch only inside the worker, after setting the thread count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import multiprocessing
+import os
+import signal
+import tarfile
+import tempfile
+import traceback
+import uuid
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any, Protocol
+
+from contsparse.errors import RunInterrupted, UserError
+
+TOKEN_FILE = ".sweep-token"
+
+
+@dataclass(frozen=True)
+class PointJob:
+    name: str
+    path: str  # the point's run directory
+    config: dict[str, Any]  # RunConfig fields
+    log_path: str
+    sweep_dir: str
+    threads: int = 1
+    cuda_device: int | None = None  # local pool on a multi-GPU machine: the point's GPU
+
+
+@dataclass
+class PointOutcome:
+    name: str
+    status: str  # done | failed | interrupted
+    summary: dict[str, Any] | None = None
+    message: str = ""
+    threads: int | None = None  # torch threads the point ran with
+    files: bytes | None = None  # Ray without a shared file system: the run directory as a tarball
+
+
+class Executor(Protocol):
+    capacity: int  # points running at once
+
+    def start(self, job: PointJob) -> None: ...
+    def wait(self, timeout: float) -> list[PointOutcome]: ...
+    def interrupt(self) -> list[PointOutcome]: ...
+    def close(self) -> None: ...
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def run_point(job: PointJob) -> PointOutcome:
+    """Run one point in this process (a pool worker or a Ray task); never raises."""
+    os.environ["OMP_NUM_THREADS"] = str(job.threads)
+    os.environ["TQDM_DISABLE"] = "1"  # one display for the sweep, in the driver
+    if job.cuda_device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(job.cuda_device)
+    import torch
+
+    from contsparse.experiments.config import make_config
+    from contsparse.experiments.runner import Runner
+
+    torch.set_num_threads(job.threads)
+    Path(job.log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(job.log_path, "a", buffering=1) as log:
+        def write(message: str) -> None:
+            log.write(message + "\n")
+        try:
+            summary = Runner(make_config(job.config), job.path, write).execute()
+            return PointOutcome(job.name, "done", summary, threads=torch.get_num_threads())
+        except RunInterrupted as stopped:
+            write(str(stopped))
+            return PointOutcome(job.name, "interrupted", message=str(stopped), threads=job.threads)
+        except UserError as err:
+            write(f"error: {err}")
+            return PointOutcome(job.name, "failed", message=str(err), threads=job.threads)
+        except BaseException as err:  # a point's bug must not take the sweep down
+            log.write(traceback.format_exc())
+            return PointOutcome(job.name, "failed", message=f"{type(err).__name__}: {err} (see {job.log_path})",
+                                threads=job.threads)
+
+
+# -- local processes -------------------------------------------------------------------------------
+def _worker_main(connection: Connection, job: PointJob) -> None:
+    # Own process group: a Ctrl-C in the terminal reaches the driver only, which then asks each
+    # point once to checkpoint and stop (a second signal would mean "stop at once").
+    os.setpgrp()
+    connection.send(run_point(job))
+    connection.close()
+
+
+class LocalPool:
+    """``workers`` points at a time, each in a fresh (spawned) process with ``threads`` threads."""
+
+    def __init__(self, workers: int, threads: int | None = None, cuda_devices: int = 0) -> None:
+        if workers < 1:
+            raise UserError(f"--workers must be >= 1, got {workers}")
+        self.capacity = workers
+        self.threads = threads or max(1, available_cores() // workers)
+        if self.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        self.cuda_devices = cuda_devices
+        self._context = multiprocessing.get_context("spawn")
+        self._live: dict[str, tuple[Any, Connection]] = {}
+        self._started = 0
+
+    def start(self, job: PointJob) -> None:
+        gpu = self._started % self.cuda_devices if self.cuda_devices > 1 else None
+        job = replace(job, threads=self.threads, cuda_device=gpu)
+        receive, send = self._context.Pipe(duplex=False)
+        process = self._context.Process(target=_worker_main, args=(send, job), name=f"contsparse-{job.name}",
+                                        daemon=False)
+        process.start()
+        send.close()
+        self._live[job.name] = (process, receive)
+        self._started += 1
+
+    def wait(self, timeout: float) -> list[PointOutcome]:
+        if not self._live:
+            return []
+        ready = wait([process.sentinel for process, _ in self._live.values()], timeout)
+        out = []
+        for name, (process, receive) in list(self._live.items()):
+            if process.sentinel in ready:
+                out.append(self._collect(name, process, receive))
+        return out
+
+    def _collect(self, name: str, process: Any, receive: Connection) -> PointOutcome:
+        outcome = None
+        try:
+            if receive.poll():
+                outcome = receive.recv()
+        except (EOFError, OSError):
+            pass
+        process.join()
+        receive.close()
+        del self._live[name]
+        if outcome is None:
+            code = process.exitcode
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+            outcome = PointOutcome(name, "failed", message=f"the worker process died ({how})", threads=self.threads)
+        return outcome
+
+    def interrupt(self, grace_seconds: float = 120.0) -> list[PointOutcome]:
+        """Ask every running point to checkpoint and stop (SIGINT once), wait for them; a second
+        Ctrl-C meanwhile stops them at once."""
+        for process, _ in self._live.values():
+            _signal(process.pid, signal.SIGINT)
+        out = []
+        try:
+            for name, (process, receive) in list(self._live.items()):
+                process.join(grace_seconds)
+                out.append(self._collect(name, process, receive) if not process.is_alive()
+                           else PointOutcome(name, "interrupted", message="did not stop in time"))
+        except KeyboardInterrupt:
+            for process, _ in self._live.values():
+                _signal(process.pid, signal.SIGINT)
+        return out
+
+    def close(self) -> None:
+        for process, receive in self._live.values():
+            _signal(process.pid, signal.SIGKILL)
+            process.join()
+            receive.close()
+        self._live.clear()
+
+
+def _signal(pid: int | None, sig: int) -> None:
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+# -- Ray ---------------------------------------------------------------------------------------------
+def run_point_anywhere(job: PointJob, token: str) -> PointOutcome:
+    """A Ray task: run in the sweep directory if this machine sees it (shared file system), else in
+    a temporary directory whose files travel back to the driver in the outcome."""
+    marker = Path(job.sweep_dir) / TOKEN_FILE
+    try:
+        shared = marker.read_text() == token
+    except OSError:
+        shared = False
+    if shared:
+        return run_point(job)
+    with tempfile.TemporaryDirectory(prefix="contsparse-point-") as tmp:
+        local = replace(job, path=str(Path(tmp) / job.name), log_path=str(Path(tmp) / "logs" / f"{job.name}.log"))
+        outcome = run_point(local)
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+            for name in (job.name, "logs"):
+                if (Path(tmp) / name).exists():
+                    archive.add(Path(tmp) / name, arcname=name)
+        outcome.files = buffer.getvalue()
+        return outcome
+
+
+def unpack_files(outcome: PointOutcome, sweep_dir: Path) -> None:
+    """Put a remote point's run directory and log into the sweep directory."""
+    if outcome.files:
+        with tarfile.open(fileobj=io.BytesIO(outcome.files), mode="r:gz") as archive:
+            archive.extractall(sweep_dir, filter="data")
+        outcome.files = None
+
+
+class RayExecutor:
+    """Each point a Ray task asking for ``threads`` CPUs (and ``gpus`` GPUs).
+
+    ``address``: ``auto`` (the cluster this machine belongs to, or ``RAY_ADDRESS``), ``local`` (a
+    Ray started for this sweep on this machine) or ``HOST:PORT``.
+    """
+
+    def __init__(self, address: str, sweep_dir: Path, threads: int = 1, gpus: float = 0.0) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise UserError("--ray-address needs Ray: pip install 'contsparse[ray]'") from None
+        if threads < 1 or gpus < 0:
+            raise UserError("--threads must be >= 1 and --gpus-per-point >= 0")
+        self._ray = ray
+        try:
+            ray.init(address=None if address == "local" else address, log_to_driver=False,
+                     include_dashboard=False, configure_logging=False,
+                     runtime_env={"env_vars": {"TQDM_DISABLE": "1"}})
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise UserError(f"cannot connect to Ray at {address}: {str(err).splitlines()[0]}") from None
+        cpus = ray.cluster_resources().get("CPU", 1)
+        self.capacity = max(1, int(cpus // threads))
+        self.sweep_dir = sweep_dir
+        self.threads = threads
+        self._token = uuid.uuid4().hex
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / TOKEN_FILE).write_text(self._token)
+        self._task = ray.remote(run_point_anywhere).options(num_cpus=threads, num_gpus=gpus, max_retries=0)
+        self._live: dict[Any, str] = {}
+
+    def start(self, job: PointJob) -> None:
+        self._live[self._task.remote(replace(job, threads=self.threads), self._token)] = job.name
+
+    def wait(self, timeout: float) -> list[PointOutcome]:
+        if not self._live:
+            return []
+        ready, _ = self._ray.wait(list(self._live), num_returns=len(self._live), timeout=timeout)
+        return [self._collect(ref) for ref in ready]
+
+    def _collect(self, ref: Any) -> PointOutcome:
+        name = self._live.pop(ref)
+        try:
+            outcome = self._ray.get(ref)
+        except self._ray.exceptions.TaskCancelledError:
+            return PointOutcome(name, "interrupted", message="cancelled")
+        except self._ray.exceptions.RayError as err:
+            return PointOutcome(name, "failed", message=f"Ray: {str(err).splitlines()[0]}")
+        unpack_files(outcome, self.sweep_dir)
+        return outcome
+
+    def interrupt(self) -> list[PointOutcome]:
+        for ref in self._live:
+            self._ray.cancel(ref)  # KeyboardInterrupt inside the task; its last checkpoint stays
+        return [self._collect(ref) for ref in list(self._live)]
+
+    def close(self) -> None:
+        (self.sweep_dir / TOKEN_FILE).unlink(missing_ok=True)
+        self._ray.shutdown()

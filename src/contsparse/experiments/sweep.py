@@ -1,0 +1,289 @@
+"""``contsparse sweep``: many independent runs of one model, in parallel.
+
+CS cannot aim at an exact sparsity; a sweep over ``mask_init`` (and ``penalty``, seeds, ...) gives
+the sparsity-accuracy curve instead, and since every point is an independent run the curve costs
+the wall time of one run given enough workers (IMP's rounds are sequential). Each point is an
+ordinary run directory, so a finished point is skipped and an unfinished one resumes when the
+sweep is run again; a failing point is reported and the others go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from contsparse.errors import UserError
+from contsparse.experiments.config import FIELDS, RunConfig, make_config
+from contsparse.experiments.executors import Executor, PointJob, PointOutcome
+from contsparse.experiments.rundir import RunDir
+from contsparse.experiments.runner import plan_phases
+from contsparse.storage import write_atomic
+
+PLAN_FILE, RESULTS_FILE = "sweep.yaml", "sweep.json"
+DEFAULT_GRID: dict[str, list[Any]] = {"mask_init": [-0.02, -0.03, -0.05, -0.08]}
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    name: str  # also the point's run directory inside the sweep directory
+    values: dict[str, Any]  # the swept hyper-parameters of this point
+    config: RunConfig
+
+    def total_epochs(self) -> int:
+        """Epochs the point trains, its dense baseline included (for progress)."""
+        epochs = sum(p.epochs for p in plan_phases(self.config))
+        if self.config.command == "ticket" and self.config.dense_baseline:
+            epochs += self.config.phase_epochs
+        return epochs
+
+
+@dataclass
+class SweepPlan:
+    """A base configuration, a grid (cartesian product) and/or a list of points, and seeds.
+
+    ``dense_reference`` adds one dense training per seed (the ticket training's settings): the
+    accuracy the curve is read against.
+    """
+
+    base: RunConfig
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    points: list[dict[str, Any]] = field(default_factory=list)
+    seeds: int = 1
+    dense_reference: bool = True
+
+    def expand(self) -> list[SweepPoint]:
+        grid = dict(self.grid) if self.grid or self.points else dict(DEFAULT_GRID)
+        if "seed" not in grid and not any("seed" in p for p in self.points):
+            grid["seed"] = list(range(self.seeds))
+        listed = self.points or [{}]
+        combos = [{**point, **dict(zip(grid, values, strict=True))}
+                  for point in listed for values in itertools.product(*grid.values())]
+        out: dict[str, SweepPoint] = {}
+        if self.dense_reference and self.base.command != "train":
+            seeds = sorted({c.get("seed", self.base.seed) for c in combos}, key=lambda s: int(s))
+            for seed in seeds:
+                config = dataclasses.replace(self.base, seed=int(seed)).dense_variant()
+                out[f"dense_seed={seed}"] = SweepPoint(f"dense_seed={seed}", {"seed": int(seed)}, config)
+        for combo in combos:
+            config = _configure(self.base, combo)
+            values = {key: getattr(config, key) for key in combo}
+            name = point_name(values)
+            if name in out:
+                raise UserError(f"the sweep lists the point {name} twice")
+            out[name] = SweepPoint(name, values, config)
+        return list(out.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base": dataclasses.asdict(self.base), "grid": self.grid, "points": self.points,
+                "seeds": self.seeds, "dense_reference": self.dense_reference}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SweepPlan:
+        return cls(make_config(data["base"]), data.get("grid") or {}, data.get("points") or [],
+                   int(data.get("seeds", 1)), bool(data.get("dense_reference", True)))
+
+
+def _configure(base: RunConfig, values: dict[str, Any]) -> RunConfig:
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise UserError(f"cannot sweep over {', '.join(unknown)}: not a setting; settings are "
+                        f"{', '.join(sorted(FIELDS))}")
+    # A point is one run: the dense reference is a point of its own, not a baseline per point.
+    return make_config({**dataclasses.asdict(base), "dense_baseline": False, **values})
+
+
+def point_name(values: dict[str, Any]) -> str:
+    """``mask_init=-0.05_seed=0``: readable, stable, one directory level."""
+    def text(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:g}"
+        if isinstance(value, list | tuple):
+            return ",".join(text(v) for v in value)
+        return str(value).replace(os.sep, "-")
+    return "_".join(f"{key}={text(value)}" for key, value in values.items())
+
+
+def parse_assignments(items: list[str], flag: str) -> dict[str, list[str]]:
+    """``["mask_init=-0.02,-0.05", "seed=0,1"]`` -> ``{"mask_init": ["-0.02", "-0.05"], ...}``."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().replace("-", "_")
+        parts = [v.strip() for v in values.split(",")]
+        if not sep or not key or not all(parts):
+            raise UserError(f"{flag} {item!r}: expected KEY=VALUE[,VALUE...], e.g. {flag} mask_init=-0.02,-0.05")
+        if key in out:
+            raise UserError(f"{flag}: {key} given twice")
+        out[key] = parts
+    return out
+
+
+def parse_point(item: str) -> dict[str, str]:
+    """``"mask_init=-0.05,penalty=1e-8"`` -> one explicit point."""
+    values = {}
+    for part in item.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UserError(f"--point {item!r}: expected KEY=VALUE[,KEY=VALUE...], e.g. --point mask_init=-0.05")
+        values[key.strip().replace("-", "_")] = value.strip()
+    return values
+
+
+@dataclass
+class PointResult:
+    name: str
+    values: dict[str, Any]
+    command: str
+    status: str  # done | failed | interrupted | pending
+    run_dir: str
+    weights_remaining: float | None = None
+    test_accuracy: float | None = None
+    train_epochs: int | None = None
+    wall_seconds: float | None = None
+    finished_after_s: float | None = None  # since this invocation's start; None if done before
+    threads: int | None = None
+    message: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class SweepDisplay:
+    """What the driver reports to; the CLI's is a live progress display, tests use this one."""
+
+    def start(self, points: list[SweepPoint], finished: int) -> None: ...
+    def running(self, point: SweepPoint, epochs_done: int) -> None: ...
+    def finished(self, point: SweepPoint, result: PointResult) -> None: ...
+    def close(self) -> None: ...
+
+
+def run_sweep(plan: SweepPlan, out: Path, executor: Executor, display: SweepDisplay | None = None,
+              poll_seconds: float = 0.5) -> list[PointResult]:
+    """Run every unfinished point of ``plan`` in ``out`` on ``executor``; results in plan order.
+
+    ``KeyboardInterrupt`` asks the running points to checkpoint and stop, waits for them, and is
+    re-raised; the finished points are kept and a later call continues.
+    """
+    display = display or SweepDisplay()
+    points = plan.expand()
+    _write_plan(plan, out)
+    results = {p.name: _result_from_disk(p, out) for p in points}
+    todo = [p for p in points if results[p.name].status != "done"]
+    display.start(points, len(points) - len(todo))
+    start = time.monotonic()
+    running: dict[str, SweepPoint] = {}
+    try:
+        while todo or running:
+            while todo and len(running) < executor.capacity:
+                point = todo.pop(0)
+                executor.start(PointJob(point.name, str(out / point.name), _values(point.config),
+                                        str(out / "logs" / f"{point.name}.log"), str(out)))
+                running[point.name] = point
+            for outcome in executor.wait(poll_seconds):
+                point = running.pop(outcome.name)
+                results[point.name] = _result(point, out, outcome, time.monotonic() - start)
+                display.finished(point, results[point.name])
+            for point in running.values():
+                display.running(point, epochs_done(out / point.name))
+    except KeyboardInterrupt:
+        for outcome in executor.interrupt():
+            point = running.pop(outcome.name)
+            results[point.name] = _result(point, out, outcome, time.monotonic() - start)
+        raise
+    finally:
+        display.close()
+        executor.close()
+    return [results[p.name] for p in points]
+
+
+def _values(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def _write_plan(plan: SweepPlan, out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "logs").mkdir(exist_ok=True)
+        write_atomic(out / PLAN_FILE, yaml.safe_dump(plan.to_dict(), sort_keys=False).encode())
+    except OSError as err:
+        raise UserError(f"cannot write the sweep into {out}: {err.strerror or err}") from err
+
+
+def load_plan(directory: Path) -> SweepPlan:
+    path = directory / PLAN_FILE
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{directory} is not a sweep directory (no {PLAN_FILE})") from None
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"cannot read {path}: {err}") from None
+    if not isinstance(data, dict) or "base" not in data:
+        raise UserError(f"{path} is not a sweep plan")
+    return SweepPlan.from_dict(data)
+
+
+def is_sweep(directory: Path) -> bool:
+    return (directory / PLAN_FILE).is_file()
+
+
+def collect(directory: Path) -> tuple[SweepPlan, list[PointResult]]:
+    """A sweep directory's plan and the results on disk (for ``contsparse report``)."""
+    plan = load_plan(directory)
+    return plan, [_result_from_disk(p, directory) for p in plan.expand()]
+
+
+def epochs_done(run_path: Path) -> int:
+    """Epochs a (possibly running) point has recorded, its dense baseline's included."""
+    total = 0
+    for metrics in (run_path / RunDir.METRICS, run_path / "dense" / RunDir.METRICS):
+        try:
+            with open(metrics, "rb") as handle:
+                total += sum(1 for _ in handle)
+        except OSError:
+            pass
+    return total
+
+
+def _result_from_disk(point: SweepPoint, out: Path) -> PointResult:
+    run = RunDir(out / point.name, writable=False)
+    if run.is_finished():
+        return _from_summary(point, out, run.read_summary(), "done", None)
+    return PointResult(point.name, point.values, point.config.command, "pending", str(out / point.name))
+
+
+def _result(point: SweepPoint, out: Path, outcome: PointOutcome, after: float) -> PointResult:
+    if outcome.status == "done" and outcome.summary is not None:
+        result = _from_summary(point, out, outcome.summary, "done", round(after, 2))
+    else:
+        result = PointResult(point.name, point.values, point.config.command, outcome.status, str(out / point.name),
+                             message=outcome.message)
+    result.threads = outcome.threads
+    return result
+
+
+def _from_summary(point: SweepPoint, out: Path, summary: dict[str, Any], status: str,
+                  after: float | None) -> PointResult:
+    return PointResult(point.name, point.values, point.config.command, status, str(out / point.name),
+                       summary["weights_remaining"], summary["test_accuracy"], summary["train_epochs"],
+                       summary["wall_seconds"], after)
+
+
+def pareto_front(results: list[PointResult]) -> list[PointResult]:
+    """Finished sparse points not beaten by another on both axes (fewer weights and higher
+    accuracy), sorted by weights remaining."""
+    done = [r for r in results if r.status == "done" and r.command != "train"
+            and r.weights_remaining is not None and r.test_accuracy is not None
+            and math.isfinite(r.test_accuracy)]
+    front = []
+    for r in sorted(done, key=lambda r: (r.weights_remaining, -r.test_accuracy)):
+        if not front or r.test_accuracy > front[-1].test_accuracy:
+            front.append(r)
+    return front

@@ -1,0 +1,58 @@
+"""``contsparse report DIR...``: results of runs, sweeps and comparisons, from what is on disk."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from contsparse.errors import UserError
+from contsparse.experiments.rundir import RunDir
+from contsparse.experiments.sweep import PointResult, collect, is_sweep, load_plan
+from contsparse.reports.sweep import sweep_title, write_report, write_sweep
+
+
+def load_results(directory: Path) -> list[PointResult]:
+    """The points of a sweep, the tickets of a comparison, or a single finished run."""
+    if is_sweep(directory):
+        return collect(directory)[1]
+    if (directory / "compare.csv").is_file():
+        return _comparison(directory / "compare.csv")
+    run = RunDir(directory, writable=False)
+    if run.file(RunDir.CONFIG).is_file() or run.is_finished():
+        s = run.read_summary()  # a one-line error if it has not finished
+        values = {"method": s["method"]} if s["command"] != "train" else {}
+        return [PointResult(directory.name, values, s["command"], "done", str(directory), s["weights_remaining"],
+                            s["test_accuracy"], s["train_epochs"], s["wall_seconds"])]
+    raise UserError(f"{directory} is not a run, sweep or comparison directory")
+
+
+def _comparison(path: Path) -> list[PointResult]:
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        return [PointResult(f"{r['label']} seed {r['seed']}", {"method": r["method"], "seed": int(r["seed"])},
+                            "train" if r["method"] == "dense" else "ticket", "done", r["run_dir"],
+                            float(r["weights_remaining"]), float(r["test_accuracy"]), int(r["train_epochs"]),
+                            float(r["wall_seconds"])) for r in rows]
+    except (OSError, KeyError, ValueError) as err:
+        raise UserError(f"cannot read the comparison {path}: {err}") from None
+
+
+def report_directories(directories: list[Path], out: Path | None) -> list[Path]:
+    """One sweep: its files again, in place (or in ``out``). Several directories: ``report.md``,
+    ``report.csv`` and one plot in ``out`` (default ``./report``)."""
+    try:
+        if len(directories) == 1:
+            results = collect(directories[0])[1]
+            target = out or directories[0]
+            target.mkdir(parents=True, exist_ok=True)
+            return write_sweep(results, target, sweep_title(load_plan(directories[0]).base))
+        series: dict[str, list[PointResult]] = {}
+        for directory in directories:
+            label = directory.name or str(directory)
+            while label in series:
+                label += "'"
+            series[label] = load_results(directory)
+        return write_report(series, out or Path("report"), f"{len(directories)} directories")
+    except OSError as err:
+        raise UserError(f"cannot write the report: {err.strerror or err}") from err

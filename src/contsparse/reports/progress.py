@@ -1,0 +1,59 @@
+"""The sweep's one progress display: the whole sweep, and a bar per running point."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from contsparse.experiments.sweep import PointResult, SweepDisplay, SweepPoint
+
+
+class SweepProgress(SweepDisplay):
+    """Points done / running / failed on one line, epochs per running point below it; a log line
+    for every point that ends (so a non-interactive log keeps the story too)."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True, log_path=False)
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=self.console)
+        self._points: dict[str, int] = {}
+        self._counts = {"done": 0, "failed": 0, "interrupted": 0}
+        self._total = 0
+        self._overall = None
+
+    def start(self, points: list[SweepPoint], finished: int) -> None:
+        self._total = len(points)
+        self._counts["done"] = finished
+        self._totals = {p.name: p.total_epochs() for p in points}
+        self._overall = self.progress.add_task(self._summary(), total=self._total, completed=finished)
+        if finished:
+            self.console.log(f"{finished} of {len(points)} points already finished: skipped")
+        self.progress.start()
+
+    def _summary(self) -> str:
+        return (f"sweep: {self._counts['done']} done, {len(self._points)} running, {self._counts['failed']} failed"
+                + (f", {self._counts['interrupted']} stopped" if self._counts["interrupted"] else ""))
+
+    def running(self, point: SweepPoint, epochs_done: int) -> None:
+        task = self._points.get(point.name)
+        if task is None:
+            task = self.progress.add_task(f"  {escape(point.name)}", total=self._totals[point.name])
+            self._points[point.name] = task
+        self.progress.update(task, completed=epochs_done)
+        self.progress.update(self._overall, description=self._summary())
+
+    def finished(self, point: SweepPoint, result: PointResult) -> None:
+        task = self._points.pop(point.name, None)
+        if task is not None:
+            self.progress.remove_task(task)
+        self._counts[result.status] = self._counts.get(result.status, 0) + 1
+        if result.status == "done":
+            self.console.log(f"[green]done[/] {escape(point.name)}: {100 * result.weights_remaining:.2f} % "
+                             f"of the weights, test accuracy {100 * result.test_accuracy:.2f} %", markup=True)
+        else:
+            self.console.log(f"[red]{result.status}[/] {escape(point.name)}: {escape(result.message)}", markup=True)
+        self.progress.update(self._overall, completed=self._counts["done"], description=self._summary())
+
+    def close(self) -> None:
+        self.progress.stop()

@@ -1,0 +1,150 @@
+"""Tables and plots of sweeps (and of any set of runs): every point, the Pareto front, a picture.
+
+The front is what a user picks from: the points that no other point beats on both axes (fewer
+weights *and* higher accuracy).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from contsparse.experiments.config import RunConfig
+from contsparse.experiments.sweep import PointResult, pareto_front
+from contsparse.reports.plots import plt
+
+PALETTE = ["#c0392b", "#2c6fbb", "#27ae60", "#8e44ad", "#d35400", "#16a085", "#7f8c8d"]
+
+
+def sweep_title(base: RunConfig) -> str:
+    what = base.command if base.command == "train" else f"{base.command} ({base.method})"
+    return f"Sweep: {what} on {base.model} / {base.dataset}"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f} %"
+
+
+def _number(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def rows_for_csv(results: list[PointResult], front: list[PointResult], series: str = "") -> list[dict[str, Any]]:
+    on_front = {id(r) for r in front}
+    keys = sorted({k for r in results for k in r.values})
+    rows = []
+    for r in results:
+        row: dict[str, Any] = {"series": series} if series else {}
+        row.update({"point": r.name, "command": r.command, "status": r.status})
+        row.update({k: r.values.get(k, "") for k in keys})
+        row.update({"weights_remaining": r.weights_remaining, "test_accuracy": r.test_accuracy,
+                    "train_epochs": r.train_epochs, "wall_seconds": r.wall_seconds,
+                    "finished_after_s": r.finished_after_s, "threads": r.threads, "pareto": id(r) in on_front,
+                    "run_dir": r.run_dir, "message": r.message})
+        rows.append(row)
+    return rows
+
+
+def dense_accuracies(results: list[PointResult]) -> list[float]:
+    return [r.test_accuracy for r in results if r.command == "train" and r.status == "done"
+            and r.test_accuracy is not None]
+
+
+def markdown(results: list[PointResult], front: list[PointResult], title: str) -> str:
+    keys = sorted({k for r in results for k in r.values})
+    on_front = {id(r) for r in front}
+    lines = [f"# {title}", "",
+             "| point | " + " | ".join(keys) + " | status | weights remaining | test accuracy | epochs "
+             "| wall s | Pareto |", "|" + "---|" * (len(keys) + 7)]
+    for r in sorted(results, key=lambda r: (r.command != "train", -(r.weights_remaining or 0))):
+        lines.append(f"| {r.name} | " + " | ".join(str(r.values.get(k, "")) for k in keys)
+                     + f" | {r.status} | {_percent(r.weights_remaining)} | {_percent(r.test_accuracy)} "
+                     f"| {_number(r.train_epochs)} | {_number(r.wall_seconds)} | {'★' if id(r) in on_front else ''} |")
+    dense = dense_accuracies(results)
+    lines += ["", "Pareto front (fewest weights for the accuracy; no other point has both fewer weights and a "
+              "higher accuracy):", ""]
+    for r in front:
+        gap = f", {100 * (r.test_accuracy - statistics.fmean(dense)):+.2f} points vs dense" if dense else ""
+        lines.append(f"* {r.name}: {_percent(r.weights_remaining)} of the weights, {_percent(r.test_accuracy)}{gap}")
+    if not front:
+        lines.append("* (no finished sparse point yet)")
+    if dense:
+        lines += ["", f"Dense reference: {_percent(statistics.fmean(dense))} ({len(dense)} run(s))."]
+    problems = [r for r in results if r.status != "done"]
+    if problems:
+        lines += ["", "Not finished:", ""]
+        lines += [f"* {r.name}: {r.status}" + (f": {r.message}" if r.message else "") for r in problems]
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_plot(series: dict[str, list[PointResult]], path: Path, title: str) -> Path:
+    """Test accuracy vs weights remaining (log axis, sparser to the right), one colour per series,
+    its Pareto front as a line, the dense reference as a band."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    dense = [a for results in series.values() for a in dense_accuracies(results)]
+    if dense:
+        mean, spread = statistics.fmean(dense), (statistics.stdev(dense) if len(dense) > 1 else 0.0)
+        ax.axhspan(100 * (mean - spread) - 0.02, 100 * (mean + spread) + 0.02, color="#f1c40f", alpha=0.35,
+                   label="dense")
+        ax.axhline(100 * mean, color="#b7950b", linewidth=1)
+    for index, (label, results) in enumerate(series.items()):
+        color = PALETTE[index % len(PALETTE)]
+        done = [r for r in results if r.status == "done" and r.command != "train" and r.weights_remaining]
+        ax.scatter([100 * r.weights_remaining for r in done], [100 * r.test_accuracy for r in done], s=18,
+                   color=color, alpha=0.55)
+        front = [r for r in pareto_front(results) if r.weights_remaining]  # 0 has no place on a log axis
+        ax.plot([100 * r.weights_remaining for r in front], [100 * r.test_accuracy for r in front], marker="o",
+                markersize=5, color=color, label=f"{label} (Pareto front)")
+    if any(r.weights_remaining for results in series.values() for r in results if r.command != "train"):
+        ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("weights remaining (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    fields: list[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_sweep(results: list[PointResult], out: Path, title: str) -> list[Path]:
+    """``sweep.md``, ``sweep.csv``, ``sweep.json`` and ``sweep.png`` in the sweep directory."""
+    front = pareto_front(results)
+    rows = rows_for_csv(results, front)
+    write_csv(rows, out / "sweep.csv")
+    (out / "sweep.md").write_text(markdown(results, front, title) + "\n![accuracy vs weights](sweep.png)\n")
+    dense = dense_accuracies(results)
+    (out / "sweep.json").write_text(json.dumps({
+        "title": title, "points": rows, "pareto_front": [r.name for r in front],
+        "dense_accuracy": statistics.fmean(dense) if dense else None}, indent=2) + "\n")
+    plot = accuracy_plot({"sweep": results}, out / "sweep.png", title)
+    return [out / "sweep.md", out / "sweep.csv", out / "sweep.json", plot]
+
+
+def write_report(series: dict[str, list[PointResult]], out: Path, title: str) -> list[Path]:
+    """One table per source directory and one plot of all of them, into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows, text = [], [f"# {title}", ""]
+    for label, results in series.items():
+        front = pareto_front(results)
+        rows += rows_for_csv(results, front, label)
+        text.append(markdown(results, front, label).replace("# ", "## ", 1))
+    write_csv(rows, out / "report.csv")
+    (out / "report.md").write_text("\n".join(text) + "\n![accuracy vs weights](accuracy_vs_weights.png)\n")
+    plot = accuracy_plot(series, out / "accuracy_vs_weights.png", title)
+    return [out / "report.md", out / "report.csv", plot]

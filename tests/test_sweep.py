@@ -1,0 +1,259 @@
+"""``contsparse sweep``: the grid, skipping and resuming, failure isolation, threads, Ray, reports."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from contsparse.cli import main
+from contsparse.errors import UserError
+from contsparse.experiments import make_config
+from contsparse.experiments.executors import LocalPool, PointJob, unpack_files
+from contsparse.experiments.sweep import (
+    PointResult,
+    SweepDisplay,
+    SweepPlan,
+    load_plan,
+    pareto_front,
+    parse_assignments,
+    parse_point,
+    run_sweep,
+)
+
+TINY = {"dataset": "synthetic", "synthetic_size": 256, "epochs": 2, "rewind_epoch": 1, "ticket_epochs": 1}
+TINY_FLAGS = ["--dataset", "synthetic", "--synthetic-size", "256", "--epochs", "2", "--rewind-epoch", "1",
+              "--ticket-epochs", "1"]
+
+
+class Recorder(SweepDisplay):
+    def __init__(self) -> None:
+        self.skipped, self.ended, self.progress = None, [], {}
+
+    def start(self, points, finished):
+        self.skipped = finished
+
+    def running(self, point, epochs_done):
+        self.progress[point.name] = (epochs_done, point.total_epochs())
+
+    def finished(self, point, result):
+        self.ended.append((point.name, result.status))
+
+
+def test_plan_expands_grid_points_seeds_and_dense_reference():
+    base = make_config(TINY)
+    plan = SweepPlan(base, {"mask_init": ["-0.02", "-0.05"], "penalty": ["1e-9", "1e-8"]}, seeds=2)
+    points = plan.expand()
+    names = [p.name for p in points]
+    assert names[:2] == ["dense_seed=0", "dense_seed=1"]
+    assert len(points) == 2 + 2 * 2 * 2
+    assert "mask_init=-0.05_penalty=1e-08_seed=1" in names
+    point = next(p for p in points if p.name == "mask_init=-0.05_penalty=1e-08_seed=1")
+    assert (point.config.mask_init, point.config.penalty, point.config.seed) == (-0.05, 1e-8, 1)
+    assert not point.config.dense_baseline  # the dense reference is a point of its own
+    assert points[0].config.command == "train" and points[0].total_epochs() == base.phase_epochs
+    assert point.total_epochs() == base.rounds * base.epochs + base.phase_epochs
+
+    default = SweepPlan(base, dense_reference=False).expand()
+    assert [p.values["mask_init"] for p in default] == [-0.02, -0.03, -0.05, -0.08]
+    listed = SweepPlan(base, points=[{"mask_init": "-0.1", "seed": "3"}, {"penalty": "1e-7"}],
+                       dense_reference=False).expand()
+    assert [p.name for p in listed] == ["mask_init=-0.1_seed=3", "penalty=1e-07"]
+
+
+@pytest.mark.parametrize("plan, message", [
+    (SweepPlan(make_config({}), {"mask_inti": ["1"]}), "cannot sweep over mask_inti"),
+    (SweepPlan(make_config({}), {"penalty": ["-1"]}), "penalty must be >= 0"),
+    (SweepPlan(make_config({}), points=[{"seed": "1"}, {"seed": "1"}]), "twice"),
+])
+def test_bad_plans_fail_before_running(plan, message):
+    with pytest.raises(UserError, match=message):
+        plan.expand()
+
+
+def test_parsing_grid_and_point_flags():
+    assert parse_assignments(["mask-init=-0.02, -0.05", "seed=0,1"], "--grid") == {
+        "mask_init": ["-0.02", "-0.05"], "seed": ["0", "1"]}
+    assert parse_point("mask_init=-0.05,penalty=1e-8") == {"mask_init": "-0.05", "penalty": "1e-8"}
+    for bad in (["mask_init"], ["=1"], ["mask_init=1,,2"], ["seed=1", "seed=2"]):
+        with pytest.raises(UserError):
+            parse_assignments(bad, "--grid")
+    with pytest.raises(UserError):
+        parse_point("mask_init")
+
+
+def test_pareto_front_keeps_only_undominated_finished_points():
+    def point(name, kept, accuracy, status="done", command="ticket"):
+        return PointResult(name, {}, command, status, "", kept, accuracy)
+    results = [point("a", 0.01, 0.90), point("b", 0.02, 0.95), point("c", 0.03, 0.94), point("d", 0.05, 0.97),
+               point("e", 0.005, 0.99, status="failed"), point("dense", 1.0, 0.99, command="train"),
+               point("f", 0.02, 0.93)]
+    assert [r.name for r in pareto_front(results)] == ["a", "b", "d"]
+
+
+def test_local_sweep_runs_skips_finished_points_and_records_threads(tmp_path):
+    plan = SweepPlan(make_config(TINY), {"mask_init": ["-0.02", "0.05"]})
+    first = Recorder()
+    results = run_sweep(plan, tmp_path, LocalPool(workers=2, threads=1), first)
+    assert [r.status for r in results] == ["done"] * 3
+    assert [r.threads for r in results] == [1, 1, 1]  # 2 workers x 1 thread on these cores
+    assert all(r.finished_after_s is not None for r in results)
+    assert results[1].weights_remaining < 0.01 < results[2].weights_remaining  # s0 decides the sparsity
+    assert first.skipped == 0 and sorted(first.ended) == sorted((r.name, "done") for r in results)
+    assert load_plan(tmp_path).grid == plan.grid
+    summaries = {p: (tmp_path / p / "summary.json").stat().st_mtime_ns for p in (r.name for r in results)}
+
+    again = Recorder()
+    rerun = run_sweep(plan, tmp_path, LocalPool(workers=2), again)
+    assert again.skipped == 3 and again.ended == []
+    assert [r.test_accuracy for r in rerun] == [r.test_accuracy for r in results]
+    assert all(r.finished_after_s is None for r in rerun)  # read from disk, not run again
+    assert summaries == {p: (tmp_path / p / "summary.json").stat().st_mtime_ns for p in summaries}
+
+    threads = run_sweep(SweepPlan(make_config(TINY), {"seed": ["5"]}, dense_reference=False), tmp_path / "t",
+                        LocalPool(workers=1, threads=2))
+    assert threads[0].threads == 2
+
+
+def test_a_failing_point_is_reported_and_the_others_finish(tmp_path, capsys):
+    # lr 1e30 makes the loss NaN: that point stops with its message, the other one finishes.
+    code = main(["sweep", *TINY_FLAGS, "--grid", "lr=0.001,1e30", "--no-dense-reference", "--workers", "2",
+                 "--out", str(tmp_path)])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "lr=1e+30_seed=0" in captured.err and "training diverged" in captured.err
+    table = (tmp_path / "sweep.md").read_text()
+    assert "| lr=0.001_seed=0 |" in table and "| failed |" in table and "| done |" in table
+    rows = json.loads((tmp_path / "sweep.json").read_text())["points"]
+    assert {r["point"]: r["status"] for r in rows} == {"lr=0.001_seed=0": "done", "lr=1e+30_seed=0": "failed"}
+    assert (tmp_path / "logs" / "lr=1e+30_seed=0.log").is_file()
+
+
+def test_a_crashed_worker_does_not_stop_the_sweep_and_its_point_resumes(tmp_path):
+    plan = SweepPlan(make_config({**TINY, "epochs": 3}), {"seed": ["0", "1"]}, dense_reference=False)
+    os.environ["CONTSPARSE_FAULT"] = "epoch:2"  # every worker is SIGKILLed after its 2nd epoch
+    try:
+        crashed = run_sweep(plan, tmp_path, LocalPool(workers=2, threads=1))
+    finally:
+        del os.environ["CONTSPARSE_FAULT"]
+    assert [r.status for r in crashed] == ["failed", "failed"]
+    assert all("killed by signal 9" in r.message for r in crashed)
+    resumed = run_sweep(plan, tmp_path, LocalPool(workers=2, threads=1))
+    assert [r.status for r in resumed] == ["done", "done"]
+    assert "resuming" in (tmp_path / "logs" / "seed=0.log").read_text()
+    metrics = (tmp_path / "seed=0" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 3 * 2 + 1  # no epoch trained twice
+
+
+def test_ctrl_c_stops_the_sweep_and_the_same_command_continues(tmp_path):
+    out = tmp_path / "sweep"
+    args = [sys.executable, "-m", "contsparse", "sweep", "--dataset", "synthetic", "--synthetic-size", "4096",
+            "--epochs", "4", "--rewind-epoch", "1", "--ticket-epochs", "2", "--grid", "seed=0,1",
+            "--no-dense-reference", "--workers", "2", "--out", str(out)]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "seed=1" / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Run the same command again" in err
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "resuming" in (out / "logs" / "seed=1.log").read_text()
+    rows = json.loads((out / "sweep.json").read_text())["points"]
+    assert [r["status"] for r in rows] == ["done", "done"]
+
+
+def test_report_regenerates_a_sweep_and_combines_directories(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    run_sweep(SweepPlan(make_config(TINY), {"mask_init": ["-0.02", "0.05"]}), sweep, LocalPool(workers=2))
+    for name in ("sweep.md", "sweep.csv", "sweep.json", "sweep.png"):
+        (sweep / name).unlink(missing_ok=True)
+    assert main(["report", str(sweep)]) == 0
+    assert all((sweep / name).is_file() for name in ("sweep.md", "sweep.csv", "sweep.json", "sweep.png"))
+    assert "Pareto front" in capsys.readouterr().out
+    single = tmp_path / "single"
+    assert main(["ticket", *TINY_FLAGS, "--no-dense-baseline", "--out", str(single)]) == 0
+    capsys.readouterr()
+    assert main(["report", str(sweep), str(single), "--out", str(tmp_path / "both")]) == 0
+    report = (tmp_path / "both" / "report.md").read_text()
+    assert "## sweep" in report and "## single" in report
+    assert (tmp_path / "both" / "accuracy_vs_weights.png").stat().st_size > 1000
+    (tmp_path / "nothing").mkdir()
+    assert main(["report", str(sweep), str(tmp_path / "nothing")]) == 2
+    assert "is not a run, sweep or comparison directory" in capsys.readouterr().err
+
+
+def test_sweep_flag_mistakes_are_one_line_errors(tmp_path, capsys):
+    for argv, message in ((["--grid", "mask_init"], "expected KEY=VALUE"),
+                          (["--grid", "epochz=1"], "cannot sweep over epochz"),
+                          (["--workers", "0"], "--workers must be >= 1"),
+                          (["--seeds", "0"], "--seeds must be >= 1")):
+        assert main(["sweep", *TINY_FLAGS, *argv, "--out", str(tmp_path / "s")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+# -- Ray ------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A Ray head on loopback, started for these tests and stopped after them."""
+    pytest.importorskip("ray")
+    ray_cli = Path(sys.executable).parent / "ray"
+    port = _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    started = subprocess.run([str(ray_cli), "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
+                              "--port", str(port), "--include-dashboard", "false", "--disable-usage-stats"],
+                             capture_output=True, text=True, env=env, timeout=180)
+    assert started.returncode == 0, started.stderr
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def test_ray_sweep_on_a_local_cluster(local_ray, tmp_path, capsys):
+    out = tmp_path / "ray"
+    assert main(["sweep", *TINY_FLAGS, "--grid", "mask_init=-0.02,0.05", "--ray-address", local_ray,
+                 "--out", str(out)]) == 0
+    rows = {r["point"]: r for r in json.loads((out / "sweep.json").read_text())["points"]}
+    assert [r["status"] for r in rows.values()] == ["done"] * 3
+    assert rows["mask_init=-0.02_seed=0"]["weights_remaining"] < 0.01
+    assert (out / "sweep.png").is_file() and (out / "logs" / "mask_init=0.05_seed=0.log").is_file()
+    # The same points run by the local pool give the same results (runs are deterministic).
+    local = run_sweep(SweepPlan(make_config(TINY), {"mask_init": ["-0.02", "0.05"]}), tmp_path / "local",
+                      LocalPool(workers=2))
+    assert [r.test_accuracy for r in local] == [r["test_accuracy"] for r in rows.values()]
+    assert not (out / ".sweep-token").exists()
+
+
+def test_a_point_on_a_machine_without_the_sweep_directory_ships_its_files_back(tmp_path):
+    # The task cannot see the sweep directory (no matching token): it runs in a temporary
+    # directory and returns the run directory, which the driver unpacks. Run in a subprocess so
+    # that the worker's thread setting does not touch this test process.
+    job = PointJob("p", str(tmp_path / "sweep" / "p"), dict(make_config(TINY).__dict__), str(tmp_path / "x.log"),
+                   str(tmp_path / "sweep"))
+    code = (f"import pickle, sys; from contsparse.experiments.executors import *; "
+            f"o = run_point_anywhere(pickle.loads({__import__('pickle').dumps(job)!r}), 'no-token'); "
+            f"sys.stdout.buffer.write(pickle.dumps(o))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    outcome = __import__("pickle").loads(done.stdout)
+    assert outcome.status == "done" and outcome.files
+    assert not (tmp_path / "sweep" / "p").exists()
+    unpack_files(outcome, tmp_path / "sweep")
+    assert json.loads((tmp_path / "sweep" / "p" / "summary.json").read_text())["test_accuracy"] == \
+        outcome.summary["test_accuracy"]
+    assert (tmp_path / "sweep" / "logs" / "p.log").is_file()
