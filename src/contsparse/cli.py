@@ -338,7 +338,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     else:
         workers = args.pool_workers if args.pool_workers is not None else min(available_cores(), len(points))
         gpus = 0
-        if base.device.startswith("cuda") or base.device == "auto":
+        if base.device in ("auto", "cuda"):  # spread the points over the GPUs (cuda:N pins them all)
             import torch
 
             gpus = torch.cuda.device_count()

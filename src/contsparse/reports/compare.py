@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from contsparse.reports.plots import plt
+from contsparse.reports.plots import percent_log_axis, plt
 
 COLORS = {"cs": "#c0392b", "imp": "#2c6fbb", "random": "#7f8c8d", "magnitude": "#27ae60", "gmp": "#8e44ad"}
 
@@ -52,7 +52,7 @@ def accuracy_vs_weights(groups: list[dict[str, Any]], dense: list[float], path: 
         y = [100 * g["test_accuracy"] for g in points]
         err = [100 * g["test_accuracy_std"] for g in points]
         ax.errorbar(x, y, yerr=err, marker="o", markersize=4, capsize=2, label=method, color=COLORS.get(method))
-    ax.set_xscale("log")
+    percent_log_axis(ax)
     ax.invert_xaxis()
     ax.set_xlabel("weights remaining (%)")
     ax.set_ylabel("test accuracy (%)")

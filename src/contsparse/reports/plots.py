@@ -12,6 +12,17 @@ import matplotlib.pyplot as plt
 import torch
 
 
+def percent_log_axis(ax: plt.Axes, axis: str = "x") -> None:
+    """A log axis of percentages labelled 2, 5, 10 instead of 2 x 10^0."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    target.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    target.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    target.set_minor_formatter(FuncFormatter(lambda value, _: ""))
+
+
 def per_layer_chart(per_layer: dict[str, float], path: Path, title: str = "") -> Path:
     """Horizontal bars of the fraction of weights kept in each masked layer (log scale)."""
     names = list(per_layer)
@@ -20,7 +31,7 @@ def per_layer_chart(per_layer: dict[str, float], path: Path, title: str = "") ->
     bars = ax.barh(range(len(names)), values, color="#3b75af")
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
-    ax.set_xscale("log")
+    percent_log_axis(ax)
     ax.set_xlabel("weights remaining (%)")
     ax.bar_label(bars, labels=[f"{v:.2f} %" for v in values], padding=3, fontsize=8)
     ax.set_xlim(min([*values, 1.0]) / 2, 300)

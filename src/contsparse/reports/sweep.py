@@ -14,7 +14,7 @@ from typing import Any
 
 from contsparse.experiments.config import RunConfig
 from contsparse.experiments.sweep import PointResult, pareto_front
-from contsparse.reports.plots import plt
+from contsparse.reports.plots import percent_log_axis, plt
 
 PALETTE = ["#c0392b", "#2c6fbb", "#27ae60", "#8e44ad", "#d35400", "#16a085", "#7f8c8d"]
 
@@ -95,11 +95,15 @@ def accuracy_plot(series: dict[str, list[PointResult]], path: Path, title: str) 
         done = [r for r in results if r.status == "done" and r.command != "train" and r.weights_remaining]
         ax.scatter([100 * r.weights_remaining for r in done], [100 * r.test_accuracy for r in done], s=18,
                    color=color, alpha=0.55)
+        if len(done) <= 12:  # few points: say which is which
+            for r in done:
+                ax.annotate(_short(r), (100 * r.weights_remaining, 100 * r.test_accuracy), fontsize=7,
+                            xytext=(4, 4), textcoords="offset points", color=color)
         front = [r for r in pareto_front(results) if r.weights_remaining]  # 0 has no place on a log axis
         ax.plot([100 * r.weights_remaining for r in front], [100 * r.test_accuracy for r in front], marker="o",
                 markersize=5, color=color, label=f"{label} (Pareto front)")
     if any(r.weights_remaining for results in series.values() for r in results if r.command != "train"):
-        ax.set_xscale("log")
+        percent_log_axis(ax)
     ax.invert_xaxis()
     ax.set_xlabel("weights remaining (%)")
     ax.set_ylabel("test accuracy (%)")
@@ -110,6 +114,11 @@ def accuracy_plot(series: dict[str, list[PointResult]], path: Path, title: str) 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _short(result: PointResult) -> str:
+    values = {k: v for k, v in result.values.items() if k != "seed"} or result.values
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()) or result.name
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
