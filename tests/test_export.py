@@ -88,6 +88,37 @@ def test_sparse_inference_matches_dense(kernels, batch, run_dir):
             torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_single_inputs_of_a_linear_relu_chain_take_the_vector_path(run_dir):
+    model = load_run_model(run_dir).model
+    converted = to_sparse(model, batch_size=1)
+    assert converted.has_vector_path  # LeNet-300-100: flatten, then Linear/ReLU layers
+    x = torch.randn(1, 1, 28, 28)
+    with torch.inference_mode():
+        fast = converted(x)
+        general = converted.graph(x)  # the traced graph every other batch size uses
+    assert fast.shape == (1, 10)
+    torch.testing.assert_close(fast, general, rtol=1e-6, atol=1e-6)
+
+    class Residual(nn.Module):  # not a plain chain: keeps the general graph only
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)) + x)
+
+    class NoFlatten(nn.Module):  # a chain, but on (N, 8) inputs without flatten(1): general graph
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.a(x)
+
+    for other in (Residual().eval(), NoFlatten().eval()):
+        assert not to_sparse(other, batch_size=1).has_vector_path
+
+
 def test_untraceable_models_get_their_layers_swapped():
     class DataDependent(nn.Module):
         def __init__(self):
@@ -104,7 +135,7 @@ def test_untraceable_models_get_their_layers_swapped():
     with torch.no_grad():
         model.a.weight.mul_(torch.rand_like(model.a.weight) < 0.1)
     converted = to_sparse(model, kernels="sparse")
-    assert type(converted.a).__name__ == "SparseLinear"
+    assert type(converted.graph.a).__name__ == "SparseLinear" and not converted.has_vector_path
     x = torch.randn(4, 20)
     with torch.inference_mode():
         torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)

@@ -8,6 +8,12 @@ the layers also drops ``nn.Module`` call overhead, which matters at batch 1 (``k
 gives the same inlined graph with dense kernels only, to tell the two gains apart). Conv layers stay
 dense: PyTorch has no sparse convolution kernel on the CPU. Models that ``torch.fx`` cannot trace
 get their Linear modules swapped in place instead.
+
+At batch 1 a small network's forward is mostly per-operator dispatch, not arithmetic: a dense
+LeNet-300-100 spends about half of its ~90 us outside its matrix products. So when the traced graph
+is a plain chain (``flatten(1)``, then Linear layers with optional ReLUs), a single input takes a
+vector path: one ``addmv`` (CSR or dense) and one in-place ReLU per layer on a 1-D tensor, no
+reshapes, no module calls.
 """
 
 from __future__ import annotations
@@ -113,11 +119,77 @@ def to_sparse(model: nn.Module, batch_size: int = 1, kernels: Kernels = "auto",
     try:
         traced = fx.symbolic_trace(model)
     except Exception:  # data-dependent control flow and the like: swap modules in place instead
-        converted = _swap_modules(model, choose)
-    else:
-        converted = _inline_linears(traced, choose)
-    converted.kernel_choices = choices
-    return converted
+        return SparseInference(_swap_modules(model, choose), None, choices)
+    converted = _inline_linears(traced, choose)
+    return SparseInference(converted, _vector_chain(converted), choices)
+
+
+Layer = tuple[Tensor, Tensor | None, bool]  # weight (CSR or dense), bias, ReLU after it
+
+
+class SparseInference(nn.Module):
+    """What :func:`to_sparse` returns: the converted graph, plus the vector path for single inputs
+    of a plain Linear/ReLU chain. ``kernel_choices`` names each Linear layer's kernel."""
+
+    def __init__(self, graph: nn.Module, chain: list[Layer] | None, kernel_choices: dict[str, str]) -> None:
+        super().__init__()
+        self.graph = graph
+        self.kernel_choices = kernel_choices
+        self._graph_forward = graph.forward  # skips nn.Module.__call__ (hooks): microseconds at batch 1
+        self._chain = chain
+
+    @property
+    def has_vector_path(self) -> bool:
+        return self._chain is not None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._chain is None or x.dim() < 2 or x.shape[0] != 1:
+            return self._graph_forward(x)
+        v = x.reshape(-1)
+        for weight, bias, relu in self._chain:
+            v = torch.mv(weight, v) if bias is None else torch.addmv(bias, weight, v)
+            if relu:
+                v.relu_()  # addmv's fresh output: safe in place
+        return v.unsqueeze(0)
+
+
+def _vector_chain(traced: fx.GraphModule) -> list[Layer] | None:
+    """The layers of ``flatten(1) -> (linear -> [relu])* -> output``, or None for any other graph."""
+    layers: list[Layer] = []
+    current = None  # the node the chain has reached
+    for node in traced.graph.nodes:
+        if node.op == "get_attr":
+            continue
+        if node.op == "placeholder":
+            if current is not None:
+                return None
+            current = node
+        elif current is not None and current.op == "placeholder" and _is_flatten_1(node, current):
+            current = node
+        elif node.op == "call_function" and node.target in (csr_linear, dense_linear) and node.args[0] is current \
+                and current.op != "placeholder":
+            weight, bias = (getattr(traced, a.target) if a is not None else None for a in node.args[1:3])
+            layers.append((weight, bias, False))
+            current = node
+        elif node.op == "call_function" and node.target in (torch.relu, F.relu) and node.args[0] is current \
+                and layers and not layers[-1][2] and current.target in (csr_linear, dense_linear):
+            layers[-1] = (*layers[-1][:2], True)
+            current = node
+        elif node.op == "output" and node.args[0] is current and layers:
+            return layers
+        else:
+            return None
+    return None
+
+
+def _is_flatten_1(node: fx.Node, source: fx.Node) -> bool:
+    if node.args[:1] != (source,):
+        return False
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    flatten = (node.op == "call_method" and node.target == "flatten") or \
+        (node.op == "call_function" and node.target is torch.flatten)
+    return flatten and start == 1 and end == -1
 
 
 def _inline_linears(traced: fx.GraphModule, choose: Callable[[str, nn.Linear], str]) -> fx.GraphModule:
