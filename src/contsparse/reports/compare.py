@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
-from contsparse.reports.plots import percent_log_axis, plt
+from contsparse.reports.plots import accuracy_axes, dense_band, plt, save_accuracy_plot
 
 COLORS = {"cs": "#c0392b", "imp": "#2c6fbb", "random": "#7f8c8d", "magnitude": "#27ae60", "gmp": "#8e44ad"}
 
@@ -39,30 +38,15 @@ def markdown_table(groups: list[dict[str, Any]], best: dict[str, dict[str, Any]]
 
 def accuracy_vs_weights(groups: list[dict[str, Any]], dense: list[float], path: Path, title: str) -> Path:
     """Test accuracy against weights remaining (log axis), one line per method, dense as a band."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    if dense:
-        mean = statistics.fmean(dense)
-        spread = statistics.stdev(dense) if len(dense) > 1 else 0.0
-        ax.axhspan(100 * (mean - spread) - 0.02, 100 * (mean + spread) + 0.02, color="#f1c40f", alpha=0.35,
-                   label=f"dense ({len(dense)} seed{'s' if len(dense) > 1 else ''})")
-        ax.axhline(100 * mean, color="#b7950b", linewidth=1)
+    fig, ax = accuracy_axes()
+    dense_band(ax, dense)
     for method in sorted({g["method"] for g in groups} - {"dense"}):
         points = sorted((g for g in groups if g["method"] == method), key=lambda g: g["weights_remaining"])
         x = [100 * g["weights_remaining"] for g in points]
         y = [100 * g["test_accuracy"] for g in points]
         err = [100 * g["test_accuracy_std"] for g in points]
         ax.errorbar(x, y, yerr=err, marker="o", markersize=4, capsize=2, label=method, color=COLORS.get(method))
-    percent_log_axis(ax)
-    ax.invert_xaxis()
-    ax.set_xlabel("weights remaining (%)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_accuracy_plot(fig, ax, path, title)
 
 
 def accuracy_vs_epochs(rows: list[dict[str, Any]], path: Path, title: str) -> Path:

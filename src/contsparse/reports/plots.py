@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +22,37 @@ def percent_log_axis(ax: plt.Axes, axis: str = "x") -> None:
     target.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     target.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     target.set_minor_formatter(FuncFormatter(lambda value, _: ""))
+
+
+def accuracy_axes() -> tuple[plt.Figure, plt.Axes]:
+    return plt.subplots(figsize=(7, 4.5))
+
+
+def dense_band(ax: plt.Axes, accuracies: list[float]) -> None:
+    """The dense model's test accuracy as a band (mean +- std over runs) behind the sparse curves."""
+    if not accuracies:
+        return
+    mean = statistics.fmean(accuracies)
+    spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+    ax.axhspan(100 * (mean - spread) - 0.02, 100 * (mean + spread) + 0.02, color="#f1c40f", alpha=0.35,
+               label=f"dense ({len(accuracies)} run{'s' if len(accuracies) > 1 else ''})")
+    ax.axhline(100 * mean, color="#b7950b", linewidth=1)
+
+
+def save_accuracy_plot(fig: plt.Figure, ax: plt.Axes, path: Path, title: str, log_x: bool = True) -> Path:
+    """Accuracy vs weights remaining: sparser to the right, percent labels, saved and closed."""
+    if log_x:
+        percent_log_axis(ax)
+    ax.invert_xaxis()
+    ax.set_xlabel("weights remaining (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def per_layer_chart(per_layer: dict[str, float], path: Path, title: str = "") -> Path:

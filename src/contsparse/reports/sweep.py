@@ -14,7 +14,7 @@ from typing import Any
 
 from contsparse.experiments.config import RunConfig
 from contsparse.experiments.sweep import PointResult, pareto_front
-from contsparse.reports.plots import percent_log_axis, plt
+from contsparse.reports.plots import accuracy_axes, dense_band, save_accuracy_plot
 
 PALETTE = ["#c0392b", "#2c6fbb", "#27ae60", "#8e44ad", "#d35400", "#16a085", "#7f8c8d"]
 
@@ -83,13 +83,8 @@ def markdown(results: list[PointResult], front: list[PointResult], title: str) -
 def accuracy_plot(series: dict[str, list[PointResult]], path: Path, title: str) -> Path:
     """Test accuracy vs weights remaining (log axis, sparser to the right), one colour per series,
     its Pareto front as a line, the dense reference as a band."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    dense = [a for results in series.values() for a in dense_accuracies(results)]
-    if dense:
-        mean, spread = statistics.fmean(dense), (statistics.stdev(dense) if len(dense) > 1 else 0.0)
-        ax.axhspan(100 * (mean - spread) - 0.02, 100 * (mean + spread) + 0.02, color="#f1c40f", alpha=0.35,
-                   label="dense")
-        ax.axhline(100 * mean, color="#b7950b", linewidth=1)
+    fig, ax = accuracy_axes()
+    dense_band(ax, [a for results in series.values() for a in dense_accuracies(results)])
     for index, (label, results) in enumerate(series.items()):
         color = PALETTE[index % len(PALETTE)]
         done = [r for r in results if r.status == "done" and r.command != "train" and r.weights_remaining]
@@ -102,18 +97,8 @@ def accuracy_plot(series: dict[str, list[PointResult]], path: Path, title: str) 
         front = [r for r in pareto_front(results) if r.weights_remaining]  # 0 has no place on a log axis
         ax.plot([100 * r.weights_remaining for r in front], [100 * r.test_accuracy for r in front], marker="o",
                 markersize=5, color=color, label=f"{label} (Pareto front)")
-    if any(r.weights_remaining for results in series.values() for r in results if r.command != "train"):
-        percent_log_axis(ax)
-    ax.invert_xaxis()
-    ax.set_xlabel("weights remaining (%)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    log_x = any(r.weights_remaining for results in series.values() for r in results if r.command != "train")
+    return save_accuracy_plot(fig, ax, path, title, log_x)
 
 
 def _short(result: PointResult) -> str:
