@@ -119,6 +119,12 @@ def test_local_sweep_runs_skips_finished_points_and_records_threads(tmp_path):
                         LocalPool(workers=1, threads=2))
     assert threads[0].threads == 2
 
+    # The same points with other settings in the same directory are not taken for finished ones.
+    changed = run_sweep(SweepPlan(make_config({**TINY, "lr": 0.002}), {"mask_init": ["-0.02", "0.05"]}), tmp_path,
+                        LocalPool(workers=2))
+    assert [r.status for r in changed] == ["failed"] * 3
+    assert all("holds a finished run with other settings (lr: 0.0012 -> 0.002)" in r.message for r in changed)
+
 
 def test_a_failing_point_is_reported_and_the_others_finish(tmp_path, capsys):
     # lr 1e30 makes the loss NaN: that point stops with its message, the other one finishes.

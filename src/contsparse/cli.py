@@ -352,7 +352,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, terminate)
     interrupted = False
     try:
-        results = run_sweep(plan, out, executor, SweepProgress())
+        results = run_sweep(plan, out, executor, SweepProgress(), force=args.force)
     except KeyboardInterrupt:
         interrupted = True
         results = collect(out)[1]

@@ -134,6 +134,13 @@ NOT_IN_IDENTITY = {"device", "tensorboard", "data_dir", "workers"}
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
+def settings_differences(saved: dict[str, Any], config: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """Settings (that make a run what it is) whose saved value differs: ``{key: (saved, now)}``."""
+    current = config.to_dict()
+    return {k: (saved.get(k), v) for k, v in sorted(current.items())
+            if k not in NOT_IN_IDENTITY and saved.get(k) != v}
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a dict of known keys."""
     path = Path(path)

@@ -38,6 +38,7 @@ class PointJob:
     sweep_dir: str
     threads: int = 1
     cuda_device: int | None = None  # local pool on a multi-GPU machine: the point's GPU
+    force: bool = False  # resume a point whose saved settings differ (the new ones are saved)
 
 
 @dataclass
@@ -83,7 +84,7 @@ def run_point(job: PointJob) -> PointOutcome:
         def write(message: str) -> None:
             log.write(message + "\n")
         try:
-            summary = Runner(make_config(job.config), job.path, write).execute()
+            summary = Runner(make_config(job.config), job.path, write, force=job.force).execute()
             return PointOutcome(job.name, "done", summary, threads=torch.get_num_threads())
         except RunInterrupted as stopped:
             write(str(stopped))

@@ -23,7 +23,7 @@ import contsparse
 from contsparse import faults
 from contsparse.data import BatchIterator, DatasetSplits, TensorSplit, load_dataset, make_batches
 from contsparse.errors import RunInterrupted, UserError
-from contsparse.experiments.config import NOT_IN_IDENTITY, RunConfig, dump_yaml, load_yaml
+from contsparse.experiments.config import RunConfig, dump_yaml, load_yaml, settings_differences
 from contsparse.experiments.distributed import Distributed, device_for, from_environment
 from contsparse.experiments.interrupt import StopRequest
 from contsparse.experiments.lock import RunLock
@@ -160,14 +160,12 @@ class Runner:
                 raise UserError(f"{self.run.path} exists and is not a contsparse run directory; "
                                 "choose another --out")
             return
-        saved = load_yaml(path)
-        current = self.config.to_dict()
-        differing = sorted(k for k, v in current.items() if k not in NOT_IN_IDENTITY and saved.get(k) != v)
+        differing = settings_differences(load_yaml(path), self.config)
         if not differing:
             return
         if not self.run.has_started():
             return  # nothing trained yet (it failed to start): the new settings simply replace the old
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in differing)
+        details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in differing.items())
         if self.run.is_finished():
             raise UserError(f"{self.run.path} holds a finished run with other settings ({details}); "
                             "use another --out")

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from contsparse.errors import UserError
-from contsparse.experiments.config import FIELDS, RunConfig, make_config
+from contsparse.experiments.config import FIELDS, RunConfig, load_yaml, make_config, settings_differences
 from contsparse.experiments.executors import Executor, PointJob, PointOutcome
 from contsparse.experiments.rundir import RunDir
 from contsparse.experiments.runner import plan_phases
@@ -166,8 +166,10 @@ class SweepDisplay:
 
 
 def run_sweep(plan: SweepPlan, out: Path, executor: Executor, display: SweepDisplay | None = None,
-              poll_seconds: float = 0.5) -> list[PointResult]:
+              poll_seconds: float = 0.5, force: bool = False) -> list[PointResult]:
     """Run every unfinished point of ``plan`` in ``out`` on ``executor``; results in plan order.
+
+    ``force``: unfinished points resume even if their saved settings differ (as ``--force``).
 
     ``KeyboardInterrupt`` asks the running points to checkpoint and stop, waits for them, and is
     re-raised; the finished points are kept and a later call continues.
@@ -185,7 +187,7 @@ def run_sweep(plan: SweepPlan, out: Path, executor: Executor, display: SweepDisp
             while todo and len(running) < executor.capacity:
                 point = todo.pop(0)
                 executor.start(PointJob(point.name, str(out / point.name), _values(point.config),
-                                        str(out / "logs" / f"{point.name}.log"), str(out)))
+                                        str(out / "logs" / f"{point.name}.log"), str(out), force=force))
                 running[point.name] = point
             for outcome in executor.wait(poll_seconds):
                 point = running.pop(outcome.name)
@@ -254,7 +256,8 @@ def epochs_done(run_path: Path) -> int:
 
 def _result_from_disk(point: SweepPoint, out: Path) -> PointResult:
     run = RunDir(out / point.name, writable=False)
-    if run.is_finished():
+    # A finished point counts only with this plan's settings; else the runner says what differs.
+    if run.is_finished() and not settings_differences(load_yaml(run.file(RunDir.CONFIG)), point.config):
         return _from_summary(point, out, run.read_summary(), "done", None)
     return PointResult(point.name, point.values, point.config.command, "pending", str(out / point.name))
 
