@@ -19,6 +19,7 @@ from contsparse.experiments.sweep import (
     PointResult,
     SweepDisplay,
     SweepPlan,
+    default_grid,
     load_plan,
     pareto_front,
     parse_assignments,
@@ -54,13 +55,19 @@ def test_plan_expands_grid_points_seeds_and_dense_reference():
     assert len(points) == 2 + 2 * 2 * 2
     assert "mask_init=-0.05_penalty=1e-08_seed=1" in names
     point = next(p for p in points if p.name == "mask_init=-0.05_penalty=1e-08_seed=1")
+    close = SweepPlan(base, {"lr": ["0.00123456", "0.001234564"]}, dense_reference=False).expand()
+    assert len({p.name for p in close}) == 2  # names keep every digit that matters
     assert (point.config.mask_init, point.config.penalty, point.config.seed) == (-0.05, 1e-8, 1)
     assert not point.config.dense_baseline  # the dense reference is a point of its own
     assert points[0].config.command == "train" and points[0].total_epochs() == base.phase_epochs
     assert point.total_epochs() == base.rounds * base.epochs + base.phase_epochs
 
-    default = SweepPlan(base, dense_reference=False).expand()
+    default = SweepPlan(base, default_grid(base), dense_reference=False).expand()
     assert [p.values["mask_init"] for p in default] == [-0.02, -0.03, -0.05, -0.08]
+    assert default_grid(make_config({**TINY, "method": "imp"})) == {}  # s0 means nothing to IMP
+    assert default_grid(make_config({**TINY, "command": "train"})) == {}
+    seeded = SweepPlan(make_config({**TINY, "seed": 7}), seeds=2, dense_reference=False).expand()
+    assert [p.name for p in seeded] == ["seed=7", "seed=8"]  # seeds count from --seed
     listed = SweepPlan(base, points=[{"mask_init": "-0.1", "seed": "3"}, {"penalty": "1e-7"}],
                        dense_reference=False).expand()
     assert [p.name for p in listed] == ["mask_init=-0.1_seed=3", "penalty=1e-07"]
@@ -196,10 +203,21 @@ def test_report_regenerates_a_sweep_and_combines_directories(tmp_path, capsys):
     assert "is not a run, sweep or comparison directory" in capsys.readouterr().err
 
 
+def test_base_flags_reach_the_points(tmp_path, capsys):
+    # --mask-init given: no default s0 grid over it; --seed: where the seeds start.
+    assert main(["sweep", *TINY_FLAGS, "--mask-init", "0.05", "--seed", "3", "--no-dense-reference",
+                 "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "sweep.json").read_text())["points"]
+    assert [r["point"] for r in rows] == ["seed=3"]
+    saved = (tmp_path / "seed=3" / "config.yaml").read_text()
+    assert "mask_init: 0.05" in saved and "seed: 3" in saved
+
+
 def test_sweep_flag_mistakes_are_one_line_errors(tmp_path, capsys):
     for argv, message in ((["--grid", "mask_init"], "expected KEY=VALUE"),
                           (["--grid", "epochz=1"], "cannot sweep over epochz"),
                           (["--workers", "0"], "--workers must be >= 1"),
+                          (["--threads", "0"], "--threads must be >= 1"),
                           (["--seeds", "0"], "--seeds must be >= 1")):
         assert main(["sweep", *TINY_FLAGS, *argv, "--out", str(tmp_path / "s")]) == 2
         err = capsys.readouterr().err

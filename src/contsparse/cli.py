@@ -112,26 +112,31 @@ def _add_sweep_parser(sub: Any) -> None:
                                        "points are skipped, unfinished ones resume, a failing one does not stop "
                                        "the others. Writes sweep.md/csv/json with the Pareto front and sweep.png. "
                                        "Default grid: mask_init=-0.02,-0.03,-0.05,-0.08")
-    sweep.add_argument("--run", choices=list(TRAINING_COMMANDS), default="ticket", help="what each point runs")
+    sweep.add_argument("--run", choices=list(TRAINING_COMMANDS), default="ticket",
+                       help="what each point runs (default: ticket)")
     sweep.add_argument("--preset", help="named paper settings for the base settings")
     sweep.add_argument("--config", type=Path, help="YAML file of base settings")
-    sweep.add_argument("--out", type=Path, help="sweep directory (default: runs/sweep-<model>-<dataset>)")
+    sweep.add_argument("--out", type=Path,
+                       help="sweep directory (default: runs/sweep-<command>-<method>-<model>-<dataset>)")
     sweep.add_argument("--grid", action="append", metavar="KEY=V1,V2",
                        help="sweep KEY over the values (repeat for a cartesian product), e.g. --grid penalty=1e-9,1e-8")
     sweep.add_argument("--point", action="append", metavar="KEY=V,KEY=V",
                        help="one explicit point (repeat for a list; combined with every --grid combination)")
-    sweep.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 for every point (default: 1)")
+    sweep.add_argument("--seeds", type=int, default=1, metavar="N",
+                       help="N seeds for every point, from --seed on (default: 1)")
     sweep.add_argument("--dense-reference", action=argparse.BooleanOptionalAction, default=True,
                        help="also train the dense model once per seed, the accuracy the curve is read against")
-    sweep.add_argument("--workers", type=int, dest="pool_workers",
-                       help="points at once on this machine (default: one per core)")
-    sweep.add_argument("--data-workers", type=int, dest="workers",
+    sweep.add_argument("--workers", type=int, dest="pool_workers", metavar="N",
+                       help="points at once on this machine (default: one per core, or per GPU; at most the points)")
+    sweep.add_argument("--data-workers", type=int, dest="workers", metavar="N",
                        help="DataLoader processes per point for image folders (the runs' --workers)")
-    sweep.add_argument("--threads", type=int, help="torch threads per point (default: cores / workers)")
+    sweep.add_argument("--threads", type=int, metavar="N", help="torch threads per point (default: cores / workers; "
+                                                                "Ray: 1, the CPUs each task asks for)")
     sweep.add_argument("--ray-address", metavar="auto|local|HOST:PORT",
                        help="run the points as Ray tasks on this cluster instead (pip install 'contsparse[ray]')")
-    sweep.add_argument("--gpus-per-point", type=float, default=0.0, help="Ray: GPUs each point asks for")
-    _add_run_flags(sweep, with_method=True, skip={"workers"})
+    sweep.add_argument("--gpus-per-point", type=float, default=0.0, metavar="G",
+                       help="Ray: GPUs each point asks for (default: 0)")
+    _add_run_flags(sweep, with_method=True, skip={"workers", "dense_baseline"})
 
 
 def _add_run_flags(cmd: argparse.ArgumentParser, with_method: bool, skip: frozenset[str] | set[str] = frozenset()
@@ -321,7 +326,14 @@ def run_sweep(args: argparse.Namespace) -> int:
     import signal
 
     from contsparse.experiments.executors import LocalPool, RayExecutor, available_cores
-    from contsparse.experiments.sweep import SweepPlan, collect, parse_assignments, parse_point, run_sweep
+    from contsparse.experiments.sweep import (
+        SweepInterrupted,
+        SweepPlan,
+        default_grid,
+        parse_assignments,
+        parse_point,
+        run_sweep,
+    )
     from contsparse.reports.progress import SweepProgress
     from contsparse.reports.sweep import sweep_title, write_sweep
 
@@ -329,19 +341,23 @@ def run_sweep(args: argparse.Namespace) -> int:
         raise UserError("--seeds must be >= 1")
     args.command = args.run
     base = config_from_args(args)
-    plan = SweepPlan(base, parse_assignments(args.grid or [], "--grid"), [parse_point(p) for p in args.point or []],
-                     args.seeds, args.dense_reference)
+    grid = parse_assignments(args.grid or [], "--grid")
+    points_given = [parse_point(p) for p in args.point or []]
+    if not grid and not points_given and args.mask_init is None:  # an s0 given is the point's s0
+        grid = default_grid(base)
+    plan = SweepPlan(base, grid, points_given, args.seeds, args.dense_reference)
     points = plan.expand()  # a bad grid value fails here, before anything runs
-    out = args.out or Path("runs") / f"sweep-{base.model}-{base.dataset}"
+    what = base.command if base.command == "train" else f"{base.command}-{base.method}"
+    out = args.out or Path("runs") / f"sweep-{what}-{base.model}-{base.dataset}"
     if args.ray_address:
         executor = RayExecutor(args.ray_address, out, args.threads or 1, args.gpus_per_point)
     else:
-        workers = args.pool_workers if args.pool_workers is not None else min(available_cores(), len(points))
         gpus = 0
         if base.device in ("auto", "cuda"):  # spread the points over the GPUs (cuda:N pins them all)
             import torch
 
             gpus = torch.cuda.device_count()
+        workers = args.pool_workers if args.pool_workers is not None else min(gpus or available_cores(), len(points))
         executor = LocalPool(workers, args.threads, gpus)
     where = f"Ray at {args.ray_address}" if args.ray_address else f"{executor.capacity} worker(s)"
     print(f"sweep of {len(points)} points in {out} on {where}, {executor.threads} torch thread(s) each",
@@ -349,15 +365,15 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     def terminate(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, terminate)
+    previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     interrupted = False
     try:
         results = run_sweep(plan, out, executor, SweepProgress(), force=args.force)
-    except KeyboardInterrupt:
-        interrupted = True
-        results = collect(out)[1]
+    except SweepInterrupted as stopped:
+        interrupted, results = True, stopped.results
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     try:
         written = write_sweep(results, out, sweep_title(base))
     except OSError as err:
@@ -365,8 +381,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     print(written[0].read_text())
     print("wrote " + ", ".join(str(p) for p in written))
     if interrupted:
-        print("interrupted: finished points are kept and running ones saved a checkpoint. Run the same command "
-              "again to continue.", file=sys.stderr)
+        print("interrupted: finished points are kept, running ones were asked to save a checkpoint. Run the same "
+              "command again to continue.", file=sys.stderr)
         return 130
     failed = [r for r in results if r.status != "done"]
     if failed:

@@ -11,12 +11,16 @@ This module imports torch only inside the worker, after setting the thread count
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import io
 import multiprocessing
 import os
 import signal
+import sys
 import tarfile
 import tempfile
+import time
 import traceback
 import uuid
 from dataclasses import dataclass, replace
@@ -27,6 +31,7 @@ from typing import Any, Protocol
 from contsparse.errors import RunInterrupted, UserError
 
 TOKEN_FILE = ".sweep-token"
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,9 @@ def run_point(job: PointJob) -> PointOutcome:
         except RunInterrupted as stopped:
             write(str(stopped))
             return PointOutcome(job.name, "interrupted", message=str(stopped), threads=job.threads)
+        except KeyboardInterrupt:  # stopped before training began (or a second Ctrl-C)
+            write("interrupted")
+            return PointOutcome(job.name, "interrupted", message="interrupted", threads=job.threads)
         except UserError as err:
             write(f"error: {err}")
             return PointOutcome(job.name, "failed", message=str(err), threads=job.threads)
@@ -99,12 +107,42 @@ def run_point(job: PointJob) -> PointOutcome:
 
 
 # -- local processes -------------------------------------------------------------------------------
-def _worker_main(connection: Connection, job: PointJob) -> None:
+def _worker_main(connection: Connection, job: PointJob, driver: int, stop: Any) -> None:
     # Own process group: a Ctrl-C in the terminal reaches the driver only, which then asks each
-    # point once to checkpoint and stop (a second signal would mean "stop at once").
+    # point once to checkpoint and stop (a second signal would mean "stop at once"). SIGINT was
+    # ignored while this process started (see LocalPool.start); from here on it stops the point.
     os.setpgrp()
-    connection.send(run_point(job))
-    connection.close()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _stop_with(driver)
+    if stop.is_set():  # the driver's SIGINT came while it was still ignored
+        return _send(connection, PointOutcome(job.name, "interrupted", message="stopped before it began"))
+    # The point's output goes to its log, not into the driver's progress display.
+    Path(job.log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(job.log_path, "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    try:
+        outcome = run_point(job)
+    except KeyboardInterrupt:  # while importing, before run_point's own handling
+        outcome = PointOutcome(job.name, "interrupted", message="stopped before it began")
+    _send(connection, outcome)
+
+
+def _send(connection: Connection, outcome: PointOutcome) -> None:
+    with contextlib.suppress(OSError):  # the driver is gone: the run directory says it all
+        connection.send(outcome)
+        connection.close()
+
+
+def _stop_with(driver: int) -> None:
+    """SIGTERM this worker (checkpoint, then exit) when the driver dies, whatever killed it: a
+    point must not train on, holding its run's lock, after its sweep is gone."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != driver:  # it died before the request above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class LocalPool:
@@ -113,25 +151,35 @@ class LocalPool:
     def __init__(self, workers: int, threads: int | None = None, cuda_devices: int = 0) -> None:
         if workers < 1:
             raise UserError(f"--workers must be >= 1, got {workers}")
+        if threads is not None and threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
         self.capacity = workers
         self.threads = threads or max(1, available_cores() // workers)
-        if self.threads < 1:
-            raise UserError(f"--threads must be >= 1, got {threads}")
         self.cuda_devices = cuda_devices
         self._context = multiprocessing.get_context("spawn")
         self._live: dict[str, tuple[Any, Connection]] = {}
-        self._started = 0
+        self._gpu_of: dict[str, int] = {}
+        self._stop = self._context.Event()  # set with the SIGINTs, for points still starting up
 
     def start(self, job: PointJob) -> None:
-        gpu = self._started % self.cuda_devices if self.cuda_devices > 1 else None
+        gpu = None
+        if self.cuda_devices > 1:  # the least busy GPU
+            busy = list(self._gpu_of.values())
+            gpu = min(range(self.cuda_devices), key=busy.count)
+            self._gpu_of[job.name] = gpu
         job = replace(job, threads=self.threads, cuda_device=gpu)
         receive, send = self._context.Pipe(duplex=False)
-        process = self._context.Process(target=_worker_main, args=(send, job), name=f"contsparse-{job.name}",
-                                        daemon=False)
-        process.start()
+        process = self._context.Process(target=_worker_main, args=(send, job, os.getpid(), self._stop),
+                                        name=f"contsparse-{job.name}", daemon=False)
+        # The child starts with SIGINT ignored (it inherits that), so a Ctrl-C while it imports
+        # torch cannot kill it with a traceback; _worker_main then restores the handler.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            process.start()
+        finally:
+            signal.signal(signal.SIGINT, previous)
         send.close()
         self._live[job.name] = (process, receive)
-        self._started += 1
 
     def wait(self, timeout: float) -> list[PointOutcome]:
         if not self._live:
@@ -153,6 +201,7 @@ class LocalPool:
         process.join()
         receive.close()
         del self._live[name]
+        self._gpu_of.pop(name, None)
         if outcome is None:
             code = process.exitcode
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
@@ -162,12 +211,14 @@ class LocalPool:
     def interrupt(self, grace_seconds: float = 120.0) -> list[PointOutcome]:
         """Ask every running point to checkpoint and stop (SIGINT once), wait for them; a second
         Ctrl-C meanwhile stops them at once."""
+        self._stop.set()
         for process, _ in self._live.values():
             _signal(process.pid, signal.SIGINT)
         out = []
+        deadline = time.monotonic() + grace_seconds
         try:
             for name, (process, receive) in list(self._live.items()):
-                process.join(grace_seconds)
+                process.join(max(0.0, deadline - time.monotonic()))
                 out.append(self._collect(name, process, receive) if not process.is_alive()
                            else PointOutcome(name, "interrupted", message="did not stop in time"))
         except KeyboardInterrupt:
@@ -234,9 +285,15 @@ class RayExecutor:
             raise UserError("--ray-address needs Ray: pip install 'contsparse[ray]'") from None
         if threads < 1 or gpus < 0:
             raise UserError("--threads must be >= 1 and --gpus-per-point >= 0")
+        sweep_dir = sweep_dir.resolve()  # workers may start elsewhere: an absolute path or nothing
+        try:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create the sweep directory {sweep_dir}: {err.strerror or err}") from None
         self._ray = ray
         try:
-            ray.init(address=None if address == "local" else address, log_to_driver=False,
+            # "local" starts a Ray for this sweep; "auto" and HOST:PORT join a running cluster.
+            ray.init(address=address, log_to_driver=False,
                      include_dashboard=False, configure_logging=False,
                      runtime_env={"env_vars": {"TQDM_DISABLE": "1"}})
         except (ConnectionError, RuntimeError, ValueError) as err:
@@ -246,7 +303,6 @@ class RayExecutor:
         self.sweep_dir = sweep_dir
         self.threads = threads
         self._token = uuid.uuid4().hex
-        sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / TOKEN_FILE).write_text(self._token)
         self._task = ray.remote(run_point_anywhere).options(num_cpus=threads, num_gpus=gpus, max_retries=0)
         self._live: dict[Any, str] = {}

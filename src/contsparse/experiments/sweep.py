@@ -60,9 +60,9 @@ class SweepPlan:
     dense_reference: bool = True
 
     def expand(self) -> list[SweepPoint]:
-        grid = dict(self.grid) if self.grid or self.points else dict(DEFAULT_GRID)
+        grid = dict(self.grid)
         if "seed" not in grid and not any("seed" in p for p in self.points):
-            grid["seed"] = list(range(self.seeds))
+            grid["seed"] = list(range(self.base.seed, self.base.seed + self.seeds))
         listed = self.points or [{}]
         combos = [{**point, **dict(zip(grid, values, strict=True))}
                   for point in listed for values in itertools.product(*grid.values())]
@@ -91,6 +91,12 @@ class SweepPlan:
                    int(data.get("seeds", 1)), bool(data.get("dense_reference", True)))
 
 
+def default_grid(base: RunConfig) -> dict[str, list[Any]]:
+    """What ``contsparse sweep`` sweeps when no grid or point is given: ``s0`` for CS, whose
+    sparsity it sets; nothing for other methods (their points differ by seed only)."""
+    return dict(DEFAULT_GRID) if base.command != "train" and base.method == "cs" else {}
+
+
 def _configure(base: RunConfig, values: dict[str, Any]) -> RunConfig:
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
@@ -104,7 +110,7 @@ def point_name(values: dict[str, Any]) -> str:
     """``mask_init=-0.05_seed=0``: readable, stable, one directory level."""
     def text(value: Any) -> str:
         if isinstance(value, float):
-            return f"{value:g}"
+            return repr(value)  # the shortest text that reads back as this float: no two values collide
         if isinstance(value, list | tuple):
             return ",".join(text(v) for v in value)
         return str(value).replace(os.sep, "-")
@@ -165,16 +171,26 @@ class SweepDisplay:
     def close(self) -> None: ...
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a sweep; ``results`` as far as they got (running points asked to
+    checkpoint and stop)."""
+
+    def __init__(self, results: list[PointResult]) -> None:
+        super().__init__()
+        self.results = results
+
+
 def run_sweep(plan: SweepPlan, out: Path, executor: Executor, display: SweepDisplay | None = None,
               poll_seconds: float = 0.5, force: bool = False) -> list[PointResult]:
     """Run every unfinished point of ``plan`` in ``out`` on ``executor``; results in plan order.
 
     ``force``: unfinished points resume even if their saved settings differ (as ``--force``).
 
-    ``KeyboardInterrupt`` asks the running points to checkpoint and stop, waits for them, and is
-    re-raised; the finished points are kept and a later call continues.
+    ``KeyboardInterrupt`` asks the running points to checkpoint and stop, waits for them, and
+    raises :class:`SweepInterrupted` with the results so far; a later call continues.
     """
     display = display or SweepDisplay()
+    out = Path(out).absolute()  # workers (a Ray node, say) may start in another directory
     points = plan.expand()
     _write_plan(plan, out)
     results = {p.name: _result_from_disk(p, out) for p in points}
@@ -199,7 +215,7 @@ def run_sweep(plan: SweepPlan, out: Path, executor: Executor, display: SweepDisp
         for outcome in executor.interrupt():
             point = running.pop(outcome.name)
             results[point.name] = _result(point, out, outcome, time.monotonic() - start)
-        raise
+        raise SweepInterrupted([results[p.name] for p in points]) from None
     finally:
         display.close()
         executor.close()
