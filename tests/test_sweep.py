@@ -165,7 +165,7 @@ def test_a_crashed_worker_does_not_stop_the_sweep_and_its_point_resumes(tmp_path
 
 def test_ctrl_c_stops_the_sweep_and_the_same_command_continues(tmp_path):
     out = tmp_path / "sweep"
-    args = [sys.executable, "-m", "contsparse", "sweep", "--dataset", "synthetic", "--synthetic-size", "4096",
+    args = [sys.executable, "-m", "contsparse", "sweep", "--dataset", "synthetic", "--synthetic-size", "16384",
             "--epochs", "4", "--rewind-epoch", "1", "--ticket-epochs", "2", "--grid", "seed=0,1",
             "--no-dense-reference", "--workers", "2", "--out", str(out)]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
