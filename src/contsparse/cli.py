@@ -365,7 +365,9 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     def terminate(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
-    previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # SIGINT too, as a run does: a shell starts background jobs with SIGINT ignored, and a sweep
+    # must still stop its points cleanly when it gets one.
+    previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     interrupted = False
     try:
         results = run_sweep(plan, out, executor, SweepProgress(), force=args.force)
