@@ -82,7 +82,7 @@ class SweepPlan:
         return list(out.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"base": dataclasses.asdict(self.base), "grid": self.grid, "points": self.points,
+        return {"base": self.base.to_dict(), "grid": self.grid, "points": self.points,
                 "seeds": self.seeds, "dense_reference": self.dense_reference}
 
     @classmethod
@@ -103,7 +103,7 @@ def _configure(base: RunConfig, values: dict[str, Any]) -> RunConfig:
         raise UserError(f"cannot sweep over {', '.join(unknown)}: not a setting; settings are "
                         f"{', '.join(sorted(FIELDS))}")
     # A point is one run: the dense reference is a point of its own, not a baseline per point.
-    return make_config({**dataclasses.asdict(base), "dense_baseline": False, **values})
+    return make_config({**base.to_dict(), "dense_baseline": False, **values})
 
 
 def point_name(values: dict[str, Any]) -> str:
@@ -202,7 +202,7 @@ def run_sweep(plan: SweepPlan, out: Path, executor: Executor, display: SweepDisp
         while todo or running:
             while todo and len(running) < executor.capacity:
                 point = todo.pop(0)
-                executor.start(PointJob(point.name, str(out / point.name), _values(point.config),
+                executor.start(PointJob(point.name, str(out / point.name), point.config.to_dict(),
                                         str(out / "logs" / f"{point.name}.log"), str(out), force=force))
                 running[point.name] = point
             for outcome in executor.wait(poll_seconds):
@@ -220,10 +220,6 @@ def run_sweep(plan: SweepPlan, out: Path, executor: Executor, display: SweepDisp
         display.close()
         executor.close()
     return [results[p.name] for p in points]
-
-
-def _values(config: RunConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
 
 
 def _write_plan(plan: SweepPlan, out: Path) -> None:
