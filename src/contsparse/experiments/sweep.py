@@ -27,7 +27,7 @@ from contsparse.experiments.rundir import RunDir
 from contsparse.experiments.runner import plan_phases
 from contsparse.storage import write_atomic
 
-PLAN_FILE, RESULTS_FILE = "sweep.yaml", "sweep.json"
+PLAN_FILE = "sweep.yaml"
 DEFAULT_GRID: dict[str, list[Any]] = {"mask_init": [-0.02, -0.03, -0.05, -0.08]}
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from contsparse.errors import UserError
 from contsparse.experiments.rundir import RunDir
-from contsparse.experiments.sweep import PointResult, collect, is_sweep, load_plan
+from contsparse.experiments.sweep import PointResult, collect, is_sweep
 from contsparse.reports.sweep import sweep_title, write_report, write_sweep
 
 
@@ -43,10 +43,10 @@ def report_directories(directories: list[Path], out: Path | None) -> list[Path]:
     ``report.csv`` and one plot in ``out`` (default ``./report``)."""
     try:
         if len(directories) == 1:
-            results = collect(directories[0])[1]
+            plan, results = collect(directories[0])
             target = out or directories[0]
             target.mkdir(parents=True, exist_ok=True)
-            return write_sweep(results, target, sweep_title(load_plan(directories[0]).base))
+            return write_sweep(results, target, sweep_title(plan.base))
         series: dict[str, list[PointResult]] = {}
         for directory in directories:
             label = directory.name or str(directory)

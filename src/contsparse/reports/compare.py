@@ -13,8 +13,12 @@ COLORS = {"cs": "#c0392b", "imp": "#2c6fbb", "random": "#7f8c8d", "magnitude": "
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Rows as CSV; the columns are every key of any row, in first-seen order."""
+    fields: list[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     return path

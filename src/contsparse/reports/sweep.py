@@ -6,7 +6,6 @@ weights *and* higher accuracy).
 
 from __future__ import annotations
 
-import csv
 import json
 import statistics
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 from contsparse.experiments.config import RunConfig
 from contsparse.experiments.sweep import PointResult, pareto_front
+from contsparse.reports.compare import write_csv
 from contsparse.reports.plots import accuracy_axes, dense_band, save_accuracy_plot
 
 PALETTE = ["#c0392b", "#2c6fbb", "#27ae60", "#8e44ad", "#d35400", "#16a085", "#7f8c8d"]
@@ -104,16 +104,6 @@ def accuracy_plot(series: dict[str, list[PointResult]], path: Path, title: str) 
 def _short(result: PointResult) -> str:
     values = {k: v for k, v in result.values.items() if k != "seed"} or result.values
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()) or result.name
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    fields: list[str] = []
-    for row in rows:
-        fields += [k for k in row if k not in fields]
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def write_sweep(results: list[PointResult], out: Path, title: str) -> list[Path]:
