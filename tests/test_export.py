@@ -119,6 +119,28 @@ def test_single_inputs_of_a_linear_relu_chain_take_the_vector_path(run_dir):
         assert not to_sparse(other, batch_size=1).has_vector_path
 
 
+def test_the_vector_path_drops_dead_units_without_changing_outputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    first, second, last = model[1], model[3], model[5]
+    with torch.no_grad():
+        first.weight[0] = 0  # unit 0: no inputs, constant relu(0.7): folded into the next bias
+        first.bias[0] = 0.7
+        first.weight[1] = 0  # unit 1: no inputs, constant relu(-0.5) = 0: nothing to fold
+        first.bias[1] = -0.5
+        second.weight[:, 2] = 0  # unit 2: no outgoing weights
+        second.weight[0] = 0  # second layer, unit 0: no inputs, constant relu(bias)
+        last.weight[:, 4] = 0  # second layer, unit 4: unused...
+        second.weight[:, 5] = 0
+        second.weight[4, 5] = 1.0  # ...and first-layer unit 5 feeds only that unit: unused too
+    converted = to_sparse(model, batch_size=1, kernels="dense")
+    assert [tuple(weight.shape) for weight, _, _ in converted._chain] == [(2, 12), (3, 2), (3, 3)]  # units 3, 4 left
+    for _ in range(5):
+        x = torch.randn(1, 3, 4)
+        with torch.inference_mode():
+            torch.testing.assert_close(converted(x), model(x), rtol=1e-6, atol=1e-6)
+
+
 def test_untraceable_models_get_their_layers_swapped():
     class DataDependent(nn.Module):
         def __init__(self):
