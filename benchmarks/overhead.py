@@ -40,7 +40,7 @@ def optimizer(name: str, params) -> torch.optim.Optimizer:
 
 
 def make_steps(model_name: str, batch: int, device: torch.device, amp: bool = False,
-               channels_last: bool = False):
+               channels_last: bool = False, compile_models: bool = False):
     shape, classes, opt_name = MODELS[model_name]
     memory_format = torch.channels_last if channels_last and len(shape) == 3 else torch.contiguous_format
     x = torch.randn(batch, *shape, device=device).contiguous(memory_format=memory_format)
@@ -71,6 +71,9 @@ def make_steps(model_name: str, batch: int, device: torch.device, amp: bool = Fa
             logits.copy_(torch.where(torch.rand_like(logits) < 0.05, 1.0, -1.0))
     ticket_masks.harden()
     ticket_opt = optimizer(opt_name, [p for p in ticket_masks.weight_parameters() if p.requires_grad])
+    if compile_models:  # as `contsparse ... --compile` does; the first steps (warm-up) compile
+        for model in (dense, search, ticket):
+            model.compile()
 
     def dense_step():
         dense_opt.zero_grad(set_to_none=True)
@@ -90,7 +93,18 @@ def make_steps(model_name: str, batch: int, device: torch.device, amp: bool = Fa
         ticket_opt.step()
         ticket_masks.zero_pruned()
 
-    return {"dense": dense_step, "cs_search": search_step, "cs_ticket": ticket_step}
+    steps = {"dense": dense_step, "cs_search": search_step, "cs_ticket": ticket_step}
+    if compile_models:  # the eager dense model too: compiling does not pay for every model
+        eager = fresh()
+        eager_opt = optimizer(opt_name, eager.parameters())
+
+        def eager_dense_step():
+            eager_opt.zero_grad(set_to_none=True)
+            loss(eager).backward()
+            eager_opt.step()
+
+        steps["eager_dense"] = eager_dense_step
+    return steps
 
 
 def main() -> None:
@@ -102,6 +116,7 @@ def main() -> None:
     parser.add_argument("--amp", action="store_true", help="bf16 autocast in every variant")
     parser.add_argument("--channels-last", action="store_true", help="channels-last conv models and inputs")
     parser.add_argument("--name", default="overhead", help="results file name")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every variant (--compile)")
     parser.add_argument("--optimizers", choices=["fused", "foreach"], default="fused",
                         help="PyTorch optimiser kernels for every variant (contsparse uses fused)")
     args = parser.parse_args()
@@ -112,7 +127,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = []
     for model_name in args.models:
-        steps = make_steps(model_name, args.batch_size, device, args.amp, args.channels_last)
+        steps = make_steps(model_name, args.batch_size, device, args.amp, args.channels_last, args.compile)
         per_block = 40 if model_name == "lenet300" else 4
         times = interleaved_times(steps, args.blocks, per_block, warmup=10, sync=sync)
         rows.append({
@@ -125,10 +140,14 @@ def main() -> None:
             "search_images_per_s": args.batch_size / times["cs_search"],
             "ticket_images_per_s": args.batch_size / times["cs_ticket"],
         })
+        if "eager_dense" in times:
+            rows[-1].update(eager_dense_ms=times["eager_dense"] * 1e3,
+                            search_over_eager_dense=times["cs_search"] / times["eager_dense"])
     command = " ".join(["python benchmarks/overhead.py", *sys.argv[1:]])
     lines = [f"# Step-time overhead of CS masks ({args.device}, batch {args.batch_size}, "
              f"{args.optimizers} optimisers" + (", bf16 autocast" if args.amp else "")
-             + (", channels-last" if args.channels_last else "") + ")", "",
+             + (", channels-last" if args.channels_last else "")
+             + (", torch.compile" if args.compile else "") + ")", "",
              f"Command: `{command}`; median of {args.blocks} interleaved blocks per variant, one process.", "",
              "| model | dense ms/step | CS search ms/step | ticket ms/step | search / dense | ticket / dense "
              "| dense img/s | search img/s | ticket img/s |",
@@ -138,12 +157,16 @@ def main() -> None:
                      f"| **{r['search_over_dense']:.3f}x** | **{r['ticket_over_dense']:.3f}x** "
                      f"| {r['dense_images_per_s']:.0f} | {r['search_images_per_s']:.0f} "
                      f"| {r['ticket_images_per_s']:.0f} |")
+    if args.compile:
+        lines += [""] + [f"- {r['model']}: the eager dense model, same run: {r['eager_dense_ms']:.2f} ms/step; "
+                         f"compiled CS search / eager dense = **{r['search_over_eager_dense']:.3f}x**" for r in rows]
     info = machine()
     lines += ["", f"Machine: {info['processor']}, torch {info['torch']}, {info['threads']} threads"
               + (f", GPU {info['cuda']}" if info["cuda"] and device.type == "cuda" else "")
               + f"; glibc allocator tuning: {allocator}.", ""]
     write_results(args.name, {"machine": info, "allocator_tuned": allocator, "optimizers": args.optimizers,
-                              "amp": args.amp, "channels_last": args.channels_last, "command": command,
+                              "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
+                              "command": command,
                               "rows": rows}, "\n".join(lines))
 
 

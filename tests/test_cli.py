@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from contsparse.cli import main
+from contsparse.experiments import make_config
 
 QUICK = ["--model", "lenet300", "--dataset", "synthetic", "--epochs", "2", "--rounds", "1",
          "--rewind-epoch", "0", "--ticket-epochs", "1", "--no-dense-baseline", "--mask-init", "0.05"]
@@ -57,6 +58,22 @@ def test_ticket_then_info(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["info", str(tmp_path / "empty")]) == 2
     assert "not a contsparse run directory" in capsys.readouterr().err
+
+
+def test_compiled_ticket_search_matches_the_eager_one(tmp_path, capsys):
+    """--compile: torch.compile'd search, hardened ticket and evaluation run end to end and learn
+    what the eager run learns (fused kernels round differently, so not bit for bit)."""
+    summaries = []
+    for flags in ([], ["--compile"]):
+        out = tmp_path / ("compiled" if flags else "eager")
+        assert main(["ticket", *QUICK, *flags, "--out", str(out)]) == 0
+        summaries.append(json.loads((out / "summary.json").read_text()))
+    eager, compiled = summaries
+    assert compiled["weights_remaining"] == pytest.approx(eager["weights_remaining"], abs=0.01)
+    assert 0 < compiled["weights_remaining"] < 1
+    assert compiled["test_accuracy"] == pytest.approx(eager["test_accuracy"], abs=0.05)
+    assert "compile: true" in (tmp_path / "compiled" / "config.yaml").read_text()
+    assert make_config({"compile": True}).identity() == make_config({}).identity()  # how it runs, not what
 
 
 def test_console_script_entry_point(tmp_path):

@@ -305,3 +305,32 @@ def test_masks_on_a_channels_last_model_keep_its_layout_and_outputs():
         assert logits.is_contiguous(memory_format=torch.channels_last)
     out = model(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_gives_eager_gradients_and_does_not_recompile_for_a_new_temperature():
+    """Compiled models take the traceable mask: same gradients (fused penalty included) as eager,
+    one graph for every temperature (it is read from a tensor), the same penalty."""
+    compiles = []
+
+    def counting_backend(graph, example_inputs):
+        compiles.append(graph)
+        return graph.forward  # no code generation: this is about tracing, and fast
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+    masks = cs.attach_masks(model, mask_init=-0.05)
+    masks.fuse_penalty(1e-2)
+    compiled = torch.compile(model, backend=counting_backend)
+    x, y = torch.randn(16, 3, 4), torch.randint(0, 3, (16,))
+    for beta in (1.0, 2.5, 40.0):
+        masks.temperature = beta
+        grads = []
+        for forward in (compiled, model):
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(forward(x), y).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for compiled_grad, eager_grad in zip(*grads, strict=True):
+            torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-7)
+    assert len(compiles) == 1
+    penalty = torch.compile(masks.penalty, backend=counting_backend)
+    torch.testing.assert_close(penalty(), masks.penalty())

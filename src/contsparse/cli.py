@@ -39,6 +39,8 @@ HELP = {
     "device": "auto, cpu or cuda[:N]",
     "train_subset": "train on the first N examples only (quick runs)",
     "dense_baseline": "also train the dense model with the ticket's settings (ticket only)",
+    "compile": "torch.compile the model: fused mask kernels (needs a C++ compiler on CPU); each phase "
+               "starts with some seconds of compiling",
 }
 TRAINING_COMMANDS = {
     "ticket": "lottery-ticket search: CS rounds, rewind, train the ticket",

@@ -88,6 +88,7 @@ class RunConfig:
     device: str = "auto"
     amp: bool = False  # CUDA: bfloat16 autocast
     channels_last: bool = False  # CUDA: channels-last memory format for conv models
+    compile: bool = False  # torch.compile the model: fused mask kernels, after compiling at each phase's start
     tensorboard: bool = False
 
     # -- derived settings -----------------------------------------------------------------------
@@ -130,7 +131,7 @@ class RunConfig:
                                    rounds=1, dense_baseline=False)
 
 
-NOT_IN_IDENTITY = {"device", "tensorboard", "data_dir", "workers"}
+NOT_IN_IDENTITY = {"device", "tensorboard", "data_dir", "workers", "compile"}  # how, not what
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 

@@ -209,6 +209,8 @@ class Runner:
         model.to(device)
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
+        if config.compile:
+            model.compile()  # in place: state_dict keys and checkpoints stay those of the plain model
         speed = StepSettings(self.dist.shard, (lambda v: self.dist.all_sum(v, device)) if self.dist.enabled else None,
                              config.amp, config.channels_last)
         phases = plan_phases(config)
@@ -277,6 +279,11 @@ class Runner:
                 raise UserError(
                     f"training diverged in {phase.label()}, epoch {epoch + 1} ({err}); {kept}. Continue with a lower "
                     f"--lr (or --mask-lr): contsparse resume {self.run.path} --lr {config.lr / 10:g} --force") from err
+            except Exception as err:
+                if config.compile and type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    raise UserError(f"torch.compile failed ({reason}); run without --compile") from err
+                raise
             if isinstance(record, EpochResult):  # stopped by a signal mid-epoch
                 progress["step"], partial = record.steps, record.totals
                 progress["elapsed"] = time.perf_counter() - started

@@ -50,6 +50,28 @@ class _SoftMaskedWeight(torch.autograd.Function):
         return grad_weight, grad_logits, None, None, None, None
 
 
+class _TraceableSoftMaskedWeight(torch.autograd.Function):
+    """The same product and gradients (fused penalty included) in a form ``torch.compile`` traces:
+    no side effects, no in-place ops on intermediates, and the temperature as a tensor, since a
+    float would be baked into the graph and recompile it at every new temperature. Inductor fuses
+    the passes itself."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, logits: Tensor, beta: Tensor, scale: float,  # type: ignore[override]
+                penalty_coef: float) -> Tensor:
+        mask = torch.sigmoid(logits * beta)
+        ctx.save_for_backward(weight, mask, beta)
+        ctx.scale, ctx.penalty_coef = scale, penalty_coef
+        return weight * mask * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        weight, mask, beta = ctx.saved_tensors
+        grad_weight = grad * mask * ctx.scale
+        grad_logits = (grad * weight * ctx.scale + ctx.penalty_coef) * beta * mask * (1 - mask)
+        return grad_weight, grad_logits, None, None, None
+
+
 class _SoftMaskSum(torch.autograd.Function):
     """``sum(sigmoid(beta * s))`` reusing the mask computed in this step's forward pass."""
 
@@ -66,8 +88,16 @@ class _SoftMaskSum(torch.autograd.Function):
         return torch.addcmul(mask, mask, mask, value=-1.0).mul_(grad * ctx.beta), None, None
 
 
+_ZEROS: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
 def _zero(like: Tensor) -> Tensor:
-    return torch.zeros((), dtype=like.dtype, device=like.device)
+    """A shared read-only zero scalar for ``addcmul``'s base (made once: this runs per layer and step)."""
+    key = (like.dtype, like.device)
+    zero = _ZEROS.get(key)
+    if zero is None:
+        zero = _ZEROS[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+    return zero
 
 
 class ContinuousMask(nn.Module):
@@ -97,6 +127,9 @@ class ContinuousMask(nn.Module):
         # H(s) once hardened, as 0/1 in the weight's dtype (an in-place multiply by a bool tensor
         # is several times slower); a buffer so that a ticket's state_dict carries its mask.
         self.register_buffer("hard_mask", torch.ones(shape, device=device, dtype=dtype))
+        # The temperature as a float (eager kernels take it as a scalar) and as a tensor, which
+        # torch.compile'd code reads so that a new temperature does not recompile the graph.
+        self.register_buffer("_temperature_tensor", torch.ones((), device=device), persistent=False)
         self.temperature = 1.0
         # When > 0, the gradient of ``fused_penalty * sum(sigmoid(beta * s))`` is added inside the
         # backward pass (see MaskSet.fuse_penalty) instead of through a separate penalty term.
@@ -105,25 +138,42 @@ class ContinuousMask(nn.Module):
         self._cached_mask: Tensor | None = None
         self._cache_key: tuple[int, float] | None = None
 
+    @property
+    def temperature(self) -> float:
+        """``beta`` of ``sigmoid(beta * s)``."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, beta: float) -> None:
+        self.__dict__["_temperature"] = float(beta)  # not nn.Module.__setattr__: set every step
+        with torch.no_grad():
+            self._temperature_tensor.fill_(beta)
+
     # -- the parametrization ------------------------------------------------------------------
     def forward(self, weight: Tensor) -> Tensor:
         if self.mode == "hard":
             return weight  # mask and scale are already folded into the weight
+        if _compiling():
+            return _TraceableSoftMaskedWeight.apply(weight, self.logits, self._temperature_tensor, self.scale,
+                                                    self.fused_penalty)
         if not torch.is_grad_enabled():
             return weight * torch.mul(self.logits, self.temperature).sigmoid_().mul_(self.scale)
         return _SoftMaskedWeight.apply(weight, self.logits, self.temperature, self.scale, self,
                                        self.fused_penalty)
 
     def _remember_mask(self, mask: Tensor) -> None:
-        # This step's mask, so that the penalty need not compute it again.
-        self._cached_mask = mask
-        self._cache_key = (self.logits._version, self.temperature)
+        # This step's mask, so that the penalty need not compute it again. Plain attributes set
+        # directly: nn.Module.__setattr__ costs microseconds, per layer and step.
+        self.__dict__["_cached_mask"] = mask
+        self.__dict__["_cache_key"] = (self.logits._version, self.temperature)
 
     # -- what methods need ----------------------------------------------------------------------
     def soft_mask_sum(self) -> Tensor:
         """``sum(sigmoid(beta * s))``, differentiable in ``s``: this tensor's L0 stand-in."""
         if self.mode == "hard":
             return self.hard_mask.sum()
+        if _compiling():
+            return torch.sigmoid(self.logits * self._temperature_tensor).sum()
         cached = self._cached_mask
         if cached is None or self._cache_key != (self.logits._version, self.temperature):
             cached = torch.mul(self.logits.detach(), self.temperature).sigmoid_()
@@ -178,6 +228,10 @@ class ContinuousMask(nn.Module):
     def extra_repr(self) -> str:
         return (f"shape={tuple(self.logits.shape)}, mask_init={self.mask_init}, mode={self.mode}, "
                 f"temperature={self.temperature:.4g}, scale={self.scale:.4g}")
+
+
+# Whether torch.compile is tracing this code (torch.compiler.is_compiling: torch >= 2.3)
+_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
 def _sigmoid(x: float) -> float:

@@ -157,7 +157,8 @@ def _forward(model: nn.Module, x: Tensor) -> Tensor:
     try:
         logits = model(x)
     except RuntimeError as err:
-        if "shape" in str(err) or "size" in str(err):
+        compiler = type(err).__module__.startswith(("torch._dynamo", "torch._inductor"))
+        if not compiler and ("shape" in str(err) or "size" in str(err)):
             raise UserError(f"the model cannot take inputs of shape {tuple(x.shape[1:])}: {err}") from err
         raise
     if logits.ndim != 2:
