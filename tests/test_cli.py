@@ -1,6 +1,7 @@
 """The command line: one-line errors with exit status 2, runs, info tables."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,16 @@ def test_compiled_ticket_search_matches_the_eager_one(tmp_path, capsys):
     assert compiled["test_accuracy"] == pytest.approx(eager["test_accuracy"], abs=0.05)
     assert "compile: true" in (tmp_path / "compiled" / "config.yaml").read_text()
     assert make_config({"compile": True}).identity() == make_config({}).identity()  # how it runs, not what
+
+
+def test_compile_without_a_cpp_compiler_is_a_one_line_error(tmp_path):
+    env = {**os.environ, "PATH": "/nonexistent", "CXX": "/nonexistent/g++", "CC": "/nonexistent/gcc",
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}  # an empty cache: nothing compiled to reuse
+    done = subprocess.run([sys.executable, "-m", "contsparse", "ticket", *QUICK, "--compile", "--out",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "torch.compile failed" in done.stderr and "run without --compile" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_console_script_entry_point(tmp_path):

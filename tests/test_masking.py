@@ -334,3 +334,26 @@ def test_torch_compile_gives_eager_gradients_and_does_not_recompile_for_a_new_te
     assert len(compiles) == 1
     penalty = torch.compile(masks.penalty, backend=counting_backend)
     torch.testing.assert_close(penalty(), masks.penalty())
+
+
+def test_the_temperature_tensor_keeps_full_precision_and_old_pickles_load():
+    mask = ContinuousMask(torch.Size([3, 4]), mask_init=-0.05)
+    mask.temperature = 137.35
+    mask.half()  # the logits go to float16, the temperature tensor stays float32
+    assert mask._temperature_tensor.dtype == torch.float32
+    assert mask._temperature_tensor.item() == pytest.approx(137.35, rel=1e-7)
+    mask.double()
+    assert mask._temperature_tensor.dtype == torch.float64 and mask._temperature_tensor.item() == 137.35
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    masks = cs.attach_masks(model)
+    masks.temperature = 12.5  # one update for all masks
+    assert [m.temperature for _, m in masks] == [12.5, 12.5]
+    assert [m._temperature_tensor.item() for _, m in masks] == [12.5, 12.5]
+    # a whole-module pickle written before the temperature tensor existed
+    state = dict(ContinuousMask(torch.Size([2, 2])).__dict__)
+    state["temperature"] = state.pop("_temperature") * 7
+    state["_buffers"] = {k: v for k, v in state["_buffers"].items() if k != "_temperature_tensor"}
+    old = ContinuousMask.__new__(ContinuousMask)
+    old.__setstate__(state)
+    assert old.temperature == 7.0 and old._temperature_tensor.item() == 7.0
+    assert "_temperature_tensor" not in old.state_dict()

@@ -151,7 +151,13 @@ class Runner:
                 dense_summary = Runner(self.config.dense_variant(), self.run.path / "dense", self.log,
                                        self._load_data(), self.force).execute()
             with StopRequest() as stop:
-                return self._train(dense_summary, stop)
+                try:
+                    return self._train(dense_summary, stop)
+                except Exception as err:
+                    if self.config.compile and type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                        raise UserError(f"torch.compile failed ({reason}); run without --compile") from err
+                    raise
 
     def _check_same_config(self) -> None:
         path = self.run.file(RunDir.CONFIG)
@@ -279,11 +285,6 @@ class Runner:
                 raise UserError(
                     f"training diverged in {phase.label()}, epoch {epoch + 1} ({err}); {kept}. Continue with a lower "
                     f"--lr (or --mask-lr): contsparse resume {self.run.path} --lr {config.lr / 10:g} --force") from err
-            except Exception as err:
-                if config.compile and type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
-                    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                    raise UserError(f"torch.compile failed ({reason}); run without --compile") from err
-                raise
             if isinstance(record, EpochResult):  # stopped by a signal mid-epoch
                 progress["step"], partial = record.steps, record.totals
                 progress["elapsed"] = time.perf_counter() - started
@@ -387,7 +388,8 @@ class Runner:
         # Under data parallelism a stop request is honoured at the next epoch boundary (the
         # processes must agree on the step they stop at).
         result = train_epoch(trainable, train_batches, list(optimizers.values()), device=device,
-                             regularizer=method.regularizer if search else None, after_step=after_step,
+                             regularizer=method.regularizer if search else None,
+                             reported_regularizer=method.reported_penalty if search else None, after_step=after_step,
                              postfix=method.progress, desc=desc, resume=partial,
                              should_stop=None if self.dist.enabled else stop.requested, speed=speed)
         if not result.complete:

@@ -163,16 +163,17 @@ def _drop_dead_units(chain: list[Layer]) -> list[Layer]:
     The LeNet-300-100 ticket of benchmarks/inference.py (2.9 % of the weights) loses 59 of its 400
     hidden units this way, which shrinks the dense matrix-vector products of the vector path.
     """
-    sparse = [weight.layout != torch.strided for weight, _, _ in chain]
-    layers = [[weight.to_dense() if is_sparse else weight.clone(), None if bias is None else bias.clone(), relu]
-              for (weight, bias, relu), is_sparse in zip(chain, sparse, strict=True)]
+    layers = [[weight.to_dense() if weight.layout != torch.strided else weight, bias, relu]
+              for weight, bias, relu in chain]
     changed = True
     while changed:  # dropping a layer's units can leave units of the layer before it unused
         changed = False
         for i in range(len(layers) - 1):
             changed |= _drop_units(layers[i], layers[i + 1])
-    return [(to_csr(weight) if is_sparse else weight.contiguous(), bias, relu)
-            for (weight, bias, relu), is_sparse in zip(layers, sparse, strict=True)]
+    # Layers left as they were keep their tensors (shared with the graph path), the others are new
+    return [original if weight.shape == original[0].shape and bias is original[1]
+            else (to_csr(weight) if original[0].layout != torch.strided else weight.contiguous(), bias, relu)
+            for (weight, bias, relu), original in zip(layers, chain, strict=True)]
 
 
 def _drop_units(layer: list, following: list) -> bool:
@@ -228,7 +229,7 @@ def _is_flatten_1(traced: fx.GraphModule, node: fx.Node, source: fx.Node) -> boo
         return False
     if node.op == "call_module":
         module = traced.get_submodule(str(node.target))
-        return isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1
+        return type(module) is nn.Flatten and module.start_dim == 1 and module.end_dim == -1
     start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
     end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
     flatten = (node.op == "call_method" and node.target == "flatten") or \

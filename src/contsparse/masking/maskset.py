@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from contsparse.masking.accounting import per_layer_remaining, weights_remaining
-from contsparse.masking.parametrization import ContinuousMask, MaskMode
+from contsparse.masking.parametrization import ContinuousMask, MaskMode, set_temperature
 from contsparse.masking.selection import LayerSelection
 
 # Once hardened, a layer's mask lives beside the weight as a submodule named "<attr>_cs_mask".
@@ -58,8 +58,7 @@ class MaskSet:
 
     @temperature.setter
     def temperature(self, beta: float) -> None:
-        for mask in self.masks.values():
-            mask.temperature = float(beta)
+        set_temperature(self.masks.values(), beta)
 
     @property
     def mode(self) -> MaskMode:

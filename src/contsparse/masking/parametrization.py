@@ -7,6 +7,7 @@ simply *is* the masked weight, so any model and any training loop keep working.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -129,7 +130,8 @@ class ContinuousMask(nn.Module):
         self.register_buffer("hard_mask", torch.ones(shape, device=device, dtype=dtype))
         # The temperature as a float (eager kernels take it as a scalar) and as a tensor, which
         # torch.compile'd code reads so that a new temperature does not recompile the graph.
-        self.register_buffer("_temperature_tensor", torch.ones((), device=device), persistent=False)
+        self.register_buffer("_temperature_tensor", torch.ones((), device=device, dtype=_beta_dtype(self.logits)),
+                             persistent=False)
         self.temperature = 1.0
         # When > 0, the gradient of ``fused_penalty * sum(sigmoid(beta * s))`` is added inside the
         # backward pass (see MaskSet.fuse_penalty) instead of through a separate penalty term.
@@ -148,6 +150,24 @@ class ContinuousMask(nn.Module):
         self.__dict__["_temperature"] = float(beta)  # not nn.Module.__setattr__: set every step
         with torch.no_grad():
             self._temperature_tensor.fill_(beta)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # .half() / .bfloat16() would round the temperature tensor (137.35 -> 137.0): it stays in
+        # float32 (float64 for float64 logits), refilled from the exact float.
+        module = super()._apply(fn, recurse)
+        self._temperature_tensor = torch.full((), self._temperature, device=self._temperature_tensor.device,
+                                              dtype=_beta_dtype(self.logits))
+        return module
+
+    def __setstate__(self, state: dict) -> None:
+        # Whole-module pickles from before the temperature tensor held a plain ``temperature``
+        old_temperature = state.pop("temperature", None)
+        super().__setstate__(state)
+        if "_temperature_tensor" not in self._buffers:
+            self.register_buffer("_temperature_tensor", torch.ones((), device=self.logits.device,
+                                                                   dtype=_beta_dtype(self.logits)), persistent=False)
+        if old_temperature is not None:
+            self.temperature = old_temperature
 
     # -- the parametrization ------------------------------------------------------------------
     def forward(self, weight: Tensor) -> Tensor:
@@ -230,8 +250,25 @@ class ContinuousMask(nn.Module):
                 f"temperature={self.temperature:.4g}, scale={self.scale:.4g}")
 
 
-# Whether torch.compile is tracing this code (torch.compiler.is_compiling: torch >= 2.3)
-_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+_compiling = torch.compiler.is_compiling  # whether torch.compile is tracing this code
+
+
+def set_temperature(masks: Iterable[ContinuousMask], beta: float) -> None:
+    """``mask.temperature = beta`` for many masks, with one update of all their temperature
+    tensors (one launch per device and dtype on GPUs instead of one per layer, every step when the
+    temperature follows a per-step schedule)."""
+    masks = list(masks)
+    for mask in masks:
+        mask.__dict__["_temperature"] = float(beta)
+    if masks:
+        tensors = [mask._temperature_tensor for mask in masks]
+        with torch.no_grad():
+            torch._foreach_zero_(tensors)
+            torch._foreach_add_(tensors, float(beta))
+
+
+def _beta_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def _sigmoid(x: float) -> float:

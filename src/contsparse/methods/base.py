@@ -41,6 +41,11 @@ class Method(ABC):
         """Extra loss term of a search step, or None."""
         return None
 
+    def reported_penalty(self) -> Tensor | None:
+        """The penalty's value for the metrics when it is not a loss term (e.g. fused into the
+        backward pass); asked only on the steps that log it."""
+        return None
+
     def end_of_round(self, round_index: int, last: bool) -> None:
         """After the last epoch of search round ``round_index``."""
 

@@ -45,8 +45,8 @@ class ContinuousSparsification(Method):
     def attach(self, model: nn.Module) -> None:
         self.masks = attach_masks(model, self.settings.mask_init, scale_by_init=self.settings.scale_by_init,
                                   selection=self.settings.selection)
-        # The penalty's gradient is added inside the masks' backward pass (cheaper, same gradient);
-        # regularizer() only reports its value.
+        # The penalty's gradient is added inside the masks' backward pass (cheaper, same gradient):
+        # no loss term; reported_penalty() gives its value for the metrics.
         self.masks.fuse_penalty(self.settings.penalty, self.settings.penalty_normalize)
 
     @property
@@ -68,8 +68,7 @@ class ContinuousSparsification(Method):
         if self.schedule.per == "step":
             self.mask_set.temperature = self.schedule.value(epoch, step + 1)
 
-    def regularizer(self) -> Tensor | None:
-        # Reported, not back-propagated: the gradient is fused into the mask's backward.
+    def reported_penalty(self) -> Tensor | None:
         return self.settings.penalty * self.mask_set.penalty(self.settings.penalty_normalize).detach()
 
     def end_of_round(self, round_index: int, last: bool) -> None:

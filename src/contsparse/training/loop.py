@@ -56,12 +56,17 @@ class NonFiniteLossError(RuntimeError):
 
 def train_epoch(model: nn.Module, batches: BatchIterator, optimizers: Sequence[torch.optim.Optimizer], *,
                 device: torch.device, regularizer: Callable[[], Tensor] | None = None,
+                reported_regularizer: Callable[[], Tensor | None] | None = None,
                 after_step: Callable[[int], None] | None = None,
                 postfix: Callable[[], dict[str, str]] | None = None, desc: str = "train",
                 resume: dict[str, Tensor] | None = None,
                 should_stop: Callable[[], bool] | None = None,
                 speed: StepSettings | None = None) -> EpochResult:
     """One pass over ``batches``: cross-entropy (+ ``regularizer()``), backward, every optimiser steps.
+
+    The regularizer's value is recorded every 50 steps: ``regularizer()``'s, or, for a penalty whose
+    gradient is applied elsewhere, ``reported_regularizer()``'s (asked only on those steps: a
+    penalty over every weight costs a pass over all of them).
 
     ``after_step(step)`` runs after the optimisers (temperature updates, re-zeroing pruned weights).
     ``should_stop()`` is asked after every whole step; when it says yes the epoch ends early with
@@ -85,12 +90,11 @@ def train_epoch(model: nn.Module, batches: BatchIterator, optimizers: Sequence[t
                 # processes then gives exactly the one-process gradient
                 _cross_entropy(logits, y, "sum") * (speed.shard[1] / global_size))
         reg = regularizer() if regularizer is not None else None
-        if reg is not None:
-            if step % 50 == 0:
-                totals["regularizer"] = reg.detach().to(totals["regularizer"].dtype)
-            (loss + reg).backward()
-        else:
-            loss.backward()
+        if step % 50 == 0:
+            reported = reg if reg is not None else reported_regularizer() if reported_regularizer is not None else None
+            if reported is not None:
+                totals["regularizer"] = reported.detach().to(totals["regularizer"].dtype)
+        (loss if reg is None else loss + reg).backward()
         for optimizer in optimizers:
             optimizer.step()
         if after_step is not None:
