@@ -11,3 +11,8 @@ class UserError(Exception):
 
 class RunInterrupted(Exception):
     """The run stopped on Ctrl-C or SIGTERM after saving a checkpoint; the message says how to resume."""
+
+
+def raised_by_torch_compile(err: BaseException) -> bool:
+    """Whether ``err`` comes from torch.compile's tracer or compiler (e.g. no C++ compiler)."""
+    return type(err).__module__.startswith(("torch._dynamo", "torch._inductor"))

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 import contsparse
 from contsparse import faults
 from contsparse.data import BatchIterator, DatasetSplits, TensorSplit, load_dataset, make_batches
-from contsparse.errors import RunInterrupted, UserError
+from contsparse.errors import RunInterrupted, UserError, raised_by_torch_compile
 from contsparse.experiments.config import RunConfig, dump_yaml, load_yaml, settings_differences
 from contsparse.experiments.distributed import Distributed, device_for, from_environment
 from contsparse.experiments.interrupt import StopRequest
@@ -154,7 +154,7 @@ class Runner:
                 try:
                     return self._train(dense_summary, stop)
                 except Exception as err:
-                    if self.config.compile and type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                    if self.config.compile and raised_by_torch_compile(err):
                         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                         raise UserError(f"torch.compile failed ({reason}); run without --compile") from err
                     raise

@@ -147,9 +147,7 @@ class ContinuousMask(nn.Module):
 
     @temperature.setter
     def temperature(self, beta: float) -> None:
-        self.__dict__["_temperature"] = float(beta)  # not nn.Module.__setattr__: set every step
-        with torch.no_grad():
-            self._temperature_tensor.fill_(beta)
+        set_temperature([self], beta)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # .half() / .bfloat16() would round the temperature tensor (137.35 -> 137.0): it stays in
@@ -259,7 +257,7 @@ def set_temperature(masks: Iterable[ContinuousMask], beta: float) -> None:
     temperature follows a per-step schedule)."""
     masks = list(masks)
     for mask in masks:
-        mask.__dict__["_temperature"] = float(beta)
+        mask.__dict__["_temperature"] = float(beta)  # not nn.Module.__setattr__: set every step
     if masks:
         tensors = [mask._temperature_tensor for mask in masks]
         with torch.no_grad():

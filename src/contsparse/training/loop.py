@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from contsparse.data.splits import BatchIterator
-from contsparse.errors import UserError
+from contsparse.errors import UserError, raised_by_torch_compile
 
 
 @dataclass
@@ -161,8 +161,7 @@ def _forward(model: nn.Module, x: Tensor) -> Tensor:
     try:
         logits = model(x)
     except RuntimeError as err:
-        compiler = type(err).__module__.startswith(("torch._dynamo", "torch._inductor"))
-        if not compiler and ("shape" in str(err) or "size" in str(err)):
+        if not raised_by_torch_compile(err) and ("shape" in str(err) or "size" in str(err)):
             raise UserError(f"the model cannot take inputs of shape {tuple(x.shape[1:])}: {err}") from err
         raise
     if logits.ndim != 2:
