@@ -40,7 +40,8 @@ def optimizer(name: str, params) -> torch.optim.Optimizer:
 
 
 def make_steps(model_name: str, batch: int, device: torch.device, amp: bool = False,
-               channels_last: bool = False, compile_models: bool = False):
+               channels_last: bool = False, compile_models: bool = False,
+               selection: cs.LayerSelection | None = None):
     shape, classes, opt_name = MODELS[model_name]
     memory_format = torch.channels_last if channels_last and len(shape) == 3 else torch.contiguous_format
     x = torch.randn(batch, *shape, device=device).contiguous(memory_format=memory_format)
@@ -58,14 +59,14 @@ def make_steps(model_name: str, batch: int, device: torch.device, amp: bool = Fa
     dense_opt = optimizer(opt_name, dense.parameters())
 
     search = fresh()
-    search_masks = cs.attach_masks(search, mask_init=0.0)
+    search_masks = cs.attach_masks(search, mask_init=0.0, selection=selection)
     search_masks.fuse_penalty(1e-8)
     search_masks.temperature = 5.0
     search_opt = optimizer(opt_name, search_masks.weight_parameters())
     mask_opt = torch.optim.SGD(search_masks.mask_parameters(), lr=0.1, momentum=0.9, fused=FUSED)
 
     ticket = fresh()
-    ticket_masks = cs.attach_masks(ticket, mask_init=0.0)
+    ticket_masks = cs.attach_masks(ticket, mask_init=0.0, selection=selection)
     with torch.no_grad():  # a ticket with about 5 % of the weights
         for logits in ticket_masks.mask_parameters():
             logits.copy_(torch.where(torch.rand_like(logits) < 0.05, 1.0, -1.0))
@@ -106,6 +107,9 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true", help="channels-last conv models and inputs")
     parser.add_argument("--name", default="overhead", help="results file name")
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant (--compile)")
+    parser.add_argument("--mask-include", nargs="*", default=[], metavar="REGEX",
+                        help="mask only these layers (default: all), to see what each layer costs")
+    parser.add_argument("--mask-exclude", nargs="*", default=[], metavar="REGEX", help="do not mask these layers")
     parser.add_argument("--optimizers", choices=["fused", "foreach"], default="fused",
                         help="PyTorch optimiser kernels for every variant (contsparse uses fused)")
     args = parser.parse_args()
@@ -114,11 +118,12 @@ def main() -> None:
     device = torch.device(args.device)
     allocator = tune_cpu_allocator() if device.type == "cpu" else False
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    selection = cs.LayerSelection(include=args.mask_include, exclude=args.mask_exclude)
     rows = []
     for model_name in args.models:
-        steps = make_steps(model_name, args.batch_size, device, args.amp, args.channels_last, args.compile)
+        steps = make_steps(model_name, args.batch_size, device, args.amp, args.channels_last, args.compile, selection)
         if args.compile:  # the eager variants in the same run: compiling does not pay for every model
-            eager = make_steps(model_name, args.batch_size, device, args.amp, args.channels_last)
+            eager = make_steps(model_name, args.batch_size, device, args.amp, args.channels_last, selection=selection)
             steps.update({f"eager_{name}": step for name, step in eager.items()})
         per_block = 40 if model_name == "lenet300" else 4
         times = interleaved_times(steps, args.blocks, per_block, warmup=10, sync=sync)
@@ -141,7 +146,9 @@ def main() -> None:
     lines = [f"# Step-time overhead of CS masks ({args.device}, batch {args.batch_size}, "
              f"{args.optimizers} optimisers" + (", bf16 autocast" if args.amp else "")
              + (", channels-last" if args.channels_last else "")
-             + (", torch.compile" if args.compile else "") + ")", "",
+             + (", torch.compile" if args.compile else "")
+             + (f", masks on {' '.join(args.mask_include)}" if args.mask_include else "")
+             + (f", masks not on {' '.join(args.mask_exclude)}" if args.mask_exclude else "") + ")", "",
              f"Command: `{command}`; median of {args.blocks} interleaved blocks per variant, one process.", "",
              "| model | dense ms/step | CS search ms/step | ticket ms/step | search / dense | ticket / dense "
              "| dense img/s | search img/s | ticket img/s |",
@@ -162,6 +169,7 @@ def main() -> None:
               + f"; glibc allocator tuning: {allocator}.", ""]
     write_results(args.name, {"machine": info, "allocator_tuned": allocator, "optimizers": args.optimizers,
                               "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
+                              "mask_include": args.mask_include, "mask_exclude": args.mask_exclude,
                               "command": command,
                               "rows": rows}, "\n".join(lines))
 
