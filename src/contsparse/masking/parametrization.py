@@ -130,8 +130,7 @@ class ContinuousMask(nn.Module):
         self.register_buffer("hard_mask", torch.ones(shape, device=device, dtype=dtype))
         # The temperature as a float (eager kernels take it as a scalar) and as a tensor, which
         # torch.compile'd code reads so that a new temperature does not recompile the graph.
-        self.register_buffer("_temperature_tensor", torch.ones((), device=device, dtype=_beta_dtype(self.logits)),
-                             persistent=False)
+        self.register_buffer("_temperature_tensor", self._new_temperature_tensor(1.0, device), persistent=False)
         self.temperature = 1.0
         # When > 0, the gradient of ``fused_penalty * sum(sigmoid(beta * s))`` is added inside the
         # backward pass (see MaskSet.fuse_penalty) instead of through a separate penalty term.
@@ -153,17 +152,19 @@ class ContinuousMask(nn.Module):
         # .half() / .bfloat16() would round the temperature tensor (137.35 -> 137.0): it stays in
         # float32 (float64 for float64 logits), refilled from the exact float.
         module = super()._apply(fn, recurse)
-        self._temperature_tensor = torch.full((), self._temperature, device=self._temperature_tensor.device,
-                                              dtype=_beta_dtype(self.logits))
+        self._temperature_tensor = self._new_temperature_tensor(self._temperature, self._temperature_tensor.device)
         return module
+
+    def _new_temperature_tensor(self, beta: float, device: torch.device | None) -> Tensor:
+        return torch.full((), beta, device=device, dtype=_beta_dtype(self.logits))
 
     def __setstate__(self, state: dict) -> None:
         # Whole-module pickles from before the temperature tensor held a plain ``temperature``
         old_temperature = state.pop("temperature", None)
         super().__setstate__(state)
         if "_temperature_tensor" not in self._buffers:
-            self.register_buffer("_temperature_tensor", torch.ones((), device=self.logits.device,
-                                                                   dtype=_beta_dtype(self.logits)), persistent=False)
+            self.register_buffer("_temperature_tensor", self._new_temperature_tensor(1.0, self.logits.device),
+                                 persistent=False)
         if old_temperature is not None:
             self.temperature = old_temperature
 
