@@ -10,6 +10,7 @@ pruned weights re-zeroed after each step), measured interleaved in one process a
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -33,6 +34,28 @@ MODELS = {  # name -> (input shape, classes, weight optimiser); the CPU default 
 CPU_DEFAULT = ["lenet300", "conv4"]
 
 
+class _MaskWithoutArithmetic(torch.autograd.Function):
+    """Diagnostic (``--machinery``): a mask's autograd node with none of its arithmetic. The
+    forward returns the weight as it is, the backward passes the weight's gradient through and
+    gives the logits a gradient of zeros made once; what is left of CS's extra cost is machinery
+    (parametrization, autograd node, the logits' optimiser step and zero_grad)."""
+
+    @staticmethod
+    def forward(ctx, logits, zeros, weight):  # type: ignore[override]
+        ctx.zeros = zeros
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return ctx.zeros, None, grad
+
+
+def without_arithmetic(masks: cs.MaskSet) -> None:
+    """Replace each mask's computation by :class:`_MaskWithoutArithmetic`."""
+    for _, mask in masks:
+        mask.forward = functools.partial(_MaskWithoutArithmetic.apply, mask.logits, torch.zeros_like(mask.logits))
+
+
 def optimizer(name: str, params) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(params, lr=1.2e-3, fused=FUSED)
@@ -41,7 +64,7 @@ def optimizer(name: str, params) -> torch.optim.Optimizer:
 
 def make_steps(model_name: str, batch: int, device: torch.device, amp: bool = False,
                channels_last: bool = False, compile_models: bool = False,
-               selection: cs.LayerSelection | None = None):
+               selection: cs.LayerSelection | None = None, machinery: bool = False):
     shape, classes, opt_name = MODELS[model_name]
     memory_format = torch.channels_last if channels_last and len(shape) == 3 else torch.contiguous_format
     x = torch.randn(batch, *shape, device=device).contiguous(memory_format=memory_format)
@@ -58,12 +81,28 @@ def make_steps(model_name: str, batch: int, device: torch.device, amp: bool = Fa
     dense = fresh()
     dense_opt = optimizer(opt_name, dense.parameters())
 
-    search = fresh()
-    search_masks = cs.attach_masks(search, mask_init=0.0, selection=selection)
-    search_masks.fuse_penalty(1e-8)
-    search_masks.temperature = 5.0
-    search_opt = optimizer(opt_name, search_masks.weight_parameters())
-    mask_opt = torch.optim.SGD(search_masks.mask_parameters(), lr=0.1, momentum=0.9, fused=FUSED)
+    def search_variant(arithmetic: bool = True):
+        """A search step: soft masks (or the machinery alone), weight and logit optimisers."""
+        model = fresh()
+        masks = cs.attach_masks(model, mask_init=0.0, selection=selection)
+        masks.fuse_penalty(1e-8)
+        masks.temperature = 5.0
+        if not arithmetic:
+            without_arithmetic(masks)
+        weight_opt = optimizer(opt_name, masks.weight_parameters())
+        mask_opt = torch.optim.SGD(masks.mask_parameters(), lr=0.1, momentum=0.9, fused=FUSED)
+
+        def step():
+            weight_opt.zero_grad(set_to_none=True)
+            mask_opt.zero_grad(set_to_none=True)
+            loss(model).backward()
+            weight_opt.step()
+            mask_opt.step()
+
+        return model, step
+
+    search, search_step = search_variant()
+    steps = {"cs_machinery": search_variant(arithmetic=False)[1]} if machinery else {}
 
     ticket = fresh()
     ticket_masks = cs.attach_masks(ticket, mask_init=0.0, selection=selection)
@@ -81,20 +120,13 @@ def make_steps(model_name: str, batch: int, device: torch.device, amp: bool = Fa
         loss(dense).backward()
         dense_opt.step()
 
-    def search_step():
-        search_opt.zero_grad(set_to_none=True)
-        mask_opt.zero_grad(set_to_none=True)
-        loss(search).backward()
-        search_opt.step()
-        mask_opt.step()
-
     def ticket_step():
         ticket_opt.zero_grad(set_to_none=True)
         loss(ticket).backward()
         ticket_opt.step()
         ticket_masks.zero_pruned()
 
-    return {"dense": dense_step, "cs_search": search_step, "cs_ticket": ticket_step}
+    return {"dense": dense_step, "cs_search": search_step, "cs_ticket": ticket_step, **steps}
 
 
 def main() -> None:
@@ -110,9 +142,13 @@ def main() -> None:
     parser.add_argument("--mask-include", nargs="*", default=[], metavar="REGEX",
                         help="mask only these layers (default: all), to see what each layer costs")
     parser.add_argument("--mask-exclude", nargs="*", default=[], metavar="REGEX", help="do not mask these layers")
+    parser.add_argument("--machinery", action="store_true",
+                        help="also time CS search with the masks' arithmetic removed (diagnostic)")
     parser.add_argument("--optimizers", choices=["fused", "foreach"], default="fused",
                         help="PyTorch optimiser kernels for every variant (contsparse uses fused)")
     args = parser.parse_args()
+    if args.machinery and args.compile:
+        parser.error("--machinery is an eager diagnostic: use it without --compile")
     global FUSED
     FUSED = True if args.optimizers == "fused" else None
     device = torch.device(args.device)
@@ -121,7 +157,8 @@ def main() -> None:
     selection = cs.LayerSelection(include=args.mask_include, exclude=args.mask_exclude)
     rows = []
     for model_name in args.models:
-        steps = make_steps(model_name, args.batch_size, device, args.amp, args.channels_last, args.compile, selection)
+        steps = make_steps(model_name, args.batch_size, device, args.amp, args.channels_last, args.compile, selection,
+                           args.machinery)
         if args.compile:  # the eager variants in the same run: compiling does not pay for every model
             eager = make_steps(model_name, args.batch_size, device, args.amp, args.channels_last, selection=selection)
             steps.update({f"eager_{name}": step for name, step in eager.items()})
@@ -137,6 +174,9 @@ def main() -> None:
             "search_images_per_s": args.batch_size / times["cs_search"],
             "ticket_images_per_s": args.batch_size / times["cs_ticket"],
         })
+        if args.machinery:
+            rows[-1].update(machinery_ms=times["cs_machinery"] * 1e3,
+                            machinery_over_dense=times["cs_machinery"] / times["dense"])
         if args.compile:
             rows[-1].update(eager_dense_ms=times["eager_dense"] * 1e3, eager_search_ms=times["eager_cs_search"] * 1e3,
                             eager_search_over_eager_dense=times["eager_cs_search"] / times["eager_dense"],
@@ -163,12 +203,17 @@ def main() -> None:
                          f"{r['eager_search_ms']:.2f} ms/step ({r['eager_search_over_eager_dense']:.3f}x); compiled "
                          f"CS search / eager dense = **{r['search_over_eager_dense']:.3f}x**, compiled / eager CS "
                          f"search = {r['search_over_eager_search']:.3f}x" for r in rows]
+    if args.machinery:
+        lines += [""] + [f"- {r['model']}, CS search without the masks' arithmetic (parametrization, autograd "
+                         f"node, logits' optimiser only): {r['machinery_ms']:.2f} ms/step = "
+                         f"**{r['machinery_over_dense']:.3f}x** dense" for r in rows]
     info = machine()
     lines += ["", f"Machine: {info['processor']}, torch {info['torch']}, {info['threads']} threads"
               + (f", GPU {info['cuda']}" if info["cuda"] and device.type == "cuda" else "")
               + f"; glibc allocator tuning: {allocator}.", ""]
     write_results(args.name, {"machine": info, "allocator_tuned": allocator, "optimizers": args.optimizers,
                               "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
+                              "machinery": args.machinery,
                               "mask_include": args.mask_include, "mask_exclude": args.mask_exclude,
                               "command": command,
                               "rows": rows}, "\n".join(lines))

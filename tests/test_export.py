@@ -119,6 +119,23 @@ def test_single_inputs_of_a_linear_relu_chain_take_the_vector_path(run_dir):
         assert not to_sparse(other, batch_size=1).has_vector_path
 
 
+def test_single_inputs_skip_module_call_machinery_but_not_hooks(run_dir):
+    model = load_run_model(run_dir).model
+    converted = to_sparse(model, batch_size=1)
+    x = torch.randn(1, 1, 28, 28)
+    seen = []
+    converted.register_forward_pre_hook(lambda module, args: (args[0] * 0,))  # hooks still run at batch 1
+    converted.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.inference_mode():
+        torch.testing.assert_close(converted(x), model(x * 0), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(converted(torch.cat([x, x])), model(torch.cat([x, x]) * 0), rtol=1e-5, atol=1e-5)
+    assert seen == [(1, 10), (2, 10)]
+    plain = to_sparse(model, batch_size=1)  # no hooks: the vector path, called directly
+    with torch.inference_mode():
+        torch.testing.assert_close(plain(x), model(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(plain(x=x), model(x), rtol=1e-6, atol=1e-6)  # keyword input: nn.Module.__call__
+
+
 def test_the_vector_path_drops_dead_units_without_changing_outputs():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
