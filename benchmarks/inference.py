@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_results
+from common import interleaved_times, machine, write_results
 
 from contsparse.data import load_dataset
 from contsparse.experiments import Runner, make_config
@@ -44,6 +44,17 @@ def test_set_agreement(model: torch.nn.Module, dataset: str, data_dir: str | Non
     return counts
 
 
+def call_path_timing(model: torch.nn.Module, input_shape: tuple[int, ...], blocks: int) -> dict[str, float]:
+    """Batch-1 latency of the sparse model called as usual (the vector path entered directly) and
+    through ``nn.Module.__call__``'s machinery, interleaved: what skipping that machinery saves."""
+    sparse = to_sparse(model, 1)
+    x = torch.randn(1, *input_shape)
+    with torch.inference_mode():
+        times = interleaved_times({"direct": lambda: sparse(x),
+                                   "module_call": lambda: torch.nn.Module.__call__(sparse, x)}, blocks, 500)
+    return {name: seconds * 1e3 for name, seconds in times.items()}
+
+
 def median_timing(runs: list[dict]) -> dict:
     """One batch size's timings over the repeats: medians, plus each repeat's speedup."""
     merged = dict(runs[0])
@@ -58,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, help="a finished run (default: the default ticket search's run)")
     parser.add_argument("--blocks", type=int, default=21)
-    parser.add_argument("--repeats", type=int, default=5,
+    parser.add_argument("--repeats", type=int, default=9,
                         help="independent timings, spread over the run: the figures are their medians")
     args = parser.parse_args()
     run_dir = args.run
@@ -75,8 +86,12 @@ def main() -> None:
     kept = sum(int(m.sum()) for m in run.masks.values()) / sum(m.numel() for m in run.masks.values())
     # The ratio moves with the shared machine's state (dense batch-1 inference streams the whole
     # weight matrix from memory, the sparse one stays in cache), so it is measured several times.
-    repeats = [time_inference(run.model, run.input_shape, (1, 256), blocks=args.blocks) for _ in range(args.repeats)]
+    repeats, call_paths = [], []
+    for _ in range(args.repeats):
+        repeats.append(time_inference(run.model, run.input_shape, (1, 256), blocks=args.blocks))
+        call_paths.append(call_path_timing(run.model, run.input_shape, args.blocks))
     timings = [median_timing([r[i].as_dict() for r in repeats]) for i in range(len(repeats[0]))]
+    call_path = {name: statistics.median(c[name] for c in call_paths) for name in call_paths[0]}
     agreement = test_set_agreement(run.model, run.dataset, run.data_dir)
 
     command = " ".join(["python benchmarks/inference.py", *sys.argv[1:]])
@@ -91,6 +106,9 @@ def main() -> None:
         lines.append(f"| {t['batch_size']} | {t['dense_ms']:.3f} | {t['inlined_dense_ms']:.3f} | {t['sparse_ms']:.3f} "
                      f"| **{t['speedup']:.2f}x** | {', '.join(f'{x:.2f}' for x in t['speedups'])} "
                      f"| {t['inlined_dense_ms'] / t['sparse_ms']:.2f}x | {', '.join(t['sparse_layers']) or '-'} |")
+    lines += ["", f"Batch 1, the sparse model called as usual vs through `nn.Module.__call__` (interleaved, "
+              f"medians of the repeats): {call_path['direct']:.4f} vs {call_path['module_call']:.4f} ms: skipping "
+              f"that machinery saves {100 * (1 - call_path['direct'] / call_path['module_call']):.0f} %."]
     lines += ["", f"Test set: sparse predictions equal the dense ones on {agreement['same_batch_1']} / "
               f"{agreement['test_images']} images at batch 1 and {agreement['same_batch_256']} / "
               f"{agreement['test_images']} at batch 256 (dense accuracy "
@@ -98,6 +116,7 @@ def main() -> None:
               f"Machine: {machine()['processor']}, torch {machine()['torch']}, {machine()['threads']} threads.", ""]
     write_results("inference", {"machine": machine(), "command": command, "run": str(run_dir),
                                 "weights_remaining": kept, "sizes": sizes, "timings": timings,
+                                "batch_1_call_path_ms": call_path,
                                 "test_set": agreement}, "\n".join(lines))
 
 
