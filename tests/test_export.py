@@ -121,19 +121,45 @@ def test_single_inputs_of_a_linear_relu_chain_take_the_vector_path(run_dir):
 
 def test_single_inputs_skip_module_call_machinery_but_not_hooks(run_dir):
     model = load_run_model(run_dir).model
-    converted = to_sparse(model, batch_size=1)
     x = torch.randn(1, 1, 28, 28)
+
+    def forbidden(*args):
+        raise AssertionError("nn.Module.__call__ ran forward")
+
+    direct = to_sparse(model, batch_size=1)
+    direct.forward = forbidden  # no hooks: the vector path is entered without forward
+    with torch.inference_mode():
+        torch.testing.assert_close(direct(x), model(x), rtol=1e-6, atol=1e-6)
+
+    hooked = to_sparse(model, batch_size=1)
     seen = []
-    converted.register_forward_pre_hook(lambda module, args: (args[0] * 0,))  # hooks still run at batch 1
-    converted.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    hooked.register_forward_pre_hook(lambda module, args: (torch.as_tensor(args[0]) * 0,))  # also converts
+    hooked.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
     with torch.inference_mode():
-        torch.testing.assert_close(converted(x), model(x * 0), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(converted(torch.cat([x, x])), model(torch.cat([x, x]) * 0), rtol=1e-5, atol=1e-5)
-    assert seen == [(1, 10), (2, 10)]
-    plain = to_sparse(model, batch_size=1)  # no hooks: the vector path, called directly
+        torch.testing.assert_close(hooked(x), model(x * 0), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(hooked(x.numpy()), model(x * 0), rtol=1e-6, atol=1e-6)  # hook runs first
+        torch.testing.assert_close(hooked(torch.cat([x, x])), model(torch.cat([x, x]) * 0), rtol=1e-5, atol=1e-5)
+    assert seen == [(1, 10), (1, 10), (2, 10)]
+
+    plain = to_sparse(model, batch_size=1)
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: calls.append(module))
+    try:
+        with torch.inference_mode():
+            plain(x)
+    finally:
+        handle.remove()
+    assert plain in calls  # global hooks run too
     with torch.inference_mode():
-        torch.testing.assert_close(plain(x), model(x), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(plain(x=x), model(x), rtol=1e-6, atol=1e-6)  # keyword input: nn.Module.__call__
+
+    compiled = to_sparse(model, batch_size=1)
+    compiled.compile(backend="eager")  # a compiled module keeps running its compiled call (no C++ compiler needed)
+    compiled_call, compiled_calls = compiled._compiled_call_impl, []
+    compiled._compiled_call_impl = lambda *args, **kwargs: compiled_calls.append(1) or compiled_call(*args, **kwargs)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert compiled_calls == [1]
 
 
 def test_the_vector_path_drops_dead_units_without_changing_outputs():

@@ -15,11 +15,13 @@ is a plain chain (``flatten(1)``, then Linear layers with optional ReLUs), a sin
 vector path: one ``addmv`` (CSR or dense) and one in-place ReLU per layer on a 1-D tensor, no
 reshapes, no module calls, and hidden units the ticket left dead dropped from the matrices. The
 path is generated as straight-line code and, when no hooks are registered, entered without
-``nn.Module.__call__``'s machinery: each of these saves microseconds of a ~25 us forward.
+``nn.Module.__call__``'s machinery: each of these saves microseconds of a ~30 us forward.
 """
 
 from __future__ import annotations
 
+import itertools
+import linecache
 import warnings
 from collections.abc import Callable
 from typing import Literal
@@ -154,19 +156,27 @@ class SparseInference(nn.Module):
         return self._vector_forward(x) if self._takes_vector_path(x) else self._graph_forward(x)
 
     def __call__(self, *args, **kwargs):
-        """``nn.Module.__call__``, except that a single input goes straight to the vector path when
-        no hooks are registered: ``nn.Module.__call__``'s machinery costs several microseconds, a
-        sixth of the whole vector path. (Inlined checks: each helper call is measurable here.)"""
+        """``nn.Module.__call__``, except that a single batch-1 tensor goes straight to the vector
+        path when ``nn.Module.__call__`` would only call ``forward`` (no hooks, not compiled with
+        ``.compile()``, not being traced): its machinery costs about a tenth of the vector path
+        (benchmarks/inference.py). The checks are inlined: each helper call is measurable here."""
         vector_forward = self._vector_forward
-        if vector_forward is not None and len(args) == 1 and not kwargs:
+        if vector_forward is not None and len(args) == 1 and not kwargs and _HOOK_REGISTRIES_KNOWN:
             x = args[0]
-            if x.dim() >= 2 and x.shape[0] == 1 and not (
-                    self._forward_pre_hooks or self._forward_hooks or self._backward_pre_hooks
+            if not (self._forward_pre_hooks or self._forward_hooks or self._backward_pre_hooks
                     or self._backward_hooks or hook_registry._global_forward_pre_hooks
                     or hook_registry._global_forward_hooks or hook_registry._global_backward_pre_hooks
-                    or hook_registry._global_backward_hooks):
+                    or hook_registry._global_backward_hooks or self._compiled_call_impl is not None) \
+                    and type(x) is Tensor and x.dim() >= 2 and x.shape[0] == 1 and not _tracing_state():
                 return vector_forward(x)
         return super().__call__(*args, **kwargs)
+
+
+# nn.Module.__call__ reads these global hook registries (private names): where a torch version
+# lacks one, every call takes nn.Module.__call__.
+_HOOK_REGISTRIES_KNOWN = all(hasattr(hook_registry, name) for name in (
+    "_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks", "_global_backward_hooks"))
+_tracing_state = torch._C._get_tracing_state
 
 
 def _straight_line(chain: list[Layer]) -> Callable[[Tensor], Tensor]:
@@ -180,8 +190,14 @@ def _straight_line(chain: list[Layer]) -> Callable[[Tensor], Tensor]:
         call = f"mv(weight_{i}, v)" if bias is None else f"addmv(bias_{i}, weight_{i}, v)"
         lines.append(f"    v = {call}{'.relu_()' if relu else ''}")  # relu_ on addmv's fresh output
     lines.append("    return v.unsqueeze(0)")
-    exec("\n".join(lines), namespace)  # our own template: no user text goes in
+    source = "\n".join(lines) + "\n"
+    filename = f"<contsparse vector path {next(_vector_paths)}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks show it
+    exec(compile(source, filename, "exec"), namespace)  # our own template: no user text goes in
     return namespace["vector_forward"]  # type: ignore[return-value]
+
+
+_vector_paths = itertools.count()
 
 
 def _drop_dead_units(chain: list[Layer]) -> list[Layer]:
