@@ -14,7 +14,7 @@ import pytest
 from contsparse.cli import main
 from contsparse.errors import UserError
 from contsparse.experiments import make_config
-from contsparse.experiments.executors import LocalPool, PointJob, unpack_files
+from contsparse.experiments.executors import LocalPool, PointJob, ray_slots, unpack_files
 from contsparse.experiments.sweep import (
     PointResult,
     SweepDisplay,
@@ -261,6 +261,26 @@ def test_ray_sweep_on_a_local_cluster(local_ray, tmp_path, capsys):
                       LocalPool(workers=2))
     assert [r.test_accuracy for r in local] == [r["test_accuracy"] for r in rows.values()]
     assert not (out / ".sweep-token").exists()
+
+
+def test_a_sweep_asking_ray_for_more_than_a_node_has_stops_with_one_line(local_ray, tmp_path, capsys):
+    # The local head has 2 CPUs and no GPU: Ray would queue such tasks forever.
+    for flags, need in ((["--gpus-per-point", "1"], "1 CPU(s) and 1 GPU(s)"), (["--threads", "3"], "3 CPU(s)")):
+        assert main(["sweep", *TINY_FLAGS, "--ray-address", local_ray, "--out", str(tmp_path / "s"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert f"no node of the Ray cluster at {local_ray} has {need}" in err and "Traceback" not in err
+    assert main(["sweep", *TINY_FLAGS, "--gpus-per-point", "1", "--out", str(tmp_path / "s")]) == 2
+    assert "--gpus-per-point is for Ray tasks" in capsys.readouterr().err
+
+
+def test_ray_slots_count_what_each_alive_node_fits():
+    nodes = [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 2.0}},
+             {"Alive": True, "Resources": {"CPU": 3.0}},
+             {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
+    assert ray_slots(nodes, threads=2, gpus=0) == 4 + 1
+    assert ray_slots(nodes, threads=2, gpus=1) == 2  # the GPUs of the first node; the second has none
+    assert ray_slots(nodes, threads=1, gpus=0.1) == 8  # 20 GPU shares, 8 CPUs
+    assert ray_slots(nodes, threads=16, gpus=0) == 0
 
 
 def test_a_point_on_a_machine_without_the_sweep_directory_ships_its_files_back(tmp_path):

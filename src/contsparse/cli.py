@@ -351,6 +351,9 @@ def run_sweep(args: argparse.Namespace) -> int:
     points = plan.expand()  # a bad grid value fails here, before anything runs
     what = base.command if base.command == "train" else f"{base.command}-{base.method}"
     out = args.out or Path("runs") / f"sweep-{what}-{base.model}-{base.dataset}"
+    if args.gpus_per_point and not args.ray_address:
+        raise UserError("--gpus-per-point is for Ray tasks (--ray-address); on this machine each point gets a GPU "
+                        "of its own when there are GPUs")
     if args.ray_address:
         executor = RayExecutor(args.ray_address, out, args.threads or 1, args.gpus_per_point)
     else:

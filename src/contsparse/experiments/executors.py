@@ -271,6 +271,21 @@ def unpack_files(outcome: PointOutcome, sweep_dir: Path) -> None:
         outcome.files = None
 
 
+def ray_slots(nodes: list[dict], threads: int, gpus: float) -> int:
+    """How many points the alive nodes of a Ray cluster (``ray.nodes()``) run at once, each
+    asking for ``threads`` CPUs and ``gpus`` GPUs on one node."""
+    slots = 0
+    for node in nodes:
+        if not node.get("Alive"):
+            continue
+        resources = node.get("Resources", {})
+        fits = int(resources.get("CPU", 0) // threads)
+        if gpus > 0:
+            fits = min(fits, int(resources.get("GPU", 0) / gpus + 1e-9))  # 1 / 0.1: 10, not 9
+        slots += fits
+    return slots
+
+
 class RayExecutor:
     """Each point a Ray task asking for ``threads`` CPUs (and ``gpus`` GPUs).
 
@@ -298,8 +313,13 @@ class RayExecutor:
                      runtime_env={"env_vars": {"TQDM_DISABLE": "1"}})
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise UserError(f"cannot connect to Ray at {address}: {str(err).splitlines()[0]}") from None
-        cpus = ray.cluster_resources().get("CPU", 1)
-        self.capacity = max(1, int(cpus // threads))
+        slots = ray_slots(ray.nodes(), threads, gpus)
+        if slots == 0:  # Ray would queue the tasks forever
+            ray.shutdown()
+            need = f"{threads} CPU(s)" + (f" and {gpus:g} GPU(s)" if gpus else "")
+            raise UserError(f"no node of the Ray cluster at {address} has {need} free for one point; "
+                            "lower --threads or --gpus-per-point")
+        self.capacity = slots
         self.sweep_dir = sweep_dir
         self.threads = threads
         self._token = uuid.uuid4().hex
