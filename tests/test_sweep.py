@@ -14,7 +14,7 @@ import pytest
 from contsparse.cli import main
 from contsparse.errors import UserError
 from contsparse.experiments import make_config
-from contsparse.experiments.executors import LocalPool, PointJob, ray_slots, unpack_files
+from contsparse.experiments.executors import LocalPool, PointJob, RayExecutor, ray_slots, unpack_files
 from contsparse.experiments.sweep import (
     PointResult,
     SweepDisplay,
@@ -263,12 +263,19 @@ def test_ray_sweep_on_a_local_cluster(local_ray, tmp_path, capsys):
     assert not (out / ".sweep-token").exists()
 
 
-def test_a_sweep_asking_ray_for_more_than_a_node_has_stops_with_one_line(local_ray, tmp_path, capsys):
-    # The local head has 2 CPUs and no GPU: Ray would queue such tasks forever.
-    for flags, need in ((["--gpus-per-point", "1"], "1 CPU(s) and 1 GPU(s)"), (["--threads", "3"], "3 CPU(s)")):
-        assert main(["sweep", *TINY_FLAGS, "--ray-address", local_ray, "--out", str(tmp_path / "s"), *flags]) == 2
+def test_asking_ray_for_more_than_any_node_has(local_ray, tmp_path, capsys):
+    # A Ray of this machine alone (2 CPUs, no GPU) would queue such tasks forever: one-line error.
+    for flags, need in ((["--gpus-per-point", "1"], "1 CPU(s) and 1 GPU(s)"), (["--threads", "64"], "64 CPU(s)")):
+        assert main(["sweep", *TINY_FLAGS, "--ray-address", "local", "--out", str(tmp_path / "s"), *flags]) == 2
         err = capsys.readouterr().err
-        assert f"no node of the Ray cluster at {local_ray} has {need}" in err and "Traceback" not in err
+        assert f"no node of the Ray cluster at local has {need}" in err and "Traceback" not in err
+    # A running cluster may grow (autoscaling): a warning, and the points wait.
+    executor = RayExecutor(local_ray, tmp_path / "s", threads=1, gpus=1)
+    try:
+        assert executor.capacity == 1
+        assert f"no node of the Ray cluster at {local_ray} has 1 CPU(s) and 1 GPU(s)" in capsys.readouterr().err
+    finally:
+        executor.close()
     assert main(["sweep", *TINY_FLAGS, "--gpus-per-point", "1", "--out", str(tmp_path / "s")]) == 2
     assert "--gpus-per-point is for Ray tasks" in capsys.readouterr().err
 

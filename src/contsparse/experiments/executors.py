@@ -314,12 +314,16 @@ class RayExecutor:
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise UserError(f"cannot connect to Ray at {address}: {str(err).splitlines()[0]}") from None
         slots = ray_slots(ray.nodes(), threads, gpus)
-        if slots == 0:  # Ray would queue the tasks forever
-            ray.shutdown()
+        if slots == 0:
             need = f"{threads} CPU(s)" + (f" and {gpus:g} GPU(s)" if gpus else "")
-            raise UserError(f"no node of the Ray cluster at {address} has {need} free for one point; "
-                            "lower --threads or --gpus-per-point")
-        self.capacity = slots
+            if address == "local":  # a Ray of this machine alone: the tasks would wait forever
+                ray.shutdown()
+                raise UserError(f"no node of the Ray cluster at {address} has {need} for one point; "
+                                "lower --threads or --gpus-per-point")
+            # A cluster may grow on demand (autoscaling): say so, and let the points wait for it.
+            print(f"warning: no node of the Ray cluster at {address} has {need} for one point now; the points "
+                  "wait until one joins (Ctrl-C stops them)", file=sys.stderr)
+        self.capacity = max(1, slots)
         self.sweep_dir = sweep_dir
         self.threads = threads
         self._token = uuid.uuid4().hex
