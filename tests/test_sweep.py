@@ -233,10 +233,15 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A Ray head on loopback, started for these tests and stopped after them."""
+    """A Ray head on loopback, started for these tests and stopped after them. Token
+    authentication is off for the head and the drivers of these tests: otherwise a new local Ray
+    (``ray.init(address="local")``) writes ~/.ray/auth_token, and every later head started on this
+    machine requires a token that these drivers do not send."""
     pytest.importorskip("ray")
     ray_cli = Path(sys.executable).parent / "ray"
     port = _free_port()
+    auth_mode = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     started = subprocess.run([str(ray_cli), "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
                               "--port", str(port), "--include-dashboard", "false", "--disable-usage-stats"],
@@ -246,6 +251,10 @@ def local_ray():
         yield f"127.0.0.1:{port}"
     finally:
         subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True, env=env, timeout=120)
+        if auth_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = auth_mode
 
 
 def test_ray_sweep_on_a_local_cluster(local_ray, tmp_path, capsys):
