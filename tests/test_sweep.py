@@ -278,6 +278,7 @@ def test_asking_ray_for_more_than_any_node_has(local_ray, tmp_path, capsys):
         assert main(["sweep", *TINY_FLAGS, "--ray-address", "local", "--out", str(tmp_path / "s"), *flags]) == 2
         err = capsys.readouterr().err
         assert f"no node of the Ray cluster at local has {need}" in err and "Traceback" not in err
+        assert not (tmp_path / "s").exists()
     # A running cluster may grow (autoscaling): a warning, and the points wait.
     executor = RayExecutor(local_ray, tmp_path / "s", threads=1, gpus=1)
     try:

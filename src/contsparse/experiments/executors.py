@@ -300,11 +300,6 @@ class RayExecutor:
             raise UserError("--ray-address needs Ray: pip install 'contsparse[ray]'") from None
         if threads < 1 or gpus < 0:
             raise UserError("--threads must be >= 1 and --gpus-per-point >= 0")
-        sweep_dir = sweep_dir.resolve()  # workers may start elsewhere: an absolute path or nothing
-        try:
-            sweep_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"cannot create the sweep directory {sweep_dir}: {err.strerror or err}") from None
         self._ray = ray
         try:
             # "local" starts a Ray for this sweep; "auto" and HOST:PORT join a running cluster.
@@ -324,6 +319,12 @@ class RayExecutor:
             print(f"warning: no node of the Ray cluster at {address} has {need} for one point now; the points "
                   "wait until one joins (Ctrl-C stops them)", file=sys.stderr)
         self.capacity = max(1, slots)
+        sweep_dir = sweep_dir.resolve()  # workers may start elsewhere: an absolute path or nothing
+        try:  # only now: a sweep refused above leaves no directory behind
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            ray.shutdown()
+            raise UserError(f"cannot create the sweep directory {sweep_dir}: {err.strerror or err}") from None
         self.sweep_dir = sweep_dir
         self.threads = threads
         self._token = uuid.uuid4().hex
