@@ -1,6 +1,8 @@
 """Export formats, compressed storage, sparse CPU inference, ONNX, reports."""
 
+import copy
 import json
+import pickle
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from contsparse.errors import UserError
 from contsparse.experiments import Runner, make_config
 from contsparse.experiments.runner import build_method
 from contsparse.export import export_run, load_compressed, load_run_model, save_compressed, to_sparse
+from contsparse.export.sparse import SparseInference
 from contsparse.models import build_model
 from contsparse.training import load_checkpoint
 
@@ -119,46 +122,72 @@ def test_single_inputs_of_a_linear_relu_chain_take_the_vector_path(run_dir):
         assert not to_sparse(other, batch_size=1).has_vector_path
 
 
-def test_single_inputs_skip_module_call_machinery_but_not_hooks(run_dir):
+def test_single_inputs_skip_module_call_machinery_but_not_hooks(run_dir, monkeypatch):
     model = load_run_model(run_dir).model
     x = torch.randn(1, 1, 28, 28)
+    with torch.inference_mode():
+        expected = model(x)
+
+    def check(module, reference=expected, tolerance=1e-6):
+        with torch.inference_mode():
+            torch.testing.assert_close(module(x), reference, rtol=tolerance, atol=tolerance)
 
     def forbidden(*args):
         raise AssertionError("nn.Module.__call__ ran forward")
 
-    direct = to_sparse(model, batch_size=1)
-    direct.forward = forbidden  # no hooks: the vector path is entered without forward
-    with torch.inference_mode():
-        torch.testing.assert_close(direct(x), model(x), rtol=1e-6, atol=1e-6)
+    with monkeypatch.context() as patch:  # no hooks: the vector path is entered without forward
+        patch.setattr(SparseInference, "forward", forbidden)
+        check(to_sparse(model, batch_size=1))
+
+    overridden = to_sparse(model, batch_size=1)  # an instance's own forward is what a call runs
+    overridden.forward = lambda inputs: torch.zeros(1, 10)
+    check(overridden, torch.zeros(1, 10))
+    del overridden.forward
+    check(overridden)
 
     hooked = to_sparse(model, batch_size=1)
     seen = []
-    hooked.register_forward_pre_hook(lambda module, args: (torch.as_tensor(args[0]) * 0,))  # also converts
-    hooked.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+    pre = hooked.register_forward_pre_hook(lambda module, args: (torch.as_tensor(args[0]) * 0,))  # also converts
+    post = hooked.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
     with torch.inference_mode():
         torch.testing.assert_close(hooked(x), model(x * 0), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(hooked(x.numpy()), model(x * 0), rtol=1e-6, atol=1e-6)  # hook runs first
         torch.testing.assert_close(hooked(torch.cat([x, x])), model(torch.cat([x, x]) * 0), rtol=1e-5, atol=1e-5)
     assert seen == [(1, 10), (1, 10), (2, 10)]
+    pre.remove()
+    check(hooked)  # the forward hook still runs
+    assert seen[-1] == (1, 10) and len(seen) == 4
+    post.remove()
+    with monkeypatch.context() as patch:  # no hooks left: direct again
+        check(hooked)
+        patch.setattr(SparseInference, "forward", forbidden)
+        check(hooked)
+    for register in ("register_full_backward_pre_hook", "register_full_backward_hook", "register_backward_hook"):
+        backward_hooked = to_sparse(model, batch_size=1)
+        getattr(backward_hooked, register)(lambda *args: None)
+        with monkeypatch.context() as patch:
+            patch.setattr(SparseInference, "forward", forbidden)
+            with pytest.raises(AssertionError, match="ran forward"):
+                backward_hooked(x)
 
     plain = to_sparse(model, batch_size=1)
     calls = []
     handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: calls.append(module))
     try:
-        with torch.inference_mode():
-            plain(x)
+        check(plain)
     finally:
         handle.remove()
     assert plain in calls  # global hooks run too
     with torch.inference_mode():
-        torch.testing.assert_close(plain(x=x), model(x), rtol=1e-6, atol=1e-6)  # keyword input: nn.Module.__call__
+        torch.testing.assert_close(plain(x=x), expected, rtol=1e-6, atol=1e-6)  # keyword input: nn.Module.__call__
+        with pytest.raises(TypeError):
+            plain()  # no input: forward's own error
 
     compiled = to_sparse(model, batch_size=1)
     compiled.compile(backend="eager")  # a compiled module keeps running its compiled call (no C++ compiler needed)
     compiled_call, compiled_calls = compiled._compiled_call_impl, []
     compiled._compiled_call_impl = lambda *args, **kwargs: compiled_calls.append(1) or compiled_call(*args, **kwargs)
-    with torch.inference_mode():
-        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    check(compiled, tolerance=1e-5)
     assert compiled_calls == [1]
 
 
@@ -184,26 +213,54 @@ def test_the_vector_path_drops_dead_units_without_changing_outputs():
             torch.testing.assert_close(converted(x), model(x), rtol=1e-6, atol=1e-6)
 
 
-def test_untraceable_models_get_their_layers_swapped():
-    class DataDependent(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(20, 30), nn.Linear(30, 5)
+class DataDependent(nn.Module):  # module level: the pickling test needs an importable class
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(20, 30), nn.Linear(30, 5)
 
-        def forward(self, x):
-            h = self.a(x)
-            if h.sum() > 1e9:  # control flow on data: torch.fx cannot trace this
-                h = h * 0
-            return self.b(torch.relu(h))
+    def forward(self, x):
+        h = self.a(x)
+        if h.sum() > 1e9:  # control flow on data: torch.fx cannot trace this
+            h = h * 0
+        return self.b(torch.relu(h))
 
+
+def data_dependent_model() -> nn.Module:
     model = DataDependent().eval()
     with torch.no_grad():
         model.a.weight.mul_(torch.rand_like(model.a.weight) < 0.1)
+    return model
+
+
+def test_untraceable_models_get_their_layers_swapped():
+    model = data_dependent_model()
     converted = to_sparse(model, kernels="sparse")
     assert type(converted.graph.a).__name__ == "SparseLinear" and not converted.has_vector_path
     x = torch.randn(4, 20)
     with torch.inference_mode():
         torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_converted_models_pickle_save_and_deep_copy(run_dir, tmp_path, monkeypatch):
+    model = load_run_model(run_dir).model
+    single, batch = torch.randn(1, 1, 28, 28), torch.randn(3, 1, 28, 28)
+    cases = [(to_sparse(model, batch_size=1, kernels="sparse"), (single, batch)),  # vector path + fx graph
+             (to_sparse(data_dependent_model(), kernels="sparse"), (torch.randn(4, 20),))]  # swapped modules
+    for converted, inputs in cases:
+        torch.save(converted, tmp_path / "converted.pt")
+        copies = [pickle.loads(pickle.dumps(converted)), copy.deepcopy(converted),
+                  torch.load(tmp_path / "converted.pt", weights_only=False)]
+        for copied in copies:
+            assert copied is not converted and copied.kernel_choices == converted.kernel_choices
+            assert copied.has_vector_path == converted.has_vector_path
+            with torch.inference_mode():
+                for x in inputs:
+                    assert torch.equal(copied(x), converted(x))
+    vector_model = cases[0][0]
+    copied = copy.deepcopy(vector_model)
+    with monkeypatch.context() as patch, torch.inference_mode():  # a copy enters its vector path directly too
+        patch.setattr(SparseInference, "forward", lambda *args: None)
+        assert torch.equal(copied(single), vector_model(single))
 
 
 def test_onnx_round_trip_through_onnxruntime(run_dir, tmp_path):

@@ -20,8 +20,10 @@ path is generated as straight-line code and, when no hooks are registered, enter
 
 from __future__ import annotations
 
+import functools
 import itertools
 import linecache
+import pickle
 import warnings
 from collections.abc import Callable
 from typing import Literal
@@ -122,7 +124,7 @@ def to_sparse(model: nn.Module, batch_size: int = 1, kernels: Kernels = "auto",
         return choice
 
     try:
-        traced = fx.symbolic_trace(model)
+        traced = _trace(model)
     except Exception:  # data-dependent control flow and the like: swap modules in place instead
         return SparseInference(_swap_modules(model, choose), None, choices)
     converted = _inline_linears(traced, choose)
@@ -133,9 +135,57 @@ def to_sparse(model: nn.Module, batch_size: int = 1, kernels: Kernels = "auto",
 Layer = tuple[Tensor, Tensor | None, bool]  # weight (CSR or dense), bias, ReLU after it
 
 
+class _KernelsAsLeaves(fx.Tracer):
+    """``torch.fx``'s tracer with :func:`csr_linear` and :func:`dense_linear` as leaf functions.
+    Unpickling a GraphModule traces its code again with the tracer that made it: the kernels'
+    Python bodies (a branch on the batch size) must stay calls, not be traced into."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(autowrap_functions=(csr_linear, dense_linear))
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    tracer = _KernelsAsLeaves()
+    graph = tracer.trace(model)
+    for node in graph.nodes:  # string annotations (``from __future__ import annotations``) do not pickle
+        if isinstance(node.type, str):
+            node.type = None
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+_NO_INPUT = object()  # SparseInference called without a positional input: nn.Module.__call__ decides
+# nn.Module.__call__ reads these global hook registries (private names, mutated in place, never
+# rebound); where a torch version lacks one, every call takes nn.Module.__call__.
+_GLOBAL_HOOKS_KNOWN = all(hasattr(hook_registry, name) for name in (
+    "_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks", "_global_backward_hooks"))
+_global_forward_pre_hooks = getattr(hook_registry, "_global_forward_pre_hooks", None)
+_global_forward_hooks = getattr(hook_registry, "_global_forward_hooks", None)
+_global_backward_pre_hooks = getattr(hook_registry, "_global_backward_pre_hooks", None)
+_global_backward_hooks = getattr(hook_registry, "_global_backward_hooks", None)
+_tracing_state = torch._C._get_tracing_state
+
+
+def _turns_off_direct_call(register: Callable) -> Callable:
+    """``nn.Module.register_*_hook`` that first sends every call through ``nn.Module.__call__``."""
+    @functools.wraps(register)
+    def register_hook(self: SparseInference, *args, **kwargs):
+        self.__dict__["_direct_call"] = None
+        return register(self, *args, **kwargs)
+    return register_hook
+
+
 class SparseInference(nn.Module):
     """What :func:`to_sparse` returns: the converted graph, plus the vector path for single inputs
-    of a plain Linear/ReLU chain. ``kernel_choices`` names each Linear layer's kernel."""
+    of a plain Linear/ReLU chain. ``kernel_choices`` names each Linear layer's kernel.
+
+    A single batch-1 tensor enters the vector path without ``nn.Module.__call__`` when that would
+    only call ``forward``: its machinery costs about a tenth of the vector path
+    (benchmarks/inference.py). Whether it would is kept in ``_direct_call`` instead of being
+    checked at every call, where each attribute read costs a measurable share of a ~30 us forward:
+    registering a module hook, ``.compile()`` or assigning ``forward`` turns the direct call off,
+    and ``nn.Module.__call__`` turns it back on once none of these is left. Global hooks and
+    tracing are checked at every call.
+    """
 
     def __init__(self, graph: nn.Module, chain: list[Layer] | None, kernel_choices: dict[str, str]) -> None:
         super().__init__()
@@ -144,6 +194,7 @@ class SparseInference(nn.Module):
         self._graph_forward = graph.forward  # skips nn.Module.__call__ (hooks): microseconds at batch 1
         self._chain = chain
         self._vector_forward = None if chain is None else _straight_line(chain)
+        self._direct_call = self._vector_forward if _GLOBAL_HOOKS_KNOWN else None
 
     @property
     def has_vector_path(self) -> bool:
@@ -155,28 +206,54 @@ class SparseInference(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self._vector_forward(x) if self._takes_vector_path(x) else self._graph_forward(x)
 
-    def __call__(self, *args, **kwargs):
-        """``nn.Module.__call__``, except that a single batch-1 tensor goes straight to the vector
-        path when ``nn.Module.__call__`` would only call ``forward`` (no hooks, not compiled with
-        ``.compile()``, not being traced): its machinery costs about a tenth of the vector path
-        (benchmarks/inference.py). The checks are inlined: each helper call is measurable here."""
-        vector_forward = self._vector_forward
-        if vector_forward is not None and len(args) == 1 and not kwargs and _HOOK_REGISTRIES_KNOWN:
-            x = args[0]
-            if not (self._forward_pre_hooks or self._forward_hooks or self._backward_pre_hooks
-                    or self._backward_hooks or hook_registry._global_forward_pre_hooks
-                    or hook_registry._global_forward_hooks or hook_registry._global_backward_pre_hooks
-                    or hook_registry._global_backward_hooks or self._compiled_call_impl is not None) \
-                    and type(x) is Tensor and x.dim() >= 2 and x.shape[0] == 1 and not _tracing_state():
-                return vector_forward(x)
-        return super().__call__(*args, **kwargs)
+    def __call__(self, x=_NO_INPUT, /, *args, **kwargs):
+        direct = self._direct_call
+        if direct is not None:
+            if not args and not kwargs and type(x) is Tensor and not (
+                    _global_forward_pre_hooks or _global_forward_hooks or _global_backward_pre_hooks
+                    or _global_backward_hooks) and x.dim() >= 2 and x.shape[0] == 1 and not _tracing_state():
+                return direct(x)
+        elif self._vector_forward is not None and _GLOBAL_HOOKS_KNOWN:
+            self._restore_direct_call()
+        return super().__call__(*args, **kwargs) if x is _NO_INPUT else super().__call__(x, *args, **kwargs)
 
+    def _restore_direct_call(self) -> None:
+        """The direct call again once ``nn.Module.__call__`` would only call ``forward``."""
+        if not (self._forward_pre_hooks or self._forward_hooks or self._backward_pre_hooks or self._backward_hooks
+                or self._compiled_call_impl is not None or "forward" in self.__dict__):
+            self.__dict__["_direct_call"] = self._vector_forward
 
-# nn.Module.__call__ reads these global hook registries (private names): where a torch version
-# lacks one, every call takes nn.Module.__call__.
-_HOOK_REGISTRIES_KNOWN = all(hasattr(hook_registry, name) for name in (
-    "_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks", "_global_backward_hooks"))
-_tracing_state = torch._C._get_tracing_state
+    # -- copies: the generated vector path and bound methods are made again, CSR tensors pickle --
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        for name in ("_graph_forward", "_vector_forward", "_direct_call"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__["_graph_forward"] = self.graph.forward
+        self.__dict__["_vector_forward"] = None if self._chain is None else _straight_line(self._chain)
+        self.__dict__["_direct_call"] = None
+        if self._vector_forward is not None and _GLOBAL_HOOKS_KNOWN:
+            self._restore_direct_call()
+
+    def __deepcopy__(self, memo: dict) -> SparseInference:
+        # copy.deepcopy cannot copy a CSR tensor (torch reads its storage); a pickle round trip can
+        copied = pickle.loads(pickle.dumps(self))
+        memo[id(self)] = copied
+        return copied
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in ("forward", "_compiled_call_impl"):  # nn.Module.__call__ must call what is set
+            self.__dict__["_direct_call"] = None
+        super().__setattr__(name, value)
+
+    register_forward_pre_hook = _turns_off_direct_call(nn.Module.register_forward_pre_hook)
+    register_forward_hook = _turns_off_direct_call(nn.Module.register_forward_hook)
+    register_full_backward_pre_hook = _turns_off_direct_call(nn.Module.register_full_backward_pre_hook)
+    register_full_backward_hook = _turns_off_direct_call(nn.Module.register_full_backward_hook)
+    register_backward_hook = _turns_off_direct_call(nn.Module.register_backward_hook)
 
 
 def _straight_line(chain: list[Layer]) -> Callable[[Tensor], Tensor]:
