@@ -258,6 +258,8 @@ def test_converted_models_pickle_save_and_deep_copy(run_dir, tmp_path, monkeypat
                     assert torch.equal(copied(x), converted(x))
     vector_model = cases[0][0]
     copied = copy.deepcopy(vector_model)
+    originals = {t.values().data_ptr() for t in vector_model._csr_tensors()}
+    assert originals and originals.isdisjoint(t.values().data_ptr() for t in copied._csr_tensors())  # deep
     with monkeypatch.context() as patch, torch.inference_mode():  # a copy enters its vector path directly too
         patch.setattr(SparseInference, "forward", lambda *args: None)
         assert torch.equal(copied(single), vector_model(single))

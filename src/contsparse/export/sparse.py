@@ -20,10 +20,10 @@ path is generated as straight-line code and, when no hooks are registered, enter
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import linecache
-import pickle
 import warnings
 from collections.abc import Callable
 from typing import Literal
@@ -239,10 +239,22 @@ class SparseInference(nn.Module):
             self._restore_direct_call()
 
     def __deepcopy__(self, memo: dict) -> SparseInference:
-        # copy.deepcopy cannot copy a CSR tensor (torch reads its storage); a pickle round trip can
-        copied = pickle.loads(pickle.dumps(self))
+        # copy.deepcopy cannot copy a CSR tensor (it reads the tensor's storage): clones of them
+        # go into the memo first, so that the deep copy takes those
+        for tensor in self._csr_tensors():
+            memo.setdefault(id(tensor), torch.sparse_csr_tensor(
+                tensor.crow_indices().clone(), tensor.col_indices().clone(), tensor.values().clone(), tensor.shape))
+        copied = type(self).__new__(type(self))
         memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
         return copied
+
+    def _csr_tensors(self) -> list[Tensor]:
+        """The CSR tensors held as plain attributes (the graph's), buffers (swapped layers) or in the chain."""
+        found = [weight for weight, _, _ in self._chain or []]
+        for module in self.modules():
+            found += [*vars(module).values(), *module._buffers.values()]
+        return [t for t in found if isinstance(t, Tensor) and t.layout == torch.sparse_csr]
 
     def __setattr__(self, name: str, value: object) -> None:
         if name in ("forward", "_compiled_call_impl"):  # nn.Module.__call__ must call what is set
@@ -393,8 +405,6 @@ def _inline_linears(traced: fx.GraphModule, choose: Callable[[str, nn.Linear], s
 
 
 def _swap_modules(model: nn.Module, choose: Callable[[str, nn.Linear], str]) -> nn.Module:
-    import copy
-
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
         if name and isinstance(module, nn.Linear) and choose(name, module) == "sparse":
