@@ -11,7 +11,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,39 @@ def is_rewind_key(key: str) -> bool:
     return not (key.endswith(".logits") or key.endswith(".hard_mask") or key.endswith("_extra_state"))
 
 
+def _new_progress() -> dict[str, Any]:
+    return {"phase": 0, "epoch": 0, "step": 0, "entered": False, "elapsed": 0.0, "epochs_done": 0,
+            "metrics_lines": 0, "round_remaining": [], "curve": []}
+
+
+@dataclass
+class _Setup:
+    """What one execution of a run trains with."""
+
+    device: torch.device
+    model: nn.Module
+    method: Method
+    phases: list[Phase]
+    train_batches: BatchIterator
+    val_batches: BatchIterator
+    test_batches: BatchIterator
+    speed: StepSettings
+
+
+@dataclass
+class _State:
+    """Where a run stands, all of it checkpointed. ``progress``: phase, epoch and step, whether the
+    current phase's start (rewind, hardening) is done (``entered``), counters and per-round
+    records; ``partial``: running sums of an epoch stopped after ``step`` steps;
+    ``optimizer_state``: the checkpoint's optimiser states, loaded once the optimisers exist."""
+
+    progress: dict[str, Any] = field(default_factory=_new_progress)
+    rewind: dict[str, torch.Tensor] | None = None
+    optimizer_state: dict[str, Any] | None = None
+    partial: dict[str, torch.Tensor] | None = None
+    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+
+
 class Runner:
     """Executes one :class:`RunConfig` in one run directory.
 
@@ -191,6 +224,47 @@ class Runner:
 
     # -- the training ---------------------------------------------------------------------------
     def _train(self, dense_summary: dict[str, Any] | None, stop: StopRequest) -> dict[str, Any]:
+        setup = self._setup()
+        state = self._restore(setup)
+        writer = _tensorboard(self.run.path) if self.config.tensorboard and self.dist.is_main else None
+        trainable: nn.Module | None = None  # the module the steps run on: the model, or DDP around it
+        started = time.perf_counter() - state.progress["elapsed"]
+        while state.progress["phase"] < len(setup.phases):
+            phase = setup.phases[state.progress["phase"]]
+            entering = not state.progress["entered"]
+            self._before_epoch(setup, state, phase, entering)
+            if entering or trainable is None:
+                trainable = self.dist.wrap(setup.model, setup.device)
+            if entering and phase.hard:
+                self._checkpoint(setup, state)  # phase boundary: rewound, hardened, fresh optimisers
+            epoch = state.progress["epoch"]
+            if phase.kind == "search" and phase.round == 0 and epoch == self.config.rewind_epoch \
+                    and state.rewind is None:
+                state.rewind = rewind_state(setup.model)
+                self._checkpoint(setup, state)  # the rewind point is stored
+            record = self._epoch_or_explain(setup, state, phase, stop, trainable)
+            if isinstance(record, EpochResult):  # stopped by a signal mid-epoch
+                state.progress["step"], state.partial = record.steps, record.totals
+                state.progress["elapsed"] = time.perf_counter() - started
+                self._checkpoint(setup, state)
+                raise RunInterrupted(f"stopped ({stop.reason}) in {phase.label()}, epoch {epoch + 1}, after step "
+                                     f"{record.steps}; checkpoint saved in {self.run.path}")
+            self._after_epoch(setup, state, phase, record)
+            state.progress["elapsed"] = time.perf_counter() - started
+            record["seconds"] = round(state.progress["elapsed"], 3)
+            self._record(state, record, writer)
+            self._checkpoint(setup, state)
+            faults.inject(f"epoch:{state.progress['epochs_done']}")
+            if self.dist.enabled and self.dist.all_sum([float(stop.requested())], setup.device)[0] > 0:
+                # data-parallel processes stop together, at an epoch boundary (already checkpointed)
+                raise RunInterrupted(f"stopped after {phase.label()}, epoch {epoch + 1}; checkpoint saved in "
+                                     f"{self.run.path}")
+        if writer is not None:
+            writer.close()
+        return self._finish(setup, state.progress, dense_summary)
+
+    def _setup(self) -> _Setup:
+        """Device, data batches, the model with the method's masks attached, and the phases."""
         config = self.config
         device = resolve_device(device_for(config.device, self.dist))
         if device.type == "cpu":
@@ -203,9 +277,6 @@ class Runner:
         train_batches = make_batches(data.train, config.batch_size, shuffle=True, seed=config.seed,
                                      augment=data.augment)
         eval_batch = 1000 if isinstance(data.val, TensorSplit) else config.batch_size
-        val_batches = make_batches(data.val, eval_batch)
-        test_batches = make_batches(data.test, eval_batch)
-
         model = build_model(config.model, data.input_shape, data.num_classes)
         method = build_method(config, len(train_batches))
         try:
@@ -219,111 +290,93 @@ class Runner:
             model.compile()  # in place: state_dict keys and checkpoints stay those of the plain model
         speed = StepSettings(self.dist.shard, (lambda v: self.dist.all_sum(v, device)) if self.dist.enabled else None,
                              config.amp, config.channels_last)
-        phases = plan_phases(config)
+        return _Setup(device, model, method, plan_phases(config), train_batches, make_batches(data.val, eval_batch),
+                      make_batches(data.test, eval_batch), speed)
 
-        # phase/epoch/step: where the run stands; entered: the current phase's start (rewind,
-        # hardening) is done; partial: running sums of an epoch stopped after `step` steps.
-        progress: dict[str, Any] = {"phase": 0, "epoch": 0, "step": 0, "entered": False, "elapsed": 0.0,
-                                    "epochs_done": 0, "metrics_lines": 0, "round_remaining": [], "curve": []}
-        rewind: dict[str, torch.Tensor] | None = None
-        optimizer_state: dict[str, Any] | None = None
-        partial: dict[str, torch.Tensor] | None = None
-        if has_checkpoint(self.run.checkpoint_dir):
-            state = load_checkpoint(self.run.checkpoint_dir, device, warn=self.log)
-            progress = state["progress"]
-            if progress["phase"] < len(phases) and phases[progress["phase"]].hard and progress["entered"]:
-                method.harden()  # the checkpoint holds a hardened model: same structure first
-            model.load_state_dict(state["model"])
-            rewind, optimizer_state, partial = state["rewind"], state["optimizers"], state["partial"]
-            restore_rng(state["rng"])
-            self.run.truncate_metrics(progress["metrics_lines"])
-            where = phases[min(progress["phase"], len(phases) - 1)].label()
-            self.log(f"resuming {self.run.path} at {where}, epoch {progress['epoch'] + 1}"
-                     + (f", step {progress['step']}" if progress["step"] else ""))
+    def _restore(self, setup: _Setup) -> _State:
+        """A fresh state, or the checkpointed one with the model and RNGs as they were saved."""
+        if not has_checkpoint(self.run.checkpoint_dir):
+            return _State()
+        saved = load_checkpoint(self.run.checkpoint_dir, setup.device, warn=self.log)
+        state = _State(saved["progress"], saved["rewind"], saved["optimizers"], saved["partial"])
+        progress, phases = state.progress, setup.phases
+        if progress["phase"] < len(phases) and phases[progress["phase"]].hard and progress["entered"]:
+            setup.method.harden()  # the checkpoint holds a hardened model: same structure first
+        setup.model.load_state_dict(saved["model"])
+        restore_rng(saved["rng"])
+        self.run.truncate_metrics(progress["metrics_lines"])
+        where = phases[min(progress["phase"], len(phases) - 1)].label()
+        self.log(f"resuming {self.run.path} at {where}, epoch {progress['epoch'] + 1}"
+                 + (f", step {progress['step']}" if progress["step"] else ""))
+        return state
 
-        optimizers: dict[str, torch.optim.Optimizer] = {}
+    def _checkpoint(self, setup: _Setup, state: _State) -> None:
+        if self.dist.is_main:
+            save_checkpoint({"progress": state.progress, "model": setup.model.state_dict(),
+                             "optimizers": {k: o.state_dict() for k, o in state.optimizers.items()},
+                             "rewind": state.rewind, "rng": rng_state(), "partial": state.partial},
+                            self.run.checkpoint_dir)
 
-        def checkpoint() -> None:
-            if not self.dist.is_main:
-                return
-            save_checkpoint({"progress": progress, "model": model.state_dict(),
-                             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                             "rewind": rewind, "rng": rng_state(), "partial": partial}, self.run.checkpoint_dir)
+    def _before_epoch(self, setup: _Setup, state: _State, phase: Phase, entering: bool) -> None:
+        """Enter the phase if it has not been (rewind, hardening) and have its optimisers ready."""
+        if entering:
+            self._enter_phase(phase, setup.model, setup.method, state.rewind)
+            state.progress["entered"] = True
+        # Search rounds share their optimisers (as in the reference code); ticket training and
+        # fine-tuning start with fresh ones.
+        fresh_phase = entering and (phase.kind != "search" or setup.method.fresh_optimizers_each_round)
+        if not state.optimizers or fresh_phase:
+            state.optimizers = self._optimizers(phase, setup.model, setup.method)
+            if state.optimizer_state is not None and not fresh_phase:
+                for name, optimizer in state.optimizers.items():
+                    optimizer.load_state_dict(state.optimizer_state[name])
+            state.optimizer_state = None
 
-        writer = _tensorboard(self.run.path) if config.tensorboard and self.dist.is_main else None
-        trainable: nn.Module | None = None  # the module the steps run on: the model, or DDP around it
-        started = time.perf_counter() - progress["elapsed"]
-        while progress["phase"] < len(phases):
-            phase = phases[progress["phase"]]
-            entering = not progress["entered"]
-            if entering:
-                self._enter_phase(phase, model, method, rewind)
-                progress["entered"] = True
-            # Search rounds share their optimisers (as in the reference code); ticket training and
-            # fine-tuning start with fresh ones.
-            fresh_phase = entering and (phase.kind != "search" or method.fresh_optimizers_each_round)
-            if not optimizers or fresh_phase:
-                optimizers = self._optimizers(phase, model, method)
-                if optimizer_state is not None and not fresh_phase:
-                    for name, optimizer in optimizers.items():
-                        optimizer.load_state_dict(optimizer_state[name])
-                optimizer_state = None
-            if entering or trainable is None:
-                trainable = self.dist.wrap(model, device)
-            if entering and phase.hard:
-                checkpoint()  # phase boundary: rewound, hardened, fresh optimisers
-            epoch = progress["epoch"]
-            if phase.kind == "search" and phase.round == 0 and epoch == config.rewind_epoch and rewind is None:
-                rewind = rewind_state(model)
-                checkpoint()  # the rewind point is stored
-            try:
-                record = self._epoch(phase, epoch, progress["step"], partial, stop, trainable, model, method,
-                                     optimizers, train_batches, val_batches, progress["epochs_done"], device, speed)
-            except NonFiniteLossError as err:
-                kept = (f"the checkpoint of epoch {progress['epochs_done']} is kept" if progress["epochs_done"]
-                        else "no epoch had finished")
-                raise UserError(
-                    f"training diverged in {phase.label()}, epoch {epoch + 1} ({err}); {kept}. Continue with a lower "
-                    f"--lr (or --mask-lr): contsparse resume {self.run.path} --lr {config.lr / 10:g} --force") from err
-            if isinstance(record, EpochResult):  # stopped by a signal mid-epoch
-                progress["step"], partial = record.steps, record.totals
-                progress["elapsed"] = time.perf_counter() - started
-                checkpoint()
-                raise RunInterrupted(f"stopped ({stop.reason}) in {phase.label()}, epoch {epoch + 1}, after step "
-                                     f"{record.steps}; checkpoint saved in {self.run.path}")
-            progress["epochs_done"] += 1
-            progress["epoch"] += 1
-            progress["step"], partial = 0, None
-            if progress["epoch"] == phase.epochs:
-                if phase.kind == "search":
-                    last = phase.round == config.rounds - 1
-                    progress["round_remaining"].append(record.get("weights_remaining", 1.0))
-                    if method.records_round_tickets:  # this round trained a ticket: test it
-                        progress.setdefault("curve", []).append({
-                            "round": phase.round, "weights_remaining": record["weights_remaining"],
-                            "test_accuracy": evaluate(model, test_batches, device, speed).accuracy,
-                            "val_accuracy": record["val_accuracy"], "train_epochs": progress["epochs_done"]})
-                    method.end_of_round(phase.round, last)
-                progress["phase"] += 1
-                progress["epoch"] = 0
-                progress["entered"] = False
-            progress["elapsed"] = time.perf_counter() - started
-            record["seconds"] = round(progress["elapsed"], 3)
-            self.run.append_metrics(record)
-            if writer is not None:
-                for key, value in record.items():
-                    if isinstance(value, int | float):
-                        writer.add_scalar(key, value, progress["epochs_done"])
-            progress["metrics_lines"] += 1
-            checkpoint()
-            faults.inject(f"epoch:{progress['epochs_done']}")
-            if self.dist.enabled and self.dist.all_sum([float(stop.requested())], device)[0] > 0:
-                # data-parallel processes stop together, at an epoch boundary (already checkpointed)
-                raise RunInterrupted(f"stopped after {phase.label()}, epoch {epoch + 1}; checkpoint saved in "
-                                     f"{self.run.path}")
+    def _epoch_or_explain(self, setup: _Setup, state: _State, phase: Phase, stop: StopRequest,
+                          trainable: nn.Module) -> dict[str, Any] | EpochResult:
+        """:meth:`_epoch`, with a diverged loss turned into a user error that says how to go on."""
+        progress = state.progress
+        try:
+            return self._epoch(phase, progress["epoch"], progress["step"], state.partial, stop, trainable, setup,
+                               state.optimizers, progress["epochs_done"])
+        except NonFiniteLossError as err:
+            kept = (f"the checkpoint of epoch {progress['epochs_done']} is kept" if progress["epochs_done"]
+                    else "no epoch had finished")
+            raise UserError(
+                f"training diverged in {phase.label()}, epoch {progress['epoch'] + 1} ({err}); {kept}. Continue "
+                f"with a lower --lr (or --mask-lr): contsparse resume {self.run.path} --lr {self.config.lr / 10:g} "
+                "--force") from err
+
+    def _after_epoch(self, setup: _Setup, state: _State, phase: Phase, record: dict[str, Any]) -> None:
+        """Advance the progress past a finished epoch; at the end of a search round, record the
+        round (and test its ticket, for methods that train one per round)."""
+        progress = state.progress
+        progress["epochs_done"] += 1
+        progress["epoch"] += 1
+        progress["step"], state.partial = 0, None
+        if progress["epoch"] < phase.epochs:
+            return
+        if phase.kind == "search":
+            last = phase.round == self.config.rounds - 1
+            progress["round_remaining"].append(record.get("weights_remaining", 1.0))
+            if setup.method.records_round_tickets:  # this round trained a ticket: test it
+                progress.setdefault("curve", []).append({
+                    "round": phase.round, "weights_remaining": record["weights_remaining"],
+                    "test_accuracy": evaluate(setup.model, setup.test_batches, setup.device, setup.speed).accuracy,
+                    "val_accuracy": record["val_accuracy"], "train_epochs": progress["epochs_done"]})
+            setup.method.end_of_round(phase.round, last)
+        progress["phase"] += 1
+        progress["epoch"] = 0
+        progress["entered"] = False
+
+    def _record(self, state: _State, record: dict[str, Any], writer: Any) -> None:
+        """The epoch's line in metrics.jsonl (and TensorBoard)."""
+        self.run.append_metrics(record)
         if writer is not None:
-            writer.close()
-        return self._finish(model, method, test_batches, val_batches, device, progress, dense_summary, speed)
+            for key, value in record.items():
+                if isinstance(value, int | float):
+                    writer.add_scalar(key, value, state.progress["epochs_done"])
+        state.progress["metrics_lines"] += 1
 
     def _enter_phase(self, phase: Phase, model: nn.Module, method: Method,
                      rewind: dict[str, torch.Tensor] | None) -> None:
@@ -361,13 +414,13 @@ class Runner:
         return optimizers
 
     def _epoch(self, phase: Phase, epoch: int, step: int, partial: dict[str, torch.Tensor] | None,
-               stop: StopRequest, trainable: nn.Module, model: nn.Module, method: Method,
-               optimizers: dict[str, torch.optim.Optimizer], train_batches: BatchIterator,
-               val_batches: BatchIterator, global_epoch: int, device: torch.device,
-               speed: StepSettings) -> dict[str, Any] | EpochResult:
+               stop: StopRequest, trainable: nn.Module, setup: _Setup,
+               optimizers: dict[str, torch.optim.Optimizer], global_epoch: int) -> dict[str, Any] | EpochResult:
         """Train one epoch (from ``step`` on), then validate: the epoch's metrics record, or the
         unfinished :class:`EpochResult` when ``stop`` was requested."""
         config = self.config
+        model, method, device, speed = setup.model, setup.method, setup.device, setup.speed
+        train_batches, val_batches = setup.train_batches, setup.val_batches
         lr = learning_rate(config.weight_optimizer(), epoch, phase.epochs)
         set_learning_rate(optimizers["weights"], lr)
         if "masks" in optimizers:
@@ -408,15 +461,13 @@ class Runner:
                  f"kept {record['weights_remaining']:.4f}{extras} ({time.perf_counter() - tick:.1f}s)")
         return record
 
-    def _finish(self, model: nn.Module, method: Method, test_batches: BatchIterator,
-                val_batches: BatchIterator, device: torch.device, progress: dict[str, Any],
-                dense_summary: dict[str, Any] | None, speed: StepSettings) -> dict[str, Any]:
+    def _finish(self, setup: _Setup, progress: dict[str, Any], dense_summary: dict[str, Any] | None) -> dict[str, Any]:
         config = self.config
-        test = evaluate(model, test_batches, device, speed)
-        val = evaluate(model, val_batches, device, speed)
-        mask = method.final_mask()
+        test = evaluate(setup.model, setup.test_batches, setup.device, setup.speed)
+        val = evaluate(setup.model, setup.val_batches, setup.device, setup.speed)
+        mask = setup.method.final_mask()
         self.run.save_tensors(RunDir.MASKS, {k: v.to(torch.uint8) for k, v in mask.items()})
-        self.run.save_tensors(RunDir.MODEL, plain_state_dict(model))
+        self.run.save_tensors(RunDir.MODEL, plain_state_dict(setup.model))
         summary = {
             "command": config.command,
             "method": "dense" if config.command == "train" else config.method,
