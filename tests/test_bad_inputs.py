@@ -176,6 +176,8 @@ CATALOGUE = [
     ("--out is a file", "ticket --out {a_file}", "is a file", None),
     ("other settings without --force", "ticket " + " ".join(QUICK) + " --seed 7 --out {stopped}",
      "seed: 0 -> 7", None),
+    ("--force with fewer epochs than trained", "ticket " + " ".join(QUICK).replace("--epochs 2", "--epochs 1")
+     + " --force --out {stopped}", "has trained 1 epoch of search 0, which the new settings end after 1", None),
     ("other settings for a finished run", "ticket " + " ".join(QUICK) + " --seed 7 --force --out {done}",
      "finished run with other settings", None),
     ("run directory in use", "resume {stopped}", "is in use by pid", "lock"),

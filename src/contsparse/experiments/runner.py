@@ -211,7 +211,22 @@ class Runner:
         if not self.force:
             raise UserError(f"{self.run.path} holds a run with other settings ({details}); use another --out, "
                             "the same settings to resume it, or --force to resume it with the new ones")
+        self._refuse_fewer_epochs_than_trained()
         self.log(f"--force: resuming {self.run.path} with changed settings ({details})")
+
+    def _refuse_fewer_epochs_than_trained(self) -> None:
+        """``--force`` with fewer epochs than the current phase has already trained: nothing to resume."""
+        if not has_checkpoint(self.run.checkpoint_dir):
+            return
+        progress = load_checkpoint(self.run.checkpoint_dir, "cpu", warn=_silent)["progress"]
+        phases = plan_phases(self.config)
+        if progress["phase"] < len(phases) and progress["epoch"] >= phases[progress["phase"]].epochs:
+            phase = phases[progress["phase"]]
+            flag = "--epochs" if phase.kind in ("search", "dense") else "--ticket-epochs"
+            trained = f"{progress['epoch']} epoch{'s' if progress['epoch'] != 1 else ''}"
+            raise UserError(f"{self.run.path} has trained {trained} of {phase.label()}, which the "
+                            f"new settings end after {phase.epochs}: resume with {flag} {progress['epoch'] + 1} or "
+                            "more, or start a new run with --out")
 
     def _load_data(self) -> DatasetSplits:
         if self._data is None:
