@@ -213,3 +213,30 @@ def test_divergence_keeps_the_last_good_checkpoint_and_resumes_with_a_lower_lr(t
     assert "lr: 0.0012 -> 0.00012" in capsys.readouterr().err
     assert main(["resume", str(out), "--lr", "0.00012", "--force"]) == 0
     assert "--force: resuming" in capsys.readouterr().out
+
+
+def test_forced_resume_keeps_a_finished_dense_baseline_and_refuses_before_writing(tmp_path, capsys):
+    args = [a for a in ARGS if a != "--no-dense-baseline"]  # the dense baseline trains first, in dense/
+    out = tmp_path / "run"
+    # Killed in search round 0, the baseline finished: the remedy for a divergence, resuming with
+    # another --lr and --force, keeps the baseline as it was trained instead of refusing it.
+    assert run_cli(["ticket", *args, "--out", str(out)], fault="epoch:3").returncode == -signal.SIGKILL
+    baseline = (out / "dense" / "summary.json").read_bytes()
+    assert main(["resume", str(out), "--lr", "0.0006", "--force"]) == 0
+    assert "finished before the settings changed (lr: 0.0012 -> 0.0006): kept as it is" in capsys.readouterr().out
+    assert (out / "dense" / "summary.json").read_bytes() == baseline
+    assert json.loads((out / "summary.json").read_text())["dense_test_accuracy"] == json.loads(baseline)[
+        "test_accuracy"]
+
+    # Killed in the baseline's first epoch: fewer --ticket-epochs than it has trained is refused,
+    # naming that flag, before the ticket run rewrites anything.
+    out = tmp_path / "early"
+    assert run_cli(["ticket", *args, "--out", str(out)], fault="epoch:1").returncode == -signal.SIGKILL
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    shorter = list(args)
+    shorter[shorter.index("--ticket-epochs") + 1] = "1"
+    assert main(["ticket", *shorter, "--force", "--out", str(out)]) == 2
+    assert "has trained 1 epoch of dense, which the new settings end after 1: resume with --ticket-epochs 2" \
+        in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    assert main(["resume", str(out)]) == 0

@@ -3,6 +3,7 @@
 import copy
 import json
 import pickle
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -140,10 +141,24 @@ def test_single_inputs_skip_module_call_machinery_but_not_hooks(run_dir, monkeyp
         check(to_sparse(model, batch_size=1))
 
     overridden = to_sparse(model, batch_size=1)  # an instance's own forward is what a call runs
+    own_forward = overridden.forward
     overridden.forward = lambda inputs: torch.zeros(1, 10)
     check(overridden, torch.zeros(1, 10))
     del overridden.forward
     check(overridden)
+    assert overridden._direct_call is not None
+    overridden.forward = lambda inputs: torch.zeros(1, 10)
+    check(overridden, torch.zeros(1, 10))
+    overridden.forward = own_forward  # put back by assignment (as accelerate's remove_hook_from_module does)
+    check(overridden)
+    assert overridden._direct_call is not None
+
+    class Subclass(SparseInference):  # a subclass's forward is what a call runs
+        def forward(self, x):
+            return torch.ones(len(x), 10)
+
+    base = to_sparse(model, batch_size=1)
+    check(Subclass(base.graph, base._chain, base.kernel_choices), torch.ones(1, 10))
 
     hooked = to_sparse(model, batch_size=1)
     seen = []
@@ -185,10 +200,32 @@ def test_single_inputs_skip_module_call_machinery_but_not_hooks(run_dir, monkeyp
 
     compiled = to_sparse(model, batch_size=1)
     compiled.compile(backend="eager")  # a compiled module keeps running its compiled call (no C++ compiler needed)
+    assert compiled._direct_call is None
     compiled_call, compiled_calls = compiled._compiled_call_impl, []
     compiled._compiled_call_impl = lambda *args, **kwargs: compiled_calls.append(1) or compiled_call(*args, **kwargs)
     check(compiled, tolerance=1e-5)
     assert compiled_calls == [1]
+
+
+def test_a_call_during_a_hook_registration_does_not_lose_the_hook(run_dir):
+    # Another thread may call the model while a hook is being registered. Made deterministic here:
+    # the hooks dict calls the model just before the new hook lands in it. Turning the direct call
+    # off before the registration (instead of after) let that call turn it back on for good.
+    sparse = to_sparse(load_run_model(run_dir).model, batch_size=1)
+    x = torch.randn(1, 1, 28, 28)
+
+    class CallsFirst(OrderedDict):
+        def __setitem__(self, key, value):
+            with torch.inference_mode():
+                sparse(x)
+            super().__setitem__(key, value)
+
+    sparse._forward_hooks = CallsFirst()
+    calls = []
+    sparse.register_forward_hook(lambda module, args, out: calls.append(1))
+    with torch.inference_mode():
+        sparse(x)
+    assert calls == [1]
 
 
 def test_the_vector_path_drops_dead_units_without_changing_outputs():
@@ -252,6 +289,7 @@ def test_converted_models_pickle_save_and_deep_copy(run_dir, tmp_path, monkeypat
                   torch.load(tmp_path / "converted.pt", weights_only=False)]
         for copied in copies:
             assert copied is not converted and copied.kernel_choices == converted.kernel_choices
+            assert copied.state_dict().keys() == converted.state_dict().keys()  # kernels stay plain attributes
             assert copied.has_vector_path == converted.has_vector_path
             with torch.inference_mode():
                 for x in inputs:

@@ -151,11 +151,16 @@ class Runner:
     """
 
     def __init__(self, config: RunConfig, run_dir: str | Path, log: Log = tqdm.write,
-                 data: DatasetSplits | None = None, force: bool = False) -> None:
+                 data: DatasetSplits | None = None, force: bool = False, *, keep_if_finished: bool = False,
+                 epochs_flag: str = "--epochs") -> None:
         self.config = config
         self.run = RunDir(run_dir)
         self.log = log
         self.force = force
+        # A forced ticket run's dense baseline: finished, it stays as it was trained (it is what
+        # the ticket is compared with), and its epochs are the ticket run's --ticket-epochs.
+        self.keep_if_finished = keep_if_finished
+        self.epochs_flag = epochs_flag
         self._data = data
         self.dist = Distributed()
 
@@ -177,12 +182,12 @@ class Runner:
                 self.log(f"{self.run.path}: already finished, nothing to do")
                 return self.run.read_summary()
             self._load_data()  # a data problem stops the run before anything is written
+            baseline = self._dense_baseline()  # and so does a refusal of the baseline's settings
             self.run.write_config(dump_yaml(self.config))
             dense_summary = None
-            if self.config.command == "ticket" and self.config.dense_baseline:
+            if baseline is not None:
                 self.log("dense baseline (same settings as ticket training)")
-                dense_summary = Runner(self.config.dense_variant(), self.run.path / "dense", self.log,
-                                       self._load_data(), self.force).execute()
+                dense_summary = baseline.execute()
             with StopRequest() as stop:
                 try:
                     return self._train(dense_summary, stop)
@@ -205,6 +210,9 @@ class Runner:
         if not self.run.has_started():
             return  # nothing trained yet (it failed to start): the new settings simply replace the old
         details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in differing.items())
+        if self.run.is_finished() and self.keep_if_finished:
+            self.log(f"{self.run.path}: finished before the settings changed ({details}): kept as it is")
+            return
         if self.run.is_finished():
             raise UserError(f"{self.run.path} holds a finished run with other settings ({details}); "
                             "use another --out")
@@ -214,6 +222,20 @@ class Runner:
         self._refuse_fewer_epochs_than_trained()
         self.log(f"--force: resuming {self.run.path} with changed settings ({details})")
 
+    def _dense_baseline(self) -> Runner | None:
+        """The runner of a ticket run's dense baseline (in ``dense/``), whose settings are checked
+        now, before the ticket run writes anything; None without a baseline."""
+        if self.config.command != "ticket" or not self.config.dense_baseline:
+            return None
+
+        def baseline(log: Log) -> Runner:
+            return Runner(self.config.dense_variant(), self.run.path / "dense", log, self._load_data(), self.force,
+                          keep_if_finished=self.force, epochs_flag="--ticket-epochs")
+
+        if (self.run.path / "dense").is_dir():
+            baseline(_silent)._check_same_config()
+        return baseline(self.log)
+
     def _refuse_fewer_epochs_than_trained(self) -> None:
         """``--force`` with fewer epochs than the current phase has already trained: nothing to resume."""
         if not has_checkpoint(self.run.checkpoint_dir):
@@ -222,7 +244,7 @@ class Runner:
         phases = plan_phases(self.config)
         if progress["phase"] < len(phases) and progress["epoch"] >= phases[progress["phase"]].epochs:
             phase = phases[progress["phase"]]
-            flag = "--epochs" if phase.kind in ("search", "dense") else "--ticket-epochs"
+            flag = {"search": "--epochs", "dense": self.epochs_flag}.get(phase.kind, "--ticket-epochs")
             trained = f"{progress['epoch']} epoch{'s' if progress['epoch'] != 1 else ''}"
             raise UserError(f"{self.run.path} has trained {trained} of {phase.label()}, which the "
                             f"new settings end after {phase.epochs}: resume with {flag} {progress['epoch'] + 1} or "

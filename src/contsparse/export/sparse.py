@@ -24,6 +24,7 @@ import copy
 import functools
 import itertools
 import linecache
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Literal
@@ -165,12 +166,20 @@ _global_backward_hooks = getattr(hook_registry, "_global_backward_hooks", None)
 _tracing_state = torch._C._get_tracing_state
 
 
+# Serialises turning the direct call off (a hook registered, forward or the compiled call set) with
+# turning it back on: otherwise a call in another thread could turn it on between the two steps of
+# a registration, and the new hook would be skipped for good.
+_DIRECT_CALL_LOCK = threading.RLock()
+
+
 def _turns_off_direct_call(register: Callable) -> Callable:
-    """``nn.Module.register_*_hook`` that first sends every call through ``nn.Module.__call__``."""
+    """``nn.Module.register_*_hook`` that then sends every call through ``nn.Module.__call__``."""
     @functools.wraps(register)
     def register_hook(self: SparseInference, *args, **kwargs):
-        self.__dict__["_direct_call"] = None
-        return register(self, *args, **kwargs)
+        with _DIRECT_CALL_LOCK:
+            handle = register(self, *args, **kwargs)
+            self.__dict__["_direct_call"] = None
+        return handle
     return register_hook
 
 
@@ -184,7 +193,7 @@ class SparseInference(nn.Module):
     checked at every call, where each attribute read costs a measurable share of a ~30 us forward:
     registering a module hook, ``.compile()`` or assigning ``forward`` turns the direct call off,
     and ``nn.Module.__call__`` turns it back on once none of these is left. Global hooks and
-    tracing are checked at every call.
+    tracing are checked at every call. Subclasses that override ``forward`` never call directly.
     """
 
     def __init__(self, graph: nn.Module, chain: list[Layer] | None, kernel_choices: dict[str, str]) -> None:
@@ -194,7 +203,8 @@ class SparseInference(nn.Module):
         self._graph_forward = graph.forward  # skips nn.Module.__call__ (hooks): microseconds at batch 1
         self._chain = chain
         self._vector_forward = None if chain is None else _straight_line(chain)
-        self._direct_call = self._vector_forward if _GLOBAL_HOOKS_KNOWN else None
+        self._direct_call = None
+        self._restore_direct_call()
 
     @property
     def has_vector_path(self) -> bool:
@@ -213,30 +223,47 @@ class SparseInference(nn.Module):
                     _global_forward_pre_hooks or _global_forward_hooks or _global_backward_pre_hooks
                     or _global_backward_hooks) and x.dim() >= 2 and x.shape[0] == 1 and not _tracing_state():
                 return direct(x)
-        elif self._vector_forward is not None and _GLOBAL_HOOKS_KNOWN:
+        elif self._vector_forward is not None:
             self._restore_direct_call()
         return super().__call__(*args, **kwargs) if x is _NO_INPUT else super().__call__(x, *args, **kwargs)
 
     def _restore_direct_call(self) -> None:
-        """The direct call again once ``nn.Module.__call__`` would only call ``forward``."""
-        if not (self._forward_pre_hooks or self._forward_hooks or self._backward_pre_hooks or self._backward_hooks
-                or self._compiled_call_impl is not None or "forward" in self.__dict__):
-            self.__dict__["_direct_call"] = self._vector_forward
+        """The direct call again once ``nn.Module.__call__`` would only call this ``forward``."""
+        with _DIRECT_CALL_LOCK:
+            if self._may_call_directly():
+                self.__dict__["_direct_call"] = self._vector_forward
+
+    def _may_call_directly(self) -> bool:
+        assigned = self.__dict__.get("forward")  # None, or the bound forward put back by assignment
+        own_forward = assigned is None or (getattr(assigned, "__func__", None) is SparseInference.forward
+                                           and getattr(assigned, "__self__", None) is self)
+        return (self._vector_forward is not None and _GLOBAL_HOOKS_KNOWN and own_forward
+                and type(self).forward is SparseInference.forward and type(self)._call_impl is nn.Module._call_impl
+                and not (self._forward_pre_hooks or self._forward_hooks or self._backward_pre_hooks
+                         or self._backward_hooks or self._compiled_call_impl is not None))
 
     # -- copies: the generated vector path and bound methods are made again, CSR tensors pickle --
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         for name in ("_graph_forward", "_vector_forward", "_direct_call"):
             state.pop(name, None)
+        state["_plain_tensors"] = [name for name, value in vars(self.graph).items() if isinstance(value, Tensor)]
         return state
 
     def __setstate__(self, state: dict) -> None:
+        plain_tensors = state.pop("_plain_tensors", [])
         super().__setstate__(state)
+        # torch.fx rebuilds a graph's tensor attributes as buffers (when unpickling or deep copying
+        # it): they go back to plain attributes, as in the original (same state_dict, fast reads)
+        buffers = self.graph._buffers
+        for name in plain_tensors:
+            if name in buffers:
+                object.__setattr__(self.graph, name, buffers.pop(name))
+                self.graph._non_persistent_buffers_set.discard(name)
         self.__dict__["_graph_forward"] = self.graph.forward
         self.__dict__["_vector_forward"] = None if self._chain is None else _straight_line(self._chain)
         self.__dict__["_direct_call"] = None
-        if self._vector_forward is not None and _GLOBAL_HOOKS_KNOWN:
-            self._restore_direct_call()
+        self._restore_direct_call()
 
     def __deepcopy__(self, memo: dict) -> SparseInference:
         # copy.deepcopy cannot copy a CSR tensor (it reads the tensor's storage): clones of them
@@ -257,9 +284,12 @@ class SparseInference(nn.Module):
         return [t for t in found if isinstance(t, Tensor) and t.layout == torch.sparse_csr]
 
     def __setattr__(self, name: str, value: object) -> None:
-        if name in ("forward", "_compiled_call_impl"):  # nn.Module.__call__ must call what is set
+        if name not in ("forward", "_compiled_call_impl"):
+            super().__setattr__(name, value)
+            return
+        with _DIRECT_CALL_LOCK:  # nn.Module.__call__ must call what is set
+            super().__setattr__(name, value)
             self.__dict__["_direct_call"] = None
-        super().__setattr__(name, value)
 
     register_forward_pre_hook = _turns_off_direct_call(nn.Module.register_forward_pre_hook)
     register_forward_hook = _turns_off_direct_call(nn.Module.register_forward_hook)
