@@ -26,6 +26,8 @@ CATEGORIES = {  # test function -> what one case of it shows
     "test_damaged_latest_checkpoint_falls_back_to_the_previous_one": "tampered latest checkpoint, resumed identically",
     "test_disk_full_while_checkpointing_keeps_the_previous_checkpoint": "disk full mid-run, resumed identically",
     "test_divergence_keeps_the_last_good_checkpoint_and_resumes_with_a_lower_lr": "NaN loss: checkpoint kept, resumed",
+    "test_forced_resume_keeps_a_finished_dense_baseline_and_refuses_before_writing":
+        "--force: finished dense baseline kept, impossible settings refused before any write",
     "test_bad_input_is_one_clean_line": "bad inputs answered with one clean line, exit 2, run dirs unchanged",
 }
 
