@@ -325,9 +325,8 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    import signal
-
-    from contsparse.experiments.executors import LocalPool, RayExecutor, available_cores
+    from contsparse.experiments.executors import make_executor
+    from contsparse.experiments.interrupt import signals_interrupt
     from contsparse.experiments.sweep import (
         SweepInterrupted,
         SweepPlan,
@@ -351,36 +350,17 @@ def run_sweep(args: argparse.Namespace) -> int:
     points = plan.expand()  # a bad grid value fails here, before anything runs
     what = base.command if base.command == "train" else f"{base.command}-{base.method}"
     out = args.out or Path("runs") / f"sweep-{what}-{base.model}-{base.dataset}"
-    if args.gpus_per_point and not args.ray_address:
-        raise UserError("--gpus-per-point is for Ray tasks (--ray-address); on this machine each point gets a GPU "
-                        "of its own when there are GPUs")
-    if args.ray_address:
-        executor = RayExecutor(args.ray_address, out, args.threads or 1, args.gpus_per_point)
-    else:
-        gpus = 0
-        if base.device in ("auto", "cuda"):  # spread the points over the GPUs (cuda:N pins them all)
-            import torch
-
-            gpus = torch.cuda.device_count()
-        workers = args.pool_workers if args.pool_workers is not None else min(gpus or available_cores(), len(points))
-        executor = LocalPool(workers, args.threads, gpus)
+    executor = make_executor(out, len(points), base.device, args.ray_address, args.threads, args.gpus_per_point,
+                             args.pool_workers)
     where = f"Ray at {args.ray_address}" if args.ray_address else f"{executor.capacity} worker(s)"
     print(f"sweep of {len(points)} points in {out} on {where}, {executor.threads} torch thread(s) each",
           file=sys.stderr)
-
-    def terminate(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-    # SIGINT too, as a run does: a shell starts background jobs with SIGINT ignored, and a sweep
-    # must still stop its points cleanly when it gets one.
-    previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     interrupted = False
     try:
-        results = run_sweep(plan, out, executor, SweepProgress(), force=args.force)
+        with signals_interrupt():
+            results = run_sweep(plan, out, executor, SweepProgress(), force=args.force)
     except SweepInterrupted as stopped:
         interrupted, results = True, stopped.results
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     try:
         written = write_sweep(results, out, sweep_title(base))
     except OSError as err:

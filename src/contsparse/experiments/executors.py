@@ -5,7 +5,7 @@ reported and the others go on; ``concurrent.futures.ProcessPoolExecutor`` would 
 the whole pool when one worker dies. Workers get ``threads`` torch threads each, so that
 ``workers * threads`` matches the cores instead of oversubscribing them.
 
-This module imports torch only inside the worker, after setting the thread count.
+This module imports torch only inside functions: the worker sets its thread count first.
 """
 
 from __future__ import annotations
@@ -284,6 +284,23 @@ def ray_slots(nodes: list[dict], threads: int, gpus: float) -> int:
             fits = min(fits, int(resources.get("GPU", 0) / gpus + 1e-9))  # 1 / 0.1: 10, not 9
         slots += fits
     return slots
+
+
+def make_executor(sweep_dir: Path, points: int, device: str, ray_address: str | None = None,
+                  threads: int | None = None, gpus_per_point: float = 0.0, workers: int | None = None) -> Executor:
+    """Where a sweep's points run: Ray tasks when ``ray_address`` is given, else a local pool of
+    ``workers`` processes (default: one per GPU, else one per core, never more than the points)."""
+    if gpus_per_point and not ray_address:
+        raise UserError("--gpus-per-point is for Ray tasks (--ray-address); on this machine each point gets a GPU "
+                        "of its own when there are GPUs")
+    if ray_address:
+        return RayExecutor(ray_address, sweep_dir, threads or 1, gpus_per_point)
+    gpus = 0
+    if device in ("auto", "cuda"):  # spread the points over the GPUs (cuda:N pins them all)
+        import torch
+
+        gpus = torch.cuda.device_count()
+    return LocalPool(workers if workers is not None else min(gpus or available_cores(), points), threads, gpus)
 
 
 class RayExecutor:

@@ -7,10 +7,28 @@ the training loop checks after each step. A second Ctrl-C stops at once (the las
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 from types import FrameType, TracebackType
 from typing import Any
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """Inside, SIGINT, SIGTERM and SIGHUP raise ``KeyboardInterrupt`` (handlers restored on exit):
+    a sweep driver's way to stop its points cleanly. SIGINT too, because a shell starts background
+    jobs with SIGINT ignored, and such a sweep must still stop when it gets one."""
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class StopRequest:
