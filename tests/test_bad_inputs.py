@@ -178,6 +178,10 @@ CATALOGUE = [
      "seed: 0 -> 7", None),
     ("--force with fewer epochs than trained", "ticket " + " ".join(QUICK).replace("--epochs 2", "--epochs 1")
      + " --force --out {stopped}", "has trained 1 epoch of search 0, which the new settings end after 1", None),
+    ("--force with another model", "resume {stopped} --model conv2 --force",
+     "holds a checkpoint whose tensors do not fit the model of the new settings (model: 'lenet300' -> 'conv2')", None),
+    ("--force with other masked layers", "resume {stopped} --mask-exclude ^output$ --force",
+     "whose tensors do not fit the model of the new settings", None),
     ("other settings for a finished run", "ticket " + " ".join(QUICK) + " --seed 7 --force --out {done}",
      "finished run with other settings", None),
     ("run directory in use", "resume {stopped}", "is in use by pid", "lock"),

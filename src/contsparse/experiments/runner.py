@@ -99,6 +99,26 @@ def build_method(config: RunConfig, steps_per_epoch: int) -> Method:
     return METHODS[config.method](settings)
 
 
+def masked_model(config: RunConfig, data: DatasetSplits, steps_per_epoch: int) -> tuple[nn.Module, Method]:
+    """The run's architecture with its method's masks attached."""
+    model = build_model(config.model, data.input_shape, data.num_classes)
+    method = build_method(config, steps_per_epoch)
+    try:
+        method.attach(model)
+    except ValueError as err:
+        raise UserError(f"cannot attach masks: {err}") from err
+    return model, method
+
+
+def load_model_state(model: nn.Module, method: Method, saved: dict[str, Any], phases: list[Phase]) -> None:
+    """A checkpoint's model state into ``model``; one taken in a hard phase holds hardened masks,
+    so the masks are hardened first (same structure)."""
+    progress = saved["progress"]
+    if progress["phase"] < len(phases) and phases[progress["phase"]].hard and progress["entered"]:
+        method.harden()
+    model.load_state_dict(saved["model"])
+
+
 def rewind_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A copy of what rewinding restores: weights and norm statistics, not mask state."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()
@@ -219,7 +239,7 @@ class Runner:
         if not self.force:
             raise UserError(f"{self.run.path} holds a run with other settings ({details}); use another --out, "
                             "the same settings to resume it, or --force to resume it with the new ones")
-        self._refuse_fewer_epochs_than_trained()
+        self._refuse_impossible_resume(details)
         self.log(f"--force: resuming {self.run.path} with changed settings ({details})")
 
     def _dense_baseline(self) -> Runner | None:
@@ -236,12 +256,14 @@ class Runner:
             baseline(_silent)._check_same_config()
         return baseline(self.log)
 
-    def _refuse_fewer_epochs_than_trained(self) -> None:
-        """``--force`` with fewer epochs than the current phase has already trained: nothing to resume."""
+    def _refuse_impossible_resume(self, details: str) -> None:
+        """``--force`` with settings the checkpoint cannot continue under: fewer epochs than the
+        current phase has trained, or a model (architecture, masked layers, method) its tensors do
+        not fit. Refused before anything is written."""
         if not has_checkpoint(self.run.checkpoint_dir):
             return
-        progress = load_checkpoint(self.run.checkpoint_dir, "cpu", warn=_silent)["progress"]
-        phases = plan_phases(self.config)
+        saved = load_checkpoint(self.run.checkpoint_dir, "cpu", warn=_silent)
+        progress, phases = saved["progress"], plan_phases(self.config)
         if progress["phase"] < len(phases) and progress["epoch"] >= phases[progress["phase"]].epochs:
             phase = phases[progress["phase"]]
             flag = {"search": "--epochs", "dense": self.epochs_flag}.get(phase.kind, "--ticket-epochs")
@@ -249,6 +271,14 @@ class Runner:
             raise UserError(f"{self.run.path} has trained {trained} of {phase.label()}, which the "
                             f"new settings end after {phase.epochs}: resume with {flag} {progress['epoch'] + 1} or "
                             "more, or start a new run with --out")
+        with torch.random.fork_rng(devices=[]):  # a model built only to try the checkpoint on
+            model, method = masked_model(self.config, self._load_data(), 1)
+        try:
+            load_model_state(model, method, saved, phases)
+        except RuntimeError as err:
+            raise UserError(f"{self.run.path} holds a checkpoint whose tensors do not fit the model of the new "
+                            f"settings ({details}); resume with the saved settings, or start a new run with "
+                            "--out") from err
 
     def _load_data(self) -> DatasetSplits:
         if self._data is None:
@@ -314,12 +344,7 @@ class Runner:
         train_batches = make_batches(data.train, config.batch_size, shuffle=True, seed=config.seed,
                                      augment=data.augment)
         eval_batch = 1000 if isinstance(data.val, TensorSplit) else config.batch_size
-        model = build_model(config.model, data.input_shape, data.num_classes)
-        method = build_method(config, len(train_batches))
-        try:
-            method.attach(model)
-        except ValueError as err:
-            raise UserError(f"cannot attach masks: {err}") from err
+        model, method = masked_model(config, data, len(train_batches))
         model.to(device)
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -337,9 +362,7 @@ class Runner:
         saved = load_checkpoint(self.run.checkpoint_dir, setup.device, warn=self.log)
         state = _State(saved["progress"], saved["rewind"], saved["optimizers"], saved["partial"])
         progress, phases = state.progress, setup.phases
-        if progress["phase"] < len(phases) and phases[progress["phase"]].hard and progress["entered"]:
-            setup.method.harden()  # the checkpoint holds a hardened model: same structure first
-        setup.model.load_state_dict(saved["model"])
+        load_model_state(setup.model, setup.method, saved, phases)
         restore_rng(saved["rng"])
         self.run.truncate_metrics(progress["metrics_lines"])
         where = phases[min(progress["phase"], len(phases) - 1)].label()
@@ -437,9 +460,7 @@ class Runner:
         other weights, the control that shows whether the ticket's own initial values matter."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed + 1_000_003)
-            data = self._load_data()
-            fresh = build_model(self.config.model, data.input_shape, data.num_classes)
-            build_method(self.config, 1).attach(fresh)
+            fresh, _ = masked_model(self.config, self._load_data(), 1)
         device = next(model.parameters()).device
         return {k: v.to(device) for k, v in rewind_state(fresh).items()}
 
