@@ -182,6 +182,9 @@ CATALOGUE = [
      "holds a checkpoint whose tensors do not fit the model of the new settings (model: 'lenet300' -> 'conv2')", None),
     ("--force with other masked layers", "resume {stopped} --mask-exclude ^output$ --force",
      "whose tensors do not fit the model of the new settings", None),
+    ("compare: IMP rounds end before the rewind point", "compare --dataset synthetic --train-subset 256 --epochs 3 "
+     "--ticket-epochs 1 --rewind-epoch 1 --out {root}/cmp", "the comparison's IMP runs train each round for "
+     "--ticket-epochs (1): rewind_epoch must be in [0, epochs) = [0, 1), got 1", None),
     ("other settings for a finished run", "ticket " + " ".join(QUICK) + " --seed 7 --force --out {done}",
      "finished run with other settings", None),
     ("run directory in use", "resume {stopped}", "is in use by pid", "lock"),

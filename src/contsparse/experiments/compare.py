@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from contsparse.experiments.config import RunConfig
+from contsparse.errors import UserError
+from contsparse.experiments.config import RunConfig, validate
 from contsparse.experiments.rundir import RunDir
 from contsparse.experiments.runner import Runner
 
@@ -51,6 +52,8 @@ class Row:
 def run_comparison(plan: ComparePlan, out: Path, log: Log) -> list[Row]:
     rows: list[Row] = []
     base = dataclasses.replace(plan.base, dense_baseline=False)
+    if "imp" in plan.methods:
+        imp_config(base, plan.imp_rounds)  # settings IMP cannot run with fail before any run starts
     for seed in plan.seeds:
         seeded = dataclasses.replace(base, seed=seed)
         if "dense" in plan.methods:
@@ -64,9 +67,7 @@ def run_comparison(plan: ComparePlan, out: Path, log: Log) -> list[Row]:
         imp_points: list[float] = []
         if "imp" in plan.methods:
             path = out / f"imp-seed{seed}"
-            config = dataclasses.replace(seeded, command="ticket", method="imp", rounds=plan.imp_rounds,
-                                         epochs=seeded.phase_epochs)
-            summary = Runner(config, path, log).execute()
+            summary = Runner(imp_config(seeded, plan.imp_rounds), path, log).execute()
             rows += _imp_rows(summary, seed, path)
             imp_points = [r.weights_remaining for r in rows if r.method == "imp" and r.seed == seed][1:]
         if "random" in plan.methods and imp_points:
@@ -77,6 +78,17 @@ def run_comparison(plan: ComparePlan, out: Path, log: Log) -> list[Row]:
                 rows.append(_single(Runner(config, path, log).execute(), "random", f"random {100 * kept:.2f} %",
                                     seed, path))
     return rows
+
+
+def imp_config(base: RunConfig, rounds: int) -> RunConfig:
+    """IMP with rewinding as compared: each round trains for the ticket's epochs."""
+    config = dataclasses.replace(base, command="ticket", method="imp", rounds=rounds, epochs=base.phase_epochs)
+    try:
+        validate(config)
+    except UserError as err:
+        raise UserError(f"the comparison's IMP runs train each round for --ticket-epochs ({config.epochs}): "
+                        f"{err}") from None
+    return config
 
 
 def _single(summary: dict[str, Any], method: str, label: str, seed: int, path: Path) -> Row:
