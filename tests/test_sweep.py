@@ -126,11 +126,13 @@ def test_local_sweep_runs_skips_finished_points_and_records_threads(tmp_path):
                         LocalPool(workers=1, threads=2))
     assert threads[0].threads == 2
 
-    # The same points with other settings in the same directory are not taken for finished ones.
-    changed = run_sweep(SweepPlan(make_config({**TINY, "lr": 0.002}), {"mask_init": ["-0.02", "0.05"]}), tmp_path,
-                        LocalPool(workers=2))
-    assert [r.status for r in changed] == ["failed"] * 3
-    assert all("holds a finished run with other settings (lr: 0.0012 -> 0.002)" in r.message for r in changed)
+    # The same points with other settings in the same directory are not taken for finished ones: the
+    # sweep is refused before it writes anything (its plan, results and runs stay as they were).
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"}
+    with pytest.raises(UserError, match=r"holds a finished run with other settings \(lr: 0.0012 -> 0.002\)"):
+        run_sweep(SweepPlan(make_config({**TINY, "lr": 0.002}), {"mask_init": ["-0.02", "0.05"]}), tmp_path,
+                  LocalPool(workers=2))
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"} == before
 
 
 def test_a_failing_point_is_reported_and_the_others_finish(tmp_path, capsys):

@@ -197,7 +197,7 @@ class Runner:
                 if lock.stale_owner:
                     self.log(f"{self.run.path}: taking over the lock left by a stopped run ({lock.stale_owner})")
             self.dist.barrier()  # the directory exists for every process
-            self._check_same_config()
+            self.check_settings()
             if self.run.is_finished():
                 self.log(f"{self.run.path}: already finished, nothing to do")
                 return self.run.read_summary()
@@ -217,7 +217,9 @@ class Runner:
                         raise UserError(f"torch.compile failed ({reason}); run without --compile") from err
                     raise
 
-    def _check_same_config(self) -> None:
+    def check_settings(self) -> None:
+        """Refuse, in one line and before anything is written, settings this run directory cannot
+        take: another run's, or (with ``force``) ones its checkpoint cannot continue under."""
         path = self.run.file(RunDir.CONFIG)
         if not path.is_file():
             if not self.run.is_empty():
@@ -253,7 +255,7 @@ class Runner:
                           keep_if_finished=self.force, epochs_flag="--ticket-epochs")
 
         if (self.run.path / "dense").is_dir():
-            baseline(_silent)._check_same_config()
+            baseline(_silent).check_settings()
         return baseline(self.log)
 
     def _refuse_impossible_resume(self, details: str) -> None:

@@ -24,7 +24,7 @@ from contsparse.errors import UserError
 from contsparse.experiments.config import FIELDS, RunConfig, load_yaml, make_config, settings_differences
 from contsparse.experiments.executors import Executor, PointJob, PointOutcome
 from contsparse.experiments.rundir import RunDir
-from contsparse.experiments.runner import plan_phases
+from contsparse.experiments.runner import Runner, plan_phases
 from contsparse.storage import write_atomic
 
 PLAN_FILE = "sweep.yaml"
@@ -192,6 +192,9 @@ def run_sweep(plan: SweepPlan, out: Path, executor: Executor, display: SweepDisp
     display = display or SweepDisplay()
     out = Path(out).absolute()  # workers (a Ray node, say) may start in another directory
     points = plan.expand()
+    for point in points:  # a point its runner would refuse stops the sweep before it writes anything
+        if (out / point.name).is_dir():
+            Runner(point.config, out / point.name, lambda _: None, force=force).check_settings()
     _write_plan(plan, out)
     results = {p.name: _result_from_disk(p, out) for p in points}
     todo = [p for p in points if results[p.name].status != "done"]
