@@ -320,3 +320,14 @@ def test_a_point_on_a_machine_without_the_sweep_directory_ships_its_files_back(t
     assert json.loads((tmp_path / "sweep" / "p" / "summary.json").read_text())["test_accuracy"] == \
         outcome.summary["test_accuracy"]
     assert (tmp_path / "sweep" / "logs" / "p.log").is_file()
+
+
+def test_markdown_table_rows_match_the_header_with_and_without_grid_keys():
+    from contsparse.reports.sweep import markdown
+
+    for values in ({}, {"mask_init": -0.05}):
+        results = [PointResult("a", values, "ticket", "done", "a", 0.03, 0.97, 10, 5.0),
+                   PointResult("dense", {}, "train", "done", "dense", 1.0, 0.98, 10, 5.0)]
+        table = [line for line in markdown(results, results[:1], "t").splitlines() if line.startswith("|")]
+        assert len({line.count("|") for line in table}) == 1, table  # header, separator, rows: same cells
+        assert "|  |" not in table[0]  # no unnamed column

@@ -56,13 +56,13 @@ def dense_accuracies(results: list[PointResult]) -> list[float]:
 def markdown(results: list[PointResult], front: list[PointResult], title: str) -> str:
     keys = sorted({k for r in results for k in r.values})
     on_front = {id(r) for r in front}
-    lines = [f"# {title}", "",
-             "| point | " + " | ".join(keys) + " | status | weights remaining | test accuracy | epochs "
-             "| wall s | Pareto |", "|" + "---|" * (len(keys) + 7)]
+    header = ["point", *keys, "status", "weights remaining", "test accuracy", "epochs", "wall s", "Pareto"]
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in sorted(results, key=lambda r: (r.command != "train", -(r.weights_remaining or 0))):
-        lines.append(f"| {r.name} | " + " | ".join(str(r.values.get(k, "")) for k in keys)
-                     + f" | {r.status} | {_percent(r.weights_remaining)} | {_percent(r.test_accuracy)} "
-                     f"| {_number(r.train_epochs)} | {_number(r.wall_seconds)} | {'★' if id(r) in on_front else ''} |")
+        cells = [r.name, *(str(r.values.get(k, "")) for k in keys), r.status, _percent(r.weights_remaining),
+                 _percent(r.test_accuracy), _number(r.train_epochs), _number(r.wall_seconds),
+                 "★" if id(r) in on_front else ""]
+        lines.append("| " + " | ".join(cells) + " |")
     dense = dense_accuracies(results)
     lines += ["", "Pareto front (fewest weights for the accuracy; no other point has both fewer weights and a "
               "higher accuracy):", ""]
