@@ -131,6 +131,9 @@ def test_compare_writes_tables_and_plots_and_reuses_finished_runs(tmp_path, caps
     assert "Sparsest ticket within 0.3 points of dense" in first and "± " in first
     assert main(argv) == 0  # everything finished: nothing is trained again
     assert "[search" not in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "cmp"), "--out", str(tmp_path / "report")]) == 0  # one comparison
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert all(f"| {r['label']} seed {r['seed']} |" in report for r in rows)
 
 
 @pytest.mark.parametrize("method, extra", [("str", dict(optimizer="sgd", lr=0.1, weight_decay=5e-4)),

@@ -232,10 +232,10 @@ def run_info(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     from contsparse.experiments.sweep import is_sweep
+    from contsparse.reports.collect import is_comparison, report_directories
 
-    if len(args.run_dirs) == 1 and not is_sweep(args.run_dirs[0]):
+    if len(args.run_dirs) == 1 and not is_sweep(args.run_dirs[0]) and not is_comparison(args.run_dirs[0]):
         return _report_run(args.run_dirs[0], args.out)
-    from contsparse.reports.collect import report_directories
 
     written = report_directories(args.run_dirs, args.out)
     print(written[0].read_text())

@@ -11,11 +11,15 @@ from contsparse.experiments.sweep import PointResult, collect, is_sweep
 from contsparse.reports.sweep import sweep_title, write_report, write_sweep
 
 
+def is_comparison(directory: Path) -> bool:
+    return (directory / "compare.csv").is_file()
+
+
 def load_results(directory: Path) -> list[PointResult]:
     """The points of a sweep, the tickets of a comparison, or a single finished run."""
     if is_sweep(directory):
         return collect(directory)[1]
-    if (directory / "compare.csv").is_file():
+    if is_comparison(directory):
         return _comparison(directory / "compare.csv")
     run = RunDir(directory, writable=False)
     if run.file(RunDir.CONFIG).is_file() or run.is_finished():
@@ -39,10 +43,10 @@ def _comparison(path: Path) -> list[PointResult]:
 
 
 def report_directories(directories: list[Path], out: Path | None) -> list[Path]:
-    """One sweep: its files again, in place (or in ``out``). Several directories: ``report.md``,
-    ``report.csv`` and one plot in ``out`` (default ``./report``)."""
+    """One sweep: its files again, in place (or in ``out``). Several directories, or a comparison:
+    ``report.md``, ``report.csv`` and one plot in ``out`` (default ``./report``)."""
     try:
-        if len(directories) == 1:
+        if len(directories) == 1 and is_sweep(directories[0]):
             plan, results = collect(directories[0])
             target = out or directories[0]
             target.mkdir(parents=True, exist_ok=True)
