@@ -184,7 +184,8 @@ CATALOGUE = [
      "whose tensors do not fit the model of the new settings", None),
     ("compare: IMP rounds end before the rewind point", "compare --dataset synthetic --train-subset 256 --epochs 3 "
      "--ticket-epochs 1 --rewind-epoch 1 --out {root}/cmp", "the comparison's IMP runs train each round for "
-     "--ticket-epochs (1): rewind_epoch must be in [0, epochs) = [0, 1), got 1", None),
+     "--ticket-epochs (1) epochs and rewind to epoch 1 (--rewind-epoch): give --rewind-epoch below --ticket-epochs",
+     None),
     ("other settings for a finished run", "ticket " + " ".join(QUICK) + " --seed 7 --force --out {done}",
      "finished run with other settings", None),
     ("run directory in use", "resume {stopped}", "is in use by pid", "lock"),

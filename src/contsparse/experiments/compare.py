@@ -83,11 +83,11 @@ def run_comparison(plan: ComparePlan, out: Path, log: Log) -> list[Row]:
 def imp_config(base: RunConfig, rounds: int) -> RunConfig:
     """IMP with rewinding as compared: each round trains for the ticket's epochs."""
     config = dataclasses.replace(base, command="ticket", method="imp", rounds=rounds, epochs=base.phase_epochs)
-    try:
-        validate(config)
-    except UserError as err:
-        raise UserError(f"the comparison's IMP runs train each round for --ticket-epochs ({config.epochs}): "
-                        f"{err}") from None
+    if not 0 <= config.rewind_epoch < config.epochs:
+        raise UserError(f"the comparison's IMP runs train each round for --ticket-epochs ({config.epochs}) epochs "
+                        f"and rewind to epoch {config.rewind_epoch} (--rewind-epoch): give --rewind-epoch below "
+                        "--ticket-epochs")
+    validate(config)
     return config
 
 

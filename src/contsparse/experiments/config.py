@@ -236,7 +236,8 @@ def validate(c: RunConfig) -> None:
     if c.final_temp <= 1:
         fail(f"final_temp must be > 1 (the temperature anneals from 1 up to it), got {c.final_temp}")
     if c.command == "ticket" and not 0 <= c.rewind_epoch < c.epochs:
-        fail(f"rewind_epoch must be in [0, epochs) = [0, {c.epochs}), got {c.rewind_epoch}")
+        fail(f"rewind_epoch must be in [0, epochs) = [0, {c.epochs}), got {c.rewind_epoch}: "
+             "give --rewind-epoch below --epochs")
     if c.optimizer not in OPTIMIZERS or c.mask_optimizer not in OPTIMIZERS:
         fail(f"optimizers must be one of {', '.join(OPTIMIZERS)}")
     if c.lr_schedule not in SCHEDULES:
