@@ -245,3 +245,18 @@ def test_no_unsafe_deserialisation_in_the_package():
         text = path.read_text()
         assert "torch.load(" not in text or "weights_only=True" in text, path
         assert "pickle.load(" not in text and "pickle.loads(" not in text, path
+
+
+def test_missing_gpu_or_tensorboard_is_refused_before_the_settings_are_written(tmp_path, capsys):
+    import importlib.util
+
+    cases = [] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA GPU is available")]
+    if importlib.util.find_spec("tensorboard") is None:
+        cases.append((["--tensorboard"], "--tensorboard needs the tensorboard package"))
+    if not cases:
+        pytest.skip("this machine has a GPU and tensorboard")
+    for flags, message in cases:
+        out = tmp_path / flags[0].strip("-")
+        assert main(["train", "--dataset", "synthetic", *flags, "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert [p.name for p in out.iterdir()] == [".lock"]  # no config.yaml: the same --out works afterwards

@@ -201,7 +201,10 @@ class Runner:
             if self.run.is_finished():
                 self.log(f"{self.run.path}: already finished, nothing to do")
                 return self.run.read_summary()
-            self._load_data()  # a data problem stops the run before anything is written
+            self._load_data()  # a data problem stops the run before anything is written, as do
+            resolve_device(device_for(self.config.device, self.dist))  # a missing GPU
+            if self.config.tensorboard and self.dist.is_main:
+                _summary_writer_class()  # and a missing tensorboard package
             baseline = self._dense_baseline()  # and so does a refusal of the baseline's settings
             self.run.write_config(dump_yaml(self.config))
             dense_summary = None
@@ -577,9 +580,13 @@ def check_labels(data: DatasetSplits) -> None:
                             f"outside [0, {data.num_classes}) for its {data.num_classes} classes; check the data")
 
 
-def _tensorboard(path: Path):
+def _summary_writer_class() -> type:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
         raise UserError("--tensorboard needs the tensorboard package: pip install 'contsparse[tensorboard]'") from err
-    return SummaryWriter(str(path / "tensorboard"))
+    return SummaryWriter
+
+
+def _tensorboard(path: Path) -> Any:
+    return _summary_writer_class()(str(path / "tensorboard"))
