@@ -148,3 +148,12 @@ def test_bf16_autocast_and_channels_last_run(tmp_path):
                               rounds=1, rewind_epoch=0, ticket_epochs=1, amp=True, channels_last=True))
     summary = Runner(config, tmp_path / "run", quiet).execute()
     assert 0 < summary["weights_remaining"] <= 1 and summary["input_shape"] == [3, 16, 16]
+
+
+def test_a_round_that_prunes_every_weight_is_warned_about(tmp_path):
+    messages: list[str] = []
+    config = make_config(dict(dataset="synthetic", synthetic_size=256, epochs=1, rewind_epoch=0, rounds=1,
+                              ticket_epochs=1, mask_init=-1.0, dense_baseline=False))  # s0 < 0: all masks close
+    summary = Runner(config, tmp_path / "run", messages.append).execute()
+    assert summary["weights_remaining"] == 0
+    assert any(m.startswith("warning: search 0 pruned every weight") for m in messages)

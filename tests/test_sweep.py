@@ -77,6 +77,7 @@ def test_plan_expands_grid_points_seeds_and_dense_reference():
     (SweepPlan(make_config({}), {"mask_inti": ["1"]}), "cannot sweep over mask_inti"),
     (SweepPlan(make_config({}), {"penalty": ["-1"]}), "penalty must be >= 0"),
     (SweepPlan(make_config({}), points=[{"seed": "1"}, {"seed": "1"}]), "twice"),
+    (SweepPlan(make_config({}), {"seed": ["0", "1"]}, seeds=2), "seeds are given twice: by --seeds and in --grid"),
 ])
 def test_bad_plans_fail_before_running(plan, message):
     with pytest.raises(UserError, match=message):

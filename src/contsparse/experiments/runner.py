@@ -424,6 +424,9 @@ class Runner:
         if phase.kind == "search":
             last = phase.round == self.config.rounds - 1
             progress["round_remaining"].append(record.get("weights_remaining", 1.0))
+            if record.get("weights_remaining") == 0:
+                self.log(f"warning: {phase.label()} pruned every weight, so its ticket cannot learn; raise "
+                         "--mask-init or lower --penalty (short runs on little data prune the most)")
             if setup.method.records_round_tickets:  # this round trained a ticket: test it
                 progress.setdefault("curve", []).append({
                     "round": phase.round, "weights_remaining": record["weights_remaining"],

@@ -61,7 +61,10 @@ class SweepPlan:
 
     def expand(self) -> list[SweepPoint]:
         grid = dict(self.grid)
-        if "seed" not in grid and not any("seed" in p for p in self.points):
+        seeds_given = "seed" in grid or any("seed" in p for p in self.points)
+        if seeds_given and self.seeds > 1:
+            raise UserError("seeds are given twice: by --seeds and in --grid/--point; use one of them")
+        if not seeds_given:
             grid["seed"] = list(range(self.base.seed, self.base.seed + self.seeds))
         listed = self.points or [{}]
         combos = [{**point, **dict(zip(grid, values, strict=True))}

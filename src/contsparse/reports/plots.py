@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -87,7 +88,7 @@ def input_mask_image(mask: torch.Tensor, path: Path, title: str = "") -> Path | 
     fig.colorbar(image, ax=ax, label="weights kept")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title or "kept weights per input pixel")
+    ax.set_title(textwrap.fill(title or "kept weights per input pixel", 40), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
