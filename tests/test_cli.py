@@ -156,3 +156,25 @@ def test_cifar10_trains_through_the_cli(tmp_path, monkeypatch):
     assert main(argv) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["dataset"] == "cifar10" and summary["input_shape"] == [3, 32, 32]
+
+
+def test_a_model_of_ones_own_reaches_the_cli_through_imports(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_cli_models.py").write_text(
+        "from torch import nn\n"
+        "from contsparse.models import register_model\n\n\n"
+        "@register_model('my-cli-mlp', 'an MLP of the user')\n"
+        "def build(input_shape, num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 32), nn.ReLU(), nn.Linear(32, num_classes))\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["ticket", "--model", "my-cli-mlp", "--dataset", "synthetic", "--out", "x"]) == 2
+    assert "register it in a module and pass --imports MODULE" in capsys.readouterr().err
+    assert main(["ticket", "--imports", "my_cli_models", "--model", "my-cli-mlp", "--dataset", "synthetic",
+                 "--synthetic-size", "256", "--epochs", "2", "--rewind-epoch", "0", "--rounds", "1",
+                 "--ticket-epochs", "1", "--no-dense-baseline", "--out", "run"]) == 0
+    assert (tmp_path / "run" / "summary.json").is_file()
+    # A fresh process (as export, report or a resumed run would be) imports the module from the saved settings
+    done = subprocess.run([sys.executable, "-m", "contsparse", "export", "run", "--format", "safetensors"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert main(["ticket", "--imports", "no_such_module_here", "--out", "y"]) == 2
+    assert "--imports no_such_module_here: ModuleNotFoundError" in capsys.readouterr().err

