@@ -240,3 +240,15 @@ def test_forced_resume_keeps_a_finished_dense_baseline_and_refuses_before_writin
         in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
     assert main(["resume", str(out)]) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_killed_cuda_run_resumes(tmp_path):
+    # The checkpoint loads onto the run's device, random-generator states included (numpy's must
+    # come back to the host): resuming a GPU run used to fail there.
+    args = [a if a != "cpu" else "cuda" for a in ARGS]
+    out = tmp_path / "run"
+    assert run_cli(["ticket", *args, "--out", str(out)], fault="epoch:2").returncode == -signal.SIGKILL
+    resumed = run_cli(["resume", str(out)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "summary.json").read_text())["train_epochs"] == 8
