@@ -161,8 +161,9 @@ def _add_field_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, s
 
     flag = "--" + field.name.replace("_", "-")
     default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-    help_text = HELP.get(field.name, "").replace("{models}", ", ".join(available_models())).replace(
-        "{datasets}", ", ".join(available_datasets()))
+    help_text = HELP.get(field.name, "")
+    if "{" in help_text:  # the registries' names, listed only where a help text asks for them
+        help_text = help_text.format(models=", ".join(available_models()), datasets=", ".join(available_datasets()))
     if show_default and "(default:" not in help_text:
         help_text = f"{help_text} (default: {default})".strip()
     if isinstance(default, bool):
