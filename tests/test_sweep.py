@@ -332,3 +332,22 @@ def test_markdown_table_rows_match_the_header_with_and_without_grid_keys():
         table = [line for line in markdown(results, results[:1], "t").splitlines() if line.startswith("|")]
         assert len({line.count("|") for line in table}) == 1, table  # header, separator, rows: same cells
         assert "|  |" not in table[0]  # no unnamed column
+
+
+def test_accuracy_plot_without_a_finished_sparse_point_says_so_instead_of_drawing_an_axis(tmp_path, monkeypatch):
+    from contsparse.reports import sweep as sweep_report
+
+    drawn = {}
+
+    def capture(fig, ax, path, title, log_x=True):
+        drawn.update(texts=[t.get_text() for t in ax.texts], xticks=list(ax.get_xticks()), log_x=log_x)
+        return path
+
+    monkeypatch.setattr(sweep_report, "save_accuracy_plot", capture)
+    waiting = [PointResult("dense", {}, "train", "done", "dense", 1.0, 0.98, 10, 5.0),
+               PointResult("a", {}, "ticket", "failed", "a"), PointResult("b", {}, "ticket", "pending", "b")]
+    sweep_report.accuracy_plot({"sweep": waiting}, tmp_path / "p.png", "t")
+    assert drawn == {"texts": ["no finished sparse run yet"], "xticks": [], "log_x": False}
+    finished = [*waiting, PointResult("c", {}, "ticket", "done", "c", 0.03, 0.97, 10, 5.0)]
+    sweep_report.accuracy_plot({"sweep": finished}, tmp_path / "p.png", "t")
+    assert drawn["log_x"] and "no finished sparse run yet" not in drawn["texts"]

@@ -97,8 +97,13 @@ def accuracy_plot(series: dict[str, list[PointResult]], path: Path, title: str) 
         front = [r for r in pareto_front(results) if r.weights_remaining]  # 0 has no place on a log axis
         ax.plot([100 * r.weights_remaining for r in front], [100 * r.test_accuracy for r in front], marker="o",
                 markersize=5, color=color, label=f"{label} (Pareto front)")
-    log_x = any(r.weights_remaining for results in series.values() for r in results if r.command != "train")
-    return save_accuracy_plot(fig, ax, path, title, log_x)
+    plotted = any(r.status == "done" and r.command != "train" and r.weights_remaining
+                  for results in series.values() for r in results)
+    if not plotted:  # only dense, failed or pending points so far: an x axis would mean nothing
+        ax.text(0.5, 0.5, "no finished sparse run yet", transform=ax.transAxes, ha="center", va="center",
+                color="#555555")
+        ax.set_xticks([])
+    return save_accuracy_plot(fig, ax, path, title, log_x=plotted)
 
 
 def _short(result: PointResult) -> str:
