@@ -143,6 +143,8 @@ CATALOGUE = [
     ("rounds < 1", "ticket --rounds 0 --out {root}/x", "rounds must be >= 1", None),
     ("rewind epoch >= epochs", "ticket --epochs 3 --rewind-epoch 3 --out {root}/x",
      "rewind_epoch must be in [0, epochs) = [0, 3)", None),
+    ("IMP pruning rounds past the rewind point", "prune --method imp --epochs 2 --rounds 2 --out {root}/x",
+     "rewind_epoch must be in [0, epochs) = [0, 2)", None),
     ("NaN learning rate", "ticket --lr nan --out {root}/x", "lr must be a finite number", None),
     ("infinite penalty", "ticket --penalty inf --out {root}/x", "penalty must be a finite number", None),
     ("fractional epochs", "ticket --epochs 2.5 --out {root}/x", "epochs = '2.5' is not a valid int", None),

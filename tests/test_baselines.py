@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from contsparse.experiments import Runner, make_config
 from contsparse.masking import LayerSelection
-from contsparse.methods import MagnitudePruning, PruneSettings, RandomPruning
+from contsparse.methods import IterativeMagnitudePruning, MagnitudePruning, PruneSettings, RandomPruning
 from contsparse.models import build_model
 
 BASE = dict(model="lenet300", dataset="synthetic", train_subset=320, batch_size=64, epochs=2, ticket_epochs=1,
@@ -43,6 +43,20 @@ def test_imp_prunes_per_round_rewinds_and_records_every_ticket(tmp_path, monkeyp
         weight, start = state["hidden.0.weight"], rewind["hidden.0.weight"]
         keep = state["hidden.0.weight_cs_mask.hard_mask"].bool()
         assert torch.equal(weight[keep], start[keep]) and not weight[~keep].any()
+
+
+@pytest.mark.parametrize("selection, kept", [
+    (LayerSelection(), {"hidden.0.weight": 0.8, "hidden.1.weight": 0.8, "output.weight": 0.9}),
+    (LayerSelection(exclude_last=True), {"hidden.0.weight": 0.8, "hidden.1.weight": 0.8}),
+    (LayerSelection(include=["hidden"]), {"hidden.0.weight": 0.8, "hidden.1.weight": 0.8})])
+def test_imp_prunes_the_output_rate_only_in_the_output_layer(selection, kept):
+    """20 % of each hidden layer and 10 % of the output layer; with the output layer unmasked,
+    the last masked layer is a hidden one and loses 20 % like the others."""
+    method = IterativeMagnitudePruning(PruneSettings(fraction=0.2, last_fraction=0.1, selection=selection))
+    method.attach(build_model("lenet300", (1, 28, 28), 10))
+    method.end_of_round(0, last=False)
+    masks = method.final_mask()
+    assert {name: round(float(mask.float().mean()), 3) for name, mask in masks.items()} == kept
 
 
 @pytest.mark.parametrize("optimizer, extra", [("sgd", dict(momentum=0.9, weight_decay=5e-4)),

@@ -19,11 +19,12 @@ import yaml
 from contsparse.data import DataOptions, available_datasets
 from contsparse.errors import UserError
 from contsparse.masking import LayerSelection
+from contsparse.methods import METHODS
 from contsparse.models import available_models
 from contsparse.training.optim import OPTIMIZERS, SCHEDULES, OptimizerSettings
 
 COMMANDS = ("ticket", "prune", "train")
-METHOD_NAMES = ("cs", "imp", "magnitude", "random", "gmp", "str", "dnw")
+METHOD_NAMES = tuple(METHODS)
 
 
 @dataclass
@@ -256,7 +257,10 @@ def validate(c: RunConfig) -> None:
         fail(f"penalty must be >= 0, got {c.penalty}")
     if c.final_temp <= 1:
         fail(f"final_temp must be > 1 (the temperature anneals from 1 up to it), got {c.final_temp}")
-    if c.command == "ticket" and not 0 <= c.rewind_epoch < c.epochs:
+    # A ticket is trained from the rewind point, and IMP's later rounds restart from it (under prune too)
+    rewinds = c.command == "ticket" or (c.command == "prune" and c.rounds > 1
+                                        and METHODS[c.method].rewind_between_rounds)
+    if rewinds and not 0 <= c.rewind_epoch < c.epochs:
         fail(f"rewind_epoch must be in [0, epochs) = [0, {c.epochs}), got {c.rewind_epoch}: "
              "give --rewind-epoch below --epochs")
     if c.optimizer not in OPTIMIZERS or c.mask_optimizer not in OPTIMIZERS:

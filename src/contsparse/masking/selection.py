@@ -26,11 +26,15 @@ class LayerSelection:
     exclude_first: bool = False
     exclude_last: bool = False
 
+    def candidates(self, model: nn.Module) -> list[str]:
+        """Qualified names of the modules of ``layer_types`` with a weight, in registration order:
+        the first and the last of them are the input and output layers."""
+        return [name for name, module in model.named_modules()
+                if isinstance(module, self.layer_types) and isinstance(getattr(module, "weight", None), Tensor)]
+
     def select(self, model: nn.Module) -> list[str]:
         """Qualified names of the selected modules, in registration order."""
-        candidates = [name for name, module in model.named_modules()
-                      if isinstance(module, self.layer_types)
-                      and isinstance(getattr(module, "weight", None), Tensor)]
+        candidates = self.candidates(model)
         if self.exclude_first and candidates:
             candidates = candidates[1:]
         if self.exclude_last and candidates:

@@ -135,9 +135,13 @@ class IterativeMagnitudePruning(HardMaskMethod):
     records_round_tickets = True
 
     def end_of_round(self, round_index: int, last: bool) -> None:
-        names = list(self.mask_set.masks)
-        fractions = {n: self.settings.fraction for n in names}
-        fractions[names[-1]] = self.settings.last_fraction
+        # The output layer's rate goes to the output layer only: when it is not masked (e.g.
+        # --exclude-last) every masked layer is a hidden one and takes ``fraction``. Global
+        # pruning ranks all layers together at ``fraction`` (as open_lth does).
+        layers = self.settings.selection.candidates(self.mask_set.model)
+        output = f"{layers[-1]}.weight" if layers and self.settings.scope == "layerwise" else None
+        fractions = {name: self.settings.last_fraction if name == output else self.settings.fraction
+                     for name in self.mask_set.masks}
         self.prune_by_magnitude(fractions=fractions)
 
 
