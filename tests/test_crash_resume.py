@@ -34,6 +34,7 @@ KILL_POINTS = {
     "first step of round 1": "step:3:1",
     "during ticket training": "step:6:7",
     "inside a checkpoint write": "rename:4",
+    "after the last epoch, before the summary": "epoch:8",
 }
 
 

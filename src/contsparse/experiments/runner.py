@@ -112,9 +112,12 @@ def masked_model(config: RunConfig, data: DatasetSplits, steps_per_epoch: int) -
 
 def load_model_state(model: nn.Module, method: Method, saved: dict[str, Any], phases: list[Phase]) -> None:
     """A checkpoint's model state into ``model``; one taken in a hard phase holds hardened masks,
-    so the masks are hardened first (same structure)."""
+    so the masks are hardened first (same structure). The checkpoint taken after the last epoch
+    (before the final evaluation) is in the last phase's state."""
     progress = saved["progress"]
-    if progress["phase"] < len(phases) and phases[progress["phase"]].hard and progress["entered"]:
+    finished = progress["phase"] >= len(phases)
+    phase = phases[-1] if finished else phases[progress["phase"]]
+    if phase.hard and (finished or progress["entered"]):
         method.harden()
     model.load_state_dict(saved["model"])
 
