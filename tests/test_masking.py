@@ -88,6 +88,33 @@ def test_penalty_reuses_the_forward_mask_and_notices_changes():
     assert first == pytest.approx(16 * 0.5)
 
 
+@pytest.mark.parametrize("penalty_first", [False, True])
+def test_penalty_after_a_fused_optimiser_step_is_current(penalty_first):
+    """Fused optimisers change the logits without bumping their version: the mask cached by the
+    forward pass must not survive into the next step's penalty (value or gradient)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 4)
+    masks = cs.attach_masks(layer, mask_init=0.0)
+    optimizer = torch.optim.SGD(masks.mask_parameters(), lr=10.0, fused=True)
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    for _ in range(2):
+        optimizer.zero_grad()
+        if penalty_first:  # the penalty term written before the forward pass
+            penalty = masks.penalty()
+            loss = penalty + F.cross_entropy(layer(x), y)
+        else:
+            loss = F.cross_entropy(layer(x), y) + masks.penalty()
+        loss.backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    logits = masks.mask_parameters()[0]
+    expected = torch.sigmoid(logits.detach()).sum()
+    penalty = masks.penalty()
+    assert penalty.item() == pytest.approx(expected.item(), rel=1e-6)
+    penalty.backward()
+    assert torch.allclose(logits.grad, (torch.sigmoid(logits) * (1 - torch.sigmoid(logits))).detach())
+
+
 def test_fused_penalty_gives_the_same_logit_gradient():
     torch.manual_seed(3)
     x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))

@@ -32,11 +32,14 @@ class _SoftMaskedWeight(torch.autograd.Function):
         owner._remember_mask(mask)
         out = torch.addcmul(_zero(weight), weight, mask, value=scale)
         ctx.save_for_backward(out, mask)
-        ctx.beta, ctx.scale, ctx.penalty_coef = beta, scale, penalty_coef
+        ctx.beta, ctx.scale, ctx.penalty_coef, ctx.owner = beta, scale, penalty_coef, owner
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
+        # An optimiser step may follow, and fused optimisers change the logits without bumping
+        # their version: the forward's mask must not be reused for the penalty after this point.
+        ctx.owner.__dict__["_cached_mask"] = None
         out, mask = ctx.saved_tensors
         zero = _zero(grad)
         grad_weight = torch.addcmul(zero, grad, mask, value=ctx.scale) if ctx.needs_input_grad[0] else None
@@ -181,8 +184,9 @@ class ContinuousMask(nn.Module):
                                        self.fused_penalty)
 
     def _remember_mask(self, mask: Tensor) -> None:
-        # This step's mask, so that the penalty need not compute it again. Plain attributes set
-        # directly: nn.Module.__setattr__ costs microseconds, per layer and step.
+        # This step's mask, so that the penalty need not compute it again; valid until the
+        # backward pass (an optimiser step may follow it). Plain attributes set directly:
+        # nn.Module.__setattr__ costs microseconds, per layer and step.
         self.__dict__["_cached_mask"] = mask
         self.__dict__["_cache_key"] = (self.logits._version, self.temperature)
 
