@@ -143,6 +143,9 @@ def test_temperature_schedule_by_hand():
     assert per_step.value(0, 0) == 1.0
     assert per_step.value(1, 2) == pytest.approx(100.0)
     assert per_step.value(1, 0) == pytest.approx(100 ** (3 / 5))
+    one_epoch = TemperatureSchedule(final=100.0, epochs=1, steps_per_epoch=5)  # anneals over its steps
+    assert [one_epoch.value(0, s) for s in (0, 2, 4)] == pytest.approx([1.0, 10.0, 100.0])
+    assert TemperatureSchedule(final=100.0, epochs=1).value(0) == 1.0  # one step: the round's start
     with pytest.raises(ValueError):
         TemperatureSchedule(final=1.0)
 

@@ -13,7 +13,9 @@ class TemperatureSchedule:
     ``per="epoch"`` (the reference): ``beta = final ** (epoch / (epochs - 1))``, i.e. multiplied by
     ``final ** (1 / (epochs - 1))`` after every epoch, reaching ``final`` in the last epoch.
     ``per="step"``: the same curve sampled at every optimiser step, which hardens the mask more
-    smoothly when rounds are only a few epochs long.
+    smoothly when rounds are only a few epochs long. A round of a single epoch has no epochs to
+    anneal over, so it anneals over its steps whatever ``per`` says (``beta = 1`` at its start,
+    ``final`` at its last step).
     """
 
     final: float = 200.0
@@ -27,12 +29,16 @@ class TemperatureSchedule:
         if self.epochs < 1 or self.steps_per_epoch < 1:
             raise ValueError("epochs and steps_per_epoch must be >= 1")
 
+    @property
+    def changes_every_step(self) -> bool:
+        return self.per == "step" or self.epochs == 1
+
     def value(self, epoch: int, step: int = 0) -> float:
         """Temperature during ``step`` (0-based, within the epoch) of ``epoch`` (0-based)."""
-        if self.per == "epoch":
-            progress, span = epoch, self.epochs - 1
-        else:
+        if self.changes_every_step:
             progress, span = epoch * self.steps_per_epoch + step, self.epochs * self.steps_per_epoch - 1
+        else:
+            progress, span = epoch, self.epochs - 1
         if span <= 0:
-            return self.final
+            return 1.0  # a round of one step: it starts at 1, as every round does
         return self.final ** (min(progress, span) / span)

@@ -65,7 +65,7 @@ class ContinuousSparsification(Method):
         self.mask_set.temperature = self.schedule.value(epoch, step)
 
     def after_step(self, round_index: int, epoch: int, step: int) -> None:
-        if self.schedule.per == "step":
+        if self.schedule.changes_every_step:
             self.mask_set.temperature = self.schedule.value(epoch, step + 1)
 
     def reported_penalty(self) -> Tensor | None:
