@@ -171,6 +171,25 @@ def test_image_folder_trains_through_the_cli_with_worker_processes(tmp_path, cap
     assert "resnet18 / imagenet" in capsys.readouterr().out
 
 
+def test_image_folder_subset_spans_the_classes(tmp_path):
+    write_image_folder(tmp_path, classes=("a", "b", "c"), per_class=4)
+    train = load_dataset("imagenet", tmp_path, DataOptions(image_size=24, workers=0)).train
+    small = train.subset(3)
+    assert len(small) == 3 and sorted(small.y.tolist()) == [0, 1, 2]  # the first 3 files are of one class
+    assert set(small.files) <= set(train.files) and train.subset(len(train)) is train
+
+
+def test_a_broken_image_in_a_worker_process_is_one_line(tmp_path):
+    write_image_folder(tmp_path)
+    broken = tmp_path / "train" / "cat" / "img0.JPEG"
+    broken.write_bytes(broken.read_bytes()[:40])
+    data = load_dataset("imagenet", tmp_path, DataOptions(image_size=24, workers=1))
+    with pytest.raises(UserError) as error:
+        for split in (data.train, data.val):
+            list(split.batches(8))
+    assert str(error.value).startswith(f"cannot decode image {broken}:") and "\n" not in str(error.value)
+
+
 def test_image_folder_layout_errors(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(UserError, match="train/<class>/ and val/<class>/"):

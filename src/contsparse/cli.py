@@ -39,7 +39,7 @@ HELP = {
     "rewind_epoch": "epoch of round 0 whose weights the ticket is rewound to",
     "seed": "random seed (runs are deterministic on CPU)",
     "device": "auto, cpu or cuda[:N]",
-    "train_subset": "train on the first N examples only (quick runs)",
+    "train_subset": "train on N examples only (quick runs): the first N, spread over the classes for image folders",
     "dense_baseline": "also train the dense model with the ticket's settings (ticket only)",
     "compile": "torch.compile the model: fused mask kernels (needs a C++ compiler on CPU); each phase "
                "starts with some seconds of compiling",

@@ -40,7 +40,12 @@ class FolderSplit:
         return len(self.files)
 
     def subset(self, n: int) -> FolderSplit:
-        return replace(self, files=self.files[:n], y=self.y[:n])
+        """``n`` images spread evenly over the split: the files are sorted by class, so the first
+        ``n`` would all be of the first classes."""
+        if n >= len(self):
+            return self
+        picked = [(2 * i + 1) * len(self) // (2 * n) for i in range(n)]  # the middles of n equal slices
+        return replace(self, files=tuple(self.files[i] for i in picked), y=self.y[picked])
 
     def to(self, device: torch.device | str) -> FolderSplit:
         return self  # batches are moved to the device as they are served
@@ -133,7 +138,16 @@ class FolderBatches:
         loader = DataLoader(_Images(self.split, self.seed, self.epoch), batch_sampler=batches,
                             num_workers=self.split.workers, pin_memory=torch.cuda.is_available(),
                             persistent_workers=False)
-        yield from loader
+        try:
+            yield from loader
+        except UserError as err:  # raised in a worker, whose traceback the DataLoader puts in the message
+            raise UserError(_original_message(str(err))) from None
+
+
+def _original_message(message: str) -> str:
+    """A worker's UserError message without the DataLoader's "Caught UserError in ..." traceback."""
+    _, marker, original = message.rstrip().rpartition("UserError: ")
+    return original if marker else message
 
 
 def load_image_folder(directory: Path | None, image_size: int = 224, workers: int = 4) -> DatasetSplits:
