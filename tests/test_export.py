@@ -278,6 +278,24 @@ def test_untraceable_models_get_their_layers_swapped():
         torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_conversion_is_a_copy_that_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    model = build_model("resnet20", (3, 32, 32), 10).train()
+    converted = to_sparse(model, 2, kernels="sparse")
+    assert model.training  # not switched to eval behind the caller's back
+    def memory(module):
+        return {t.data_ptr() for t in module.state_dict().values() if t.layout == torch.strided and t.numel()}
+
+    assert not memory(model) & memory(converted)
+    assert not {id(m) for m in model.modules()} & {id(m) for m in converted.modules()}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        before = converted(x)
+    model(torch.randn(8, 3, 32, 32))  # a training-mode forward updates the model's norm statistics
+    with torch.inference_mode():
+        torch.testing.assert_close(converted(x), before, rtol=0, atol=0)
+
+
 def test_converted_models_pickle_save_and_deep_copy(run_dir, tmp_path, monkeypatch):
     model = load_run_model(run_dir).model
     single, batch = torch.randn(1, 1, 28, 28), torch.randn(3, 1, 28, 28)
@@ -337,3 +355,27 @@ def test_cli_export_errors_are_one_line(run_dir, tmp_path, capsys):
     assert "is a directory" in capsys.readouterr().err
     assert main(["bench-inference", str(run_dir), "--batch-sizes", "0"]) == 2
     assert "must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pytorch", "compressed"])
+def test_a_failed_export_write_is_one_line_and_keeps_the_old_file(fmt, run_dir, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    from contsparse import storage
+
+    target = tmp_path / "model.bin"
+    target.write_bytes(b"previous export")
+
+    def disk_full(path, data):
+        path.write_bytes(data[: len(data) // 2])  # half written, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(storage, "write_synced", disk_full)
+    assert main(["export", str(run_dir), "--format", fmt, "--out", str(target)]) == 2
+    assert capsys.readouterr().err.strip() == f"contsparse: error: cannot write {target}: No space left on device"
+    assert target.read_bytes() == b"previous export" and not list(tmp_path.glob("*.tmp"))
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    assert main(["export", str(run_dir), "--format", fmt, "--out", str(pipe)]) == 2
+    assert "is not a regular file" in capsys.readouterr().err

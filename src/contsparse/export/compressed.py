@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from contsparse.errors import UserError
+from contsparse.storage import write_atomic
 
 FORMAT_KEY = "contsparse.compressed"
 
@@ -42,8 +43,13 @@ def compress_state_dict(state: dict[str, torch.Tensor], min_zero_fraction: float
 
 
 def save_compressed(state: dict[str, torch.Tensor], path: str | Path, min_zero_fraction: float = 0.5) -> None:
+    write_atomic(Path(path), compressed_bytes(state, min_zero_fraction))
+
+
+def compressed_bytes(state: dict[str, torch.Tensor], min_zero_fraction: float = 0.5) -> bytes:
+    """The file :func:`save_compressed` writes, in memory."""
     tensors, metadata = compress_state_dict(state, min_zero_fraction)
-    save_file(tensors, str(path), metadata=metadata)
+    return save(tensors, metadata=metadata)
 
 
 def load_compressed(path: str | Path) -> dict[str, torch.Tensor]:

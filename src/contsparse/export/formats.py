@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from contsparse.errors import UserError
-from contsparse.export.compressed import save_compressed
+from contsparse.export.compressed import compressed_bytes
 from contsparse.export.run_model import RunModel, load_run_model
+from contsparse.storage import write_atomic
 
 FORMATS = {"safetensors": ".safetensors", "pytorch": ".pt", "onnx": ".onnx", "compressed": ".sparse.safetensors"}
 
@@ -25,20 +27,30 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> 
     path = Path(out) if out is not None else Path(run_dir) / f"export{FORMATS[fmt]}"
     if path.is_dir():
         raise UserError(f"--out {path} is a directory; give a file name")
+    if path.exists() and not path.is_file():  # a device or a pipe: the atomic rename would replace it
+        raise UserError(f"--out {path} is not a regular file; give a file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in run.model.state_dict().items()}
-        if fmt == "safetensors":
-            save_file(state, str(path), metadata=_metadata(run))
-        elif fmt == "pytorch":
-            torch.save(state, path)  # a plain state_dict: torch.load(path, weights_only=True) reads it
-        elif fmt == "compressed":
-            save_compressed(state, path)
-        else:
+        if fmt == "onnx":
             export_onnx(run, path)
+        else:
+            # Serialised in memory and written by Python: a failed write is an OSError with its
+            # reason (torch.save and safetensors raise their own errors), and never half a file
+            write_atomic(path, _serialise(run, fmt))
     except OSError as err:
         raise UserError(f"cannot write {path}: {err.strerror or err}") from err
     return path
+
+
+def _serialise(run: RunModel, fmt: str) -> bytes:
+    state = {k: v.detach().contiguous() for k, v in run.model.state_dict().items()}
+    if fmt == "safetensors":
+        return save(state, metadata=_metadata(run))
+    if fmt == "compressed":
+        return compressed_bytes(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # a plain state_dict: torch.load(path, weights_only=True) reads it
+    return buffer.getvalue()
 
 
 def export_onnx(run: RunModel, path: Path) -> None:

@@ -109,9 +109,10 @@ def to_sparse(model: nn.Module, batch_size: int = 1, kernels: Kernels = "auto",
 
     ``kernels="auto"`` measures each layer with at least ``min_zero_fraction`` zeros at
     ``batch_size``; ``"sparse"`` / ``"dense"`` force one kernel. The chosen kernel of each layer
-    is in the returned module's ``kernel_choices``. The result is for inference only (no gradients).
+    is in the returned module's ``kernel_choices``. The result is for inference only (no gradients)
+    and shares nothing with ``model``, which is left as it was (train or eval mode).
     """
-    model = model.eval()
+    model = copy.deepcopy(model).eval()  # the graph keeps the model's other modules (conv, norm)
     choices: dict[str, str] = {}
 
     def choose(name: str, linear: nn.Linear) -> str:
@@ -435,7 +436,6 @@ def _inline_linears(traced: fx.GraphModule, choose: Callable[[str, nn.Linear], s
 
 
 def _swap_modules(model: nn.Module, choose: Callable[[str, nn.Linear], str]) -> nn.Module:
-    model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
         if name and isinstance(module, nn.Linear) and choose(name, module) == "sparse":
             parent_name, _, child = name.rpartition(".")
