@@ -19,7 +19,7 @@ import torch
 from contsparse.cli import main
 from contsparse.data import DataOptions, load_dataset
 from contsparse.data import cifar as cifar_module
-from contsparse.data.augment import pad_crop_flip
+from contsparse.data.augment import PadCropFlip, pad_crop_flip
 from contsparse.errors import UserError
 
 
@@ -81,7 +81,8 @@ def test_cifar_from_tarball_or_folder(name, as_tarball, python2, tmp_path, monke
     assert len(data.train) + len(data.val) == train_files and len(data.test) == 40
     assert data.input_shape == (3, 32, 32) and data.num_classes == variant.num_classes
     assert data.train.x.shape[1:] == (3, 32, 32) and abs(float(data.train.x.mean())) < 1.5
-    assert data.augment is pad_crop_flip
+    assert data.augment == PadCropFlip(cifar_module.black(variant))  # pads with black, not the mean colour
+    assert data.augment.fill[0] == pytest.approx(-variant.mean[0] / variant.std[0])
 
 
 def test_cifar_corrupt_files_are_refused(tmp_path, monkeypatch):
@@ -215,6 +216,12 @@ def test_pad_crop_flip_is_a_seeded_batched_crop():
     assert a.shape == x.shape and torch.equal(a, b)
     for image, original in zip(a, x, strict=True):  # every value is a pixel of the image or padding
         assert set(image.unique().tolist()) <= set(original.unique().tolist()) | {0.0}
+    filled = pad_crop_flip(x, torch.Generator().manual_seed(5), pad=2, fill=(-1.0, -2.0, -3.0))
+    for image, zero_padded in zip(filled, a, strict=True):  # the same crops, padded with fill
+        for channel, value in enumerate((-1.0, -2.0, -3.0)):
+            border = zero_padded[channel] == 0
+            assert torch.equal(image[channel][~border], zero_padded[channel][~border])
+            assert set(image[channel][border].tolist()) <= {value, 0.0}  # 0 is also a pixel value of x
     # with no padding, a crop is the image or its mirror
     c = pad_crop_flip(x, torch.Generator().manual_seed(1), pad=0)
     assert all(torch.equal(ci, xi) or torch.equal(ci, xi.flip(2)) for ci, xi in zip(c, x, strict=True))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contsparse.data.augment import pad_crop_flip
+from contsparse.data.augment import PadCropFlip
 from contsparse.data.download import data_root, fetch_verified
 from contsparse.data.safe_pickle import load_numpy_pickle
 from contsparse.data.splits import DatasetSplits, TensorSplit
@@ -140,4 +140,9 @@ def _split(variant: CifarVariant, train: list[dict], test: list[dict]) -> Datase
     cut = max(len(train_y) - VALIDATION_SIZE, len(train_y) * 9 // 10)
     return DatasetSplits(variant.name, TensorSplit(train_x[:cut], train_y[:cut]),
                          TensorSplit(train_x[cut:], train_y[cut:]), TensorSplit(test_x, test_y),
-                         (3, 32, 32), variant.num_classes, augment=pad_crop_flip)
+                         (3, 32, 32), variant.num_classes, augment=PadCropFlip(black(variant)))
+
+
+def black(variant: CifarVariant) -> tuple[float, float, float]:
+    """A black pixel after normalisation: the padding of the random crops."""
+    return tuple(-m / s for m, s in zip(variant.mean, variant.std, strict=True))  # type: ignore[return-value]
