@@ -2,7 +2,8 @@
 
 ``torchrun --nproc_per_node N -m contsparse ticket ...`` starts N processes with ``RANK``,
 ``WORLD_SIZE`` and ``LOCAL_RANK`` set; each trains on its share of every global batch (so the
-result matches one process with the same ``--batch-size``), DDP averages the gradients (mask
+gradients are those of one process with the same ``--batch-size``; batch-norm statistics are
+each rank's own, and rank 0's are broadcast), DDP averages the gradients (mask
 logits included, so the penalty's gradient is the same as in one process), and rank 0 alone
 writes the run directory. NCCL on GPUs, gloo on CPUs.
 """

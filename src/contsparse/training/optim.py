@@ -15,7 +15,8 @@ class OptimizerSettings:
     """One optimiser and its per-epoch learning-rate schedule.
 
     ``schedule``: ``constant``; ``step`` (multiply by ``gamma`` at each epoch in ``milestones``);
-    ``cosine`` (from ``lr`` to 0 over the phase).
+    ``cosine`` (from ``lr`` towards 0: ``lr * (1 + cos(pi * epoch / epochs)) / 2``, reaching 0
+    just after the phase's last epoch).
     """
 
     name: str = "sgd"
