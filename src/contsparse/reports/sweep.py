@@ -85,9 +85,11 @@ def accuracy_plot(series: dict[str, list[PointResult]], path: Path, title: str) 
     its Pareto front as a line, the dense reference as a band."""
     fig, ax = accuracy_axes()
     dense_band(ax, [a for results in series.values() for a in dense_accuracies(results)])
+    plotted = False
     for index, (label, results) in enumerate(series.items()):
         color = PALETTE[index % len(PALETTE)]
         done = _finished_sparse(results)
+        plotted = plotted or bool(done)
         ax.scatter([100 * r.weights_remaining for r in done], [100 * r.test_accuracy for r in done], s=18,
                    color=color, alpha=0.55)
         if len(done) <= 12:  # few points: say which is which
@@ -97,7 +99,6 @@ def accuracy_plot(series: dict[str, list[PointResult]], path: Path, title: str) 
         front = [r for r in pareto_front(results) if r.weights_remaining]  # 0 has no place on a log axis
         ax.plot([100 * r.weights_remaining for r in front], [100 * r.test_accuracy for r in front], marker="o",
                 markersize=5, color=color, label=f"{label} (Pareto front)")
-    plotted = any(_finished_sparse(results) for results in series.values())
     if not plotted:  # only dense, failed or pending points so far: an x axis would mean nothing
         ax.text(0.5, 0.5, "no finished sparse run yet", transform=ax.transAxes, ha="center", va="center",
                 color="#555555")
