@@ -60,3 +60,44 @@ def test_killed_data_parallel_run_resumes(single, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout
     assert_close_runs(single, out)
+
+
+def _one_step_epoch(all_sum, poison: bool) -> None:
+    """One training step on 4 samples; ``poison`` makes this process's loss NaN."""
+    from contsparse.data.splits import BatchIterator, TensorSplit
+    from contsparse.training import StepSettings, train_epoch
+
+    model = torch.nn.Linear(3, 2)
+    x = torch.full((4, 3), float("nan")) if poison else torch.randn(4, 3)
+    batches = BatchIterator(TensorSplit(x, torch.tensor([0, 1, 0, 1])), batch_size=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_epoch(model, batches, [optimizer], device=torch.device("cpu"),
+                speed=StepSettings(shard=(0, 1), all_sum=all_sum))
+
+
+@pytest.mark.parametrize("this_process_nan", [False, True])
+def test_a_nan_loss_in_one_process_stops_every_process(this_process_nan):
+    """Each process joins the non-finite check's all-reduce, and each stops when any loss is NaN:
+    a process stopping alone would leave the others waiting in the next gradient all-reduce."""
+    from contsparse.training import NonFiniteLossError
+
+    calls = []
+
+    def all_sum(values: list[float]) -> list[float]:  # the other process's loss is NaN, or this one's
+        calls.append(values)
+        return [values[0] + (0.0 if this_process_nan else 1.0)]
+
+    with pytest.raises(NonFiniteLossError, match="nan at step 0" if this_process_nan else "1 other process"):
+        _one_step_epoch(all_sum, poison=this_process_nan)
+    assert calls == [[1.0 if this_process_nan else 0.0]]
+
+
+def test_finite_losses_everywhere_train_on():
+    calls = []
+
+    def all_sum(values: list[float]) -> list[float]:
+        calls.append(values)
+        return values
+
+    _one_step_epoch(all_sum, poison=False)
+    assert calls[0] == [0.0] and len(calls) == 2  # the check, then the epoch's totals

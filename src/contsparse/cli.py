@@ -214,15 +214,22 @@ def run_training(args: argparse.Namespace) -> int:
     try:
         summary = Runner(config, out, force=args.force).execute()
     except RunInterrupted as stopped:
-        print(f"\n{stopped}. Resume with: contsparse resume {out}", file=sys.stderr)
+        if _reports():
+            print(f"\n{stopped}. Resume with: contsparse resume {out}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print(f"\ninterrupted; the last checkpoint in {out} is kept. Resume with: contsparse resume {out}",
-              file=sys.stderr)
+        if _reports():
+            print(f"\ninterrupted; the last checkpoint in {out} is kept. Resume with: contsparse resume {out}",
+                  file=sys.stderr)
         return 130
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+    if _reports():
         print_summary(summary)
     return 0
+
+
+def _reports() -> bool:
+    """Whether this process reports: under torchrun, rank 0 alone."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def run_info(args: argparse.Namespace) -> int:

@@ -104,8 +104,7 @@ def train_epoch(model: nn.Module, batches: BatchIterator, optimizers: Sequence[t
         totals["seen"] += len(y)
         totals["steps"] += 1
         if step % 50 == 0:
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss is {float(loss.detach())} at step {step}")
+            _check_finite(loss, step, speed.all_sum)
             if postfix is not None:
                 bar.set_postfix(postfix(), refresh=False)
         if should_stop is not None and should_stop() and step + 1 < len(batches):
@@ -123,6 +122,19 @@ def train_epoch(model: nn.Module, batches: BatchIterator, optimizers: Sequence[t
         raise NonFiniteLossError(f"mean training loss is {mean_loss}")
     return EpochResult(mean_loss, float(totals["correct"]) / seen, float(totals["regularizer"]),
                        steps=int(totals["steps"]))
+
+
+def _check_finite(loss: Tensor, step: int, all_sum: Callable[[list[float]], list[float]] | None) -> None:
+    """Stop on a NaN or infinite loss. Under data parallelism every process learns whether any
+    process's loss is not finite: one process stopping alone would leave the others waiting in
+    the next step's gradient all-reduce."""
+    finite = bool(torch.isfinite(loss))
+    if all_sum is not None:
+        others = all_sum([0.0 if finite else 1.0])[0] - (0.0 if finite else 1.0)
+        if finite and others > 0:
+            raise NonFiniteLossError(f"loss is not finite in {others:.0f} other process(es) at step {step}")
+    if not finite:
+        raise NonFiniteLossError(f"loss is {float(loss.detach())} at step {step}")
 
 
 def _start_totals(resume: dict[str, Tensor] | None, device: torch.device) -> dict[str, Tensor]:
