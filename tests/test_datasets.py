@@ -85,6 +85,21 @@ def test_cifar_from_tarball_or_folder(name, as_tarball, python2, tmp_path, monke
     assert data.augment.fill[0] == pytest.approx(-variant.mean[0] / variant.std[0])
 
 
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_pixels_and_labels_are_the_files(name, tmp_path, monkeypatch):
+    """Row i of a batch's (N, 3072) bytes is image i, channel-major (1024 red, green, blue values),
+    each channel row by row; inputs are byte / 255 normalised per channel."""
+    variant = write_cifar(tmp_path, cifar_module.VARIANTS[name], as_tarball=False)
+    monkeypatch.setitem(cifar_module.VARIANTS, name, variant)
+    data = load_dataset(name, tmp_path)
+    raw = pickle.loads((tmp_path / variant.folder / next(iter(variant.test_files))).read_bytes(), encoding="latin1")
+    pixels = torch.from_numpy(np.asarray(raw["data"])).float()
+    for i, c, h, w in [(0, 0, 0, 0), (3, 1, 5, 17), (39, 2, 31, 31), (7, 2, 0, 31)]:
+        expected = (pixels[i, c * 1024 + h * 32 + w] / 255 - variant.mean[c]) / variant.std[c]
+        assert float(data.test.x[i, c, h, w]) == pytest.approx(float(expected), abs=1e-5)
+    assert data.test.y.tolist() == raw[variant.label_key]
+
 def test_cifar_corrupt_files_are_refused(tmp_path, monkeypatch):
     variant = write_cifar(tmp_path, cifar_module.CIFAR10)
     monkeypatch.setitem(cifar_module.VARIANTS, "cifar10", variant)

@@ -278,6 +278,26 @@ def test_untraceable_models_get_their_layers_swapped():
         torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("kernels", ["sparse", "dense"])
+@pytest.mark.parametrize("name", ["conv4", "resnet20"])
+def test_sparse_conversion_of_conv_and_batch_norm_models_keeps_their_outputs(name, kernels):
+    """Conv, batch-norm and pooling layers stay in the converted graph around the CSR Linear layers."""
+    torch.manual_seed(0)
+    model = build_model(name, (3, 32, 32), 10)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):  # a ticket-like 90 % of zeros
+                module.weight.mul_(torch.rand_like(module.weight) < 0.1)
+    model.train()(torch.randn(16, 3, 32, 32))  # batch-norm statistics away from their initial values
+    model.eval()
+    converted = to_sparse(model, 3, kernels=kernels)
+    assert set(converted.kernel_choices.values()) == {kernels}
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.inference_mode():
+            torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+
 def test_conversion_is_a_copy_that_leaves_the_model_as_it_was():
     torch.manual_seed(0)
     model = build_model("resnet20", (3, 32, 32), 10).train()
@@ -343,7 +363,7 @@ def test_cli_export_report_and_bench(run_dir, tmp_path, capsys):
         assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["bench-inference", str(run_dir), "--batch-sizes", "1", "4", "--blocks", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "speedup" in printed and "yes" in printed
+    assert "speedup" in printed and printed.count("yes") == 2 and "NO" not in printed  # one row per batch size
 
 
 def test_cli_export_errors_are_one_line(run_dir, tmp_path, capsys):

@@ -60,6 +60,23 @@ def test_without_scaling_the_mask_halves_the_weight_at_s0_zero():
     torch.testing.assert_close(layer.weight, before * 0.5)
 
 
+
+@pytest.mark.parametrize("scale_by_init", [True, False])
+def test_hardening_folds_the_scale_only_when_scaling(scale_by_init):
+    """Both settings of DESIGN.md's mask scaling: the ticket's weights are ``W * H(s)``, times
+    ``1 / sigmoid(s0)`` only with scaling, and train as a plain layer afterwards."""
+    torch.manual_seed(2)
+    layer = nn.Linear(6, 4)
+    raw = layer.weight.detach().clone()
+    masks = cs.attach_masks(layer, mask_init=-0.3, scale_by_init=scale_by_init)
+    with torch.no_grad():
+        masks.mask_parameters()[0].normal_()
+    keep = masks.mask_parameters()[0].detach() > 0
+    masks.harden()
+    scale = 1.0 + math.exp(0.3) if scale_by_init else 1.0
+    torch.testing.assert_close(layer.weight.detach(), raw * keep * scale)
+    assert isinstance(layer.weight, nn.Parameter)  # a plain layer again
+
 def test_penalty_value_and_gradient_by_hand():
     model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
     masks = cs.attach_masks(model, mask_init=0.0)
@@ -114,6 +131,53 @@ def test_penalty_after_a_fused_optimiser_step_is_current(penalty_first):
     penalty.backward()
     assert torch.allclose(logits.grad, (torch.sigmoid(logits) * (1 - torch.sigmoid(logits))).detach())
 
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
+def test_penalised_loss_gradients_match_a_plain_autograd_reference(fused, normalize):
+    """Weight and logit gradients of ``CE(W * scale * sigmoid(beta s)) + c * penalty`` against the
+    formula written with autograd, the penalty added as a loss term or fused into the backward."""
+    torch.manual_seed(5)
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    model, masks = masked_mlp((5, 7, 3), temperature=6.0)
+    model.double()
+    coef = 0.05
+    if fused:
+        masks.fuse_penalty(coef, normalize=normalize)
+        loss = F.cross_entropy(model(x), y)
+    else:
+        loss = F.cross_entropy(model(x), y) + coef * masks.penalty(normalize=normalize)
+    loss.backward()
+
+    raw = [model[i].parametrizations.weight.original.detach().clone().requires_grad_() for i in (0, 2)]
+    logits = [p.detach().clone().requires_grad_() for p in masks.mask_parameters()]
+    scale = 1.0 + math.exp(0.1)  # 1 / sigmoid(s0), s0 = -0.1
+    soft = [torch.sigmoid(6.0 * s) for s in logits]
+    hidden = F.relu(F.linear(x, raw[0] * scale * soft[0], model[0].bias.detach()))
+    reference_penalty = sum(m.sum() for m in soft) / (sum(m.numel() for m in soft) if normalize else 1)
+    reference = F.cross_entropy(F.linear(hidden, raw[1] * scale * soft[1], model[2].bias.detach()), y) \
+        + coef * reference_penalty
+    reference.backward()
+
+    for ours, theirs in zip(masks.mask_parameters(), logits, strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad)
+    for i, theirs in zip((0, 2), raw, strict=True):
+        torch.testing.assert_close(model[i].parametrizations.weight.original.grad, theirs.grad)
+    assert max(float(s.grad.abs().max()) for s in logits) > 1e-3  # the gradients compared are not all zero
+
+
+def test_soft_masked_weight_without_autograd_is_the_formula():
+    """Validation during a search runs under ``no_grad``, which takes a separate code path."""
+    torch.manual_seed(6)
+    model, masks = masked_mlp((5, 7, 3), temperature=9.0)
+    mask = masks.masks["0.weight"]
+    raw = model[0].parametrizations.weight.original
+    expected = raw.detach() * mask.scale * torch.sigmoid(9.0 * mask.logits.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(model[0].weight, expected)
+    with torch.enable_grad():
+        torch.testing.assert_close(model[0].weight.detach(), expected)
 
 def test_fused_penalty_gives_the_same_logit_gradient():
     torch.manual_seed(3)

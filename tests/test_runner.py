@@ -157,3 +157,91 @@ def test_a_round_that_prunes_every_weight_is_warned_about(tmp_path):
     summary = Runner(config, tmp_path / "run", messages.append).execute()
     assert summary["weights_remaining"] == 0
     assert any(m.startswith("warning: search 0 pruned every weight") for m in messages)
+
+
+def _bn_mlp(input_shape, num_classes):
+    """A small MLP with batch norm: rewinding must restore its running statistics too."""
+    features = 1
+    for size in input_shape:
+        features *= size
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(features, 32), torch.nn.BatchNorm1d(32),
+                               torch.nn.ReLU(), torch.nn.Linear(32, num_classes))
+
+
+def test_ticket_search_through_the_driver_follows_design_section_1(tmp_path, monkeypatch):
+    """Temperature 1 -> beta_final within each round; ``s <- min(beta * s, s0)`` after every round
+    but the last; weights not rewound between search rounds; the ticket starts from the weights and
+    batch-norm statistics the model had when epoch ``rewind_epoch`` of round 0 began, with the
+    final hard mask and scale folded in."""
+    from contsparse.experiments import runner as runner_module
+    from contsparse.models import registry
+
+    monkeypatch.setitem(registry._REGISTRY, "bn_mlp", registry.ModelSpec("bn_mlp", _bn_mlp, "test model"))
+    snapshots = []  # (phase label, epoch, state at the epoch's start, state at its end)
+    original_epoch = runner_module.Runner._epoch
+
+    def spy(self, phase, epoch, step, partial, stop, trainable, setup, *rest):
+        def state():
+            return {k: v.detach().clone() for k, v in setup.model.state_dict().items() if torch.is_tensor(v)}
+        start = state()
+        record = original_epoch(self, phase, epoch, step, partial, stop, trainable, setup, *rest)
+        snapshots.append((phase.label(), epoch, start, state()))
+        return record
+
+    monkeypatch.setattr(runner_module.Runner, "_epoch", spy)
+    config = make_config(dict(SMALL, model="bn_mlp", epochs=3, rounds=2, rewind_epoch=1, final_temp=200.0))
+    Runner(config, tmp_path / "run", quiet).execute()
+
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    search_temperatures = [r["temperature"] for r in records if r["phase"] == "search"]
+    assert search_temperatures == pytest.approx([1.0, 200 ** 0.5, 200.0] * 2)
+
+    labels = [(label, epoch) for label, epoch, _, _ in snapshots]
+    assert labels == [("search 0", 0), ("search 0", 1), ("search 0", 2), ("search 1", 0), ("search 1", 1),
+                      ("search 1", 2), ("ticket", 0), ("ticket", 1)]
+    weight, logits = "1.parametrizations.weight.original", "1.parametrizations.weight.0.logits"
+    end_of_round_0, start_of_round_1 = snapshots[2][3], snapshots[3][2]
+    # no rewind between search rounds; the logits reset with beta = 200, s0 = -0.02
+    assert torch.equal(start_of_round_1[weight], end_of_round_0[weight])
+    assert torch.equal(start_of_round_1[logits], torch.clamp(end_of_round_0[logits] * 200.0, max=-0.02))
+    # after the last round the logits are not reset: its hard mask is the saved ticket's
+    end_of_round_1 = snapshots[5][3]
+    saved_mask = load_file(str(tmp_path / "run/masks.safetensors"))["1.weight"].bool()
+    assert torch.equal(saved_mask, end_of_round_1[logits] > 0)
+    assert 0 < saved_mask.float().mean() < 1
+    # the ticket starts from the state at the start of round 0's epoch 1 (weights and BN statistics)
+    rewind, ticket_start = snapshots[1][2], snapshots[6][2]
+    scale = 1.0 + torch.exp(torch.tensor(0.02))  # 1 / sigmoid(s0)
+    torch.testing.assert_close(ticket_start["1.weight"], rewind[weight] * saved_mask * scale)
+    for key in ("1.bias", "2.weight", "2.bias", "2.running_mean", "2.running_var", "2.num_batches_tracked"):
+        assert torch.equal(ticket_start[key], rewind[key]), key
+    assert not torch.equal(rewind["2.running_mean"], end_of_round_1["2.running_mean"])  # they did move
+
+
+def test_mask_logits_get_their_own_optimiser_without_weight_decay(tmp_path, monkeypatch):
+    from contsparse.experiments import runner as runner_module
+
+    built = []  # (phase kind, optimisers, logits)
+    original = runner_module.Runner._optimizers
+
+    def spy(self, phase, model, method):
+        optimizers = original(self, phase, model, method)
+        logits = [p for name, p in model.named_parameters() if name.endswith(".logits")]
+        built.append((phase.kind, optimizers, logits))
+        return optimizers
+
+    monkeypatch.setattr(runner_module.Runner, "_optimizers", spy)
+    config = make_config(dict(SMALL, optimizer="sgd", lr=0.05, weight_decay=1e-4, rounds=1, ticket_epochs=1))
+    Runner(config, tmp_path / "run", quiet).execute()
+    assert [kind for kind, _, _ in built] == ["search", "ticket"]
+    (_, search, logits), (_, ticket, _) = built
+    assert len(logits) == 3
+    logit_ids = {id(p) for p in logits}
+    weight_params = [p for group in search["weights"].param_groups for p in group["params"]]
+    assert not logit_ids & {id(p) for p in weight_params}
+    assert all(group["weight_decay"] == 1e-4 for group in search["weights"].param_groups)
+    mask_params = [p for group in search["masks"].param_groups for p in group["params"]]
+    assert {id(p) for p in mask_params} == logit_ids
+    assert all(group["weight_decay"] == 0.0 for group in search["masks"].param_groups)
+    assert set(ticket) == {"weights"}  # the ticket trains its weights alone, with a fresh optimiser
+    assert ticket["weights"] is not search["weights"]
