@@ -95,6 +95,14 @@ def world(tmp_path_factory) -> dict[str, Path]:
     for name, text in configs.items():
         w[name] = root / f"{name}.yaml"
         w[name].write_text(text)
+    w["binary_config"] = root / "binary.yaml"
+    w["binary_config"].write_bytes(bytes([0xF8, 0x00, 0x9C, 0xFF]) * 50)
+    w["list_summary"] = root / "list-summary"
+    shutil.copytree(w["done"], w["list_summary"])
+    (w["list_summary"] / "summary.json").write_text("[1, 2]\n")
+    w["empty_config"] = root / "empty-config"
+    shutil.copytree(w["done"], w["empty_config"])
+    (w["empty_config"] / "config.yaml").write_text("")
     data = {"bad_checksum": b"not the mnist pickle", "evil_pickle": gzip.compress(pickle.dumps(Evil(w["marker"])))}
     for name, payload in data.items():
         w[name] = root / f"data-{name}"
@@ -141,7 +149,19 @@ CATALOGUE = [
     ("unknown preset", "ticket --preset cifar11-resnet21 --out {root}/x", "unknown preset 'cifar11-resnet21'", None),
     ("negative penalty", "ticket --penalty -1 --out {root}/x", "penalty must be >= 0", None),
     ("final_temp <= 1", "ticket --final-temp 1 --out {root}/x", "final_temp must be > 1", None),
-    ("rounds < 1", "ticket --rounds 0 --out {root}/x", "rounds must be >= 1", None),
+    ("rounds < 1", "ticket --rounds 0 --out {root}/x", "rounds must be in [1, 1000]", None),
+    ("absurd number of rounds", "ticket --rounds 99999999999999 --out {root}/x", "rounds must be in [1, 1000]", None),
+    ("absurd number of epochs", "ticket --epochs 99999999999999 --out {root}/x", "epochs must be in [1, 100000]",
+     None),
+    ("setting beyond float32", "ticket --mask-init 1e308 --out {root}/x", "mask_init = 1e+308 is out of range", None),
+    ("mask scaling overflow", "ticket --mask-init -31 --out {root}/x", "give a mask_init >= -30", None),
+    ("negative weight decay", "ticket --weight-decay -1 --out {root}/x", "weight_decay must be >= 0", None),
+    ("seed beyond 64 bits", "ticket --seed 99999999999999999999999 --out {root}/x", "seed must be in [0, 2**63)",
+     None),
+    ("NaN STR threshold", "ticket --method str --str-init nan --out {root}/x", "str_init must be a finite number",
+     None),
+    ("more data than memory", "train --dataset synthetic --synthetic-size 99999999999999 --out {root}/x",
+     "out of memory", None),
     ("rewind epoch >= epochs", "ticket --epochs 3 --rewind-epoch 3 --out {root}/x",
      "rewind_epoch must be in [0, epochs) = [0, 3)", None),
     ("IMP pruning rounds past the rewind point", "prune --method imp --epochs 2 --rounds 2 --out {root}/x",
@@ -164,7 +184,10 @@ CATALOGUE = [
      None),
     ("bad YAML value", "ticket --config {bad_value} --out {root}/x", "penalty must be >= 0", None),
     ("missing config file", "ticket --config {root}/nope.yaml --out {root}/x", "cannot read config file", None),
+    ("binary file as config", "ticket --config {binary_config} --out {root}/x", "is not a text file", None),
     ("missing data directory", "ticket --data-dir {root}/no-data --out {root}/x", "data directory", None),
+    ("data directory that is a file", "ticket --data-dir {a_file} --out {root}/x", "is a file; give the folder",
+     None),
     ("data file with a wrong checksum", "train --data-dir {bad_checksum} --out {root}/x", "has sha256", None),
     ("truncated data files", "train --data-dir {truncated_idx} --out {root}/x", "md5", None),
     ("malicious pickle as data", "train --data-dir {evil_pickle} --out {root}/x", "has sha256", None),
@@ -175,6 +198,11 @@ CATALOGUE = [
     ("resume a path that does not exist", "resume {root}/nowhere", "is not a directory", None),
     ("info on an empty directory", "info {empty}", "is not a contsparse run directory", None),
     ("info on an unfinished run", "info {stopped}", "has not finished yet", None),
+    ("summary that is not a JSON object", "info {list_summary}", "summary.json is damaged (a JSON list", None),
+    ("emptied config.yaml", "resume {empty_config}", "config.yaml is damaged (no command, method, model, dataset)",
+     None),
+    ("emptied config.yaml, same command again", "ticket " + " ".join(QUICK) + " --out {empty_config}",
+     "config.yaml is damaged", None),
     ("--out is a folder of other files", "ticket --out {not_a_run}", "is not a contsparse run directory", None),
     ("--out is a file", "ticket --out {a_file}", "is a file", None),
     ("other settings without --force", "ticket " + " ".join(QUICK) + " --seed 7 --out {stopped}",

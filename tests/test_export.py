@@ -399,3 +399,15 @@ def test_a_failed_export_write_is_one_line_and_keeps_the_old_file(fmt, run_dir, 
     os.mkfifo(pipe)
     assert main(["export", str(run_dir), "--format", fmt, "--out", str(pipe)]) == 2
     assert "is not a regular file" in capsys.readouterr().err
+
+
+def test_per_layer_chart_shows_an_emptied_layer_without_warnings(tmp_path):
+    """A layer at 0 % has no bar on the log axis: the chart says so instead of warning about limits."""
+    import warnings
+
+    from contsparse.reports.plots import per_layer_chart
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = per_layer_chart({"hidden.0.weight": 0.0, "output.weight": 0.25}, tmp_path / "per_layer.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,7 @@ from typing import Any
 
 from contsparse import __version__
 from contsparse.errors import RunInterrupted, UserError
-from contsparse.experiments.config import FIELDS, RunConfig, load_yaml, make_config
+from contsparse.experiments.config import FIELDS, RunConfig, load_saved_config, load_yaml, make_config
 from contsparse.experiments.presets import preset_values
 from contsparse.export.formats import FORMATS
 
@@ -207,7 +207,7 @@ def run_training(args: argparse.Namespace) -> int:
     if args.command == "resume":
         run = RunDir(args.run_dir)
         run.require_run()
-        config, out = config_from_args(args, load_yaml(run.file(RunDir.CONFIG))), args.run_dir
+        config, out = config_from_args(args, load_saved_config(run.file(RunDir.CONFIG))), args.run_dir
     else:
         config = config_from_args(args)
         out = args.out or Path("runs") / config.default_run_name()
@@ -426,6 +426,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"contsparse: error: {err}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
+        if args.debug or not _out_of_memory(err):
+            raise
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"contsparse: error: out of memory ({detail}); use smaller sizes (--batch-size, --train-subset, "
+              "--synthetic-size, --batch-sizes); a run's last checkpoint is kept", file=sys.stderr)
+        return 2
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, MemoryError | torch.OutOfMemoryError) or "can't allocate memory" in str(err)
 
 
 if __name__ == "__main__":

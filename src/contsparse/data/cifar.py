@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from contsparse.data.augment import PadCropFlip
-from contsparse.data.download import data_root, fetch_verified
+from contsparse.data.download import data_root, fetch_verified, require_data_dir
 from contsparse.data.safe_pickle import load_numpy_pickle
 from contsparse.data.splits import DatasetSplits, TensorSplit
 from contsparse.errors import UserError
@@ -60,8 +60,8 @@ def load_cifar(variant: CifarVariant, data_dir: str | Path | None = None, downlo
     """Find CIFAR in ``data_dir`` (extracted folder or tarball), else in the cache, else download."""
     explicit = data_dir is not None
     directory = Path(data_dir) if explicit else data_root() / variant.name
-    if explicit and not directory.is_dir():
-        raise UserError(f"data directory {directory} does not exist; create it or drop --data-dir")
+    if explicit:
+        require_data_dir(directory)
     batches = _from_directory(variant, directory)
     fetched = batches is None and download and not explicit and fetch_verified(
         variant.archive, variant.archive_md5, directory / variant.archive, mirrors)

@@ -8,12 +8,21 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from contsparse.errors import UserError
 from contsparse.storage import file_digest
 
 
 def data_root() -> Path:
     """``$CONTSPARSE_DATA``, else ``~/.cache/contsparse``."""
     return Path(os.environ.get("CONTSPARSE_DATA", Path.home() / ".cache" / "contsparse"))
+
+
+def require_data_dir(directory: Path, fix: str = "create it or drop --data-dir") -> None:
+    """Refuse a ``--data-dir`` that is not a folder, saying which way it is wrong."""
+    if directory.is_file():
+        raise UserError(f"data directory {directory} is a file; give the folder that holds the dataset files")
+    if not directory.is_dir():
+        raise UserError(f"data directory {directory} does not exist; {fix}")
 
 
 def fetch_verified(name: str, md5: str, target: Path, mirrors: tuple[str, ...]) -> bool:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from contsparse.data.download import require_data_dir
 from contsparse.data.splits import DatasetSplits
 from contsparse.errors import UserError
 
@@ -153,8 +154,7 @@ def _original_message(message: str) -> str:
 def load_image_folder(directory: Path | None, image_size: int = 224, workers: int = 4) -> DatasetSplits:
     if directory is None:
         raise UserError("imagenet needs --data-dir pointing at a folder with train/<class>/ and val/<class>/")
-    if not directory.is_dir():
-        raise UserError(f"data directory {directory} does not exist")
+    require_data_dir(directory, "give the folder that holds train/ and val/")
     train_dir, val_dir = directory / "train", directory / "val"
     if not train_dir.is_dir() or not val_dir.is_dir():
         raise UserError(f"{directory} must hold train/<class>/ and val/<class>/ image folders")

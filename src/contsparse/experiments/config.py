@@ -154,6 +154,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as err:
         raise UserError(f"cannot read config file {path}: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file {path} is not a text file ({err.reason} at byte {err.start})") from err
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
@@ -161,6 +163,17 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must be a mapping of settings, got {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def load_saved_config(path: str | Path) -> dict[str, Any]:
+    """A run directory's ``config.yaml``, which contsparse writes with every setting: one that lacks
+    the run's identity (emptied or overwritten) is reported as damaged rather than compared key by key."""
+    values = load_yaml(path)
+    missing = [key for key in ("command", "method", "model", "dataset") if key not in values]
+    if missing:
+        raise UserError(f"{path} is damaged (no {', '.join(missing)}): restore it, or start the run again in "
+                        "another --out")
+    return values
 
 
 def make_config(values: dict[str, Any]) -> RunConfig:
@@ -225,6 +238,13 @@ def _int(value: Any) -> int:
     return int(value)
 
 
+# Sanity bounds: far beyond any real setting, they turn a typo (an extra digit or exponent) into an
+# error instead of a float32 overflow deep in training or a plan of billions of rounds.
+LARGEST_SETTING = 1e6
+MAX_EPOCHS = 100_000
+MAX_ROUNDS = 1_000
+
+
 def validate(c: RunConfig) -> None:
     """Reject settings that cannot work, with the fix in the message."""
     def fail(message: str) -> None:
@@ -240,15 +260,25 @@ def validate(c: RunConfig) -> None:
     if c.dataset not in available_datasets():
         fail(f"unknown dataset {c.dataset!r}; available: {', '.join(available_datasets())}")
     for name in ("lr", "mask_lr", "penalty", "final_temp", "mask_init", "momentum", "mask_momentum",
-                 "weight_decay", "lr_gamma"):
-        if not math.isfinite(getattr(c, name)):
-            fail(f"{name} must be a finite number, got {getattr(c, name)}")
-    if c.epochs < 1:
-        fail(f"epochs must be >= 1, got {c.epochs}")
-    if c.ticket_epochs is not None and c.ticket_epochs < 1:
-        fail(f"ticket_epochs must be >= 1, got {c.ticket_epochs}")
-    if c.rounds < 1:
-        fail(f"rounds must be >= 1, got {c.rounds}")
+                 "weight_decay", "lr_gamma", "str_init"):
+        value = getattr(c, name)
+        if not math.isfinite(value):
+            fail(f"{name} must be a finite number, got {value}")
+        if abs(value) > LARGEST_SETTING:  # the tensors they scale are float32
+            fail(f"{name} = {value:g} is out of range (at most {LARGEST_SETTING:g} in size)")
+    if c.epochs < 1 or c.epochs > MAX_EPOCHS:
+        fail(f"epochs must be in [1, {MAX_EPOCHS}], got {c.epochs}")
+    if c.ticket_epochs is not None and not 1 <= c.ticket_epochs <= MAX_EPOCHS:
+        fail(f"ticket_epochs must be in [1, {MAX_EPOCHS}], got {c.ticket_epochs}")
+    if c.rounds < 1 or c.rounds > MAX_ROUNDS:
+        fail(f"rounds must be in [1, {MAX_ROUNDS}], got {c.rounds}")
+    if c.mask_scaling and c.mask_init < -30:
+        fail(f"mask_init = {c.mask_init:g} with mask scaling multiplies the ticket's weights by 1 / sigmoid(s0) "
+             f"> 1e13: give a mask_init >= -30 or --no-mask-scaling")
+    if not 0 <= c.seed < 2 ** 63:
+        fail(f"seed must be in [0, 2**63), got {c.seed}")
+    if c.weight_decay < 0 or c.lr_gamma <= 0:
+        fail(f"weight_decay must be >= 0 and lr_gamma > 0, got {c.weight_decay:g} and {c.lr_gamma:g}")
     if c.batch_size < 1:
         fail(f"batch_size must be >= 1, got {c.batch_size}")
     if c.lr <= 0 or c.mask_lr <= 0:

@@ -81,9 +81,13 @@ class RunDir:
             raise UserError(f"run {self.path} has not finished yet (no {self.SUMMARY}); "
                             f"resume it with: contsparse resume {self.path}")
         try:
-            return json.loads(path.read_text())
+            summary = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise UserError(f"{path} is damaged ({err}); delete it and resume the run to write it again") from err
+        if not isinstance(summary, dict):
+            raise UserError(f"{path} is damaged (a JSON {type(summary).__name__}, not an object); delete it and "
+                            "resume the run to write it again")
+        return summary
 
     @_writes
     def write_config(self, text: str) -> None:

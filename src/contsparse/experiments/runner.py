@@ -23,7 +23,7 @@ import contsparse
 from contsparse import faults
 from contsparse.data import BatchIterator, DatasetSplits, TensorSplit, load_dataset, make_batches
 from contsparse.errors import RunInterrupted, UserError, raised_by_torch_compile
-from contsparse.experiments.config import RunConfig, dump_yaml, load_yaml, settings_differences
+from contsparse.experiments.config import RunConfig, dump_yaml, load_saved_config, settings_differences
 from contsparse.experiments.distributed import Distributed, device_for, from_environment
 from contsparse.experiments.interrupt import StopRequest
 from contsparse.experiments.lock import RunLock
@@ -232,7 +232,7 @@ class Runner:
                 raise UserError(f"{self.run.path} exists and is not a contsparse run directory; "
                                 "choose another --out")
             return
-        differing = settings_differences(load_yaml(path), self.config)
+        differing = settings_differences(load_saved_config(path), self.config)
         if not differing:
             return
         if not self.run.has_started():

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from contsparse.errors import UserError
-from contsparse.experiments.config import FIELDS, RunConfig, load_yaml, make_config, settings_differences
+from contsparse.experiments.config import FIELDS, RunConfig, load_saved_config, make_config, settings_differences
 from contsparse.experiments.executors import Executor, PointJob, PointOutcome
 from contsparse.experiments.rundir import RunDir
 from contsparse.experiments.runner import Runner, plan_phases
@@ -275,7 +275,7 @@ def epochs_done(run_path: Path) -> int:
 def _result_from_disk(point: SweepPoint, out: Path) -> PointResult:
     run = RunDir(out / point.name, writable=False)
     # A finished point counts only with this plan's settings; else the runner says what differs.
-    if run.is_finished() and not settings_differences(load_yaml(run.file(RunDir.CONFIG)), point.config):
+    if run.is_finished() and not settings_differences(load_saved_config(run.file(RunDir.CONFIG)), point.config):
         return _from_summary(point, out, run.read_summary(), "done", None)
     return PointResult(point.name, point.values, point.config.command, "pending", str(out / point.name))
 

@@ -66,8 +66,12 @@ def per_layer_chart(per_layer: dict[str, float], path: Path, title: str = "") ->
     ax.invert_yaxis()
     percent_log_axis(ax)
     ax.set_xlabel("weights remaining (%)")
-    ax.bar_label(bars, labels=[f"{v:.2f} %" for v in values], padding=3, fontsize=8)
-    ax.set_xlim(min([*values, 1.0]) / 2, 300)
+    ax.bar_label(bars, labels=[f"{v:.2f} %" if v > 0 else "" for v in values], padding=3, fontsize=8)
+    left = min([v for v in values if v > 0] + [1.0]) / 2
+    ax.set_xlim(left, 300)
+    for row, value in enumerate(values):
+        if value <= 0:  # no bar on a log axis: say so where the bar would start
+            ax.text(left * 1.1, row, "0 % (every weight pruned)", va="center", fontsize=8, color="#b03030")
     ax.set_title(title or "weights remaining per layer")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
