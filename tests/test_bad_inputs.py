@@ -153,7 +153,7 @@ CATALOGUE = [
     ("absurd number of rounds", "ticket --rounds 99999999999999 --out {root}/x", "rounds must be in [1, 1000]", None),
     ("absurd number of epochs", "ticket --epochs 99999999999999 --out {root}/x", "epochs must be in [1, 100000]",
      None),
-    ("setting beyond float32", "ticket --mask-init 1e308 --out {root}/x", "mask_init = 1e+308 is out of range", None),
+    ("setting out of range (1e308)", "ticket --mask-init 1e308 --out {root}/x", "mask_init = 1e+308 is out of range", None),
     ("mask scaling overflow", "ticket --mask-init -31 --out {root}/x", "give a mask_init >= -30", None),
     ("negative weight decay", "ticket --weight-decay -1 --out {root}/x", "weight_decay must be >= 0", None),
     ("seed beyond 64 bits", "ticket --seed 99999999999999999999999 --out {root}/x", "seed must be in [0, 2**63)",
