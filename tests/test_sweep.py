@@ -351,3 +351,16 @@ def test_accuracy_plot_without_a_finished_sparse_point_says_so_instead_of_drawin
     finished = [*waiting, PointResult("c", {}, "ticket", "done", "c", 0.03, 0.97, 10, 5.0)]
     sweep_report.accuracy_plot({"sweep": finished}, tmp_path / "p.png", "t")
     assert drawn["log_x"] and "no finished sparse run yet" not in drawn["texts"]
+
+
+def test_a_damaged_point_config_is_pending_in_the_report_and_refused_by_the_sweep(tmp_path, capsys):
+    argv = ["sweep", *TINY_FLAGS, "--grid", "mask_init=-0.02,0.05", "--no-dense-reference", "--workers", "2",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    (tmp_path / "mask_init=-0.02_seed=0" / "config.yaml").write_text("")
+    capsys.readouterr()
+    assert main(["report", str(tmp_path)]) == 0
+    table = (tmp_path / "sweep.md").read_text()
+    assert "| mask_init=-0.02_seed=0 |" in table and "| pending |" in table and "| done |" in table
+    assert main(argv) == 2
+    assert "config.yaml is damaged (no command, method, model, dataset)" in capsys.readouterr().err

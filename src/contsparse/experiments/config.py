@@ -274,7 +274,7 @@ def validate(c: RunConfig) -> None:
         fail(f"rounds must be in [1, {MAX_ROUNDS}], got {c.rounds}")
     if c.mask_scaling and c.mask_init < -30:
         fail(f"mask_init = {c.mask_init:g} with mask scaling multiplies the ticket's weights by 1 / sigmoid(s0) "
-             f"> 1e13: give a mask_init >= -30 or --no-mask-scaling")
+             "> 1e13: give a mask_init >= -30 or --no-mask-scaling")
     if not 0 <= c.seed < 2 ** 63:
         fail(f"seed must be in [0, 2**63), got {c.seed}")
     if c.weight_decay < 0 or c.lr_gamma <= 0:

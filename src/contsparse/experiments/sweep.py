@@ -272,10 +272,19 @@ def epochs_done(run_path: Path) -> int:
     return total
 
 
+def _differs(run: RunDir, point: SweepPoint) -> bool:
+    """Whether the point's saved settings differ from the plan's. A damaged config.yaml differs: the
+    point counts as not finished (a report lists it as pending; running the sweep refuses it)."""
+    try:
+        return bool(settings_differences(load_saved_config(run.file(RunDir.CONFIG)), point.config))
+    except UserError:
+        return True
+
+
 def _result_from_disk(point: SweepPoint, out: Path) -> PointResult:
     run = RunDir(out / point.name, writable=False)
     # A finished point counts only with this plan's settings; else the runner says what differs.
-    if run.is_finished() and not settings_differences(load_saved_config(run.file(RunDir.CONFIG)), point.config):
+    if run.is_finished() and not _differs(run, point):
         return _from_summary(point, out, run.read_summary(), "done", None)
     return PointResult(point.name, point.values, point.config.command, "pending", str(out / point.name))
 
