@@ -446,8 +446,152 @@ def test_the_temperature_tensor_keeps_full_precision_and_old_pickles_load():
     # a whole-module pickle written before the temperature tensor existed
     state = dict(ContinuousMask(torch.Size([2, 2])).__dict__)
     state["temperature"] = state.pop("_temperature") * 7
+    for newer in ("uses", "attached_as", "_penalty_due"):  # attributes added since
+        del state[newer]
     state["_buffers"] = {k: v for k, v in state["_buffers"].items() if k != "_temperature_tensor"}
     old = ContinuousMask.__new__(ContinuousMask)
     old.__setstate__(state)
     assert old.temperature == 7.0 and old._temperature_tensor.item() == 7.0
+    assert (old.uses, old.attached_as, old._penalty_due) == (1, None, False)
     assert "_temperature_tensor" not in old.state_dict()
+
+
+class TiedLanguageModel(nn.Module):
+    """Embedding and output layer share one weight (as in GPT-2); a Linear is applied twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        hidden = self.embed(tokens)
+        hidden = self.mix(torch.tanh(self.mix(hidden)))  # the same layer twice
+        return self.head(hidden)
+
+
+def tied_model_with_masks(seed: int = 0, beta: float = 3.0):
+    torch.manual_seed(seed)
+    model = TiedLanguageModel().double()
+    masks = cs.attach_masks(model, mask_init=-0.2)
+    with torch.no_grad():
+        for s in masks.mask_parameters():
+            s.normal_(0, 0.4)
+    masks.temperature = beta
+    return model, masks
+
+
+def test_a_tied_weight_gets_one_mask_that_every_use_sees():
+    model, masks = tied_model_with_masks()
+    assert list(masks.masks) == ["mix.weight", "head.weight"] and masks.tied["head.weight"] == ["embed.weight"]
+    assert masks.num_prunable() == 36 + 66  # the shared weight counted once
+    mask = masks.masks["head.weight"]
+    raw = model.head.parametrizations.weight.original
+    assert raw is model.embed.parametrizations.weight.original
+    expected = raw.detach() * mask.scale * torch.sigmoid(3.0 * mask.logits.detach())
+    torch.testing.assert_close(model.embed.weight, expected)
+    torch.testing.assert_close(model.head.weight, expected)
+    found = cs.find_masks(model)
+    assert list(found.masks) == ["mix.weight", "head.weight"] and found.tied == masks.tied
+    assert found.masks["head.weight"] is mask
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_tied_and_reused_weights_get_plain_autograd_gradients_with_the_penalty_once(fused):
+    """The shared weight is used by the embedding and the head, ``mix`` twice per forward: the
+    fused penalty must still be counted once per step, as a loss term would be."""
+    model, masks = tied_model_with_masks(seed=1)
+    tokens, targets = torch.randint(0, 11, (4, 5)), torch.randint(0, 11, (4, 5))
+    coef = 0.03
+    if fused:
+        masks.fuse_penalty(coef)
+    loss = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
+    if not fused:
+        loss = loss + coef * masks.penalty()
+    loss.backward()
+
+    w_tied = model.head.parametrizations.weight.original.detach().clone().requires_grad_()
+    w_mix = model.mix.parametrizations.weight.original.detach().clone().requires_grad_()
+    s_mix, s_tied = (s.detach().clone().requires_grad_() for s in masks.mask_parameters())
+    scale = 1 / sigmoid(-0.2)
+    soft_mix, soft_tied = torch.sigmoid(3.0 * s_mix), torch.sigmoid(3.0 * s_tied)
+    tied, mix = w_tied * scale * soft_tied, w_mix * scale * soft_mix
+    hidden = F.embedding(tokens, tied)
+    hidden = F.linear(torch.tanh(F.linear(hidden, mix, model.mix.bias.detach())), mix, model.mix.bias.detach())
+    reference = F.cross_entropy(F.linear(hidden, tied).flatten(0, 1), targets.flatten()) \
+        + coef * (soft_mix.sum() + soft_tied.sum())
+    reference.backward()
+    ours = masks.mask_parameters()
+    torch.testing.assert_close(ours[0].grad, s_mix.grad)
+    torch.testing.assert_close(ours[1].grad, s_tied.grad)
+    torch.testing.assert_close(model.head.parametrizations.weight.original.grad, w_tied.grad)
+    torch.testing.assert_close(model.mix.parametrizations.weight.original.grad, w_mix.grad)
+
+
+def test_fused_penalty_once_for_two_forwards_and_one_backward():
+    """A siamese step (two inputs through the model, one loss) gets the penalty once."""
+    grads = []
+    for fused in (False, True):
+        torch.manual_seed(2)
+        model, masks = masked_mlp((5, 7, 3), temperature=4.0)
+        a, b = torch.randn(6, 5), torch.randn(6, 5)
+        if fused:
+            masks.fuse_penalty(0.1)
+        loss = (model(a) - model(b)).pow(2).mean()
+        if not fused:
+            loss = loss + 0.1 * masks.penalty()
+        loss.backward()
+        grads.append([s.grad.clone() for s in masks.mask_parameters()])
+    for unfused, fused in zip(*grads, strict=True):
+        torch.testing.assert_close(fused, unfused)
+
+
+def test_hardening_a_tied_weight_folds_its_mask_once_and_keeps_the_tie():
+    model, masks = tied_model_with_masks(seed=2)
+    mask = masks.masks["head.weight"]
+    raw = model.head.parametrizations.weight.original.detach().clone()
+    expected = raw * mask.scale * (mask.logits.detach() > 0)
+    tokens = torch.randint(0, 11, (3, 4))
+    masks.harden()
+    assert model.head.weight is model.embed.weight  # still one Parameter
+    torch.testing.assert_close(model.head.weight.detach(), expected)  # scale applied once
+    assert model.embed.weight_cs_mask is mask and model.head.weight_cs_mask is mask
+    masks.weights_remaining()  # accounting works on the hardened set
+    hard_out = model(tokens)
+
+    fresh, fresh_masks = tied_model_with_masks(seed=3)
+    fresh_masks.harden()
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(tokens), hard_out)
+    assert list(cs.find_masks(fresh).masks) == ["mix.weight", "head.weight"]
+
+    plain = masks.make_permanent()
+    assert plain.head.weight is plain.embed.weight
+    assert not any("cs_mask" in key or "parametrizations" in key for key in plain.state_dict())
+    torch.testing.assert_close(plain(tokens), hard_out)
+
+
+def test_two_selected_layers_sharing_a_weight_get_one_mask():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    masks = cs.attach_masks(model, mask_init=0.3)
+    assert list(masks.masks) == ["0.weight"] and masks.tied == {"0.weight": ["2.weight"]}
+    masks.harden()
+    mask = masks.masks["0.weight"]
+    assert torch.equal(model[0].weight != 0, mask.hard_mask > 0)
+    assert model[0].weight is model[2].weight
+
+
+def test_compiled_fused_penalty_is_shared_among_the_uses_of_a_tied_weight():
+    model, masks = tied_model_with_masks(seed=4)
+    masks.fuse_penalty(0.05)
+    tokens, targets = torch.randint(0, 11, (2, 3)), torch.randint(0, 11, (2, 3))
+    grads = []
+    for forward in (torch.compile(model, backend="aot_eager"), model):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(forward(tokens).flatten(0, 1), targets.flatten()).backward()
+        grads.append(masks.masks["head.weight"].logits.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])

@@ -24,9 +24,13 @@ class MaskSet:
     operations a sparsification method needs: temperature, penalty, reset, hardening, accounting.
     """
 
-    def __init__(self, model: nn.Module, masks: dict[str, ContinuousMask]) -> None:
+    def __init__(self, model: nn.Module, masks: dict[str, ContinuousMask],
+                 tied: dict[str, list[str]] | None = None) -> None:
         self.model = model
         self.masks = masks  # "<module qualname>.weight" -> parametrization
+        # name -> the other "<module>.<attr>" names of the same Parameter (tied weights), which
+        # carry the same mask: one weight tensor, one mask, wherever the model uses it
+        self.tied = {name: list((tied or {}).get(name, ())) for name in masks}
         self._weights: dict[str, nn.Parameter] | None = None
         self._hard_pairs: tuple[list[Tensor], list[Tensor]] | None = None
 
@@ -45,8 +49,7 @@ class MaskSet:
         if self._weights is None:
             self._weights = {}
             for name, mask in self.masks.items():
-                module_name, _, attr = name.rpartition(".")
-                module = self.model.get_submodule(module_name)
+                module, attr = _split(self.model, name)
                 self._weights[name] = (getattr(module, attr) if mask.mode == "hard"
                                        else module.parametrizations[attr].original)
         return self._weights
@@ -79,10 +82,10 @@ class MaskSet:
             if mask.mode == "hard":
                 continue
             mask.harden(weights[name])
-            module_name, _, attr = name.rpartition(".")
-            module = self.model.get_submodule(module_name)
-            parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
-            module.register_module(attr + HARD_SUFFIX, mask)
+            for holder in self.holders(name):
+                module, attr = _split(self.model, holder)
+                parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+                module.register_module(attr + HARD_SUFFIX, mask)
 
     def zero_pruned(self) -> None:
         """Re-zero pruned weights (hard mode): one fused in-place multiply over all layers."""
@@ -170,10 +173,16 @@ class MaskSet:
         ordinary ``nn.Module`` (zeros included) that loads without contsparse installed."""
         self.harden()
         for name in list(self.masks):
-            module_name, _, attr = name.rpartition(".")
-            delattr(self.model.get_submodule(module_name), attr + HARD_SUFFIX)
-        self.masks, self._weights, self._hard_pairs = {}, None, None
+            for holder in self.holders(name):
+                module, attr = _split(self.model, holder)
+                delattr(module, attr + HARD_SUFFIX)
+        self.masks, self.tied, self._weights, self._hard_pairs = {}, {}, None, None
         return self.model
+
+    def holders(self, name: str) -> list[str]:
+        """``name`` and the names of the weights tied to it: every place the model reads it."""
+        return [name, *self.tied.get(name, ())]
+
 
     def __iter__(self) -> Iterator[tuple[str, ContinuousMask]]:
         return iter(self.masks.items())
@@ -192,38 +201,78 @@ def attach_masks(model: nn.Module, mask_init: float = 0.0, *, scale_by_init: boo
 
     By default all Linear and Conv weights are masked; pass a :class:`LayerSelection` to choose.
     Returns a :class:`MaskSet`; the model is changed in place and keeps its own ``forward``.
+    A tied weight (one ``Parameter`` held by several modules, e.g. a language model's output layer
+    and its embedding) gets one mask, attached wherever the model holds it, so every use of the
+    weight sees the same masked tensor and the ticket prunes it everywhere.
     """
     selection = selection or LayerSelection()
     names = selection.select(model)
     if not names:
         raise ValueError("no layer of the model matches the mask selection")
+    holders = _parameter_holders(model)
     masks: dict[str, ContinuousMask] = {}
+    tied: dict[str, list[str]] = {}
+    covered: set[str] = set()  # tensors already masked as a tied copy of an earlier selected one
     for module_name in names:
+        name = f"{module_name}.weight" if module_name else "weight"
+        if name in covered:
+            continue
         module = model.get_submodule(module_name)
-        if parametrize.is_parametrized(module, "weight"):
-            raise ValueError(f"{module_name}.weight is already parametrized (masks attached twice?)")
+        places = holders.get(id(module.weight), [name])  # [name] for a weight that is a buffer
+        for place in places:
+            place_module, attr = _split(model, place)
+            if parametrize.is_parametrized(place_module, attr):
+                raise ValueError(f"{place} is already parametrized (masks attached twice?)")
         weight = module.weight
         mask = ContinuousMask(weight.shape, mask_init, scale_by_init, device=weight.device, dtype=weight.dtype)
         if weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
             # Logits in the weight's layout: a channels-last weight times a contiguous mask would
             # take the slow strided elementwise path and hand the conv a weight to re-layout.
             mask.to(memory_format=torch.channels_last)
-        parametrize.register_parametrization(module, "weight", mask, unsafe=True)
-        masks[f"{module_name}.weight" if module_name else "weight"] = mask
-    return MaskSet(model, masks)
+        others = [place for place in places if place != name]
+        for place in [name, *others]:
+            parametrize.register_parametrization(*_split(model, place), mask, unsafe=True)
+        mask.uses, mask.attached_as = 1 + len(others), name
+        masks[name], tied[name] = mask, others
+        covered.update(others)
+    return MaskSet(model, masks, tied)
+
+
+def _parameter_holders(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> every ``"<module>.<attr>"`` that holds it (a module reached under two names once)."""
+    holders: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        for attr, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append(f"{module_name}.{attr}" if module_name else attr)
+    return holders
+
+
+def _split(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_name, _, attr = name.rpartition(".")
+    return model.get_submodule(module_name), attr
 
 
 def find_masks(model: nn.Module) -> MaskSet:
-    """The :class:`MaskSet` of a model that already carries CS masks (e.g. after loading)."""
-    masks = {}
+    """The :class:`MaskSet` of a model that already carries CS masks (e.g. after loading).
+
+    A mask found in several places (a tied weight) is listed once, under the name it had when it
+    was attached (the first place found, for a mask unpickled from before that name was kept).
+    """
+    found: list[tuple[str, ContinuousMask]] = []  # every place a mask is attached, in the model's order
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
         if parametrize.is_parametrized(module):
-            for attr, plist in module.parametrizations.items():
-                for p in plist:
-                    if isinstance(p, ContinuousMask):
-                        masks[prefix + attr] = p
-        for child_name, child in module.named_children():
-            if isinstance(child, ContinuousMask) and child_name.endswith(HARD_SUFFIX):
-                masks[prefix + child_name[: -len(HARD_SUFFIX)]] = child
-    return MaskSet(model, masks)
+            found += [(prefix + attr, p) for attr, plist in module.parametrizations.items()
+                      for p in plist if isinstance(p, ContinuousMask)]
+        found += [(prefix + child_name[: -len(HARD_SUFFIX)], child) for child_name, child in module.named_children()
+                  if isinstance(child, ContinuousMask) and child_name.endswith(HARD_SUFFIX)]
+    places: dict[int, list[str]] = {}
+    for name, mask in found:
+        places.setdefault(id(mask), []).append(name)
+    masks, tied = {}, {}
+    for name, mask in found:
+        names = places[id(mask)]
+        if name == (mask.attached_as if mask.attached_as in names else names[0]):
+            masks[name], tied[name] = mask, [other for other in names if other != name]
+    return MaskSet(model, masks, tied)

@@ -30,6 +30,7 @@ class _SoftMaskedWeight(torch.autograd.Function):
                 owner: ContinuousMask, penalty_coef: float) -> Tensor:
         mask = torch.mul(logits, beta).sigmoid_()
         owner._remember_mask(mask)
+        owner.__dict__["_penalty_due"] = True
         out = torch.addcmul(_zero(weight), weight, mask, value=scale)
         ctx.save_for_backward(out, mask)
         ctx.beta, ctx.scale, ctx.penalty_coef, ctx.owner = beta, scale, penalty_coef, owner
@@ -39,7 +40,10 @@ class _SoftMaskedWeight(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         # An optimiser step may follow, and fused optimisers change the logits without bumping
         # their version: the forward's mask must not be reused for the penalty after this point.
-        ctx.owner.__dict__["_cached_mask"] = None
+        owner = ctx.owner.__dict__
+        owner["_cached_mask"] = None
+        penalty_coef = ctx.penalty_coef if owner["_penalty_due"] else 0.0
+        owner["_penalty_due"] = False
         out, mask = ctx.saved_tensors
         zero = _zero(grad)
         grad_weight = torch.addcmul(zero, grad, mask, value=ctx.scale) if ctx.needs_input_grad[0] else None
@@ -48,8 +52,8 @@ class _SoftMaskedWeight(torch.autograd.Function):
             # d/ds of g * W * scale * m = beta * (g * out) * (1 - m); a fused penalty
             # lambda * sum(m) adds beta * lambda * m * (1 - m): one pass instead of three.
             grad_logits = torch.addcmul(zero, grad, out, value=ctx.beta)
-            if ctx.penalty_coef:
-                grad_logits.add_(mask, alpha=ctx.beta * ctx.penalty_coef)
+            if penalty_coef:
+                grad_logits.add_(mask, alpha=ctx.beta * penalty_coef)
             grad_logits.addcmul_(grad_logits, mask, value=-1.0)
         return grad_weight, grad_logits, None, None, None, None
 
@@ -138,6 +142,12 @@ class ContinuousMask(nn.Module):
         # When > 0, the gradient of ``fused_penalty * sum(sigmoid(beta * s))`` is added inside the
         # backward pass (see MaskSet.fuse_penalty) instead of through a separate penalty term.
         self.fused_penalty = 0.0
+        # The eager backward adds it once per forward-backward cycle however often the weight
+        # was used (a module called twice, a siamese pair, tied weights): the first backward
+        # after a forward takes it. Traced code has no such state and divides it among ``uses``.
+        self._penalty_due = False
+        self.uses = 1  # places that hold the weight: several for a tied weight (see attach_masks)
+        self.attached_as: str | None = None  # the weight's name in the MaskSet that attached it
         self.mode: MaskMode = "soft"
         self._cached_mask: Tensor | None = None
         self._cache_key: tuple[int, float] | None = None
@@ -164,6 +174,7 @@ class ContinuousMask(nn.Module):
     def __setstate__(self, state: dict) -> None:
         # Whole-module pickles from before the temperature tensor held a plain ``temperature``
         old_temperature = state.pop("temperature", None)
+        state = {"_penalty_due": False, "uses": 1, "attached_as": None, **state}
         super().__setstate__(state)
         if "_temperature_tensor" not in self._buffers:
             self.register_buffer("_temperature_tensor", self._new_temperature_tensor(1.0, self.logits.device),
@@ -177,7 +188,7 @@ class ContinuousMask(nn.Module):
             return weight  # mask and scale are already folded into the weight
         if _compiling():
             return _TraceableSoftMaskedWeight.apply(weight, self.logits, self._temperature_tensor, self.scale,
-                                                    self.fused_penalty)
+                                                    self.fused_penalty / self.uses)
         if not torch.is_grad_enabled():
             return weight * torch.mul(self.logits, self.temperature).sigmoid_().mul_(self.scale)
         return _SoftMaskedWeight.apply(weight, self.logits, self.temperature, self.scale, self,
