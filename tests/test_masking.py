@@ -595,3 +595,58 @@ def test_compiled_fused_penalty_is_shared_among_the_uses_of_a_tied_weight():
         F.cross_entropy(forward(tokens).flatten(0, 1), targets.flatten()).backward()
         grads.append(masks.masks["head.weight"].logits.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+class Recurrent(nn.Module):
+    """Attention and an LSTM: their main weights are not called ``weight``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.lstm = nn.LSTM(6, 5, num_layers=2, batch_first=True)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        mixed, _ = self.attention(x, x, x)
+        return self.head(self.lstm(mixed)[0][:, -1])
+
+
+def test_lstm_and_attention_weights_are_masked_when_selected():
+    torch.manual_seed(0)
+    selection = LayerSelection(layer_types=(nn.Linear, nn.MultiheadAttention, nn.LSTM),
+                               parameters=("weight", "in_proj_weight", r"weight_(ih|hh)_l\d+"))
+    model = Recurrent()
+    plain = Recurrent()
+    plain.load_state_dict(model.state_dict())
+    masks = cs.attach_masks(model, mask_init=0.4, selection=selection)
+    assert list(masks.masks) == ["attention.in_proj_weight", "attention.out_proj.weight",
+                                 "lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.weight_ih_l1", "lstm.weight_hh_l1",
+                                 "head.weight"]
+    with torch.no_grad():
+        for s in masks.mask_parameters():
+            s.uniform_(-1, 1)
+    masks.temperature = 5.0
+    x = torch.randn(3, 4, 6)
+    out = model(x)
+    out.sum().backward()
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in masks.mask_parameters())
+    # the same network, built from the formula: W * scale * sigmoid(beta * s) in every selected place
+    with torch.no_grad():
+        for name, mask in masks:
+            target = plain.get_parameter(name)
+            target.mul_(mask.scale * torch.sigmoid(5.0 * mask.logits))
+        torch.testing.assert_close(out, plain(x))
+
+    masks.harden()
+    hard = model(x)
+    zeros = sum(int((model.get_parameter(name) == 0).sum()) for name in masks.masks)
+    assert zeros == sum(int((~mask.binary_mask()).sum()) for _, mask in masks) > 0
+    permanent = masks.make_permanent()
+    assert not parametrize_keys(permanent)
+    reloaded = Recurrent()
+    reloaded.load_state_dict(permanent.state_dict())  # the plain architecture takes the weights
+    torch.testing.assert_close(reloaded(x), hard)
+
+
+def parametrize_keys(model: nn.Module) -> list[str]:
+    return [key for key in model.state_dict() if "parametrizations" in key or "cs_mask" in key]

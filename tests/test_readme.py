@@ -37,3 +37,21 @@ def test_readme_api_example_runs_and_prunes(capsys) -> None:
     assert not any(parametrize.is_parametrized(m) for m in linears)
     kept = sum(int((m.weight != 0).sum()) for m in linears)
     assert kept == round(remaining * sum(m.weight.numel() for m in linears))
+
+
+def test_readme_selection_of_attention_and_lstm_weights_masks_them() -> None:
+    import contsparse as cs
+
+    snippet = re.search(r"`(LayerSelection\(layer_types=.*?in_proj_weight.*?\)\))`", README.read_text(), re.DOTALL)
+    assert snippet, "the README lost its example of selecting attention and LSTM weights"
+    selection = eval(snippet.group(1), {"LayerSelection": cs.LayerSelection, "nn": nn})  # the README's text
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = nn.MultiheadAttention(4, 2)
+            self.lstm = nn.LSTM(4, 3)
+
+    masks = cs.attach_masks(Model(), selection=selection)
+    assert sorted(masks.masks) == ["attention.in_proj_weight", "attention.out_proj.weight",
+                                   "lstm.weight_hh_l0", "lstm.weight_ih_l0"]

@@ -197,33 +197,34 @@ class MaskSet:
 
 def attach_masks(model: nn.Module, mask_init: float = 0.0, *, scale_by_init: bool = True,
                  selection: LayerSelection | None = None) -> MaskSet:
-    """Give every selected layer's ``weight`` CS mask logits initialised to ``mask_init``.
+    """Give every selected weight CS mask logits initialised to ``mask_init``.
 
-    By default all Linear and Conv weights are masked; pass a :class:`LayerSelection` to choose.
+    By default all Linear and Conv weights are masked; pass a :class:`LayerSelection` to choose
+    layers, or other parameters (LSTM and attention weights, ...).
     Returns a :class:`MaskSet`; the model is changed in place and keeps its own ``forward``.
     A tied weight (one ``Parameter`` held by several modules, e.g. a language model's output layer
     and its embedding) gets one mask, attached wherever the model holds it, so every use of the
     weight sees the same masked tensor and the ticket prunes it everywhere.
     """
     selection = selection or LayerSelection()
-    names = selection.select(model)
+    names = selection.select_tensors(model)
     if not names:
         raise ValueError("no layer of the model matches the mask selection")
     holders = _parameter_holders(model)
     masks: dict[str, ContinuousMask] = {}
     tied: dict[str, list[str]] = {}
     covered: set[str] = set()  # tensors already masked as a tied copy of an earlier selected one
-    for module_name in names:
-        name = f"{module_name}.weight" if module_name else "weight"
+    for name in names:
         if name in covered:
             continue
-        module = model.get_submodule(module_name)
-        places = holders.get(id(module.weight), [name])  # [name] for a weight that is a buffer
+        module, attr = _split(model, name)
+        if parametrize.is_parametrized(module, attr):
+            raise ValueError(f"{name} is already parametrized (masks attached twice?)")
+        weight = getattr(module, attr)
+        places = holders[id(weight)]
         for place in places:
-            place_module, attr = _split(model, place)
-            if parametrize.is_parametrized(place_module, attr):
+            if parametrize.is_parametrized(*_split(model, place)):
                 raise ValueError(f"{place} is already parametrized (masks attached twice?)")
-        weight = module.weight
         mask = ContinuousMask(weight.shape, mask_init, scale_by_init, device=weight.device, dtype=weight.dtype)
         if weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
             # Logits in the weight's layout: a channels-last weight times a contiguous mask would

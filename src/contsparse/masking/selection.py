@@ -6,7 +6,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import nn
+from torch.nn.utils import parametrize
 
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -16,8 +17,13 @@ class LayerSelection:
     """Rules that pick prunable layers; the weight of each picked layer gets a mask.
 
     ``include`` / ``exclude`` are regular expressions matched (``re.search``) against the module's
-    qualified name, e.g. ``"features"`` or ``r"^fc\\d$"``. Biases and norm parameters are never
-    masked: they are few and pruning them does not make a model smaller.
+    qualified name, e.g. ``"features"`` or ``r"^fc\\d$"``. ``parameters`` names which of a picked
+    module's own parameters are masked (regular expressions matched in full): ``"weight"`` for
+    Linear and Conv; add the types and names of other layers to mask them too, e.g.
+    ``layer_types=(nn.LSTM,), parameters=(r"weight_(ih|hh)_l\\d+",)`` or
+    ``(nn.Linear, nn.MultiheadAttention), parameters=("weight", "in_proj_weight")``. Biases and norm
+    parameters are not masked by default: they are few and pruning them does not make a model
+    smaller.
     """
 
     layer_types: tuple[type[nn.Module], ...] = DEFAULT_LAYER_TYPES
@@ -25,12 +31,13 @@ class LayerSelection:
     exclude: Sequence[str] = ()
     exclude_first: bool = False
     exclude_last: bool = False
+    parameters: Sequence[str] = ("weight",)
 
     def candidates(self, model: nn.Module) -> list[str]:
-        """Qualified names of the modules of ``layer_types`` with a weight, in registration order:
-        the first and the last of them are the input and output layers."""
+        """Qualified names of the modules of ``layer_types`` with a parameter to mask, in
+        registration order: the first and the last of them are the input and output layers."""
         return [name for name, module in model.named_modules()
-                if isinstance(module, self.layer_types) and isinstance(getattr(module, "weight", None), Tensor)]
+                if isinstance(module, self.layer_types) and self._maskable(module)]
 
     def select(self, model: nn.Module) -> list[str]:
         """Qualified names of the selected modules, in registration order."""
@@ -44,3 +51,17 @@ class LayerSelection:
         return [name for name in candidates
                 if (not include or any(p.search(name) for p in include))
                 and not any(p.search(name) for p in exclude)]
+
+    def select_tensors(self, model: nn.Module) -> list[str]:
+        """``"<module>.<parameter>"`` of every tensor to mask, module by module in registration order."""
+        return [f"{name}.{attr}" if name else attr
+                for name in self.select(model) for attr in self._maskable(model.get_submodule(name))]
+
+    def _maskable(self, module: nn.Module) -> list[str]:
+        """The module's own parameters that ``parameters`` names (a parametrized one included, so
+        that attaching masks twice is reported, not skipped)."""
+        patterns = [re.compile(p) for p in self.parameters]
+        names = [attr for attr, param in module._parameters.items() if param is not None]
+        if parametrize.is_parametrized(module):
+            names += list(module.parametrizations)
+        return [attr for attr in names if any(p.fullmatch(attr) for p in patterns)]

@@ -24,5 +24,5 @@ class Dense(Method):
 
     def final_mask(self) -> dict[str, Tensor]:
         assert self.model is not None
-        return {f"{name}.weight": torch.ones_like(self.model.get_submodule(name).weight, dtype=torch.bool)
-                for name in self.selection.select(self.model)}
+        return {name: torch.ones_like(self.model.get_parameter(name), dtype=torch.bool)
+                for name in self.selection.select_tensors(self.model)}

@@ -139,8 +139,8 @@ class IterativeMagnitudePruning(HardMaskMethod):
         # --exclude-last) every masked layer is a hidden one and takes ``fraction``. Global
         # pruning ranks all layers together at ``fraction`` (as open_lth does).
         layers = self.settings.selection.candidates(self.mask_set.model)
-        output = f"{layers[-1]}.weight" if layers and self.settings.scope == "layerwise" else None
-        fractions = {name: self.settings.last_fraction if name == output else self.settings.fraction
+        output = layers[-1] if layers and self.settings.scope == "layerwise" else None
+        fractions = {name: self.settings.last_fraction if name.rpartition(".")[0] == output else self.settings.fraction
                      for name in self.mask_set.masks}
         self.prune_by_magnitude(fractions=fractions)
 
