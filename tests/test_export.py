@@ -16,7 +16,7 @@ from contsparse.experiments import Runner, make_config
 from contsparse.experiments.runner import build_method
 from contsparse.export import export_run, load_compressed, load_run_model, save_compressed, to_sparse
 from contsparse.export.sparse import SparseInference
-from contsparse.models import build_model
+from contsparse.models import build_model, register_model
 from contsparse.training import load_checkpoint
 
 SETTINGS = dict(model="lenet300", dataset="synthetic", epochs=3, rounds=1, rewind_epoch=0, ticket_epochs=1,
@@ -41,15 +41,17 @@ def hard_masked_model(run_dir):
     return model.eval()
 
 
+def read_export(path, fmt: str) -> dict[str, torch.Tensor]:
+    """The state_dict in an exported file, read without contsparse's export code (but the
+    compressed format's loader)."""
+    if fmt == "pytorch":
+        return torch.load(path, weights_only=True)
+    return load_compressed(path) if fmt == "compressed" else load_file(str(path))
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "pytorch", "compressed"])
 def test_exported_weights_load_into_the_vanilla_model_with_identical_outputs(fmt, run_dir, tmp_path):
-    path = export_run(run_dir, fmt, tmp_path / f"model.{fmt}")
-    if fmt == "pytorch":
-        state = torch.load(path, weights_only=True)
-    elif fmt == "compressed":
-        state = load_compressed(path)
-    else:
-        state = load_file(str(path))
+    state = read_export(export_run(run_dir, fmt, tmp_path / f"model.{fmt}"), fmt)
     vanilla = build_model("lenet300", (1, 28, 28), 10)  # no masks anywhere
     vanilla.load_state_dict(state)
     assert all("mask" not in key for key in state)
@@ -411,3 +413,44 @@ def test_per_layer_chart_shows_an_emptied_layer_without_warnings(tmp_path):
         warnings.simplefilter("error")
         path = per_layer_chart({"hidden.0.weight": 0.0, "output.weight": 0.25}, tmp_path / "per_layer.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class TiedMLP(nn.Module):
+    """Two hidden layers sharing one weight: the user's model with tied weights."""
+
+    def __init__(self, input_shape, num_classes) -> None:
+        super().__init__()
+        self.inp = nn.Linear(int(torch.tensor(input_shape).prod()), 24)
+        self.first = nn.Linear(24, 24)
+        self.second = nn.Linear(24, 24)
+        self.second.weight = self.first.weight
+        self.out = nn.Linear(24, num_classes)
+
+    def forward(self, x):
+        hidden = torch.relu(self.inp(x.flatten(1)))
+        return self.out(torch.relu(self.second(torch.relu(self.first(hidden)))))
+
+
+register_model("test-tied-mlp", "two layers sharing a weight")(TiedMLP)
+
+
+def test_a_model_with_tied_weights_runs_checkpoints_and_exports_with_the_tie(tmp_path):
+    """safetensors refuses tensors that share memory: checkpoints, the run's files and exports
+    store each key of a tied weight, and the vanilla model loads them with its tie intact."""
+    settings = dict(SETTINGS, model="test-tied-mlp", epochs=2, mask_init=0.05)
+    Runner(make_config(settings), tmp_path / "run", lambda _: None).execute()
+    masks = load_file(str(tmp_path / "run" / "masks.safetensors"))
+    assert sorted(masks) == ["first.weight", "inp.weight", "out.weight"]  # the shared weight once
+    final = load_run_model(tmp_path / "run").model
+    assert final.first.weight is final.second.weight
+    assert torch.equal(final.first.weight != 0, masks["first.weight"].bool())
+    x = torch.randn(8, 1, 28, 28)
+    for fmt in ("safetensors", "compressed", "pytorch"):
+        state = read_export(export_run(tmp_path / "run", fmt, tmp_path / f"model.{fmt}"), fmt)
+        vanilla = TiedMLP((1, 28, 28), 10)
+        vanilla.load_state_dict(state)
+        assert vanilla.first.weight is vanilla.second.weight
+        with torch.no_grad():
+            assert torch.equal(vanilla.eval()(x), final(x))
+    resumed = load_checkpoint(tmp_path / "run" / "checkpoint")["model"]
+    assert torch.equal(resumed["first.weight"], resumed["second.weight"])

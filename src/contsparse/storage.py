@@ -6,6 +6,8 @@ import hashlib
 import os
 from pathlib import Path
 
+import torch
+
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
     """Hex digest of a file, read in blocks (data files are verified before they are parsed)."""
@@ -53,3 +55,19 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def for_safetensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies of ``tensors`` that share no memory, as safetensors requires: the
+    ``state_dict`` of a model with tied weights holds one tensor under several keys, and each key
+    gets its own copy, so that a plain ``load_state_dict`` reads the file back."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in seen and tensor.numel():
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[key] = tensor
+    return out

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from contsparse.errors import UserError
-from contsparse.storage import fsync_file, write_atomic
+from contsparse.storage import for_safetensors, fsync_file, write_atomic
 
 
 def _writes(method: Callable[..., None]) -> Callable[..., None]:
@@ -113,7 +113,7 @@ class RunDir:
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         tmp = self.file(name + ".tmp")
         try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+            save_file(for_safetensors(tensors), str(tmp))
             fsync_file(tmp)
             os.replace(tmp, self.file(name))
         finally:

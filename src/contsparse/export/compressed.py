@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from contsparse.errors import UserError
-from contsparse.storage import write_atomic
+from contsparse.storage import for_safetensors, write_atomic
 
 FORMAT_KEY = "contsparse.compressed"
 
@@ -49,7 +49,7 @@ def save_compressed(state: dict[str, torch.Tensor], path: str | Path, min_zero_f
 def compressed_bytes(state: dict[str, torch.Tensor], min_zero_fraction: float = 0.5) -> bytes:
     """The file :func:`save_compressed` writes, in memory."""
     tensors, metadata = compress_state_dict(state, min_zero_fraction)
-    return save(tensors, metadata=metadata)
+    return save(for_safetensors(tensors), metadata=metadata)
 
 
 def load_compressed(path: str | Path) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from safetensors.torch import save
 from contsparse.errors import UserError
 from contsparse.export.compressed import compressed_bytes
 from contsparse.export.run_model import RunModel, load_run_model
-from contsparse.storage import write_atomic
+from contsparse.storage import for_safetensors, write_atomic
 
 FORMATS = {"safetensors": ".safetensors", "pytorch": ".pt", "onnx": ".onnx", "compressed": ".sparse.safetensors"}
 
@@ -45,7 +45,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> 
 def _serialise(run: RunModel, fmt: str) -> bytes:
     state = {k: v.detach().contiguous() for k, v in run.model.state_dict().items()}
     if fmt == "safetensors":
-        return save(state, metadata=_metadata(run))
+        return save(for_safetensors(state), metadata=_metadata(run))
     if fmt == "compressed":
         return compressed_bytes(state)
     buffer = io.BytesIO()

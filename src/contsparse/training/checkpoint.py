@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from contsparse import faults
 from contsparse.errors import UserError
-from contsparse.storage import file_digest, fsync_dir, fsync_file, write_synced
+from contsparse.storage import file_digest, for_safetensors, fsync_dir, fsync_file, write_synced
 
 TENSORS, SKELETON, MANIFEST = "tensors.safetensors", "state.json", "manifest.json"
 FORMAT = 1
@@ -77,7 +77,7 @@ def save_checkpoint(state: dict[str, Any], directory: Path) -> None:
         skeleton = json.dumps(flatten(state, tensors)).encode()
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(tensors, str(tmp / TENSORS))
+        save_file(for_safetensors(tensors), str(tmp / TENSORS))
         fsync_file(tmp / TENSORS)
         write_synced(tmp / SKELETON, skeleton)
         manifest = {"format": FORMAT, "sha256": {name: file_digest(tmp / name) for name in (TENSORS, SKELETON)}}
