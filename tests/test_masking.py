@@ -306,9 +306,71 @@ def test_selection_rules():
     assert LayerSelection(exclude=["1"]).select(model) == ["0", "2"]
     with pytest.raises(ValueError, match="no layer"):
         cs.attach_masks(model, selection=LayerSelection(include=["nothing"]))
-    cs.attach_masks(model)
-    with pytest.raises(ValueError, match="already parametrized"):
+    assert LayerSelection(include="^2").select(model) == ["2"]  # a lone pattern, not its characters
+    assert LayerSelection(exclude="1", layer_types=nn.Linear).select(model) == ["0", "2"]
+    with pytest.raises(ValueError, match="not a regular expression"):
+        LayerSelection(include=["(unclosed"])
+    masks = cs.attach_masks(model)
+    with pytest.raises(ValueError, match="already has a CS mask"):
         cs.attach_masks(model)
+    masks.harden()
+    with pytest.raises(ValueError, match="make_permanent"):
+        cs.attach_masks(model)
+    masks.make_permanent()
+    assert len(cs.attach_masks(model)) == 3
+
+
+def test_layers_a_mask_cannot_take_are_reported_not_skipped():
+    import torch.nn.utils.prune as prune
+
+    pruned = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    prune.l1_unstructured(pruned[0], "weight", 0.5)
+    with pytest.raises(ValueError, match=r"0\.weight is not a parameter.*prune\.remove"):
+        cs.attach_masks(pruned)
+    normed = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    nn.utils.parametrizations.weight_norm(normed[1])
+    with pytest.raises(ValueError, match=r"1.weight already has a parametrization \(_WeightNorm\)"):
+        cs.attach_masks(normed)
+    embeddings = LayerSelection(layer_types=(nn.Embedding,))
+    for options in ({"sparse": True}, {"max_norm": 1.0}):
+        with pytest.raises(ValueError, match="sparse=True or max_norm"):
+            cs.attach_masks(nn.Embedding(5, 3, **options), selection=embeddings)
+    with pytest.raises(ValueError, match="mask_init >= -30"):
+        cs.attach_masks(nn.Linear(2, 2), mask_init=-100.0)
+    cs.attach_masks(nn.Linear(2, 2), mask_init=-100.0, scale_by_init=False)  # no scale, no overflow
+
+
+def test_keeping_pruned_weights_at_zero_works_when_set_up_before_hardening():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 2))
+    masks = cs.attach_masks(model, mask_init=0.0)
+    with torch.no_grad():
+        for s in masks.mask_parameters():
+            s.normal_()
+    opt = torch.optim.Adam(masks.weight_parameters(), lr=0.1)
+    masks.keep_pruned_at_zero(opt)  # registered at the start of training, in soft mode
+    masks.zero_pruned()  # and called once in soft mode: nothing to do yet
+    masks.harden()
+    pruned = {name: ~mask for name, mask in masks.binary_masks().items()}
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 6)).pow(2).sum().backward()
+        opt.step()
+    weights = masks.masked_weights()
+    assert all(int(mask.sum()) > 0 and torch.all(weights[name][mask] == 0) for name, mask in pruned.items())
+
+
+def test_loading_binary_masks_checks_everything_before_changing_anything():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    masks = cs.attach_masks(model, mask_init=-0.05)
+    before = [s.detach().clone() for s in masks.mask_parameters()]
+    wrong_shape = {"0.weight": torch.ones(4, 4, dtype=torch.bool), "1.weight": torch.ones(4, 2, dtype=torch.bool)}
+    with pytest.raises(ValueError, match=r"1.weight \(4, 2\) != \(2, 4\)"):
+        masks.load_binary_masks(wrong_shape)
+    with pytest.raises(KeyError, match=r"no layer.*typo"):
+        masks.load_binary_masks({**masks.binary_masks(), "typo.weight": torch.ones(1)})
+    assert all(torch.equal(s, b) for s, b in zip(masks.mask_parameters(), before, strict=True))
+    assert masks.mode == "soft"
 
 
 def test_state_dict_round_trip_soft_and_hard():
@@ -650,3 +712,78 @@ def test_lstm_and_attention_weights_are_masked_when_selected():
 
 def parametrize_keys(model: nn.Module) -> list[str]:
     return [key for key in model.state_dict() if "parametrizations" in key or "cs_mask" in key]
+
+
+def test_second_order_gradients_through_the_mask_match_plain_autograd():
+    """create_graph=True (MAML, gradient-norm penalties): the mask's backward is differentiable."""
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2, bias=False).double()
+    masks = cs.attach_masks(layer, mask_init=-0.2)
+    masks.fuse_penalty(0.1)
+    with torch.no_grad():
+        masks.masks["weight"].logits.normal_()
+    masks.temperature = 2.0
+    weight, logits = masks.masked_weights()["weight"], masks.masks["weight"].logits
+    x = torch.randn(5, 3, dtype=torch.float64)
+    ours = torch.autograd.grad(layer(x).pow(2).sum(), (weight, logits), create_graph=True)
+    ours = torch.autograd.grad(sum(g.pow(2).sum() for g in ours), (weight, logits))
+
+    w, s = weight.detach().clone().requires_grad_(), logits.detach().clone().requires_grad_()
+    soft = torch.sigmoid(2.0 * s)
+    loss = (x @ (w * soft / sigmoid(-0.2)).T).pow(2).sum() + 0.1 * soft.sum()
+    first = torch.autograd.grad(loss, (w, s), create_graph=True)
+    reference = torch.autograd.grad(sum(g.pow(2).sum() for g in first), (w, s))
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_func_per_sample_gradients_of_a_masked_model():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    masks = cs.attach_masks(model, mask_init=-0.05)
+    params = dict(model.named_parameters())
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+
+    def loss(p, xb, yb):
+        return F.cross_entropy(torch.func.functional_call(model, p, (xb[None],)), yb[None])
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    name = "parametrizations.weight.0.logits"
+    for i in range(5):
+        model.zero_grad()
+        loss(params, x[i], y[i]).backward()
+        torch.testing.assert_close(per_sample[name][i], masks.masks["weight"].logits.grad)
+    masks.fuse_penalty(1e-3)
+    with pytest.raises(RuntimeError, match=r"fuse_penalty does not work under torch\.func"):
+        torch.func.grad(loss)(params, x[0], y[0])
+
+
+def test_loading_a_state_takes_its_mask_init_and_scaling():
+    """s0 and the scaling are part of the network: a state loaded into masks attached with other
+    settings reproduces the saved network, and a later reset uses the saved s0."""
+    torch.manual_seed(0)
+    saved = nn.Linear(4, 3)
+    masks = cs.attach_masks(saved, mask_init=-0.05)
+    with torch.no_grad():
+        masks.masks["weight"].logits.uniform_(0.1, 0.3)  # kept entries: a reset puts them back to s0
+    masks.temperature = 5.0
+    x = torch.randn(2, 4)
+    for other in ({"mask_init": 0.0}, {"mask_init": -0.05, "scale_by_init": False}):
+        fresh = nn.Linear(4, 3)
+        fresh_masks = cs.attach_masks(fresh, **other)
+        fresh.load_state_dict(saved.state_dict())
+        torch.testing.assert_close(fresh(x), saved(x))
+        fresh_masks.reset_logits()
+        assert torch.all(fresh_masks.masks["weight"].logits == -0.05)
+
+
+def test_masks_built_on_the_meta_device_are_initialised_by_reset_parameters():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        masks = cs.attach_masks(model, mask_init=-0.05)
+    model.to_empty(device="cpu")
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    assert all(torch.all(s == -0.05) for s in masks.mask_parameters())
+    assert masks.weights_remaining() == 0.0 and masks.masks["0.weight"].temperature == 1.0

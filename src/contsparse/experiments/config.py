@@ -19,6 +19,7 @@ import yaml
 from contsparse.data import DataOptions, available_datasets
 from contsparse.errors import UserError
 from contsparse.masking import LayerSelection
+from contsparse.masking.parametrization import MIN_SCALED_MASK_INIT
 from contsparse.methods import METHODS
 from contsparse.models import available_models
 from contsparse.training.optim import OPTIMIZERS, SCHEDULES, OptimizerSettings
@@ -272,9 +273,9 @@ def validate(c: RunConfig) -> None:
         fail(f"ticket_epochs must be in [1, {MAX_EPOCHS}], got {c.ticket_epochs}")
     if c.rounds < 1 or c.rounds > MAX_ROUNDS:
         fail(f"rounds must be in [1, {MAX_ROUNDS}], got {c.rounds}")
-    if c.mask_scaling and c.mask_init < -30:
+    if c.mask_scaling and c.mask_init < MIN_SCALED_MASK_INIT:
         fail(f"mask_init = {c.mask_init:g} with mask scaling multiplies the ticket's weights by 1 / sigmoid(s0) "
-             "> 1e13: give a mask_init >= -30 or --no-mask-scaling")
+             f"> 1e13: give a mask_init >= {MIN_SCALED_MASK_INIT:g} or --no-mask-scaling")
     if not 0 <= c.seed < 2 ** 63:
         fail(f"seed must be in [0, 2**63), got {c.seed}")
     if c.weight_decay < 0 or c.lr_gamma <= 0:

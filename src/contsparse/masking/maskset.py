@@ -82,6 +82,7 @@ class MaskSet:
             if mask.mode == "hard":
                 continue
             mask.harden(weights[name])
+            self._hard_pairs = None  # zero_pruned's list, if made before, has no hard layer in it
             for holder in self.holders(name):
                 module, attr = _split(self.model, holder)
                 parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
@@ -147,11 +148,16 @@ class MaskSet:
 
     def load_binary_masks(self, masks: dict[str, Tensor]) -> None:
         """Install saved binary masks and harden: the model then computes with exactly them."""
-        missing = set(self.masks) - set(masks)
-        if missing:
-            raise KeyError(f"no saved mask for {sorted(missing)}")
+        missing, unknown = set(self.masks) - set(masks), set(masks) - set(self.masks)
+        if missing or unknown:
+            raise KeyError(f"the saved masks do not fit this model: none for {sorted(missing)}"
+                           if missing else f"the saved masks do not fit this model: no layer {sorted(unknown)}")
         if self.mode == "hard":
             raise ValueError("masks are already hardened; load binary masks into a soft MaskSet")
+        wrong = [f"{name} {tuple(masks[name].shape)} != {tuple(mask.logits.shape)}"
+                 for name, mask in self.masks.items() if masks[name].shape != mask.logits.shape]
+        if wrong:  # checked before any mask changes: a failed load leaves the model as it was
+            raise ValueError(f"saved mask shapes do not fit this model: {'; '.join(wrong)}")
         for name, mask in self.masks.items():
             mask.set_binary_mask(masks[name])
         self.harden()
@@ -218,13 +224,11 @@ def attach_masks(model: nn.Module, mask_init: float = 0.0, *, scale_by_init: boo
         if name in covered:
             continue
         module, attr = _split(model, name)
-        if parametrize.is_parametrized(module, attr):
-            raise ValueError(f"{name} is already parametrized (masks attached twice?)")
+        _check_maskable(module, attr, name)
         weight = getattr(module, attr)
         places = holders[id(weight)]
         for place in places:
-            if parametrize.is_parametrized(*_split(model, place)):
-                raise ValueError(f"{place} is already parametrized (masks attached twice?)")
+            _check_maskable(*_split(model, place), place)
         mask = ContinuousMask(weight.shape, mask_init, scale_by_init, device=weight.device, dtype=weight.dtype)
         if weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
             # Logits in the weight's layout: a channels-last weight times a contiguous mask would
@@ -237,6 +241,26 @@ def attach_masks(model: nn.Module, mask_init: float = 0.0, *, scale_by_init: boo
         masks[name], tied[name] = mask, others
         covered.update(others)
     return MaskSet(model, masks, tied)
+
+
+def _check_maskable(module: nn.Module, attr: str, name: str) -> None:
+    """A clear error for a tensor that a mask cannot be attached to (instead of a silently
+    unmasked layer or an error deep in the first backward pass)."""
+    if parametrize.is_parametrized(module, attr):
+        kinds = {type(p).__name__ for p in module.parametrizations[attr]}
+        if kinds == {ContinuousMask.__name__}:
+            raise ValueError(f"{name} already has a CS mask (masks attached twice?)")
+        raise ValueError(f"{name} already has a parametrization ({', '.join(sorted(kinds))}): a CS mask must be "
+                         "its only one; remove it (parametrize.remove_parametrizations) or exclude the layer")
+    if isinstance(getattr(module, attr + HARD_SUFFIX, None), ContinuousMask):
+        raise ValueError(f"{name} carries a hardened CS mask: call make_permanent() before attaching new masks")
+    if not isinstance(module._parameters.get(attr), nn.Parameter):
+        raise ValueError(f"{name} is not a parameter but a tensor computed by a hook (torch.nn.utils.prune or the "
+                         "old weight_norm?): make it a parameter again (prune.remove / remove_weight_norm) or "
+                         "exclude the layer")
+    if isinstance(module, nn.Embedding | nn.EmbeddingBag) and (module.sparse or module.max_norm is not None):
+        raise ValueError(f"{name}: an embedding with sparse=True or max_norm cannot be masked (sparse gradients / "
+                         "in-place renormalisation of the weight); turn those off or exclude the layer")
 
 
 def _parameter_holders(model: nn.Module) -> dict[int, list[str]]:

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 
 MaskMode = Literal["soft", "hard"]
+# Below this s0 the scale 1 / sigmoid(s0) exceeds 1e13: float32 weights lose their meaning
+MIN_SCALED_MASK_INIT = -30.0
 
 
 class _SoftMaskedWeight(torch.autograd.Function):
@@ -32,7 +34,7 @@ class _SoftMaskedWeight(torch.autograd.Function):
         owner._remember_mask(mask)
         owner.__dict__["_penalty_due"] = True
         out = torch.addcmul(_zero(weight), weight, mask, value=scale)
-        ctx.save_for_backward(out, mask)
+        ctx.save_for_backward(out, mask, weight, logits)  # the last two for a differentiable backward
         ctx.beta, ctx.scale, ctx.penalty_coef, ctx.owner = beta, scale, penalty_coef, owner
         return out
 
@@ -44,7 +46,10 @@ class _SoftMaskedWeight(torch.autograd.Function):
         owner["_cached_mask"] = None
         penalty_coef = ctx.penalty_coef if owner["_penalty_due"] else 0.0
         owner["_penalty_due"] = False
-        out, mask = ctx.saved_tensors
+        out, mask, weight, logits = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True (second-order terms): the formula, differentiably
+            return (*_differentiable_gradients(grad, weight, logits, ctx.beta, ctx.scale, penalty_coef),
+                    None, None, None, None)
         zero = _zero(grad)
         grad_weight = torch.addcmul(zero, grad, mask, value=ctx.scale) if ctx.needs_input_grad[0] else None
         grad_logits = None
@@ -58,6 +63,16 @@ class _SoftMaskedWeight(torch.autograd.Function):
         return grad_weight, grad_logits, None, None, None, None
 
 
+def _differentiable_gradients(grad: Tensor, weight: Tensor, logits: Tensor, beta: float | Tensor, scale: float,
+                              penalty_coef: float) -> tuple[Tensor, Tensor]:
+    """Gradients of ``W * scale * sigmoid(beta * s)`` (plus ``penalty_coef * sum(sigmoid(beta * s))``)
+    for ``W`` and ``s`` in plain operations: autograd can differentiate them again."""
+    mask = torch.sigmoid(logits * beta)
+    grad_weight = grad * mask * scale
+    grad_logits = (grad * weight * scale + penalty_coef) * beta * mask * (1 - mask)
+    return grad_weight, grad_logits
+
+
 class _TraceableSoftMaskedWeight(torch.autograd.Function):
     """The same product and gradients (fused penalty included) in a form ``torch.compile`` traces:
     no side effects, no in-place ops on intermediates, and the temperature as a tensor, since a
@@ -67,17 +82,15 @@ class _TraceableSoftMaskedWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: Tensor, logits: Tensor, beta: Tensor, scale: float,  # type: ignore[override]
                 penalty_coef: float) -> Tensor:
-        mask = torch.sigmoid(logits * beta)
-        ctx.save_for_backward(weight, mask, beta)
+        ctx.save_for_backward(weight, logits, beta)
         ctx.scale, ctx.penalty_coef = scale, penalty_coef
-        return weight * mask * scale
+        return weight * torch.sigmoid(logits * beta) * scale
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        weight, mask, beta = ctx.saved_tensors
-        grad_weight = grad * mask * ctx.scale
-        grad_logits = (grad * weight * ctx.scale + ctx.penalty_coef) * beta * mask * (1 - mask)
-        return grad_weight, grad_logits, None, None, None
+        weight, logits, beta = ctx.saved_tensors
+        return (*_differentiable_gradients(grad, weight, logits, beta, ctx.scale, ctx.penalty_coef),
+                None, None, None)
 
 
 class _SoftMaskSum(torch.autograd.Function):
@@ -128,6 +141,9 @@ class ContinuousMask(nn.Module):
         super().__init__()
         if not math.isfinite(mask_init):
             raise ValueError(f"mask_init must be finite, got {mask_init}")
+        if scale_by_init and mask_init < MIN_SCALED_MASK_INIT:
+            raise ValueError(f"mask_init = {mask_init:g} with scale_by_init multiplies the weights by 1 / sigmoid(s0)"
+                             f" > 1e13: use mask_init >= {MIN_SCALED_MASK_INIT:g} or scale_by_init=False")
         self.mask_init = float(mask_init)
         self.scale_by_init = scale_by_init
         self.scale = 1.0 / _sigmoid(self.mask_init) if scale_by_init else 1.0
@@ -191,6 +207,11 @@ class ContinuousMask(nn.Module):
                                                     self.fused_penalty / self.uses)
         if not torch.is_grad_enabled():
             return weight * torch.mul(self.logits, self.temperature).sigmoid_().mul_(self.scale)
+        if torch._C._are_functorch_transforms_active():  # torch.func.grad / vmap: plain operations
+            if self.fused_penalty:
+                raise RuntimeError("fuse_penalty does not work under torch.func transforms: call "
+                                   "fuse_penalty(0) and add coef * masks.penalty() to the loss")
+            return weight * torch.sigmoid(self.logits * self.temperature) * self.scale
         return _SoftMaskedWeight.apply(weight, self.logits, self.temperature, self.scale, self,
                                        self.fused_penalty)
 
@@ -250,10 +271,24 @@ class ContinuousMask(nn.Module):
             raise ValueError(f"mask shape {tuple(keep.shape)} != weight shape {tuple(self.logits.shape)}")
         self.logits.copy_(torch.where(keep, 1.0, -1.0))
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Logits back to ``s0`` and no hard mask: for models built on the ``meta`` device and
+        materialised with ``to_empty()``, whose modules are then initialised by this method."""
+        self.logits.fill_(self.mask_init)
+        self.hard_mask.fill_(1.0)
+        self._cached_mask = None
+
     def get_extra_state(self) -> dict:
-        return {"mode": self.mode, "temperature": self.temperature}
+        # s0 and the scaling define the network as much as the logits do: a state loaded into
+        # masks attached with other settings takes the saved ones
+        return {"mode": self.mode, "temperature": self.temperature, "mask_init": self.mask_init,
+                "scale_by_init": self.scale_by_init}
 
     def set_extra_state(self, state: dict) -> None:
+        if "mask_init" in state:  # states saved before these were kept hold the attached values
+            self.mask_init, self.scale_by_init = float(state["mask_init"]), bool(state["scale_by_init"])
+            self.scale = 1.0 / _sigmoid(self.mask_init) if self.scale_by_init else 1.0
         self.temperature = float(state["temperature"])
         self.mode = state["mode"]
         self.logits.requires_grad_(self.mode == "soft")

@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -33,6 +33,21 @@ class LayerSelection:
     exclude_last: bool = False
     parameters: Sequence[str] = ("weight",)
 
+    def __post_init__(self) -> None:
+        # A lone string would be read one character at a time: take it as the one pattern it is
+        for name in ("include", "exclude", "parameters"):
+            value = getattr(self, name)
+            patterns = (value,) if isinstance(value, str) else tuple(value)
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except (re.error, TypeError) as err:
+                    raise ValueError(f"LayerSelection {name}: {pattern!r} is not a regular expression "
+                                     f"({err})") from None
+            object.__setattr__(self, name, patterns)
+        if isinstance(self.layer_types, type):
+            object.__setattr__(self, "layer_types", (self.layer_types,))
+
     def candidates(self, model: nn.Module) -> list[str]:
         """Qualified names of the modules of ``layer_types`` with a parameter to mask, in
         registration order: the first and the last of them are the input and output layers."""
@@ -58,10 +73,12 @@ class LayerSelection:
                 for name in self.select(model) for attr in self._maskable(model.get_submodule(name))]
 
     def _maskable(self, module: nn.Module) -> list[str]:
-        """The module's own parameters that ``parameters`` names (a parametrized one included, so
-        that attaching masks twice is reported, not skipped)."""
+        """The module's own tensors that ``parameters`` names: its parameters, and also tensors
+        that something else computes (a parametrization, a ``torch.nn.utils.prune`` hook), so that
+        attaching masks to them is reported rather than skipped."""
         patterns = [re.compile(p) for p in self.parameters]
         names = [attr for attr, param in module._parameters.items() if param is not None]
         if parametrize.is_parametrized(module):
             names += list(module.parametrizations)
-        return [attr for attr in names if any(p.fullmatch(attr) for p in patterns)]
+        names += [attr for attr, value in vars(module).items() if isinstance(value, Tensor)]
+        return [attr for attr in dict.fromkeys(names) if any(p.fullmatch(attr) for p in patterns)]
