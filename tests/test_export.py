@@ -454,3 +454,130 @@ def test_a_model_with_tied_weights_runs_checkpoints_and_exports_with_the_tie(tmp
             assert torch.equal(vanilla.eval()(x), final(x))
     resumed = load_checkpoint(tmp_path / "run" / "checkpoint")["model"]
     assert torch.equal(resumed["first.weight"], resumed["second.weight"])
+
+
+def sparse_linear(n_in: int, n_out: int, bias: bool = True) -> nn.Linear:
+    """A Linear layer with about 90 % exact zeros (a ticket's layer)."""
+    layer = nn.Linear(n_in, n_out, bias=bias)
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand_like(layer.weight) < 0.1)
+    return layer
+
+
+class NameClash(nn.Module):
+    """Layer paths whose inlined attributes could collide: ``fc`` beside a parameter ``fc_bias``,
+    ``enc.0`` beside ``enc_0``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = sparse_linear(6, 6)
+        self.fc_bias = nn.Parameter(torch.randn(6))
+        self.enc = nn.Sequential(sparse_linear(6, 5))
+        self.enc_0 = sparse_linear(6, 4)
+
+    def forward(self, x):
+        h = self.fc(x) + self.fc_bias
+        return torch.cat([self.enc(h), self.enc_0(h)], dim=1)
+
+
+class InplaceResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.act = sparse_linear(6, 6), sparse_linear(6, 6), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(self.act(h)) + h  # h is the ReLU'd tensor here
+
+
+class KeywordCalls(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.act = sparse_linear(6, 5), nn.ReLU()
+
+    def forward(self, x, shift):
+        return self.act(input=self.a(input=x)) + shift
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow (no fx trace), a Linear subclass with its own forward, attention."""
+
+    class Tripled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tripled = self.Tripled(6, 6)
+        self.attention = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.head = sparse_linear(6, 3)
+
+    def forward(self, x):
+        if x.sum() > 1e9:
+            x = -x
+        h = self.tripled(x).unsqueeze(1)
+        return self.head(self.attention(h, h, h, need_weights=False)[0].squeeze(1))
+
+
+@pytest.mark.parametrize("kernels", ["dense", "sparse"])
+@pytest.mark.parametrize("build", [NameClash, InplaceResidual, KeywordCalls, Untraceable])
+def test_to_sparse_keeps_the_outputs_of_awkward_models(build, kernels):
+    torch.manual_seed(0)
+    model = build().eval()
+    inputs = (torch.randn(4, 6),) + ((torch.randn(4, 5),) if build is KeywordCalls else ())
+    with torch.no_grad():
+        expected = model(*inputs)
+        for batch in (4, 1):
+            torch.testing.assert_close(to_sparse(model, batch, kernels=kernels)(*(t[:batch] for t in inputs)),
+                                       expected[:batch], rtol=1e-5, atol=1e-6)
+
+
+def test_to_sparse_runs_the_models_hooks_and_leaves_subclasses_and_dtypes_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), sparse_linear(6, 6), nn.ReLU(), sparse_linear(6, 3)).eval()
+    x = torch.randn(2, 6)
+    model[1].register_forward_hook(lambda module, args, out: out * 2)
+    model[2].register_forward_hook(lambda module, args, out: out + 1)
+    model.register_forward_hook(lambda module, args, out: out - 5)
+    with torch.no_grad():
+        for kernels in ("dense", "sparse"):
+            torch.testing.assert_close(to_sparse(model, 2, kernels=kernels)(x), model(x))
+    for dtype in (torch.float64, torch.bfloat16):  # "auto" times each layer in the model's dtype
+        typed = nn.Sequential(sparse_linear(6, 6), nn.ReLU(), sparse_linear(6, 3)).to(dtype).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(to_sparse(typed, 1)(x[:1].to(dtype)), typed(x[:1].to(dtype)))
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        to_sparse(model, 1, kernels="csr")
+
+
+def test_timing_inference_leaves_the_models_mode_as_it_was():
+    from contsparse.export.bench import time_inference
+
+    model = nn.Sequential(nn.Flatten(), sparse_linear(4, 3)).train()
+    time_inference(model, (4,), batch_sizes=(1,), blocks=1, budget_s=0.001)
+    assert model.training
+
+
+def test_a_compressed_file_whose_tensors_do_not_match_its_layout_is_reported(tmp_path):
+    from safetensors.torch import save
+
+    weight = torch.zeros(8, 8)
+    weight[0, :3] = 1.0
+    good = tmp_path / "good.safetensors"
+    save_compressed({"w": weight}, good)
+    stored = load_file(str(good))
+    layout = {"contsparse.compressed": json.dumps({"w": {"shape": [8, 8]}})}
+    cases = {
+        "values one short": ({**stored, "w.values": stored["w.values"][:-1]}, layout),
+        "no bitmask": ({"w.values": stored["w.values"]}, layout),
+        "float bitmask": ({**stored, "w.bitmask": stored["w.bitmask"].float()}, layout),
+        "no shape": (stored, {"contsparse.compressed": json.dumps({"w": {}})}),
+        "negative shape": (stored, {"contsparse.compressed": json.dumps({"w": {"shape": [-8, -8]}})}),
+        "text shape": (stored, {"contsparse.compressed": json.dumps({"w": {"shape": ["a", "b"]}})}),
+        "layout a list": (stored, {"contsparse.compressed": "[]"}),
+    }
+    for name, (tensors, metadata) in cases.items():
+        bad = tmp_path / f"{name}.safetensors"
+        bad.write_bytes(save(tensors, metadata=metadata))
+        with pytest.raises(UserError, match="is damaged"):
+            load_compressed(bad)

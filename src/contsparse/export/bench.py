@@ -36,8 +36,12 @@ def time_inference(model: nn.Module, input_shape: tuple[int, ...], batch_sizes: 
                    blocks: int = 15, budget_s: float = 0.05) -> list[InferenceTiming]:
     """Interleaved median latency of the dense model, its inlined-dense graph and its sparse
     conversion (chosen for each batch size); predictions are compared on the timing batch."""
-    model = model.eval()
-    return [_time_batch(model, input_shape, batch_size, blocks, budget_s) for batch_size in batch_sizes]
+    training = model.training
+    try:
+        model.eval()
+        return [_time_batch(model, input_shape, batch_size, blocks, budget_s) for batch_size in batch_sizes]
+    finally:
+        model.train(training)  # the caller's model is left as it was
 
 
 def _time_batch(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, blocks: int,

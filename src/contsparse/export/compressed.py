@@ -64,13 +64,28 @@ def load_compressed(path: str | Path) -> dict[str, torch.Tensor]:
             stored = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
     except (OSError, SafetensorError, json.JSONDecodeError) as err:
         raise UserError(f"cannot read {path} ({err})") from err
+    try:
+        return _decompress(stored, layout)
+    except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as err:
+        raise UserError(f"{path} is damaged: its compressed tensors do not match their layout "
+                        f"({type(err).__name__}: {err})") from err
+
+
+def _decompress(stored: dict[str, torch.Tensor], layout: dict) -> dict[str, torch.Tensor]:
     state = {k: v for k, v in stored.items() if not any(k == f"{n}.bitmask" or k == f"{n}.values" for n in layout)}
     for name, info in layout.items():
-        shape = info["shape"]
+        shape = [int(size) for size in info["shape"]]
+        if any(size < 0 for size in shape):
+            raise ValueError(f"{name}: negative size in shape {shape}")
         numel = int(np.prod(shape)) if shape else 1
-        keep = np.unpackbits(stored[f"{name}.bitmask"].numpy(), count=numel).astype(bool)
+        bitmask = stored[f"{name}.bitmask"]
+        if bitmask.dtype != torch.uint8 or bitmask.numel() * 8 < numel:
+            raise ValueError(f"{name}.bitmask: {bitmask.numel()} {bitmask.dtype} entries for {numel} bits")
+        keep = torch.from_numpy(np.unpackbits(bitmask.numpy(), count=numel).astype(bool))
         values = stored[f"{name}.values"]
+        if values.dim() != 1 or values.numel() != int(keep.sum()):
+            raise ValueError(f"{name}.values: {values.numel()} values for {int(keep.sum())} nonzeros")
         dense = torch.zeros(numel, dtype=values.dtype)
-        dense[torch.from_numpy(keep)] = values
+        dense[keep] = values
         state[name] = dense.reshape(shape)
     return state

@@ -24,6 +24,7 @@ import copy
 import functools
 import itertools
 import linecache
+import re
 import threading
 import warnings
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from torch.nn.modules import module as hook_registry  # nn.Module's global hooks
 from contsparse.timing import interleaved_times
 
 Kernels = Literal["auto", "dense", "sparse"]
+KERNELS = ("auto", "dense", "sparse")
 
 
 def csr_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -93,11 +95,16 @@ def zero_fraction(weight: Tensor) -> float:
 
 def faster_kernel(linear: nn.Linear, batch_size: int, rounds: int = 7, calls: int = 50) -> str:
     """``"sparse"`` if the CSR kernel beats ``F.linear`` on this machine at ``batch_size`` by 10 %
-    (median of interleaved rounds), else ``"dense"``."""
-    x = torch.randn(batch_size, linear.in_features)
+    (median of interleaved rounds), else ``"dense"`` (also where PyTorch has no CSR kernel for the
+    weight's dtype, e.g. bfloat16)."""
+    x = torch.randn(batch_size, linear.in_features, dtype=linear.weight.dtype)
     csr = to_csr(linear.weight)
     weight, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
     with torch.inference_mode():
+        try:
+            csr_linear(x, csr, bias)
+        except (NotImplementedError, RuntimeError):
+            return "dense"
         times = interleaved_times({"dense": lambda: dense_linear(x, weight, bias),
                                    "sparse": lambda: csr_linear(x, csr, bias)}, rounds, calls, warmup=5)
     return "sparse" if times["sparse"] < 0.9 * times["dense"] else "dense"
@@ -112,6 +119,8 @@ def to_sparse(model: nn.Module, batch_size: int = 1, kernels: Kernels = "auto",
     is in the returned module's ``kernel_choices``. The result is for inference only (no gradients)
     and shares nothing with ``model``, which is left as it was (train or eval mode).
     """
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
     model = copy.deepcopy(model).eval()  # the graph keeps the model's other modules (conv, norm)
     choices: dict[str, str] = {}
 
@@ -126,6 +135,8 @@ def to_sparse(model: nn.Module, batch_size: int = 1, kernels: Kernels = "auto",
         return choice
 
     try:
+        if _has_hooks(model):  # tracing calls forward itself: the model's own hooks would be lost
+            raise _KeepHooks
         traced = _trace(model)
     except Exception:  # data-dependent control flow and the like: swap modules in place instead
         return SparseInference(_swap_modules(model, choose), None, choices)
@@ -135,6 +146,21 @@ def to_sparse(model: nn.Module, batch_size: int = 1, kernels: Kernels = "auto",
 
 
 Layer = tuple[Tensor, Tensor | None, bool]  # weight (CSR or dense), bias, ReLU after it
+
+
+class _KeepHooks(Exception):
+    """The model has hooks of its own: convert it without tracing, so that they still run."""
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
+                or module._backward_hooks)
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` (or a subclass that keeps its forward) without hooks: safe to replace by a
+    kernel call. A subclass with a forward of its own, or a hooked layer, is left as it is."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and not _has_hooks(module)
 
 
 class _KernelsAsLeaves(fx.Tracer):
@@ -153,6 +179,12 @@ def _trace(model: nn.Module) -> fx.GraphModule:
         if isinstance(node.type, str):
             node.type = None
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _graph_call(graph: nn.Module) -> Callable:
+    """``graph.forward``, skipping ``nn.Module.__call__`` (microseconds at batch 1), unless the
+    graph is the user's own model with hooks (converted in place), whose hooks must run."""
+    return graph.__call__ if _has_hooks(graph) else graph.forward
 
 
 _NO_INPUT = object()  # SparseInference called without a positional input: nn.Module.__call__ decides
@@ -201,7 +233,7 @@ class SparseInference(nn.Module):
         super().__init__()
         self.graph = graph
         self.kernel_choices = kernel_choices
-        self._graph_forward = graph.forward  # skips nn.Module.__call__ (hooks): microseconds at batch 1
+        self._graph_forward = _graph_call(graph)
         self._chain = chain
         self._vector_forward = None if chain is None else _straight_line(chain)
         self._direct_call = None
@@ -211,11 +243,13 @@ class SparseInference(nn.Module):
     def has_vector_path(self) -> bool:
         return self._chain is not None
 
-    def _takes_vector_path(self, x: Tensor) -> bool:
-        return self._vector_forward is not None and x.dim() >= 2 and x.shape[0] == 1
+    def _takes_vector_path(self, x: object) -> bool:
+        return self._vector_forward is not None and isinstance(x, Tensor) and x.dim() >= 2 and x.shape[0] == 1
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._vector_forward(x) if self._takes_vector_path(x) else self._graph_forward(x)
+    def forward(self, *args, **kwargs):
+        if len(args) == 1 and not kwargs and self._takes_vector_path(args[0]):
+            return self._vector_forward(args[0])
+        return self._graph_forward(*args, **kwargs)
 
     def __call__(self, x=_NO_INPUT, /, *args, **kwargs):
         direct = self._direct_call
@@ -261,7 +295,7 @@ class SparseInference(nn.Module):
             if name in buffers:
                 object.__setattr__(self.graph, name, buffers.pop(name))
                 self.graph._non_persistent_buffers_set.discard(name)
-        self.__dict__["_graph_forward"] = self.graph.forward
+        self.__dict__["_graph_forward"] = _graph_call(self.graph)
         self.__dict__["_vector_forward"] = None if self._chain is None else _straight_line(self._chain)
         self.__dict__["_direct_call"] = None
         self._restore_direct_call()
@@ -360,6 +394,9 @@ def _drop_units(layer: list, following: list) -> bool:
     return True
 
 
+_RELUS = (torch.relu, torch.relu_, F.relu)
+
+
 def _vector_chain(traced: fx.GraphModule) -> list[Layer] | None:
     """The layers of ``flatten(1) -> (linear -> [relu])* -> output``, or None for any other graph."""
     layers: list[Layer] = []
@@ -378,7 +415,7 @@ def _vector_chain(traced: fx.GraphModule) -> list[Layer] | None:
             weight, bias = (getattr(traced, a.target) if a is not None else None for a in node.args[1:3])
             layers.append((weight, bias, False))
             current = node
-        elif node.op == "call_function" and node.target in (torch.relu, F.relu) and node.args[0] is current \
+        elif node.op == "call_function" and node.target in _RELUS and node.args[0] is current \
                 and layers and not layers[-1][2] and current.target in (csr_linear, dense_linear):
             layers[-1] = (*layers[-1][:2], True)
             current = node
@@ -406,27 +443,31 @@ def _is_flatten_1(traced: fx.GraphModule, node: fx.Node, source: fx.Node) -> boo
 def _inline_linears(traced: fx.GraphModule, choose: Callable[[str, nn.Linear], str]) -> fx.GraphModule:
     graph = traced.graph
     modules = dict(traced.named_modules())
+    taken = set(dir(traced))
     for node in list(graph.nodes):
         module = modules.get(node.target) if node.op == "call_module" else None
-        if isinstance(module, nn.Linear):
+        source = _single_input(node)
+        if source is None:
+            continue  # called with keyword or extra arguments: left as a module call
+        if _plain_linear(module):
             sparse = choose(str(node.target), module) == "sparse"
-            attr = str(node.target).replace(".", "_")
+            weight_attr = _free_name(taken, f"_cs_{node.target}_weight")
+            bias_attr = _free_name(taken, f"_cs_{node.target}_bias")
             weight = to_csr(module.weight) if sparse else module.weight.detach().clone()
             bias = None if module.bias is None else module.bias.detach().clone()
             # Plain attributes, not buffers: reading a buffer goes through nn.Module.__getattr__,
             # a few microseconds per tensor per call, which is most of a batch-1 forward here.
-            object.__setattr__(traced, f"{attr}_weight", weight)
-            object.__setattr__(traced, f"{attr}_bias", bias)
+            object.__setattr__(traced, weight_attr, weight)
+            object.__setattr__(traced, bias_attr, bias)
             with graph.inserting_before(node), warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # fx expects get_attr targets to be buffers
-                args = (node.args[0], graph.get_attr(f"{attr}_weight"),
-                        graph.get_attr(f"{attr}_bias") if module.bias is not None else None)
+                args = (source, graph.get_attr(weight_attr), graph.get_attr(bias_attr) if bias is not None else None)
                 call = graph.call_function(csr_linear if sparse else dense_linear, args)
             node.replace_all_uses_with(call)
             graph.erase_node(node)
-        elif isinstance(module, nn.ReLU):
-            with graph.inserting_before(node):
-                call = graph.call_function(torch.relu, (node.args[0],))
+        elif type(module) is nn.ReLU and not _has_hooks(module):
+            with graph.inserting_before(node):  # in place stays in place: other uses see the change
+                call = graph.call_function(torch.relu_ if module.inplace else torch.relu, (source,))
             node.replace_all_uses_with(call)
             graph.erase_node(node)
     traced.delete_all_unused_submodules()
@@ -435,9 +476,33 @@ def _inline_linears(traced: fx.GraphModule, choose: Callable[[str, nn.Linear], s
     return traced
 
 
+def _single_input(node: fx.Node) -> fx.Node | None:
+    """The one input of a module call ``m(x)`` or ``m(input=x)``; None for any other call."""
+    if len(node.args) == 1 and not node.kwargs:
+        return node.args[0] if isinstance(node.args[0], fx.Node) else None
+    if not node.args and set(node.kwargs) == {"input"}:
+        return node.kwargs["input"] if isinstance(node.kwargs["input"], fx.Node) else None
+    return None
+
+
+def _free_name(taken: set[str], base: str) -> str:
+    """``base`` made an identifier that no attribute of the graph module has (nor an earlier result)."""
+    name = candidate = re.sub(r"\W", "_", base)
+    for i in itertools.count(1):
+        if name not in taken:
+            break
+        name = f"{candidate}_{i}"
+    taken.add(name)
+    return name
+
+
 def _swap_modules(model: nn.Module, choose: Callable[[str, nn.Linear], str]) -> nn.Module:
+    # MultiheadAttention reads its out_proj's weight itself (never calling it): a CSR weight there
+    # would break its fast path
+    attention_projections = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     for name, module in list(model.named_modules()):
-        if name and isinstance(module, nn.Linear) and choose(name, module) == "sparse":
+        if name and _plain_linear(module) and id(module) not in attention_projections \
+                and choose(name, module) == "sparse":
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, SparseLinear(module))
     return model
