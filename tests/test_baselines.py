@@ -125,6 +125,25 @@ def test_reinit_control_trains_the_same_mask_from_other_weights(tmp_path):
     assert not torch.equal(runs[False][1]["hidden.0.weight"], runs[True][1]["hidden.0.weight"])
 
 
+def test_reinit_control_reaches_every_imp_round_ticket(tmp_path):
+    """IMP's round tickets are what compare reports: with --reinit each round starts from the fresh
+    initialisation too, not from the rewind point."""
+    import json
+
+    first_epochs, logs = {}, {}
+    for reinit in (False, True):
+        logs[reinit] = []
+        config = make_config(dict(BASE, method="imp", rounds=3, rewind_epoch=0, reinit=reinit))
+        summary = Runner(config, tmp_path / str(reinit), logs[reinit].append).execute()
+        records = [json.loads(line) for line in (tmp_path / str(reinit) / "metrics.jsonl").read_text().splitlines()]
+        first_epochs[reinit] = [r["train_loss"] for r in records if r["phase"] == "search" and r["epoch"] == 1]
+        assert len(summary["round_tickets"]) == 3
+    restarts = [line for line in logs[True] if "re-initialised" in line]
+    assert len(restarts) == 3 and not any("re-initialised" in line for line in logs[False])  # rounds 1, 2, ticket
+    assert first_epochs[False][0] == first_epochs[True][0]  # round 0 is the same training
+    assert first_epochs[False][1:] != first_epochs[True][1:]
+
+
 def test_compare_writes_tables_and_plots_and_reuses_finished_runs(tmp_path, capsys):
     import csv
 

@@ -456,7 +456,9 @@ class Runner:
         if restart:
             if rewind is None:
                 raise RuntimeError("no rewind point was stored")
-            start = self._fresh_init(model) if self.config.reinit and phase.kind == "ticket" else rewind
+            # --reinit: every network trained from the rewind point starts from a fresh
+            # initialisation instead, IMP's round tickets included (not only the final ticket)
+            start = self._fresh_init(model) if self.config.reinit else rewind
             model.load_state_dict(start, strict=False)
             method.harden()
             method.after_rewind()
