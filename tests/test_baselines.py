@@ -161,12 +161,28 @@ def test_compare_writes_tables_and_plots_and_reuses_finished_runs(tmp_path, caps
     assert len([r for r in rows if r["method"] == "random"]) == 2  # IMP's 2nd sparsity, each seed
     for name in ("accuracy_vs_weights.png", "accuracy_vs_epochs.png"):
         assert (tmp_path / "cmp" / name).read_bytes()[:4] == b"\x89PNG"
-    assert "Sparsest ticket within 0.3 points of dense" in first and "± " in first
+    assert "Sparsest ticket whose validation accuracy is within 0.3 points of dense's" in first and "± " in first
+    assert all(0 <= float(r["val_accuracy"]) <= 1 for r in rows)  # every ticket carries what it is chosen by
     assert main(argv) == 0  # everything finished: nothing is trained again
     assert "[search" not in capsys.readouterr().out
     assert main(["report", str(tmp_path / "cmp"), "--out", str(tmp_path / "report")]) == 0  # one comparison
     report = (tmp_path / "report" / "report.md").read_text()
     assert all(f"| {r['label']} seed {r['seed']} |" in report for r in rows)
+
+
+def test_the_sparsest_ticket_near_dense_is_chosen_on_validation_not_test():
+    from contsparse.experiments.compare import sparsest_within
+
+    def group(method, kept, val, test):
+        return {"method": method, "label": f"{method} {kept}", "weights_remaining": kept,
+                "val_accuracy": val, "test_accuracy": test}
+
+    groups = [group("dense", 1.0, 0.980, 0.978),
+              group("cs", 0.01, 0.970, 0.990),  # the best test accuracy, but validation says no
+              group("cs", 0.03, 0.979, 0.975),  # within 0.3 points on validation: chosen, test as it is
+              group("imp", 0.02, None, 0.990)]  # saved without a validation accuracy: never chosen
+    best = sparsest_within(groups, dense_val_accuracy=0.980)
+    assert best == {"cs": groups[2]}
 
 
 @pytest.mark.parametrize("method, extra", [("str", dict(optimizer="sgd", lr=0.1, weight_decay=5e-4)),

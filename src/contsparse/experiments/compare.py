@@ -44,6 +44,7 @@ class Row:
     train_epochs: int  # epochs of training it took to find and train this ticket
     wall_seconds: float
     run_dir: str
+    val_accuracy: float | None = None  # what tickets are chosen by: the test set only reports
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,17 +94,17 @@ def imp_config(base: RunConfig, rounds: int) -> RunConfig:
 
 def _single(summary: dict[str, Any], method: str, label: str, seed: int, path: Path) -> Row:
     return Row(method, label, seed, summary["weights_remaining"], summary["test_accuracy"],
-               summary["train_epochs"], summary["wall_seconds"], str(path))
+               summary["train_epochs"], summary["wall_seconds"], str(path), summary.get("val_accuracy"))
 
 
 def _imp_rows(summary: dict[str, Any], seed: int, path: Path) -> list[Row]:
     """One row per IMP round (each round trained a ticket), then the final ticket."""
     seconds = [json.loads(line)["seconds"] for line in (path / RunDir.METRICS).read_text().splitlines()]
     rows = [Row("imp", f"imp round {p['round']}", seed, p["weights_remaining"], p["test_accuracy"],
-                p["train_epochs"], seconds[p["train_epochs"] - 1], str(path))
+                p["train_epochs"], seconds[p["train_epochs"] - 1], str(path), p.get("val_accuracy"))
             for p in summary.get("round_tickets", [])]
     rows.append(Row("imp", "imp final", seed, summary["weights_remaining"], summary["test_accuracy"],
-                    summary["train_epochs"], summary["wall_seconds"], str(path)))
+                    summary["train_epochs"], summary["wall_seconds"], str(path), summary.get("val_accuracy")))
     return rows
 
 
@@ -115,8 +116,10 @@ def aggregate(rows: list[Row]) -> list[dict[str, Any]]:
     out = []
     for (method, label), members in groups.items():
         accuracy = [r.test_accuracy for r in members]
+        validation = [r.val_accuracy for r in members]
         out.append({"method": method, "label": label, "seeds": len(members),
                     "weights_remaining": statistics.fmean(r.weights_remaining for r in members),
+                    "val_accuracy": None if None in validation else statistics.fmean(validation),
                     "test_accuracy": statistics.fmean(accuracy),
                     "test_accuracy_std": statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0,
                     "train_epochs": statistics.fmean(r.train_epochs for r in members),
@@ -124,12 +127,15 @@ def aggregate(rows: list[Row]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda r: (r["method"], -r["weights_remaining"]))
 
 
-def sparsest_within(groups: list[dict[str, Any]], dense_accuracy: float, tolerance: float = 0.003
+def sparsest_within(groups: list[dict[str, Any]], dense_val_accuracy: float, tolerance: float = 0.003
                     ) -> dict[str, dict[str, Any]]:
-    """Per method: the ticket with the fewest weights whose accuracy is >= dense - tolerance."""
+    """Per method: the ticket with the fewest weights whose *validation* accuracy is >= dense's -
+    tolerance. Chosen on the validation set, so that its test accuracy stays an unbiased report
+    (groups without a validation accuracy, from older comparisons, are not chosen)."""
     best: dict[str, dict[str, Any]] = {}
     for group in groups:
-        if group["method"] == "dense" or group["test_accuracy"] < dense_accuracy - tolerance:
+        if group["method"] == "dense" or group["val_accuracy"] is None \
+                or group["val_accuracy"] < dense_val_accuracy - tolerance:
             continue
         current = best.get(group["method"])
         if current is None or group["weights_remaining"] < current["weights_remaining"]:

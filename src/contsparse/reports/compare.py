@@ -24,18 +24,22 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def markdown_table(groups: list[dict[str, Any]], best: dict[str, dict[str, Any]], dense: float | None) -> str:
-    lines = ["| method | ticket | weights remaining | test accuracy | seeds | training epochs | wall seconds |",
-             "|---|---|---|---|---|---|---|"]
+def markdown_table(groups: list[dict[str, Any]], best: dict[str, dict[str, Any]], dense: float | None,
+                   dense_val: float | None = None) -> str:
+    lines = ["| method | ticket | weights remaining | validation accuracy | test accuracy | seeds | training epochs "
+             "| wall seconds |", "|---|---|---|---|---|---|---|---|"]
     for g in groups:
         spread = f" ± {100 * g['test_accuracy_std']:.2f}" if g["seeds"] > 1 else ""
-        lines.append(f"| {g['method']} | {g['label']} | {100 * g['weights_remaining']:.2f} % | "
+        val = "-" if g.get("val_accuracy") is None else f"{100 * g['val_accuracy']:.2f} %"
+        lines.append(f"| {g['method']} | {g['label']} | {100 * g['weights_remaining']:.2f} % | {val} | "
                      f"{100 * g['test_accuracy']:.2f} %{spread} | {g['seeds']} | {g['train_epochs']:.0f} | "
                      f"{g['wall_seconds']:.0f} |")
-    if dense is not None:
-        lines += ["", f"Sparsest ticket within 0.3 points of dense ({100 * dense:.2f} %):", ""]
+    if dense is not None and dense_val is not None:
+        lines += ["", f"Sparsest ticket whose validation accuracy is within 0.3 points of dense's "
+                      f"({100 * dense_val:.2f} %; chosen on validation, test accuracy reported; dense test "
+                      f"{100 * dense:.2f} %):", ""]
         for method, g in sorted(best.items()):
-            lines.append(f"* {method}: {100 * g['weights_remaining']:.2f} % of the weights, "
+            lines.append(f"* {method}: {100 * g['weights_remaining']:.2f} % of the weights, test "
                          f"{100 * g['test_accuracy']:.2f} % ({g['label']}, {g['train_epochs']:.0f} epochs)")
     return "\n".join(lines) + "\n"
 
@@ -53,29 +57,36 @@ def accuracy_vs_weights(groups: list[dict[str, Any]], dense: list[float], path: 
     return save_accuracy_plot(fig, ax, path, title)
 
 
+def _chosen_by(row: dict[str, Any]) -> float:
+    """What picks the best ticket: validation accuracy (test accuracy for rows saved without it)."""
+    return row["test_accuracy"] if row.get("val_accuracy") is None else row["val_accuracy"]
+
+
 def accuracy_vs_epochs(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Best test accuracy among the tickets found so far against the training epochs spent, per
-    method and seed (CS runs counted one after another, as on a single worker)."""
+    """Test accuracy of the best ticket found so far (best by validation accuracy) against the
+    training epochs spent, per method and seed (CS runs counted one after another, as on a single
+    worker)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in sorted({r["method"] for r in rows} - {"dense"}):
         for seed in sorted({r["seed"] for r in rows if r["method"] == method}):
             mine = [r for r in rows if r["method"] == method and r["seed"] == seed]
             if method == "imp":  # one run: its rounds share the epochs
-                steps = sorted((r["train_epochs"], r["test_accuracy"]) for r in mine)
+                steps = sorted((r["train_epochs"], _chosen_by(r), r["test_accuracy"]) for r in mine)
             else:  # independent runs: epochs add up
                 total, steps = 0, []
                 for r in mine:
                     total += r["train_epochs"]
-                    steps.append((total, r["test_accuracy"]))
-            best, xs, ys = 0.0, [], []
-            for epochs, accuracy in steps:
-                best = max(best, accuracy)
+                    steps.append((total, _chosen_by(r), r["test_accuracy"]))
+            best, best_test, xs, ys = -1.0, 0.0, [], []
+            for epochs, score, test in steps:
+                if score > best:
+                    best, best_test = score, test
                 xs.append(epochs)
-                ys.append(100 * best)
+                ys.append(100 * best_test)
             ax.step(xs, ys, where="post", marker="o", markersize=3, color=COLORS.get(method),
                     label=method if seed == min(r["seed"] for r in mine) else None)
     ax.set_xlabel("cumulative training epochs")
-    ax.set_ylabel("best test accuracy so far (%)")
+    ax.set_ylabel("test accuracy of the best so far (%)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
@@ -92,11 +103,15 @@ def write_comparison(rows: list[dict[str, Any]], out: Path, title: str) -> dict[
     groups = aggregate([Row(**r) for r in rows])
     dense = [r["test_accuracy"] for r in rows if r["method"] == "dense"]
     dense_mean = sum(dense) / len(dense) if dense else None
-    best = sparsest_within(groups, dense_mean) if dense_mean is not None else {}
+    dense_val = [g["val_accuracy"] for g in groups if g["method"] == "dense" and g["val_accuracy"] is not None]
+    best = sparsest_within(groups, dense_val[0]) if dense_val else {}
     write_csv(rows, out / "compare.csv")
-    (out / "compare.md").write_text(f"# Comparison: {title}\n\n" + markdown_table(groups, best, dense_mean))
+    (out / "compare.md").write_text(f"# Comparison: {title}\n\n"
+                                    + markdown_table(groups, best, dense_mean, dense_val[0] if dense_val else None))
     (out / "compare.json").write_text(json.dumps({"groups": groups, "dense_accuracy": dense_mean,
+                                                  "dense_val_accuracy": dense_val[0] if dense_val else None,
                                                   "sparsest_within_0.3": best}, indent=2) + "\n")
     accuracy_vs_weights(groups, dense, out / "accuracy_vs_weights.png", title)
     accuracy_vs_epochs(rows, out / "accuracy_vs_epochs.png", title)
-    return {"groups": groups, "dense_accuracy": dense_mean, "best": best}
+    return {"groups": groups, "dense_accuracy": dense_mean, "dense_val_accuracy": dense_val[0] if dense_val else None,
+            "best": best}
