@@ -94,13 +94,21 @@ def test_magnitude_keeps_the_largest_weights_layerwise_or_globally():
     assert masks["output.weight"].float().mean() != pytest.approx(0.1, abs=1e-3)  # global: layers differ
 
 
-def test_random_pruning_hits_the_sparsity_with_another_mask():
-    _, magnitude = _pruner(MagnitudePruning, sparsity=0.9)
-    _, random = _pruner(RandomPruning, sparsity=0.9)
-    magnitude.end_of_round(0, last=True)
+@pytest.mark.parametrize("rounds", [3, 18])
+def test_random_pruning_matches_imps_per_layer_sparsity_with_another_mask(rounds):
+    """At IMP's sparsity after r rounds the random control keeps 0.8 ** r of each hidden layer and
+    0.9 ** r of the output layer, as IMP does (a uniform mask would starve the output layer)."""
+    sizes = {"hidden.0.weight": 784 * 300, "hidden.1.weight": 300 * 100, "output.weight": 100 * 10}
+    kept = {name: 0.9 ** rounds if name == "output.weight" else 0.8 ** rounds for name in sizes}
+    overall = sum(kept[n] * sizes[n] for n in sizes) / sum(sizes.values())
+    _, random = _pruner(RandomPruning, sparsity=1 - overall)
+    _, magnitude = _pruner(MagnitudePruning, sparsity=1 - kept["hidden.0.weight"])
     random.end_of_round(0, last=True)
-    a, b = magnitude.final_mask()["hidden.0.weight"], random.final_mask()["hidden.0.weight"]
-    assert a.float().mean() == b.float().mean() and not torch.equal(a, b)
+    magnitude.end_of_round(0, last=True)
+    masks = random.final_mask()
+    for name, fraction in kept.items():
+        assert masks[name].float().mean().item() == pytest.approx(fraction, abs=2 / sizes[name] + 1e-6)
+    assert not torch.equal(masks["hidden.0.weight"], magnitude.final_mask()["hidden.0.weight"])
 
 
 def test_gmp_raises_sparsity_gradually_to_the_target(tmp_path):

@@ -156,7 +156,11 @@ class MagnitudePruning(HardMaskMethod):
 
 
 class RandomPruning(HardMaskMethod):
-    """Control: a random mask with ``sparsity`` in every layer, drawn after the search round."""
+    """Control: a random mask with ``sparsity`` overall, drawn after the search round, with IMP's
+    per-layer proportions: the output layer keeps ``k ** a`` of its weights where the others keep
+    ``k``, ``a = log(1 - last_fraction) / log(1 - fraction)``, as IMP's layerwise schedule leaves
+    them (LeNet: 0.8 ** r and 0.9 ** r after r rounds). At IMP's sparsities the control then
+    matches IMP's tickets layer by layer, instead of starving the output layer."""
 
     name = "random"
 
@@ -164,11 +168,34 @@ class RandomPruning(HardMaskMethod):
         if not last:
             return
         generator = torch.Generator().manual_seed(self.settings.seed + 7919)
+        current = self.mask_set.binary_masks()
+        kept = self._kept_fractions({name: keep.numel() for name, keep in current.items()})
         new = {}
-        for name, keep in self.mask_set.binary_masks().items():
+        for name, keep in current.items():
             scores = torch.rand(keep.numel(), generator=generator).to(keep.device)
-            new[name] = _top(scores, round((1 - self.settings.sparsity) * keep.numel())).view_as(keep)
+            new[name] = _top(scores, round(kept[name] * keep.numel())).view_as(keep)
         self.mask_set.set_hard_masks(new)
+
+    def _kept_fractions(self, sizes: dict[str, int]) -> dict[str, float]:
+        settings = self.settings
+        target = 1 - settings.sparsity
+        layers = settings.selection.candidates(self.mask_set.model)
+        output = [name for name in sizes if layers and name.rpartition(".")[0] == layers[-1]]
+        if not output or len(output) == len(sizes) or not 0 < settings.fraction < 1 \
+                or not 0 <= settings.last_fraction < 1 or target in (0.0, 1.0):
+            return dict.fromkeys(sizes, target)
+        exponent = math.log1p(-settings.last_fraction) / math.log1p(-settings.fraction)
+        total = sum(sizes.values())
+
+        def kept_overall(k: float) -> float:
+            return sum(n * (k ** exponent if name in output else k) for name, n in sizes.items()) / total
+
+        low, high = 0.0, 1.0  # kept_overall rises with k: bisect for the target
+        for _ in range(60):
+            middle = (low + high) / 2
+            low, high = (middle, high) if kept_overall(middle) < target else (low, middle)
+        k = (low + high) / 2
+        return {name: k ** exponent if name in output else k for name in sizes}
 
 
 class GradualMagnitudePruning(HardMaskMethod):
