@@ -49,3 +49,21 @@ def test_cs_masks_attach_to_the_3x3_convs_of_resnet20():
     masks = attach_masks(model, 0.0, selection=LayerSelection(exclude=("downsample", "^fc$")))
     assert len(masks.masks) == 19 and all("downsample" not in n and n != "fc.weight" for n in masks.masks)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
+
+
+def test_initialisation_follows_the_references():
+    """CIFAR ResNets: Xavier-normal as in the CS reference code; ImageNet ResNets: torchvision's
+    Kaiming (fan-out); Frankle & Carbin's models: Glorot normal. Checked by each layer's std."""
+    import math
+
+    torch.manual_seed(0)
+    cifar = build_model("resnet20", (3, 32, 32), 10)
+    conv = cifar.layer2[1].conv1.weight  # 32 -> 32 channels, 3x3
+    xavier = math.sqrt(2 / (32 * 9 + 32 * 9))
+    assert conv.std().item() == pytest.approx(xavier, rel=0.05)
+    assert cifar.fc.weight.std().item() == pytest.approx(math.sqrt(2 / (64 + 10)), rel=0.15)
+    imagenet = build_model("resnet18", (3, 64, 64), 10)
+    kaiming = math.sqrt(2 / (128 * 9))  # fan-out of a 128 -> 128 3x3 conv
+    assert imagenet.layer2[1].conv1.weight.std().item() == pytest.approx(kaiming, rel=0.05)
+    lenet = build_model("lenet300", (1, 28, 28), 10)
+    assert lenet.hidden[0].weight.std().item() == pytest.approx(math.sqrt(2 / (784 + 300)), rel=0.05)

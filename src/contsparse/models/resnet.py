@@ -65,10 +65,14 @@ def _stage(block: type[BasicBlock | Bottleneck], inplanes: int, planes: int, blo
     return nn.Sequential(*layers), inplanes
 
 
-def _init(model: nn.Module) -> None:
+def _init(model: nn.Module, weights: str = "kaiming") -> None:
+    """torchvision's ImageNet init (``kaiming``), or the CS reference code's for the CIFAR ResNets
+    (``xavier``: Xavier-normal convolution and Linear weights, DESIGN.md section 1)."""
     for module in model.modules():
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, nn.Conv2d) and weights == "kaiming":
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.Conv2d | nn.Linear) and weights == "xavier":
+            nn.init.xavier_normal_(module.weight)
         elif isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
@@ -90,7 +94,7 @@ class CifarResNet(nn.Module):
         self.layer3, inplanes = _stage(BasicBlock, inplanes, 64, blocks, 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, num_classes)
-        _init(self)
+        _init(self, weights="xavier")  # as the CS reference code initialises its ResNet-20
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
