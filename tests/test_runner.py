@@ -195,6 +195,7 @@ def test_ticket_search_through_the_driver_follows_design_section_1(tmp_path, mon
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     search_temperatures = [r["temperature"] for r in records if r["phase"] == "search"]
     assert search_temperatures == pytest.approx([1.0, 200 ** 0.5, 200.0] * 2)
+    assert all("temperature" not in r for r in records if r["phase"] == "ticket")  # a hard mask has none
 
     labels = [(label, epoch) for label, epoch, _, _ in snapshots]
     assert labels == [("search 0", 0), ("search 0", 1), ("search 0", 2), ("search 1", 0), ("search 1", 1),

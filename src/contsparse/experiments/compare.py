@@ -100,7 +100,8 @@ def _single(summary: dict[str, Any], method: str, label: str, seed: int, path: P
 def _imp_rows(summary: dict[str, Any], seed: int, path: Path) -> list[Row]:
     """One row per IMP round (each round trained a ticket), then the final ticket."""
     seconds = [json.loads(line)["seconds"] for line in (path / RunDir.METRICS).read_text().splitlines()]
-    rows = [Row("imp", f"imp round {p['round']}", seed, p["weights_remaining"], p["test_accuracy"],
+    rows = [Row("imp", f"imp round {p['round']}" + (" (dense)" if p["weights_remaining"] == 1 else ""), seed,
+                p["weights_remaining"], p["test_accuracy"],
                 p["train_epochs"], seconds[p["train_epochs"] - 1], str(path), p.get("val_accuracy"))
             for p in summary.get("round_tickets", [])]
     rows.append(Row("imp", "imp final", seed, summary["weights_remaining"], summary["test_accuracy"],

@@ -90,4 +90,5 @@ class ContinuousSparsification(Method):
         return {"beta": f"{masks.temperature:.3g}", "kept": f"{masks.weights_remaining():.4f}"}
 
     def epoch_metrics(self) -> dict[str, float]:
-        return {"temperature": self.mask_set.temperature}
+        # a hard mask has no temperature: ticket and fine-tuning epochs carry none
+        return {"temperature": self.mask_set.temperature} if self.mask_set.mode == "soft" else {}
