@@ -214,6 +214,8 @@ CATALOGUE = [
      "holds a checkpoint whose tensors do not fit the model of the new settings (model: 'lenet300' -> 'conv2')", None),
     ("--force with other masked layers", "resume {stopped} --mask-exclude ^output$ --force",
      "whose tensors do not fit the model of the new settings", None),
+    ("--force with another s0", "resume {stopped} --mask-init -0.2 --force",
+     "mask_init cannot change in a started run", None),
     ("compare: IMP rounds end before the rewind point", "compare --dataset synthetic --train-subset 256 --epochs 3 "
      "--ticket-epochs 1 --rewind-epoch 1 --out {root}/cmp", "the comparison's IMP runs train each round for "
      "--ticket-epochs (1) epochs and rewind to epoch 1 (--rewind-epoch): give --rewind-epoch below --ticket-epochs",

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from contsparse.experiments import Runner, make_config
 from contsparse.masking import LayerSelection
@@ -225,3 +226,36 @@ def test_str_and_dnw_fix_a_mask_and_keep_it(method, extra, command, tmp_path, mo
     assert resumed["test_accuracy"] == reference["test_accuracy"]
     again = load_file(str(tmp_path / "run/model.safetensors"))
     assert all(torch.equal(again[k], model[k]) for k in model)
+
+
+def test_random_pruning_with_an_output_layer_never_pruned():
+    """prune_fraction_last = 0: the output layer keeps all its weights while the target allows it
+    (LeNet: 1,000 of 266,200), and the mask is uniform below that instead of missing the target."""
+    for sparsity, output_kept in ((0.99, 1.0), (0.999, 0.001)):
+        _, random = _pruner(RandomPruning, sparsity=sparsity, last_fraction=0.0)
+        random.end_of_round(0, last=True)
+        masks = random.final_mask()
+        kept = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+        assert kept == pytest.approx(1 - sparsity, abs=1e-5)
+        assert masks["output.weight"].float().mean().item() == pytest.approx(output_kept, abs=1e-3)
+
+
+def test_dense_reference_and_dnw_on_tied_or_reparametrised_weights():
+    from contsparse.methods import Dense, DiscoveringNeuralWirings
+
+    normed = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    nn.utils.parametrizations.weight_norm(normed[0])
+    dense = Dense()
+    dense.attach(normed)
+    assert {k: v.all().item() for k, v in dense.final_mask().items()} == {"0.weight": True, "1.weight": True}
+
+    torch.manual_seed(0)
+    tied = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6))
+    tied[2].weight = tied[0].weight
+    method = DiscoveringNeuralWirings(PruneSettings(selection=LayerSelection(), sparsity=0.75))
+    method.attach(tied)
+    assert list(method.mask_set.masks) == ["0.weight"]
+    assert torch.equal(tied[0].weight, tied[2].weight) and int((tied[2].weight != 0).sum()) == 9  # top 25 %
+    method.end_of_round(0, last=True)
+    method.harden()
+    assert tied[0].weight is tied[2].weight and int((tied[0].weight != 0).sum()) == 9

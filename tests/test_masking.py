@@ -764,12 +764,75 @@ def test_loading_a_state_takes_its_mask_init_and_scaling():
 
 
 def test_masks_built_on_the_meta_device_are_initialised_by_reset_parameters():
+    """After ``to_empty()``, the masks' reset_parameters gives the logits s0. The weights are the
+    user's to initialise through ``parametrizations.weight.original``: Linear.reset_parameters
+    writes into the computed (masked) weight, a temporary."""
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
         masks = cs.attach_masks(model, mask_init=-0.05)
     model.to_empty(device="cpu")
     for module in model.modules():
-        if hasattr(module, "reset_parameters"):
+        if isinstance(module, ContinuousMask):
             module.reset_parameters()
+        elif isinstance(module, nn.Linear):
+            nn.init.xavier_normal_(module.parametrizations.weight.original)
+            nn.init.zeros_(module.bias)
     assert all(torch.all(s == -0.05) for s in masks.mask_parameters())
     assert masks.weights_remaining() == 0.0 and masks.masks["0.weight"].temperature == 1.0
+    assert torch.isfinite(model(torch.randn(3, 4))).all()
+
+
+def test_reset_parameters_leaves_a_hardened_ticket_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4))
+    masks = cs.attach_masks(model, mask_init=0.0)
+    with torch.no_grad():
+        masks.masks["0.weight"].logits.normal_()
+    masks.harden()
+    kept = masks.weights_remaining()
+    for module in model.modules():  # the usual way to re-initialise a ticket's weights
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    masks.zero_pruned()
+    assert masks.weights_remaining() == kept < 1
+    assert int((model[0].weight == 0).sum()) == int((~masks.binary_masks()["0.weight"]).sum())
+
+
+def test_zero_pruned_uses_the_masks_after_a_dtype_change():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4))
+    masks = cs.attach_masks(model, mask_init=0.0)
+    with torch.no_grad():
+        masks.masks["0.weight"].logits.normal_()
+    masks.harden()
+    masks.zero_pruned()  # before the buffers are replaced
+    model.double()
+    keep = torch.rand(4, 4) < 0.5
+    masks.set_hard_masks({"0.weight": keep})  # writes into the new buffers
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    masks.zero_pruned()
+    assert torch.equal(model[0].weight != 0, keep)
+
+
+def test_fused_penalty_once_under_activation_checkpointing():
+    """A layer used inside and outside a checkpointed segment: the recomputation in the backward
+    pass does not add the penalty again."""
+    from torch.utils.checkpoint import checkpoint
+
+    grads = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        layer = nn.Linear(5, 5)
+        masks = cs.attach_masks(layer, mask_init=0.0)
+        masks.temperature = 3.0
+        x = torch.randn(4, 5)
+        if fused:
+            masks.fuse_penalty(0.2)
+        hidden = checkpoint(nn.Sequential(layer, nn.Tanh()), x, use_reentrant=False)
+        loss = layer(hidden).pow(2).mean()
+        if not fused:
+            loss = loss + 0.2 * masks.penalty()
+        loss.backward()
+        grads.append(masks.masks["weight"].logits.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0])

@@ -247,7 +247,7 @@ class Runner:
         if not self.force:
             raise UserError(f"{self.run.path} holds a run with other settings ({details}); use another --out, "
                             "the same settings to resume it, or --force to resume it with the new ones")
-        self._refuse_impossible_resume(details)
+        self._refuse_impossible_resume(details, set(differing))
         self.log(f"--force: resuming {self.run.path} with changed settings ({details})")
 
     def _dense_baseline(self) -> Runner | None:
@@ -264,12 +264,18 @@ class Runner:
             baseline(_silent).check_settings()
         return baseline(self.log)
 
-    def _refuse_impossible_resume(self, details: str) -> None:
+    def _refuse_impossible_resume(self, details: str, changed: set[str]) -> None:
         """``--force`` with settings the checkpoint cannot continue under: fewer epochs than the
-        current phase has trained, or a model (architecture, masked layers, method) its tensors do
-        not fit. Refused before anything is written."""
+        current phase has trained, a model (architecture, masked layers, method) its tensors do
+        not fit, or another s0 or mask scaling (the masks keep those they were saved with).
+        Refused before anything is written."""
         if not has_checkpoint(self.run.checkpoint_dir):
             return
+        fixed = sorted(changed & {"mask_init", "mask_scaling"})
+        if fixed:
+            raise UserError(f"{self.run.path}: {' and '.join(fixed)} cannot change in a started run (its masks "
+                            "keep the values they were saved with); resume with the saved ones, or start a new "
+                            "run with --out")
         saved = load_checkpoint(self.run.checkpoint_dir, "cpu", warn=_silent)
         progress, phases = saved["progress"], plan_phases(self.config)
         if progress["phase"] < len(phases) and progress["epoch"] >= phases[progress["phase"]].epochs:

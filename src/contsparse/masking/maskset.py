@@ -27,12 +27,11 @@ class MaskSet:
     def __init__(self, model: nn.Module, masks: dict[str, ContinuousMask],
                  tied: dict[str, list[str]] | None = None) -> None:
         self.model = model
-        self.masks = masks  # "<module qualname>.weight" -> parametrization
+        self.masks = masks  # "<module qualname>.<parameter>" (e.g. "fc.weight") -> its mask
         # name -> the other "<module>.<attr>" names of the same Parameter (tied weights), which
         # carry the same mask: one weight tensor, one mask, wherever the model uses it
         self.tied = {name: list((tied or {}).get(name, ())) for name in masks}
         self._weights: dict[str, nn.Parameter] | None = None
-        self._hard_pairs: tuple[list[Tensor], list[Tensor]] | None = None
 
     # -- parameters ----------------------------------------------------------------------------
     def mask_parameters(self) -> list[nn.Parameter]:
@@ -82,21 +81,19 @@ class MaskSet:
             if mask.mode == "hard":
                 continue
             mask.harden(weights[name])
-            self._hard_pairs = None  # zero_pruned's list, if made before, has no hard layer in it
             for holder in self.holders(name):
                 module, attr = _split(self.model, holder)
                 parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
                 module.register_module(attr + HARD_SUFFIX, mask)
 
     def zero_pruned(self) -> None:
-        """Re-zero pruned weights (hard mode): one fused in-place multiply over all layers."""
-        if self._hard_pairs is None:
-            weights = self.masked_weights()
-            pairs = [(weights[name], mask.hard_mask) for name, mask in self.masks.items() if mask.mode == "hard"]
-            self._hard_pairs = ([w for w, _ in pairs], [m for _, m in pairs])
-        if self._hard_pairs[0]:
+        """Re-zero pruned weights (hard mode): one fused in-place multiply over all layers. The
+        lists are made again at each call: ``.to()`` or ``.double()`` replaces the mask buffers."""
+        weights = self.masked_weights()
+        pairs = [(weights[name], mask.hard_mask) for name, mask in self.masks.items() if mask.mode == "hard"]
+        if pairs:
             with torch.no_grad():
-                torch._foreach_mul_(*self._hard_pairs)
+                torch._foreach_mul_([w for w, _ in pairs], [m for _, m in pairs])
 
     def keep_pruned_at_zero(self, optimizer: torch.optim.Optimizer):
         """Run :meth:`zero_pruned` after every ``optimizer.step()``; returns the hook handle."""
@@ -182,7 +179,7 @@ class MaskSet:
             for holder in self.holders(name):
                 module, attr = _split(self.model, holder)
                 delattr(module, attr + HARD_SUFFIX)
-        self.masks, self.tied, self._weights, self._hard_pairs = {}, {}, None, None
+        self.masks, self.tied, self._weights = {}, {}, None
         return self.model
 
     def holders(self, name: str) -> list[str]:

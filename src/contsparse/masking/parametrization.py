@@ -32,7 +32,8 @@ class _SoftMaskedWeight(torch.autograd.Function):
                 owner: ContinuousMask, penalty_coef: float) -> Tensor:
         mask = torch.mul(logits, beta).sigmoid_()
         owner._remember_mask(mask)
-        owner.__dict__["_penalty_due"] = True
+        if _graph_task_id() == -1:  # not a recomputation inside a backward pass (activation checkpointing)
+            owner.__dict__["_penalty_due"] = True
         out = torch.addcmul(_zero(weight), weight, mask, value=scale)
         ctx.save_for_backward(out, mask, weight, logits)  # the last two for a differentiable backward
         ctx.beta, ctx.scale, ctx.penalty_coef, ctx.owner = beta, scale, penalty_coef, owner
@@ -159,8 +160,9 @@ class ContinuousMask(nn.Module):
         # backward pass (see MaskSet.fuse_penalty) instead of through a separate penalty term.
         self.fused_penalty = 0.0
         # The eager backward adds it once per forward-backward cycle however often the weight
-        # was used (a module called twice, a siamese pair, tied weights): the first backward
-        # after a forward takes it. Traced code has no such state and divides it among ``uses``.
+        # was used (a module called twice, a siamese pair, tied weights, a recomputation under
+        # activation checkpointing): the first backward after a forward pass takes it. Traced
+        # code has no such state and divides it among ``uses``.
         self._penalty_due = False
         self.uses = 1  # places that hold the weight: several for a tied weight (see attach_masks)
         self.attached_as: str | None = None  # the weight's name in the MaskSet that attached it
@@ -273,8 +275,11 @@ class ContinuousMask(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Logits back to ``s0`` and no hard mask: for models built on the ``meta`` device and
-        materialised with ``to_empty()``, whose modules are then initialised by this method."""
+        """Soft mode: logits back to ``s0``, no hard mask (for models built on the ``meta`` device
+        and materialised with ``to_empty()``, whose modules are then initialised by this method).
+        A hardened mask is the ticket's structure, not an initial value: it is left as it is."""
+        if self.mode == "hard":
+            return
         self.logits.fill_(self.mask_init)
         self.hard_mask.fill_(1.0)
         self._cached_mask = None
@@ -300,6 +305,7 @@ class ContinuousMask(nn.Module):
 
 
 _compiling = torch.compiler.is_compiling  # whether torch.compile is tracing this code
+_graph_task_id = torch._C._current_graph_task_id  # -1 outside a backward pass
 
 
 def set_temperature(masks: Iterable[ContinuousMask], beta: float) -> None:

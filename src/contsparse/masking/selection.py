@@ -14,7 +14,8 @@ DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Con
 
 @dataclass(frozen=True)
 class LayerSelection:
-    """Rules that pick prunable layers; the weight of each picked layer gets a mask.
+    """Rules that pick prunable layers; the parameters ``parameters`` names (``weight`` by default)
+    of each picked layer get a mask.
 
     ``include`` / ``exclude`` are regular expressions matched (``re.search``) against the module's
     qualified name, e.g. ``"features"`` or ``r"^fc\\d$"``. ``parameters`` names which of a picked

@@ -24,5 +24,9 @@ class Dense(Method):
 
     def final_mask(self) -> dict[str, Tensor]:
         assert self.model is not None
-        return {name: torch.ones_like(self.model.get_parameter(name), dtype=torch.bool)
+        def tensor(name: str) -> Tensor:  # the layer's weight as it computes (parametrized or not)
+            module_name, _, attr = name.rpartition(".")
+            return getattr(self.model.get_submodule(module_name), attr)
+
+        return {name: torch.ones_like(tensor(name), dtype=torch.bool)
                 for name in self.selection.select_tensors(self.model)}

@@ -190,6 +190,8 @@ class RandomPruning(HardMaskMethod):
         def kept_overall(k: float) -> float:
             return sum(n * (k ** exponent if name in output else k) for name, n in sizes.items()) / total
 
+        if kept_overall(0.0) > target:  # the output layer alone keeps more (prune_fraction_last = 0)
+            return dict.fromkeys(sizes, target)
         low, high = 0.0, 1.0  # kept_overall rises with k: bisect for the target
         for _ in range(60):
             middle = (low + high) / 2

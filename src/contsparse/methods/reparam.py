@@ -63,9 +63,17 @@ class _Reparametrised(HardMaskMethod):
         super().attach(model)
         self.model = model
         for name in self.mask_set.masks:
-            module_name, _, attr = name.rpartition(".")
-            module = model.get_submodule(module_name)
-            parametrize.register_parametrization(module, attr, self._reparametrisation(getattr(module, attr)))
+            places = self._places(name)
+            reparametrisation = self._reparametrisation(getattr(*places[0]))
+            for module, attr in places:  # a tied weight: the same reparametrisation wherever it is used
+                parametrize.register_parametrization(module, attr, reparametrisation)
+
+    def _places(self, name: str) -> list[tuple[nn.Module, str]]:
+        places = []
+        for holder in self.mask_set.holders(name):
+            module_name, _, attr = holder.rpartition(".")
+            places.append((self.mask_set.model.get_submodule(module_name), attr))
+        return places
 
     def _reparametrisation(self, weight: Tensor) -> nn.Module:
         raise NotImplementedError
@@ -110,8 +118,9 @@ class _Reparametrised(HardMaskMethod):
         """What the trained weight becomes once the mask is fixed (before any rewind)."""
 
     def harden(self) -> None:
-        for module, attr in self._parametrised().values():
-            parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+        for name in self._parametrised():
+            for module, attr in self._places(name):
+                parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
         self.mask_set.zero_pruned()  # the same Parameter objects are the layers' weights again
 
 
