@@ -782,13 +782,19 @@ def test_masks_built_on_the_meta_device_are_initialised_by_reset_parameters():
     assert torch.isfinite(model(torch.randn(3, 4))).all()
 
 
-def test_reset_parameters_leaves_a_hardened_ticket_alone():
+def hardened_layer(n_in: int, n_out: int):
+    """A one-layer model with a random hard mask (about half the weights kept)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 4))
+    model = nn.Sequential(nn.Linear(n_in, n_out))
     masks = cs.attach_masks(model, mask_init=0.0)
     with torch.no_grad():
         masks.masks["0.weight"].logits.normal_()
     masks.harden()
+    return model, masks
+
+
+def test_reset_parameters_leaves_a_hardened_ticket_alone():
+    model, masks = hardened_layer(6, 4)
     kept = masks.weights_remaining()
     for module in model.modules():  # the usual way to re-initialise a ticket's weights
         if hasattr(module, "reset_parameters"):
@@ -799,12 +805,7 @@ def test_reset_parameters_leaves_a_hardened_ticket_alone():
 
 
 def test_zero_pruned_uses_the_masks_after_a_dtype_change():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 4))
-    masks = cs.attach_masks(model, mask_init=0.0)
-    with torch.no_grad():
-        masks.masks["0.weight"].logits.normal_()
-    masks.harden()
+    model, masks = hardened_layer(4, 4)
     masks.zero_pruned()  # before the buffers are replaced
     model.double()
     keep = torch.rand(4, 4) < 0.5
