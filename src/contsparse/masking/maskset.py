@@ -186,7 +186,6 @@ class MaskSet:
         """``name`` and the names of the weights tied to it: every place the model reads it."""
         return [name, *self.tied.get(name, ())]
 
-
     def __iter__(self) -> Iterator[tuple[str, ContinuousMask]]:
         return iter(self.masks.items())
 
