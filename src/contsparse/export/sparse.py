@@ -77,16 +77,19 @@ def to_csr(weight: Tensor) -> Tensor:
 
 
 class SparseLinear(nn.Module):
-    """A Linear layer holding its weight in CSR form (used where ``torch.fx`` cannot trace)."""
+    """A Linear layer computing with a CSR copy of its weight (used where ``torch.fx`` cannot
+    trace). ``weight`` stays dense for code that reads it instead of calling the layer, as
+    MultiheadAttention does with its ``out_proj``."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", to_csr(linear.weight))
+        self.register_buffer("weight", linear.weight.detach().clone())
+        self.register_buffer("weight_csr", to_csr(linear.weight), persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
-        return csr_linear(x, self.weight, self.bias)
+        return csr_linear(x, self.weight_csr, self.bias)
 
 
 def zero_fraction(weight: Tensor) -> float:
@@ -134,11 +137,11 @@ def to_sparse(model: nn.Module, batch_size: int = 1, kernels: Kernels = "auto",
         choices[name] = choice
         return choice
 
-    try:
-        if _has_hooks(model):  # tracing calls forward itself: the model's own hooks would be lost
-            raise _KeepHooks
-        traced = _trace(model)
-    except Exception:  # data-dependent control flow and the like: swap modules in place instead
+    # A model with hooks of its own is not traced (tracing calls forward itself, skipping them);
+    # one that cannot be traced (data-dependent control flow, ...) neither: both get their
+    # Linear modules swapped in place instead
+    traced = None if _has_hooks(model) else _trace_or_none(model)
+    if traced is None:
         return SparseInference(_swap_modules(model, choose), None, choices)
     converted = _inline_linears(traced, choose)
     chain = _vector_chain(converted)
@@ -146,10 +149,6 @@ def to_sparse(model: nn.Module, batch_size: int = 1, kernels: Kernels = "auto",
 
 
 Layer = tuple[Tensor, Tensor | None, bool]  # weight (CSR or dense), bias, ReLU after it
-
-
-class _KeepHooks(Exception):
-    """The model has hooks of its own: convert it without tracing, so that they still run."""
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -170,6 +169,13 @@ class _KernelsAsLeaves(fx.Tracer):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(autowrap_functions=(csr_linear, dense_linear))
+
+
+def _trace_or_none(model: nn.Module) -> fx.GraphModule | None:
+    try:
+        return _trace(model)
+    except Exception:  # whatever stops torch.fx: the caller converts without a graph
+        return None
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
@@ -497,12 +503,8 @@ def _free_name(taken: set[str], base: str) -> str:
 
 
 def _swap_modules(model: nn.Module, choose: Callable[[str, nn.Linear], str]) -> nn.Module:
-    # MultiheadAttention reads its out_proj's weight itself (never calling it): a CSR weight there
-    # would break its fast path
-    attention_projections = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     for name, module in list(model.named_modules()):
-        if name and _plain_linear(module) and id(module) not in attention_projections \
-                and choose(name, module) == "sparse":
+        if name and _plain_linear(module) and choose(name, module) == "sparse":
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, SparseLinear(module))
     return model
