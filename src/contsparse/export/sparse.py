@@ -280,8 +280,7 @@ class SparseInference(nn.Module):
                                            and getattr(assigned, "__self__", None) is self)
         return (self._vector_forward is not None and _GLOBAL_HOOKS_KNOWN and own_forward
                 and type(self).forward is SparseInference.forward and type(self)._call_impl is nn.Module._call_impl
-                and not (self._forward_pre_hooks or self._forward_hooks or self._backward_pre_hooks
-                         or self._backward_hooks or self._compiled_call_impl is not None))
+                and not _has_hooks(self) and self._compiled_call_impl is None)
 
     # -- copies: the generated vector path and bound methods are made again, CSR tensors pickle --
     def __getstate__(self) -> dict:

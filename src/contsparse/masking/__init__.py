@@ -7,7 +7,7 @@ from contsparse.masking.accounting import count_zeros, per_layer_remaining, weig
 from contsparse.masking.maskset import MaskSet, attach_masks, find_masks
 from contsparse.masking.parametrization import ContinuousMask
 from contsparse.masking.schedule import TemperatureSchedule
-from contsparse.masking.selection import LayerSelection
+from contsparse.masking.selection import LayerSelection, owner_of
 
 __all__ = ["ContinuousMask", "LayerSelection", "MaskSet", "TemperatureSchedule", "attach_masks",
-           "count_zeros", "find_masks", "per_layer_remaining", "weights_remaining"]
+           "count_zeros", "find_masks", "owner_of", "per_layer_remaining", "weights_remaining"]

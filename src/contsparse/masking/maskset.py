@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 
 from contsparse.masking.accounting import per_layer_remaining, weights_remaining
 from contsparse.masking.parametrization import ContinuousMask, MaskMode, set_temperature
-from contsparse.masking.selection import LayerSelection
+from contsparse.masking.selection import LayerSelection, owner_of
 
 # Once hardened, a layer's mask lives beside the weight as a submodule named "<attr>_cs_mask".
 HARD_SUFFIX = "_cs_mask"
@@ -48,7 +48,7 @@ class MaskSet:
         if self._weights is None:
             self._weights = {}
             for name, mask in self.masks.items():
-                module, attr = _split(self.model, name)
+                module, attr = owner_of(self.model, name)
                 self._weights[name] = (getattr(module, attr) if mask.mode == "hard"
                                        else module.parametrizations[attr].original)
         return self._weights
@@ -81,8 +81,7 @@ class MaskSet:
             if mask.mode == "hard":
                 continue
             mask.harden(weights[name])
-            for holder in self.holders(name):
-                module, attr = _split(self.model, holder)
+            for module, attr in self.places(name):
                 parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
                 module.register_module(attr + HARD_SUFFIX, mask)
 
@@ -176,8 +175,7 @@ class MaskSet:
         ordinary ``nn.Module`` (zeros included) that loads without contsparse installed."""
         self.harden()
         for name in list(self.masks):
-            for holder in self.holders(name):
-                module, attr = _split(self.model, holder)
+            for module, attr in self.places(name):
                 delattr(module, attr + HARD_SUFFIX)
         self.masks, self.tied, self._weights = {}, {}, None
         return self.model
@@ -185,6 +183,10 @@ class MaskSet:
     def holders(self, name: str) -> list[str]:
         """``name`` and the names of the weights tied to it: every place the model reads it."""
         return [name, *self.tied.get(name, ())]
+
+    def places(self, name: str) -> list[tuple[nn.Module, str]]:
+        """:meth:`holders` as (module, attribute) pairs."""
+        return [owner_of(self.model, holder) for holder in self.holders(name)]
 
     def __iter__(self) -> Iterator[tuple[str, ContinuousMask]]:
         return iter(self.masks.items())
@@ -219,12 +221,12 @@ def attach_masks(model: nn.Module, mask_init: float = 0.0, *, scale_by_init: boo
     for name in names:
         if name in covered:
             continue
-        module, attr = _split(model, name)
+        module, attr = owner_of(model, name)
         _check_maskable(module, attr, name)
         weight = getattr(module, attr)
         places = holders[id(weight)]
         for place in places:
-            _check_maskable(*_split(model, place), place)
+            _check_maskable(*owner_of(model, place), place)
         mask = ContinuousMask(weight.shape, mask_init, scale_by_init, device=weight.device, dtype=weight.dtype)
         if weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
             # Logits in the weight's layout: a channels-last weight times a contiguous mask would
@@ -232,7 +234,7 @@ def attach_masks(model: nn.Module, mask_init: float = 0.0, *, scale_by_init: boo
             mask.to(memory_format=torch.channels_last)
         others = [place for place in places if place != name]
         for place in [name, *others]:
-            parametrize.register_parametrization(*_split(model, place), mask, unsafe=True)
+            parametrize.register_parametrization(*owner_of(model, place), mask, unsafe=True)
         mask.uses, mask.attached_as = 1 + len(others), name
         masks[name], tied[name] = mask, others
         covered.update(others)
@@ -267,11 +269,6 @@ def _parameter_holders(model: nn.Module) -> dict[int, list[str]]:
             if param is not None:
                 holders.setdefault(id(param), []).append(f"{module_name}.{attr}" if module_name else attr)
     return holders
-
-
-def _split(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    module_name, _, attr = name.rpartition(".")
-    return model.get_submodule(module_name), attr
 
 
 def find_masks(model: nn.Module) -> MaskSet:

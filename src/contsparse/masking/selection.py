@@ -83,3 +83,9 @@ class LayerSelection:
             names += list(module.parametrizations)
         names += [attr for attr, value in vars(module).items() if isinstance(value, Tensor)]
         return [attr for attr in dict.fromkeys(names) if any(p.fullmatch(attr) for p in patterns)]
+
+
+def owner_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding the tensor named ``"<module>.<attr>"`` (e.g. ``"fc.weight"``), and ``attr``."""
+    module_name, _, attr = name.rpartition(".")
+    return model.get_submodule(module_name), attr

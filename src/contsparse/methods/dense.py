@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from contsparse.masking import LayerSelection
+from contsparse.masking import LayerSelection, owner_of
 from contsparse.methods.base import Method
 
 
@@ -24,9 +24,6 @@ class Dense(Method):
 
     def final_mask(self) -> dict[str, Tensor]:
         assert self.model is not None
-        def tensor(name: str) -> Tensor:  # the layer's weight as it computes (parametrized or not)
-            module_name, _, attr = name.rpartition(".")
-            return getattr(self.model.get_submodule(module_name), attr)
-
-        return {name: torch.ones_like(tensor(name), dtype=torch.bool)
+        # the layer's weight as it computes (parametrized or not)
+        return {name: torch.ones_like(getattr(*owner_of(self.model, name)), dtype=torch.bool)
                 for name in self.selection.select_tensors(self.model)}

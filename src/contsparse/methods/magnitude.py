@@ -37,6 +37,12 @@ class PruneSettings:
 class HardMaskMethod(Method):
     """Masks are hard from the start (all ones); subclasses decide when and what to prune."""
 
+    def output_tensors(self) -> set[str]:
+        """The masked tensors of the output layer (the last candidate layer), which IMP prunes at
+        ``last_fraction``; empty when that layer is not masked."""
+        layers = self.settings.selection.candidates(self.mask_set.model)
+        return {name for name in self.mask_set.masks if layers and name.rpartition(".")[0] == layers[-1]}
+
     rewind_between_rounds = False
     fresh_optimizers_each_round = False
 
@@ -138,9 +144,8 @@ class IterativeMagnitudePruning(HardMaskMethod):
         # The output layer's rate goes to the output layer only: when it is not masked (e.g.
         # --exclude-last) every masked layer is a hidden one and takes ``fraction``. Global
         # pruning ranks all layers together at ``fraction`` (as open_lth does).
-        layers = self.settings.selection.candidates(self.mask_set.model)
-        output = layers[-1] if layers and self.settings.scope == "layerwise" else None
-        fractions = {name: self.settings.last_fraction if name.rpartition(".")[0] == output else self.settings.fraction
+        output = self.output_tensors() if self.settings.scope == "layerwise" else set()
+        fractions = {name: self.settings.last_fraction if name in output else self.settings.fraction
                      for name in self.mask_set.masks}
         self.prune_by_magnitude(fractions=fractions)
 
@@ -179,8 +184,7 @@ class RandomPruning(HardMaskMethod):
     def _kept_fractions(self, sizes: dict[str, int]) -> dict[str, float]:
         settings = self.settings
         target = 1 - settings.sparsity
-        layers = settings.selection.candidates(self.mask_set.model)
-        output = [name for name in sizes if layers and name.rpartition(".")[0] == layers[-1]]
+        output = self.output_tensors()
         if not output or len(output) == len(sizes) or not 0 < settings.fraction < 1 \
                 or not 0 <= settings.last_fraction < 1 or target in (0.0, 1.0):
             return dict.fromkeys(sizes, target)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from contsparse.masking import owner_of
 from contsparse.methods.magnitude import HardMaskMethod, PruneSettings, _top
 
 
@@ -63,17 +64,10 @@ class _Reparametrised(HardMaskMethod):
         super().attach(model)
         self.model = model
         for name in self.mask_set.masks:
-            places = self._places(name)
+            places = self.mask_set.places(name)
             reparametrisation = self._reparametrisation(getattr(*places[0]))
             for module, attr in places:  # a tied weight: the same reparametrisation wherever it is used
                 parametrize.register_parametrization(module, attr, reparametrisation)
-
-    def _places(self, name: str) -> list[tuple[nn.Module, str]]:
-        places = []
-        for holder in self.mask_set.holders(name):
-            module_name, _, attr = holder.rpartition(".")
-            places.append((self.mask_set.model.get_submodule(module_name), attr))
-        return places
 
     def _reparametrisation(self, weight: Tensor) -> nn.Module:
         raise NotImplementedError
@@ -81,8 +75,7 @@ class _Reparametrised(HardMaskMethod):
     def _parametrised(self) -> dict[str, tuple[nn.Module, str]]:
         found = {}
         for name in self.mask_set.masks:
-            module_name, _, attr = name.rpartition(".")
-            module = self.model.get_submodule(module_name)
+            module, attr = owner_of(self.model, name)
             if parametrize.is_parametrized(module, attr):
                 found[name] = (module, attr)
         return found
@@ -119,7 +112,7 @@ class _Reparametrised(HardMaskMethod):
 
     def harden(self) -> None:
         for name in self._parametrised():
-            for module, attr in self._places(name):
+            for module, attr in self.mask_set.places(name):
                 parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
         self.mask_set.zero_pruned()  # the same Parameter objects are the layers' weights again
 

@@ -30,7 +30,7 @@ def flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") -> An
     """JSON-able skeleton of ``obj``; its tensors are moved into ``tensors``."""
     if isinstance(obj, torch.Tensor):
         key = f"{prefix}.{len(tensors)}"
-        tensors[key] = obj.detach().cpu().contiguous()
+        tensors[key] = obj  # save_checkpoint stores for_safetensors' contiguous CPU copies
         return {"__tensor__": key}
     if isinstance(obj, dict):
         if all(isinstance(k, str) for k in obj):
