@@ -1,5 +1,7 @@
 """Baselines on the same loop: IMP with rewinding, magnitude, random, GMP, the re-init control."""
 
+import csv
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -154,7 +156,6 @@ def test_reinit_control_reaches_every_imp_round_ticket(tmp_path):
 
 
 def test_compare_writes_tables_and_plots_and_reuses_finished_runs(tmp_path, capsys):
-    import csv
 
     from contsparse.cli import main
 
@@ -177,6 +178,8 @@ def test_compare_writes_tables_and_plots_and_reuses_finished_runs(tmp_path, caps
     assert main(["report", str(tmp_path / "cmp"), "--out", str(tmp_path / "report")]) == 0  # one comparison
     report = (tmp_path / "report" / "report.md").read_text()
     assert all(f"| {r['label']} seed {r['seed']} |" in report for r in rows)
+    with open(tmp_path / "report" / "report.csv", newline="") as handle:  # the report's front is chosen on these
+        assert [float(r["val_accuracy"]) for r in csv.DictReader(handle)] == [float(r["val_accuracy"]) for r in rows]
 
 
 def test_the_sparsest_ticket_near_dense_is_chosen_on_validation_not_test():

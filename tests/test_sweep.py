@@ -104,6 +104,16 @@ def test_pareto_front_keeps_only_undominated_finished_points():
     assert [r.name for r in pareto_front(results)] == ["a", "b", "d"]
 
 
+def test_pareto_front_is_chosen_on_validation_accuracy_not_on_test_accuracy():
+    def point(name, kept, val, test):
+        return PointResult(name, {}, "ticket", "done", "", kept, test, val_accuracy=val)
+    # b is better than a on test only, c is better than b on validation only
+    results = [point("a", 0.01, 0.96, 0.95), point("b", 0.02, 0.95, 0.97), point("c", 0.03, 0.97, 0.96)]
+    assert [r.name for r in pareto_front(results)] == ["a", "c"]
+    # a run saved without validation accuracy is chosen on its test accuracy
+    assert [r.name for r in pareto_front([*results, point("d", 0.005, None, 0.99)])] == ["d"]
+
+
 def test_local_sweep_runs_skips_finished_points_and_records_threads(tmp_path):
     plan = SweepPlan(make_config(TINY), {"mask_init": ["-0.02", "0.05"]})
     first = Recorder()
@@ -120,6 +130,7 @@ def test_local_sweep_runs_skips_finished_points_and_records_threads(tmp_path):
     rerun = run_sweep(plan, tmp_path, LocalPool(workers=2), again)
     assert again.skipped == 3 and again.ended == []
     assert [r.test_accuracy for r in rerun] == [r.test_accuracy for r in results]
+    assert all(r.val_accuracy is not None for r in results + rerun)  # what the front is chosen on
     assert all(r.finished_after_s is None for r in rerun)  # read from disk, not run again
     assert summaries == {p: (tmp_path / p / "summary.json").stat().st_mtime_ns for p in summaries}
 

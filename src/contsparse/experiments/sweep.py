@@ -160,9 +160,15 @@ class PointResult:
     finished_after_s: float | None = None  # since this invocation's start; None if done before
     threads: int | None = None
     message: str = ""
+    val_accuracy: float | None = None  # what the Pareto front is chosen on: the test set only reports
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def selection_accuracy(self) -> float | None:
+        """Validation accuracy, which picks points (test accuracy for runs saved without it)."""
+        return self.test_accuracy if self.val_accuracy is None else self.val_accuracy
 
 
 class SweepDisplay:
@@ -303,17 +309,18 @@ def _from_summary(point: SweepPoint, out: Path, summary: dict[str, Any], status:
                   after: float | None) -> PointResult:
     return PointResult(point.name, point.values, point.config.command, status, str(out / point.name),
                        summary["weights_remaining"], summary["test_accuracy"], summary["train_epochs"],
-                       summary["wall_seconds"], after)
+                       summary["wall_seconds"], after, val_accuracy=summary.get("val_accuracy"))
 
 
 def pareto_front(results: list[PointResult]) -> list[PointResult]:
     """Finished sparse points not beaten by another on both axes (fewer weights and higher
-    accuracy), sorted by weights remaining."""
+    validation accuracy), sorted by weights remaining. Chosen on validation, so that the test
+    accuracy reported for them is not the figure they were picked by."""
     done = [r for r in results if r.status == "done" and r.command != "train"
-            and r.weights_remaining is not None and r.test_accuracy is not None
-            and math.isfinite(r.test_accuracy)]
-    front = []
-    for r in sorted(done, key=lambda r: (r.weights_remaining, -r.test_accuracy)):
-        if not front or r.test_accuracy > front[-1].test_accuracy:
+            and r.weights_remaining is not None and r.selection_accuracy is not None
+            and math.isfinite(r.selection_accuracy)]
+    front: list[PointResult] = []
+    for r in sorted(done, key=lambda r: (r.weights_remaining, -r.selection_accuracy)):
+        if not front or r.selection_accuracy > front[-1].selection_accuracy:
             front.append(r)
     return front

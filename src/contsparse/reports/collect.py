@@ -26,7 +26,8 @@ def load_results(directory: Path) -> list[PointResult]:
         s = run.read_summary()  # a one-line error if it has not finished
         values = {"method": s["method"]} if s["command"] != "train" else {}
         return [PointResult(directory.name, values, s["command"], "done", str(directory), s["weights_remaining"],
-                            s["test_accuracy"], s["train_epochs"], s["wall_seconds"])]
+                            s["test_accuracy"], s["train_epochs"], s["wall_seconds"],
+                            val_accuracy=s.get("val_accuracy"))]
     raise UserError(f"{directory} is not a run, sweep or comparison directory")
 
 
@@ -37,9 +38,15 @@ def _comparison(path: Path) -> list[PointResult]:
         return [PointResult(f"{r['label']} seed {r['seed']}", {"method": r["method"], "seed": int(r["seed"])},
                             "train" if r["method"] == "dense" else "ticket", "done", r["run_dir"],
                             float(r["weights_remaining"]), float(r["test_accuracy"]), int(r["train_epochs"]),
-                            float(r["wall_seconds"])) for r in rows]
+                            float(r["wall_seconds"]), val_accuracy=_optional_float(r.get("val_accuracy")))
+                for r in rows]
     except (OSError, KeyError, ValueError) as err:
         raise UserError(f"cannot read the comparison {path}: {err}") from None
+
+
+def _optional_float(text: str | None) -> float | None:
+    """A CSV cell that may be empty (comparisons saved before validation accuracy was kept)."""
+    return float(text) if text else None
 
 
 def report_directories(directories: list[Path], out: Path | None) -> list[Path]:

@@ -1,7 +1,7 @@
 """Tables and plots of sweeps (and of any set of runs): every point, the Pareto front, a picture.
 
 The front is what a user picks from: the points that no other point beats on both axes (fewer
-weights *and* higher accuracy).
+weights *and* higher validation accuracy); their test accuracy is reported, never used to choose.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def rows_for_csv(results: list[PointResult], front: list[PointResult], series: s
         row: dict[str, Any] = {"series": series} if series else {}
         row.update({"point": r.name, "command": r.command, "status": r.status})
         row.update({k: r.values.get(k, "") for k in keys})
-        row.update({"weights_remaining": r.weights_remaining, "test_accuracy": r.test_accuracy,
-                    "train_epochs": r.train_epochs, "wall_seconds": r.wall_seconds,
+        row.update({"weights_remaining": r.weights_remaining, "val_accuracy": r.val_accuracy,
+                    "test_accuracy": r.test_accuracy, "train_epochs": r.train_epochs, "wall_seconds": r.wall_seconds,
                     "finished_after_s": r.finished_after_s, "threads": r.threads, "pareto": id(r) in on_front,
                     "run_dir": r.run_dir, "message": r.message})
         rows.append(row)
@@ -56,19 +56,21 @@ def dense_accuracies(results: list[PointResult]) -> list[float]:
 def markdown(results: list[PointResult], front: list[PointResult], title: str) -> str:
     keys = sorted({k for r in results for k in r.values})
     on_front = {id(r) for r in front}
-    header = ["point", *keys, "status", "weights remaining", "test accuracy", "epochs", "wall s", "Pareto"]
+    header = ["point", *keys, "status", "weights remaining", "val. accuracy", "test accuracy", "epochs", "wall s",
+              "Pareto"]
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in sorted(results, key=lambda r: (r.command != "train", -(r.weights_remaining or 0))):
         cells = [r.name, *(str(r.values.get(k, "")) for k in keys), r.status, _percent(r.weights_remaining),
-                 _percent(r.test_accuracy), _number(r.train_epochs), _number(r.wall_seconds),
+                 _percent(r.val_accuracy), _percent(r.test_accuracy), _number(r.train_epochs), _number(r.wall_seconds),
                  "★" if id(r) in on_front else ""]
         lines.append("| " + " | ".join(cells) + " |")
     dense = dense_accuracies(results)
-    lines += ["", "Pareto front (fewest weights for the accuracy; no other point has both fewer weights and a "
-              "higher accuracy):", ""]
+    lines += ["", "Pareto front, chosen on validation accuracy (no other point has both fewer weights and a "
+              "higher validation accuracy; test accuracy only reports):", ""]
     for r in front:
         gap = f", {100 * (r.test_accuracy - statistics.fmean(dense)):+.2f} points vs dense" if dense else ""
-        lines.append(f"* {r.name}: {_percent(r.weights_remaining)} of the weights, {_percent(r.test_accuracy)}{gap}")
+        lines.append(f"* {r.name}: {_percent(r.weights_remaining)} of the weights, test accuracy "
+                     f"{_percent(r.test_accuracy)}{gap}")
     if not front:
         lines.append("* (no finished sparse point yet)")
     if dense:
@@ -82,7 +84,7 @@ def markdown(results: list[PointResult], front: list[PointResult], title: str) -
 
 def accuracy_plot(series: dict[str, list[PointResult]], path: Path, title: str) -> Path:
     """Test accuracy vs weights remaining (log axis, sparser to the right), one colour per series,
-    its Pareto front as a line, the dense reference as a band."""
+    its Pareto front (chosen on validation accuracy) as a line, the dense reference as a band."""
     fig, ax = accuracy_axes()
     dense_band(ax, [a for results in series.values() for a in dense_accuracies(results)])
     plotted = False
@@ -98,7 +100,7 @@ def accuracy_plot(series: dict[str, list[PointResult]], path: Path, title: str) 
                             xytext=(4, 4), textcoords="offset points", color=color)
         front = [r for r in pareto_front(results) if r.weights_remaining]  # 0 has no place on a log axis
         ax.plot([100 * r.weights_remaining for r in front], [100 * r.test_accuracy for r in front], marker="o",
-                markersize=5, color=color, label=f"{label} (Pareto front)")
+                markersize=5, color=color, label=f"{label} (Pareto front on validation)")
     if not plotted:  # only dense, failed or pending points so far: an x axis would mean nothing
         ax.text(0.5, 0.5, "no finished sparse run yet", transform=ax.transAxes, ha="center", va="center",
                 color="#555555")
