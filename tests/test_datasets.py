@@ -180,6 +180,9 @@ def test_image_folder_batches_are_decoded_augmented_and_resumable(tmp_path):
     assert all(torch.equal(a[0], b[0]) for a, b in zip(full[1:], again, strict=True))
     batches.set_epoch(4)
     assert not torch.equal(torch.cat([x for x, _ in batches]), torch.cat([x for x, _ in full]))
+    largest = data.train.batches(2, shuffle=True, seed=2**63 - 1)  # derived seeds beyond 64 bits are folded
+    largest.set_epoch(5)
+    assert sum(len(y) for _, y in largest) == len(data.train)
 
 
 def test_image_folder_trains_through_the_cli_with_worker_processes(tmp_path, capsys):
@@ -216,6 +219,16 @@ def test_image_folder_layout_errors(tmp_path):
         load_dataset("imagenet", tmp_path)
     with pytest.raises(UserError, match="needs --data-dir"):
         load_dataset("imagenet", None)
+
+
+def test_a_flat_imagenet_val_folder_is_named_as_the_problem(tmp_path):
+    write_image_folder(tmp_path)
+    for folder in (tmp_path / "val").iterdir():  # ILSVRC's val archive: the images, no class folders
+        for image in folder.iterdir():
+            image.rename(tmp_path / "val" / f"{folder.name}_{image.name}")
+        folder.rmdir()
+    with pytest.raises(UserError, match="holds its images directly"):
+        load_dataset("imagenet", tmp_path, DataOptions(image_size=24, workers=0))
 
 
 def test_synthetic_data_of_any_shape():

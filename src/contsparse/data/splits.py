@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from contsparse.seeds import seeded_generator
+
 Augment = Callable[[Tensor, torch.Generator], Tensor]
 
 
@@ -73,7 +75,7 @@ class BatchIterator:
         """
         n = len(self.split)
         base_seed = self.seed * 1_000_003 + self.epoch
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(base_seed)) if self.shuffle else None
+        order = torch.randperm(n, generator=seeded_generator(base_seed)) if self.shuffle else None
         for batch in range(start, len(self)):
             begin = batch * self.batch_size
             if order is None:
@@ -82,7 +84,7 @@ class BatchIterator:
                 index = order[begin:begin + self.batch_size].to(self.split.x.device)
                 x, y = self.split.x.index_select(0, index), self.split.y.index_select(0, index)
             if self.augment is not None:
-                x = self.augment(x, torch.Generator().manual_seed(base_seed * 100_003 + batch))
+                x = self.augment(x, seeded_generator(base_seed * 100_003 + batch))
             yield x, y
 
 

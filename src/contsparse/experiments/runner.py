@@ -32,6 +32,7 @@ from contsparse.masking import find_masks, per_layer_remaining, weights_remainin
 from contsparse.masking.maskset import HARD_SUFFIX
 from contsparse.methods import METHODS, ContinuousSparsification, CSSettings, Dense, Method, PruneSettings
 from contsparse.models import build_model
+from contsparse.seeds import SEED_RANGE
 from contsparse.training import (
     EpochResult,
     NonFiniteLossError,
@@ -478,7 +479,7 @@ class Runner:
         """Weights of a new random initialisation in ``model``'s layout: the ticket's mask with
         other weights, the control that shows whether the ticket's own initial values matter."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed + 1_000_003)
+            torch.manual_seed((self.config.seed + 1_000_003) % SEED_RANGE)
             fresh, _ = masked_model(self.config, self._load_data(), 1)
         device = next(model.parameters()).device
         return {k: v.to(device) for k, v in rewind_state(fresh).items()}

@@ -53,8 +53,8 @@ def compressed_bytes(state: dict[str, torch.Tensor], min_zero_fraction: float = 
 
 
 def load_compressed(path: str | Path) -> dict[str, torch.Tensor]:
-    """The dense ``state_dict`` stored by :func:`save_compressed` (loads without contsparse too:
-    see the README for the five numpy lines)."""
+    """The dense ``state_dict`` stored by :func:`save_compressed` (loads without contsparse too,
+    with numpy alone: the README's export section says how)."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
+from contsparse.data import input_preprocessing
 from contsparse.errors import UserError
 from contsparse.export.compressed import compressed_bytes
 from contsparse.export.run_model import RunModel, load_run_model
@@ -71,9 +72,16 @@ def export_onnx(run: RunModel, path: Path) -> None:
                                         output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False)
     finally:
         quiet.setLevel(level)
+    program.model.metadata_props.update(_metadata(run))
     program.save(str(path))
 
 
 def _metadata(run: RunModel) -> dict[str, str]:
-    return {"architecture": run.name, "input_shape": json.dumps(list(run.input_shape)),
-            "num_classes": str(run.num_classes)}
+    """What a user of the file needs besides the weights: the architecture, and how inputs were
+    preprocessed in training (mean, std, pixel scale) when contsparse knows it."""
+    metadata = {"architecture": run.name, "input_shape": json.dumps(list(run.input_shape)),
+                "num_classes": str(run.num_classes)}
+    preprocessing = input_preprocessing(run.dataset, run.input_shape)
+    if preprocessing is not None:
+        metadata["input_preprocessing"] = json.dumps(preprocessing)
+    return metadata

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from contsparse.masking import LayerSelection, MaskSet, attach_masks
 from contsparse.methods.base import Method
+from contsparse.seeds import seeded_generator
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ class RandomPruning(HardMaskMethod):
     def end_of_round(self, round_index: int, last: bool) -> None:
         if not last:
             return
-        generator = torch.Generator().manual_seed(self.settings.seed + 7919)
+        generator = seeded_generator(self.settings.seed + 7919)
         current = self.mask_set.binary_masks()
         kept = self._kept_fractions({name: keep.numel() for name, keep in current.items()})
         new = {}
