@@ -97,6 +97,16 @@ def test_magnitude_keeps_the_largest_weights_layerwise_or_globally():
     assert masks["output.weight"].float().mean() != pytest.approx(0.1, abs=1e-3)  # global: layers differ
 
 
+def test_global_magnitude_pruning_keeps_exactly_the_target_when_magnitudes_tie():
+    _, method = _pruner(MagnitudePruning, sparsity=0.9, scope="global")
+    with torch.no_grad():
+        for weight in method.mask_set.masked_weights().values():
+            weight.copy_(torch.randint(-3, 4, weight.shape))  # a handful of distinct magnitudes
+    method.end_of_round(0, last=True)
+    masks = method.final_mask()
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.1 * sum(m.numel() for m in masks.values()))
+
+
 @pytest.mark.parametrize("rounds", [3, 18])
 def test_random_pruning_matches_imps_per_layer_sparsity_with_another_mask(rounds):
     """At IMP's sparsity after r rounds the random control keeps 0.8 ** r of each hidden layer and
@@ -137,8 +147,8 @@ def test_reinit_control_trains_the_same_mask_from_other_weights(tmp_path):
 
 
 def test_reinit_control_reaches_every_imp_round_ticket(tmp_path):
-    """IMP's round tickets are what compare reports: with --reinit each round starts from the fresh
-    initialisation too, not from the rewind point."""
+    """IMP reports a ticket per round: with --reinit each round starts from a fresh initialisation
+    too, not from the rewind point."""
     import json
 
     first_epochs, logs = {}, {}
@@ -153,6 +163,24 @@ def test_reinit_control_reaches_every_imp_round_ticket(tmp_path):
     assert len(restarts) == 3 and not any("re-initialised" in line for line in logs[False])  # rounds 1, 2, ticket
     assert first_epochs[False][0] == first_epochs[True][0]  # round 0 is the same training
     assert first_epochs[False][1:] != first_epochs[True][1:]
+
+
+def test_each_imp_round_of_the_reinit_control_draws_its_own_initialisation(tmp_path, monkeypatch):
+    """One initialisation for every round would make the control IMP rewound to iteration 0 of
+    other weights: real tickets again."""
+    drawn = []
+    fresh_init = Runner._fresh_init
+
+    def record(self, model, phase):
+        drawn.append(fresh_init(self, model, phase))
+        return drawn[-1]
+
+    monkeypatch.setattr(Runner, "_fresh_init", record)
+    config = make_config(dict(BASE, method="imp", rounds=3, rewind_epoch=0, reinit=True))
+    Runner(config, tmp_path / "imp", quiet).execute()
+    assert len(drawn) == 3  # rounds 1 and 2, and the final ticket
+    weights = [init["hidden.0.weight"] for init in drawn]
+    assert not any(torch.equal(a, b) for i, a in enumerate(weights) for b in weights[i + 1:])
 
 
 def test_compare_writes_tables_and_plots_and_reuses_finished_runs(tmp_path, capsys):

@@ -465,7 +465,7 @@ class Runner:
                 raise RuntimeError("no rewind point was stored")
             # --reinit: every network trained from the rewind point starts from a fresh
             # initialisation instead, IMP's round tickets included (not only the final ticket)
-            start = self._fresh_init(model) if self.config.reinit else rewind
+            start = self._fresh_init(model, phase) if self.config.reinit else rewind
             model.load_state_dict(start, strict=False)
             method.harden()
             method.after_rewind()
@@ -475,11 +475,15 @@ class Runner:
         elif phase.kind == "finetune":
             method.harden()
 
-    def _fresh_init(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def _fresh_init(self, model: nn.Module, phase: Phase) -> dict[str, torch.Tensor]:
         """Weights of a new random initialisation in ``model``'s layout: the ticket's mask with
-        other weights, the control that shows whether the ticket's own initial values matter."""
+        other weights, the control that shows whether the ticket's own initial values matter.
+        Each of IMP's rounds draws its own: with one initialisation for all of them, every round
+        would rewind to the same weights, which is IMP again (rewound to iteration 0 of those
+        weights) and finds real tickets, not a control."""
+        offset = 0 if phase.kind == "ticket" else 7_919 * phase.round  # the final ticket: as before
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.config.seed + 1_000_003) % SEED_RANGE)
+            torch.manual_seed((self.config.seed + 1_000_003 + offset) % SEED_RANGE)
             fresh, _ = masked_model(self.config, self._load_data(), 1)
         device = next(model.parameters()).device
         return {k: v.to(device) for k, v in rewind_state(fresh).items()}

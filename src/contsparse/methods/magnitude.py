@@ -95,10 +95,11 @@ class HardMaskMethod(Method):
                 kept = sum(int(m.sum()) for m in current.values())
                 target = 1 - (1 - next(iter(fractions.values()))) * kept / sum(m.numel() for m in current.values())
             scores = torch.cat([torch.where(current[n], weights[n].abs(), -1.0).flatten() for n in weights])
-            keep_count = round((1 - target) * scores.numel())
-            threshold = _kth_largest(scores, keep_count)
-            self.mask_set.set_hard_masks({n: _keep_at_least(weights[n].abs(), current[n], threshold)
-                                          for n in weights})
+            # exactly keep_count weights, ties at the threshold included (a threshold keeps them all)
+            keep = _top(scores, round((1 - target) * scores.numel()))
+            parts = keep.split([weights[n].numel() for n in weights])
+            self.mask_set.set_hard_masks({n: part.view_as(current[n]) & current[n]
+                                          for n, part in zip(weights, parts, strict=True)})
             return
         new = {}
         for name, weight in weights.items():
@@ -110,16 +111,6 @@ class HardMaskMethod(Method):
             scores = torch.where(keep, weight.abs(), -1.0).flatten()
             new[name] = _top(scores, keep_count).view_as(keep)
         self.mask_set.set_hard_masks(new)
-
-
-def _kth_largest(scores: Tensor, k: int) -> float:
-    if k <= 0:
-        return math.inf
-    return float(torch.topk(scores, k).values[-1])
-
-
-def _keep_at_least(magnitude: Tensor, current: Tensor, threshold: float) -> Tensor:
-    return current & (magnitude >= threshold)
 
 
 def _top(scores: Tensor, k: int) -> Tensor:
