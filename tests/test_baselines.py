@@ -124,6 +124,38 @@ def test_random_pruning_matches_imps_per_layer_sparsity_with_another_mask(rounds
     assert not torch.equal(masks["hidden.0.weight"], magnitude.final_mask()["hidden.0.weight"])
 
 
+CONV4_RATES = {"features.0.weight": 0.1, "features.2.weight": 0.1, "features.5.weight": 0.1,
+               "features.7.weight": 0.1, "classifier.1.weight": 0.2, "classifier.3.weight": 0.2,
+               "classifier.5.weight": 0.1}  # Frankle & Carbin's Conv-4: conv 10 %, dense 20 %, output 10 %
+
+
+def test_imp_prunes_conv_layers_at_their_own_rate_when_given():
+    method = IterativeMagnitudePruning(PruneSettings(fraction=0.2, last_fraction=0.1, conv_fraction=0.1))
+    method.attach(build_model("conv4", (3, 32, 32), 10))
+    assert method.round_fractions() == CONV4_RATES
+    for _ in range(2):
+        method.end_of_round(0, last=False)
+    masks = method.final_mask()
+    assert {name: round(float(mask.float().mean()), 2) for name, mask in masks.items()} == \
+        {name: round((1 - rate) ** 2, 2) for name, rate in CONV4_RATES.items()}
+    shared = IterativeMagnitudePruning(PruneSettings(fraction=0.2, last_fraction=0.1))  # no conv rate: as before
+    shared.attach(build_model("conv4", (3, 32, 32), 10))
+    assert shared.round_fractions() == {name: 0.1 if name == "classifier.5.weight" else 0.2 for name in CONV4_RATES}
+
+
+def test_random_pruning_follows_imps_conv_rate_too():
+    rounds = 5
+    model = build_model("conv4", (3, 32, 32), 10)
+    sizes = {name: p.numel() for name, p in model.named_parameters() if name in CONV4_RATES}
+    kept = {name: (1 - rate) ** rounds for name, rate in CONV4_RATES.items()}
+    overall = sum(kept[n] * sizes[n] for n in sizes) / sum(sizes.values())
+    random = RandomPruning(PruneSettings(fraction=0.2, last_fraction=0.1, conv_fraction=0.1, sparsity=1 - overall))
+    random.attach(model)
+    random.end_of_round(0, last=True)
+    for name, mask in random.final_mask().items():
+        assert mask.float().mean().item() == pytest.approx(kept[name], abs=2 / sizes[name] + 1e-6)
+
+
 def test_gmp_raises_sparsity_gradually_to_the_target(tmp_path):
     config = make_config(dict(BASE, command="prune", method="gmp", sparsity=0.9, rounds=1, epochs=4,
                               gmp_frequency=2))

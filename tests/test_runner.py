@@ -21,6 +21,14 @@ def quiet(_message: str) -> None:
     pass
 
 
+def test_settings_added_later_leave_existing_run_names_as_they_were():
+    # the README's default run and the inference benchmark's run keep their directory names
+    assert make_config({}).default_run_name() == "ticket-cs-lenet300-mnist-04905d9a"
+    assert make_config({"mask_init": -0.08}).identity() == "34fca220"
+    imp = make_config({"method": "imp"})
+    assert make_config({"method": "imp", "prune_fraction_conv": 0.1}).identity() != imp.identity()
+
+
 def test_phase_plan():
     config = make_config(dict(SMALL))
     assert [p.label() for p in plan_phases(config)] == ["search 0", "search 1", "ticket"]

@@ -41,6 +41,8 @@ HELP = {
     "device": "auto, cpu or cuda[:N]",
     "train_subset": "train on N examples only (quick runs): the first N, spread over the classes for image folders",
     "dense_baseline": "also train the dense model with the ticket's settings (ticket only)",
+    "prune_fraction_conv": "imp: share of the conv layers' remaining weights pruned per round (default: "
+                           "--prune-fraction; Frankle & Carbin: 0.1 on Conv-2/4, 0.15 on Conv-6)",
     "compile": "torch.compile the model: fused mask kernels (needs a C++ compiler on CPU); each phase "
                "starts with some seconds of compiling",
 }

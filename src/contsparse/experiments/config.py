@@ -78,6 +78,7 @@ class RunConfig:
     sparsity: float | None = None  # magnitude / random / gmp: fraction of the weights pruned
     prune_fraction: float = 0.2  # imp: share of the remaining weights pruned per round
     prune_fraction_last: float = 0.1  # imp: the same for the output layer
+    prune_fraction_conv: float | None = None  # imp: the same for conv layers (None: prune_fraction)
     prune_scope: str = "layerwise"  # or "global"
     gmp_frequency: int = 100  # gmp: steps between pruning steps
     str_init: float = -5.0  # str: initial threshold logit
@@ -120,8 +121,11 @@ class RunConfig:
                               exclude_first=self.exclude_first, exclude_last=self.exclude_last)
 
     def identity(self) -> str:
-        """Short hash of every setting that changes the result (names the default run directory)."""
-        keys = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IN_IDENTITY}
+        """Short hash of every setting that changes the result (names the default run directory).
+        Settings added later count only when they differ from their default, so that runs made
+        before they existed keep their names."""
+        keys = {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in NOT_IN_IDENTITY and not (k in ADDED_LATER and v == ADDED_LATER[k])}
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
 
     def default_run_name(self) -> str:
@@ -138,6 +142,7 @@ class RunConfig:
 
 
 NOT_IN_IDENTITY = {"device", "tensorboard", "data_dir", "workers", "compile", "imports"}  # how, not what
+ADDED_LATER: dict[str, Any] = {"prune_fraction_conv": None}  # setting -> its default
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
@@ -216,9 +221,9 @@ def _coerce(key: str, value: Any) -> Any:
             return value
         if isinstance(default, float):
             return float(value)
-        if key == "sparsity":
+        if key in OPTIONAL_FLOATS:
             return float(value)
-        if isinstance(default, int) or key in ("ticket_epochs", "train_subset"):
+        if isinstance(default, int) or key in OPTIONAL_INTS:
             return _int(value)
         if isinstance(default, list):
             items = value if isinstance(value, list | tuple) else [value]
@@ -226,7 +231,12 @@ def _coerce(key: str, value: Any) -> Any:
             return [_int(x) if kind is int else kind(x) for x in items]
         return str(value) if not isinstance(value, str) else value
     except (TypeError, ValueError):
-        raise UserError(f"{key} = {value!r} is not a valid {type(default).__name__}") from None
+        kind = "float" if key in OPTIONAL_FLOATS else "int" if key in OPTIONAL_INTS else type(default).__name__
+        raise UserError(f"{key} = {value!r} is not a valid {kind}") from None
+
+
+OPTIONAL_FLOATS = {"sparsity", "prune_fraction_conv"}  # settings whose default None means "not given"
+OPTIONAL_INTS = {"ticket_epochs", "train_subset"}
 
 
 LIST_ITEM_TYPES: dict[str, type] = {"lr_milestones": int, "synthetic_shape": int, "mask_include": str,
@@ -317,6 +327,8 @@ def validate(c: RunConfig) -> None:
         fail(f"method {c.method} prunes to a target: give --sparsity (fraction pruned, e.g. 0.95)")
     if not (0 < c.prune_fraction < 1 and 0 <= c.prune_fraction_last < 1):
         fail("prune_fraction must be in (0, 1) and prune_fraction_last in [0, 1)")
+    if c.prune_fraction_conv is not None and not 0 <= c.prune_fraction_conv < 1:
+        fail(f"prune_fraction_conv must be in [0, 1), got {c.prune_fraction_conv}")
     if c.prune_scope not in ("layerwise", "global"):
         fail(f"prune_scope must be 'layerwise' or 'global', got {c.prune_scope!r}")
     if c.gmp_frequency < 1:

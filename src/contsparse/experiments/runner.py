@@ -94,6 +94,7 @@ def build_method(config: RunConfig, steps_per_epoch: int) -> Method:
             steps_per_epoch=steps_per_epoch, scale_by_init=config.mask_scaling, selection=config.selection()))
     settings = PruneSettings(
         fraction=config.prune_fraction, last_fraction=config.prune_fraction_last,
+        conv_fraction=config.prune_fraction_conv,
         sparsity=config.sparsity if config.sparsity is not None else 0.0, scope=config.prune_scope, seed=config.seed,
         epochs_per_round=config.epochs, steps_per_epoch=steps_per_epoch, gmp_frequency=config.gmp_frequency,
         str_init=config.str_init, selection=config.selection())

@@ -20,11 +20,14 @@ from contsparse.seeds import seeded_generator
 @dataclass(frozen=True)
 class PruneSettings:
     """``fraction``: share of the remaining weights IMP prunes per round (``last_fraction`` for the
-    output layer; LeNet: 0.2 and 0.1). ``sparsity``: target fraction pruned (magnitude, random,
-    GMP). ``scope``: rank weights per layer (``layerwise``) or across all layers (``global``)."""
+    output layer, ``conv_fraction`` for conv layers when given; LeNet: 0.2 and 0.1; Frankle &
+    Carbin's Conv-2/4: 0.2 / 0.1 / 0.1, Conv-6: 0.2 / 0.1 / 0.15). ``sparsity``: target fraction
+    pruned (magnitude, random, GMP). ``scope``: rank weights per layer (``layerwise``) or across
+    all layers (``global``, at ``fraction``)."""
 
     fraction: float = 0.2
     last_fraction: float = 0.1
+    conv_fraction: float | None = None  # None: conv layers take ``fraction`` like hidden Linear layers
     sparsity: float = 0.9
     scope: str = "layerwise"
     seed: int = 0
@@ -43,6 +46,20 @@ class HardMaskMethod(Method):
         ``last_fraction``; empty when that layer is not masked."""
         layers = self.settings.selection.candidates(self.mask_set.model)
         return {name for name in self.mask_set.masks if layers and name.rpartition(".")[0] == layers[-1]}
+
+    def round_fractions(self) -> dict[str, float]:
+        """IMP's layerwise share pruned per round, per masked tensor: ``last_fraction`` for the
+        output layer, ``conv_fraction`` (when given) for conv layers, ``fraction`` for the rest."""
+        settings, output = self.settings, self.output_tensors()
+        conv = settings.fraction if settings.conv_fraction is None else settings.conv_fraction
+
+        def rate(name: str) -> float:
+            if name in output:
+                return settings.last_fraction
+            module, _ = self.mask_set.places(name)[0]
+            return conv if isinstance(module, nn.modules.conv._ConvNd) else settings.fraction
+
+        return {name: rate(name) for name in self.mask_set.masks}
 
     rewind_between_rounds = False
     fresh_optimizers_each_round = False
@@ -134,11 +151,12 @@ class IterativeMagnitudePruning(HardMaskMethod):
 
     def end_of_round(self, round_index: int, last: bool) -> None:
         # The output layer's rate goes to the output layer only: when it is not masked (e.g.
-        # --exclude-last) every masked layer is a hidden one and takes ``fraction``. Global
-        # pruning ranks all layers together at ``fraction`` (as open_lth does).
-        output = self.output_tensors() if self.settings.scope == "layerwise" else set()
-        fractions = {name: self.settings.last_fraction if name in output else self.settings.fraction
-                     for name in self.mask_set.masks}
+        # --exclude-last) every masked layer is a hidden one. Global pruning ranks all layers
+        # together at ``fraction`` (as open_lth does).
+        if self.settings.scope == "layerwise":
+            fractions = self.round_fractions()
+        else:
+            fractions = dict.fromkeys(self.mask_set.masks, self.settings.fraction)
         self.prune_by_magnitude(fractions=fractions)
 
 
@@ -154,10 +172,11 @@ class MagnitudePruning(HardMaskMethod):
 
 class RandomPruning(HardMaskMethod):
     """Control: a random mask with ``sparsity`` overall, drawn after the search round, with IMP's
-    per-layer proportions: the output layer keeps ``k ** a`` of its weights where the others keep
-    ``k``, ``a = log(1 - last_fraction) / log(1 - fraction)``, as IMP's layerwise schedule leaves
-    them (LeNet: 0.8 ** r and 0.9 ** r after r rounds). At IMP's sparsities the control then
-    matches IMP's tickets layer by layer, instead of starving the output layer."""
+    per-layer proportions: a layer IMP prunes at rate ``f`` keeps ``k ** a`` of its weights where
+    the hidden layers keep ``k``, ``a = log(1 - f) / log(1 - fraction)``, as IMP's layerwise
+    schedule leaves them (LeNet: 0.8 ** r and, in the output layer, 0.9 ** r after r rounds). At
+    IMP's sparsities the control then matches IMP's tickets layer by layer, instead of starving
+    the output layer."""
 
     name = "random"
 
@@ -176,24 +195,25 @@ class RandomPruning(HardMaskMethod):
     def _kept_fractions(self, sizes: dict[str, int]) -> dict[str, float]:
         settings = self.settings
         target = 1 - settings.sparsity
-        output = self.output_tensors()
-        if not output or len(output) == len(sizes) or not 0 < settings.fraction < 1 \
-                or not 0 <= settings.last_fraction < 1 or target in (0.0, 1.0):
+        rates = self.round_fractions()
+        if not 0 < settings.fraction < 1 or not all(0 <= r < 1 for r in rates.values()) or target in (0.0, 1.0):
             return dict.fromkeys(sizes, target)
-        exponent = math.log1p(-settings.last_fraction) / math.log1p(-settings.fraction)
+        exponents = {name: math.log1p(-rates[name]) / math.log1p(-settings.fraction) for name in sizes}
+        if len(set(exponents.values())) == 1:  # every layer at one rate: uniform
+            return dict.fromkeys(sizes, target)
         total = sum(sizes.values())
 
         def kept_overall(k: float) -> float:
-            return sum(n * (k ** exponent if name in output else k) for name, n in sizes.items()) / total
+            return sum(n * k ** exponents[name] for name, n in sizes.items()) / total
 
-        if kept_overall(0.0) > target:  # the output layer alone keeps more (prune_fraction_last = 0)
+        if kept_overall(0.0) > target:  # layers IMP never prunes (a rate of 0) alone keep more
             return dict.fromkeys(sizes, target)
         low, high = 0.0, 1.0  # kept_overall rises with k: bisect for the target
         for _ in range(60):
             middle = (low + high) / 2
             low, high = (middle, high) if kept_overall(middle) < target else (low, middle)
         k = (low + high) / 2
-        return {name: k ** exponent if name in output else k for name in sizes}
+        return {name: k ** exponents[name] for name in sizes}
 
 
 class GradualMagnitudePruning(HardMaskMethod):
