@@ -106,3 +106,32 @@ def test_finite_losses_everywhere_train_on():
 
     _one_step_epoch(all_sum, poison=False)
     assert calls[0] == [0.0] and len(calls) == 2  # the check, then the epoch's totals
+
+
+def test_a_resumed_epochs_sums_are_counted_once_over_the_processes():
+    """A run stopped mid-epoch on one process may resume on several: the saved sums enter the
+    epoch's totals through the first process only, since the processes' totals are added up."""
+    from contsparse.data import BatchIterator, TensorSplit
+    from contsparse.training import StepSettings, train_epoch
+
+    split = TensorSplit(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    saved = {"loss": torch.tensor(50.0), "correct": torch.tensor(20), "seen": torch.tensor(32),
+             "steps": torch.tensor(2), "regularizer": torch.tensor(0.0)}
+    summed = {}
+    for rank in (0, 1):
+        model = torch.nn.Linear(4, 2)
+        speed = StepSettings(shard=(rank, 2), all_sum=lambda values, rank=rank: summed.setdefault(rank, values))
+        train_epoch(model, BatchIterator(split, 16), [torch.optim.SGD(model.parameters(), lr=0.1)],
+                    device=torch.device("cpu"), resume=saved, speed=speed)
+    # batches 2 and 3 of 16 examples, 8 per process, plus the 32 saved examples on process 0 only
+    assert summed[0][2] == 32 + 16 and summed[1][2] == 16
+
+
+def test_a_gpu_index_under_torchrun_is_refused_before_any_process_group(monkeypatch):
+    from contsparse.errors import UserError
+    from contsparse.experiments.distributed import from_environment
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(UserError, match="give --device cuda"):
+        from_environment("cuda:0")

@@ -29,6 +29,14 @@ def test_settings_added_later_leave_existing_run_names_as_they_were():
     assert make_config({"method": "imp", "prune_fraction_conv": 0.1}).identity() != imp.identity()
 
 
+def test_a_config_file_left_half_written_does_not_lock_the_directory(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml.tmp").write_text("command: tic")  # a run killed while writing its config
+    config = make_config(dict(SMALL, rounds=1, epochs=1, rewind_epoch=0, ticket_epochs=1))
+    assert Runner(config, out, quiet).execute()["weights_remaining"] <= 1.0
+
+
 def test_phase_plan():
     config = make_config(dict(SMALL))
     assert [p.label() for p in plan_phases(config)] == ["search 0", "search 1", "ticket"]

@@ -1,11 +1,12 @@
 """Data-parallel training under ``torchrun``: who is who, and the process group.
 
 ``torchrun --nproc_per_node N -m contsparse ticket ...`` starts N processes with ``RANK``,
-``WORLD_SIZE`` and ``LOCAL_RANK`` set; each trains on its share of every global batch (so the
-gradients are those of one process with the same ``--batch-size``; batch-norm statistics are
-each rank's own, and rank 0's are broadcast), DDP averages the gradients (mask
-logits included, so the penalty's gradient is the same as in one process), and rank 0 alone
-writes the run directory. NCCL on GPUs, gloo on CPUs.
+``WORLD_SIZE`` and ``LOCAL_RANK`` set; each trains on its share of every global batch (so for
+models without batch norm the gradients are those of one process with the same ``--batch-size``;
+batch-norm statistics are each rank's own, computed on its share, and rank 0's running
+statistics are broadcast), DDP averages the gradients (mask logits included, so the penalty's
+gradient is the same as in one process), and rank 0 alone writes the run directory, which every
+process must see. NCCL on GPUs, gloo on CPUs.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ def from_environment(device_name: str) -> Distributed:
     if world <= 1:
         return Distributed()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name.startswith("cuda:"):  # every process would take that one GPU
+        raise UserError(f"--device {device_name} under torchrun: give --device cuda (each process then uses the GPU "
+                        "of its local rank; choose the GPUs with CUDA_VISIBLE_DEVICES)")
     wants_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if wants_cuda:
         if not torch.cuda.is_available():

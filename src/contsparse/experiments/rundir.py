@@ -49,8 +49,10 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
 
     def is_empty(self) -> bool:
-        """Nothing but (maybe) our own lock file: a fresh directory a run may claim."""
-        return all(entry.name.startswith(".lock") for entry in self.path.iterdir())
+        """Nothing but (maybe) our own lock file, or the config file a run killed while writing it
+        left half-written: a fresh directory a run may claim."""
+        return all(entry.name.startswith(".lock") or entry.name == self.CONFIG + ".tmp"
+                   for entry in self.path.iterdir())
 
     # -- files ------------------------------------------------------------------------------
     def file(self, name: str) -> Path:

@@ -203,6 +203,7 @@ class Runner:
                     self.log(f"{self.run.path}: taking over the lock left by a stopped run ({lock.stale_owner})")
             self.dist.barrier()  # the directory exists for every process
             self.check_settings()
+            self.dist.barrier()  # every process has read the directory before the first one writes to it
             if self.run.is_finished():
                 self.log(f"{self.run.path}: already finished, nothing to do")
                 return self.run.read_summary()

@@ -75,7 +75,9 @@ def train_epoch(model: nn.Module, batches: BatchIterator, optimizers: Sequence[t
     """
     speed = speed or StepSettings()
     model.train()
-    totals = _start_totals(resume, device)
+    # A resumed epoch's sums are added once: by the first process, since the processes' totals
+    # are summed at the end (a run stopped on one process may resume on several)
+    totals = _start_totals(resume, device, with_sums=speed.shard is None or speed.shard[0] == 0)
     first = int(totals["steps"])
     bar = tqdm(batches.iterate(first), desc=desc, total=len(batches), initial=first, leave=False,
                dynamic_ncols=True, mininterval=0.5, disable=None)
@@ -137,13 +139,17 @@ def _check_finite(loss: Tensor, step: int, all_sum: Callable[[list[float]], list
         raise NonFiniteLossError(f"loss is {float(loss.detach())} at step {step}")
 
 
-def _start_totals(resume: dict[str, Tensor] | None, device: torch.device) -> dict[str, Tensor]:
+def _start_totals(resume: dict[str, Tensor] | None, device: torch.device, with_sums: bool = True) -> dict[str, Tensor]:
     totals = {"loss": torch.zeros((), device=device), "correct": torch.zeros((), device=device, dtype=torch.long),
               "seen": torch.zeros((), dtype=torch.long), "steps": torch.zeros((), dtype=torch.long),
               "regularizer": torch.zeros((), device=device)}
     for key, value in (resume or {}).items():
-        totals[key] = value.to(device=totals[key].device, dtype=totals[key].dtype).clone()
+        if with_sums or key not in SUMMED_OVER_PROCESSES:
+            totals[key] = value.to(device=totals[key].device, dtype=totals[key].dtype).clone()
     return totals
+
+
+SUMMED_OVER_PROCESSES = ("loss", "correct", "seen")  # what all_sum adds up at the end of an epoch
 
 
 @torch.no_grad()
