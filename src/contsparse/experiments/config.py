@@ -219,9 +219,7 @@ def _coerce(key: str, value: Any) -> Any:
             if not isinstance(value, bool):
                 raise ValueError
             return value
-        if isinstance(default, float):
-            return float(value)
-        if key in OPTIONAL_FLOATS:
+        if isinstance(default, float) or key in OPTIONAL_FLOATS:
             return float(value)
         if isinstance(default, int) or key in OPTIONAL_INTS:
             return _int(value)

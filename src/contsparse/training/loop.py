@@ -114,8 +114,8 @@ def train_epoch(model: nn.Module, batches: BatchIterator, optimizers: Sequence[t
             return EpochResult(float("nan"), float("nan"), steps=step + 1, complete=False,
                                totals={k: v.cpu() for k, v in totals.items()})
     if speed.all_sum is not None:  # every process saw its own share of the batches
-        summed = speed.all_sum([float(totals["loss"]), float(totals["correct"]), float(totals["seen"])])
-        totals["loss"], totals["correct"], totals["seen"] = (torch.tensor(v) for v in summed)
+        summed = speed.all_sum([float(totals[key]) for key in SUMMED_OVER_PROCESSES])
+        totals.update({key: torch.tensor(value) for key, value in zip(SUMMED_OVER_PROCESSES, summed, strict=True)})
     seen = int(totals["seen"])
     if seen == 0:
         raise UserError("the training split is empty")
