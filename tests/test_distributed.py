@@ -16,14 +16,17 @@ ARGS = ["ticket", "--model", "lenet300", "--dataset", "synthetic", "--train-subs
         "--penalty", "1e-6", "--no-dense-baseline", "--device", "cpu"]
 
 
-def run(out, processes: int, fault: str | None = None) -> subprocess.CompletedProcess:
+def run(out, processes: int, fault: str | None = None, args: list[str] = ARGS,
+        signal: str | None = None) -> subprocess.CompletedProcess:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                  "--standalone"] if processes > 1 else [sys.executable])
     env = {k: v for k, v in os.environ.items() if k != ENV}
     env["OMP_NUM_THREADS"] = "1"
     if fault:
         env[ENV] = fault
-    return subprocess.run([*launcher, "-m", "contsparse", *ARGS, "--out", str(out)], capture_output=True, text=True,
+    if signal:
+        env[ENV + "_SIGNAL"] = signal
+    return subprocess.run([*launcher, "-m", "contsparse", *args, "--out", str(out)], capture_output=True, text=True,
                           env=env, timeout=600)
 
 
@@ -67,6 +70,25 @@ def test_killed_data_parallel_run_resumes(single, tmp_path):
     assert_close_runs(single, out)
 
 
+def test_ctrl_c_stops_data_parallel_processes_mid_epoch_and_the_run_resumes(tmp_path):
+    """Both processes get SIGINT (as torchrun forwards it) 10 steps into an epoch of 60: they stop
+    together at the next collective check (step 50), checkpoint the partial epoch, and the resumed
+    run ends as an uninterrupted one-process run does."""
+    from contsparse.training.loop import CHECK_EVERY
+
+    args = [*ARGS, "--batch-size", "8", "--train-subset", "480", "--epochs", "2", "--ticket-epochs", "1"]
+    single = tmp_path / "single"
+    assert run(single, 1, args=args).returncode == 0
+    out = tmp_path / "ddp"
+    stopped = run(out, 2, fault="step:1:10", args=args, signal="INT")
+    assert stopped.returncode != 0 and not (out / "summary.json").exists()
+    assert f"after step {CHECK_EVERY + 1}; checkpoint saved" in stopped.stdout + stopped.stderr
+    resumed = run(out, 2, args=args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    assert_close_runs(single, out)
+
+
 def _one_step_epoch(all_sum, poison: bool) -> None:
     """One training step on 4 samples; ``poison`` makes this process's loss NaN."""
     from contsparse.data.splits import BatchIterator, TensorSplit
@@ -90,11 +112,11 @@ def test_a_nan_loss_in_one_process_stops_every_process(this_process_nan):
 
     def all_sum(values: list[float]) -> list[float]:  # the other process's loss is NaN, or this one's
         calls.append(values)
-        return [values[0] + (0.0 if this_process_nan else 1.0)]
+        return [values[0] + (0.0 if this_process_nan else 1.0), values[1]]
 
     with pytest.raises(NonFiniteLossError, match="nan at step 0" if this_process_nan else "1 other process"):
         _one_step_epoch(all_sum, poison=this_process_nan)
-    assert calls == [[1.0 if this_process_nan else 0.0]]
+    assert calls == [[1.0 if this_process_nan else 0.0, 0.0]]  # [non-finite losses, stop requests]
 
 
 def test_finite_losses_everywhere_train_on():
@@ -105,7 +127,39 @@ def test_finite_losses_everywhere_train_on():
         return values
 
     _one_step_epoch(all_sum, poison=False)
-    assert calls[0] == [0.0] and len(calls) == 2  # the check, then the epoch's totals
+    assert calls[0] == [0.0, 0.0] and len(calls) == 2  # the check, then the epoch's totals
+
+
+@pytest.mark.parametrize("this_process_asked", [False, True])
+def test_a_stop_request_in_any_process_stops_every_process_mid_epoch(this_process_asked):
+    """Under DDP the processes stop together at the next collective check, and the stopped epoch's
+    totals are summed over them: the first process's checkpoint holds every process's sums."""
+    from contsparse.data import BatchIterator, TensorSplit
+    from contsparse.training import StepSettings, train_epoch
+    from contsparse.training.loop import CHECK_EVERY
+
+    calls, checks = [], []
+
+    def all_sum(values: list[float]) -> list[float]:  # two processes, the other one just like this one
+        calls.append(values)
+        if len(values) == 2:  # a check: at the second, the other process was asked to stop (or this one)
+            checks.append(values)
+            other_asked = not this_process_asked and len(checks) == 2
+            return [2 * values[0], values[1] + (1.0 if other_asked else 0.0)]
+        return [2 * v for v in values]
+
+    steps = CHECK_EVERY + 2
+    split = TensorSplit(torch.randn(8 * steps, 4), torch.randint(0, 2, (8 * steps,)))
+    model = torch.nn.Linear(4, 2)
+    asked = []
+    result = train_epoch(model, BatchIterator(split, 8), [torch.optim.SGD(model.parameters(), lr=0.1)],
+                         device=torch.device("cpu"), speed=StepSettings(shard=(0, 2), all_sum=all_sum),
+                         should_stop=lambda: asked.append(1) or (this_process_asked and len(asked) > 1))
+    # asked at the checks only (steps 0 and CHECK_EVERY); stopped at the second one, every
+    # process's sums saved: 4 of each 8-example batch here, as many in the other process
+    assert len(asked) == 2 and not result.complete and result.steps == CHECK_EVERY + 1
+    assert int(result.totals["seen"]) == 2 * 4 * (CHECK_EVERY + 1)
+    assert calls[-1][2] == 4 * (CHECK_EVERY + 1)
 
 
 def test_a_resumed_epochs_sums_are_counted_once_over_the_processes():

@@ -331,7 +331,8 @@ class Runner:
                 state.progress["step"], state.partial = record.steps, record.totals
                 state.progress["elapsed"] = time.perf_counter() - started
                 self._checkpoint(setup, state)
-                raise RunInterrupted(f"stopped ({stop.reason}) in {phase.label()}, epoch {epoch + 1}, after step "
+                reason = stop.reason or "another process was signalled"
+                raise RunInterrupted(f"stopped ({reason}) in {phase.label()}, epoch {epoch + 1}, after step "
                                      f"{record.steps}; checkpoint saved in {self.run.path}")
             self._after_epoch(setup, state, phase, record)
             state.progress["elapsed"] = time.perf_counter() - started
@@ -340,7 +341,7 @@ class Runner:
             self._checkpoint(setup, state)
             faults.inject(f"epoch:{state.progress['epochs_done']}")
             if self.dist.enabled and self.dist.all_sum([float(stop.requested())], setup.device)[0] > 0:
-                # data-parallel processes stop together, at an epoch boundary (already checkpointed)
+                # a request after the epoch's last collective check: the processes stop together here
                 raise RunInterrupted(f"stopped after {phase.label()}, epoch {epoch + 1}; checkpoint saved in "
                                      f"{self.run.path}")
         if writer is not None:
@@ -522,13 +523,13 @@ class Runner:
             faults.inject(f"step:{global_epoch}:{step + 1}")
         desc = f"{phase.label()} {epoch + 1}/{phase.epochs}"
         tick = time.perf_counter()
-        # Under data parallelism a stop request is honoured at the next epoch boundary (the
-        # processes must agree on the step they stop at).
+        # Under data parallelism a stop request is honoured at the next step where the processes
+        # check together (every CHECK_EVERY steps), or at the epoch's end.
         result = train_epoch(trainable, train_batches, list(optimizers.values()), device=device,
                              regularizer=method.regularizer if search else None,
                              reported_regularizer=method.reported_penalty if search else None, after_step=after_step,
                              postfix=method.progress, desc=desc, resume=partial,
-                             should_stop=None if self.dist.enabled else stop.requested, speed=speed)
+                             should_stop=stop.requested, speed=speed)
         if not result.complete:
             return result
         val = evaluate(model, val_batches, device, speed)

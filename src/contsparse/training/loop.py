@@ -69,7 +69,8 @@ def train_epoch(model: nn.Module, batches: BatchIterator, optimizers: Sequence[t
     penalty over every weight costs a pass over all of them).
 
     ``after_step(step)`` runs after the optimisers (temperature updates, re-zeroing pruned weights).
-    ``should_stop()`` is asked after every whole step; when it says yes the epoch ends early with
+    ``should_stop()`` is asked after every whole step (under data parallelism every ``CHECK_EVERY``
+    steps, where the processes agree); when it says yes the epoch ends early with
     ``complete=False`` and ``totals``, which ``resume`` takes to finish the epoch later exactly as
     if it had not stopped. ``speed`` sets data-parallel sharding, autocast and memory format.
     """
@@ -105,12 +106,21 @@ def train_epoch(model: nn.Module, batches: BatchIterator, optimizers: Sequence[t
         totals["correct"] += (logits.detach().argmax(1) == y).sum()
         totals["seen"] += len(y)
         totals["steps"] += 1
-        if step % 50 == 0:
-            _check_finite(loss, step, speed.all_sum)
+        stop = False
+        if step % CHECK_EVERY == 0:
+            stop = _check_processes(loss, step, speed.all_sum, should_stop)
             if postfix is not None:
                 bar.set_postfix(postfix(), refresh=False)
-        if should_stop is not None and should_stop() and step + 1 < len(batches):
+        if speed.all_sum is None:  # one process: a stop request is honoured after any step
+            stop = should_stop is not None and should_stop()
+        if stop and step + 1 < len(batches):
             bar.close()
+            if speed.all_sum is not None:
+                # The first process saves the stopped epoch's totals and alone adds them back on
+                # resuming (see _start_totals): they are every process's sums
+                summed = speed.all_sum([float(totals[key]) for key in SUMMED_OVER_PROCESSES])
+                totals.update({key: torch.tensor(value, dtype=totals[key].dtype)
+                               for key, value in zip(SUMMED_OVER_PROCESSES, summed, strict=True)})
             return EpochResult(float("nan"), float("nan"), steps=step + 1, complete=False,
                                totals={k: v.cpu() for k, v in totals.items()})
     if speed.all_sum is not None:  # every process saw its own share of the batches
@@ -126,17 +136,27 @@ def train_epoch(model: nn.Module, batches: BatchIterator, optimizers: Sequence[t
                        steps=int(totals["steps"]))
 
 
-def _check_finite(loss: Tensor, step: int, all_sum: Callable[[list[float]], list[float]] | None) -> None:
-    """Stop on a NaN or infinite loss. Under data parallelism every process learns whether any
-    process's loss is not finite: one process stopping alone would leave the others waiting in
-    the next step's gradient all-reduce."""
+CHECK_EVERY = 50  # steps between the checks that read the loss (a GPU sync; a collective under DDP)
+
+
+def _check_processes(loss: Tensor, step: int, all_sum: Callable[[list[float]], list[float]] | None,
+                     should_stop: Callable[[], bool] | None) -> bool:
+    """Stop on a NaN or infinite loss; under data parallelism also whether any process was asked
+    to stop (returned). Both go through one all-reduce, so every process learns of a non-finite
+    loss or a stop request anywhere at the same step: one process stopping alone would leave the
+    others waiting in the next step's gradient all-reduce."""
     finite = bool(torch.isfinite(loss))
+    stop = False
     if all_sum is not None:
-        others = all_sum([0.0 if finite else 1.0])[0] - (0.0 if finite else 1.0)
+        requested = should_stop is not None and should_stop()
+        not_finite, stops = all_sum([0.0 if finite else 1.0, 1.0 if requested else 0.0])
+        others = not_finite - (0.0 if finite else 1.0)
         if finite and others > 0:
             raise NonFiniteLossError(f"loss is not finite in {others:.0f} other process(es) at step {step}")
+        stop = stops > 0
     if not finite:
         raise NonFiniteLossError(f"loss is {float(loss.detach())} at step {step}")
+    return stop
 
 
 def _start_totals(resume: dict[str, Tensor] | None, device: torch.device, with_sums: bool = True) -> dict[str, Tensor]:
