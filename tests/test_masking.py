@@ -816,9 +816,12 @@ def test_zero_pruned_uses_the_masks_after_a_dtype_change():
     assert torch.equal(model[0].weight != 0, keep)
 
 
-def test_fused_penalty_once_under_activation_checkpointing():
-    """A layer used inside and outside a checkpointed segment: the recomputation in the backward
-    pass does not add the penalty again."""
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("also_outside", [True, False])
+def test_fused_penalty_once_under_activation_checkpointing(reentrant, also_outside):
+    """A layer used inside (and outside) a checkpointed segment: the recomputation in the backward
+    pass does not add the penalty again, and under reentrant checkpointing, whose first pass runs
+    without gradients, it is added at all."""
     from torch.utils.checkpoint import checkpoint
 
     grads = []
@@ -827,13 +830,119 @@ def test_fused_penalty_once_under_activation_checkpointing():
         layer = nn.Linear(5, 5)
         masks = cs.attach_masks(layer, mask_init=0.0)
         masks.temperature = 3.0
-        x = torch.randn(4, 5)
+        x = torch.randn(4, 5, requires_grad=reentrant)  # reentrant checkpointing needs an input that requires grad
         if fused:
             masks.fuse_penalty(0.2)
-        hidden = checkpoint(nn.Sequential(layer, nn.Tanh()), x, use_reentrant=False)
-        loss = layer(hidden).pow(2).mean()
+        hidden = checkpoint(nn.Sequential(layer, nn.Tanh()), x, use_reentrant=reentrant)
+        loss = (layer(hidden) if also_outside else hidden).pow(2).mean()
         if not fused:
             loss = loss + 0.2 * masks.penalty()
         loss.backward()
         grads.append(masks.masks["weight"].logits.grad.clone())
     torch.testing.assert_close(grads[1], grads[0])
+
+
+# -- found by a review of masks on users' own models ---------------------------------------------
+
+def test_the_penalty_has_second_order_gradients():
+    """``grad(penalty, s, create_graph=True)`` can be differentiated again (a gradient-norm
+    regulariser): its second derivative equals the plain formula's."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3).double()
+    masks = cs.attach_masks(layer, mask_init=0.0)
+    masks.temperature = 2.0
+    logits = masks.masks["weight"].logits
+    with torch.no_grad():
+        logits.normal_()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    results = []
+    for plain in (False, True):
+        total = layer(x).pow(2).sum() + (torch.sigmoid(2.0 * logits).sum() if plain else masks.penalty())
+        (grad,) = torch.autograd.grad(total, logits, create_graph=True)
+        (second,) = torch.autograd.grad(grad.pow(2).sum(), logits)
+        results.append(second)
+    torch.testing.assert_close(results[0], results[1])
+
+
+def test_the_penalty_does_not_reuse_a_mask_of_other_logits():
+    """After a forward pass with substituted logits (torch.func.functional_call), the penalty is
+    computed from the module's own logits."""
+    layer = nn.Linear(3, 2)
+    masks = cs.attach_masks(layer, mask_init=0.0)
+    other = torch.full((2, 3), 5.0)
+    torch.func.functional_call(layer, {"parametrizations.weight.0.logits": other}, (torch.randn(1, 3),))
+    assert float(masks.penalty()) == pytest.approx(6 * 0.5)
+
+
+def test_a_forward_under_fake_tensor_mode_leaves_later_forwards_real():
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    layer = nn.Linear(3, 2)
+    cs.attach_masks(layer, mask_init=0.0)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = layer(mode.from_tensor(torch.randn(1, 3)))
+    assert isinstance(fake, FakeTensor)
+    out = layer(torch.randn(1, 3))
+    assert type(out) is torch.Tensor and type(layer.weight) is torch.Tensor
+
+
+def test_zero_pruned_acts_on_weights_loaded_with_assign():
+    model, masks = hardened_layer(6, 4)
+    state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)  # new Parameter objects in the layer
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    masks.keep_pruned_at_zero(optimizer)
+    model(torch.randn(8, 6)).pow(2).sum().backward()
+    optimizer.step()
+    assert int((model[0].weight != 0).sum()) == int(masks.binary_masks()["0.weight"].sum())
+
+
+def test_set_hard_masks_refuses_masks_that_do_not_fit():
+    _, masks = hardened_layer(4, 3)
+    with pytest.raises(ValueError, match="no masked weight named 'nope'"):
+        masks.set_hard_masks({"nope": torch.ones(3, 4, dtype=torch.bool)})
+    with pytest.raises(ValueError, match=r"shape \(3, 1\) != weight shape \(3, 4\)"):
+        masks.set_hard_masks({"0.weight": torch.ones(3, 1, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        masks.set_hard_masks({"0.weight": torch.full((3, 4), 0.5)})
+    masks.set_hard_masks({"0.weight": torch.ones(3, 4)})  # 0/1 floats are fine
+
+
+def test_harden_refuses_to_drop_a_parametrization_added_after_the_mask():
+    from torch.nn.utils import parametrize
+
+    class Symmetric(nn.Module):
+        def forward(self, weight):
+            return weight.triu() + weight.triu(1).transpose(0, 1)
+
+    layer = nn.Linear(3, 3)
+    masks = cs.attach_masks(layer, mask_init=0.0)
+    parametrize.register_parametrization(layer, "weight", Symmetric())
+    with pytest.raises(ValueError, match="registered after its CS mask \\(Symmetric\\)"):
+        masks.harden()
+    assert masks.mode == "soft" and parametrize.is_parametrized(layer, "weight")
+
+
+@pytest.mark.parametrize("beta", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_temperature_must_be_positive_and_finite(beta):
+    masks = cs.attach_masks(nn.Linear(2, 2), mask_init=0.0)
+    with pytest.raises(ValueError, match="positive finite"):
+        masks.temperature = beta
+
+
+def test_layer_types_may_be_a_list_and_must_be_module_classes():
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Conv1d(1, 1, 1))
+    assert LayerSelection(layer_types=[nn.Linear]).select(model) == ["0"]
+    with pytest.raises(ValueError, match=r"nn\.Module classes"):
+        LayerSelection(layer_types=["Linear"])
+
+
+def test_jit_trace_records_the_masked_weight():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    masks = cs.attach_masks(model, mask_init=-0.1)
+    masks.fuse_penalty(1e-3)
+    masks.temperature = 4.0
+    x = torch.randn(5, 4)
+    traced = torch.jit.trace(model, x)
+    torch.testing.assert_close(traced(x), model(x))

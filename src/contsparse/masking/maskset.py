@@ -31,7 +31,7 @@ class MaskSet:
         # name -> the other "<module>.<attr>" names of the same Parameter (tied weights), which
         # carry the same mask: one weight tensor, one mask, wherever the model uses it
         self.tied = {name: list((tied or {}).get(name, ())) for name in masks}
-        self._weights: dict[str, nn.Parameter] | None = None
+        self._owners: dict[str, tuple[nn.Module, str]] | None = None
 
     # -- parameters ----------------------------------------------------------------------------
     def mask_parameters(self) -> list[nn.Parameter]:
@@ -44,14 +44,12 @@ class MaskSet:
         return [p for p in self.model.parameters() if id(p) not in logit_ids]
 
     def masked_weights(self) -> dict[str, nn.Parameter]:
-        """Name -> the raw (unmasked) weight parameter behind each mask."""
-        if self._weights is None:
-            self._weights = {}
-            for name, mask in self.masks.items():
-                module, attr = owner_of(self.model, name)
-                self._weights[name] = (getattr(module, attr) if mask.mode == "hard"
-                                       else module.parametrizations[attr].original)
-        return self._weights
+        """Name -> the raw (unmasked) weight parameter behind each mask. Looked up at each call
+        (the layers are found once): ``load_state_dict(assign=True)`` puts new ones in place."""
+        if self._owners is None:
+            self._owners = {name: owner_of(self.model, name) for name in self.masks}
+        return {name: (module._parameters[attr] if mask.mode == "hard" else module.parametrizations[attr].original)
+                for (name, mask), (module, attr) in zip(self.masks.items(), self._owners.values(), strict=True)}
 
     # -- temperature, mode ---------------------------------------------------------------------
     @property
@@ -77,6 +75,12 @@ class MaskSet:
         model only after calling ``harden()`` on it.
         """
         weights = self.masked_weights()
+        for name, mask in self.masks.items():  # checked before any layer changes
+            for module, attr in self.places(name) if mask.mode == "soft" else ():
+                others = [type(p).__name__ for p in module.parametrizations[attr] if p is not mask]
+                if others:
+                    raise ValueError(f"{name} has a parametrization registered after its CS mask "
+                                     f"({', '.join(others)}), which hardening would drop: remove it first")
         for name, mask in self.masks.items():
             if mask.mode == "hard":
                 continue
@@ -163,6 +167,14 @@ class MaskSet:
         zero the weights they prune. Layers not named keep their mask."""
         if self.mode != "hard":
             raise ValueError("harden the masks before setting hard masks")
+        for name, mask in keep.items():  # checked before any mask changes
+            if name not in self.masks:
+                raise ValueError(f"no masked weight named {name!r}; the masks are on {', '.join(self.masks)}")
+            if mask.shape != self.masks[name].hard_mask.shape:
+                raise ValueError(f"hard mask for {name}: shape {tuple(mask.shape)} != weight shape "
+                                 f"{tuple(self.masks[name].hard_mask.shape)}")
+            if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+                raise ValueError(f"hard mask for {name} must be boolean or hold only 0 and 1")
         weights = self.masked_weights()
         with torch.no_grad():
             for name, mask in keep.items():
@@ -177,7 +189,7 @@ class MaskSet:
         for name in list(self.masks):
             for module, attr in self.places(name):
                 delattr(module, attr + HARD_SUFFIX)
-        self.masks, self.tied, self._weights = {}, {}, None
+        self.masks, self.tied, self._owners = {}, {}, None
         return self.model
 
     def holders(self, name: str) -> list[str]:
@@ -195,6 +207,8 @@ class MaskSet:
         return len(self.masks)
 
     def __repr__(self) -> str:
+        if not self.masks:
+            return "MaskSet(no masks: none attached, or made permanent)"
         return (f"MaskSet({len(self)} tensors, {self.num_prunable():,} weights, mode={self.mode}, "
                 f"temperature={self.temperature:.4g}, remaining={self.weights_remaining():.4f})")
 

@@ -31,7 +31,7 @@ class _SoftMaskedWeight(torch.autograd.Function):
     def forward(ctx, weight: Tensor, logits: Tensor, beta: float, scale: float,  # type: ignore[override]
                 owner: ContinuousMask, penalty_coef: float) -> Tensor:
         mask = torch.mul(logits, beta).sigmoid_()
-        owner._remember_mask(mask)
+        owner._remember_mask(mask, logits)
         if _graph_task_id() == -1:  # not a recomputation inside a backward pass (activation checkpointing)
             owner.__dict__["_penalty_due"] = True
         out = torch.addcmul(_zero(weight), weight, mask, value=scale)
@@ -99,13 +99,16 @@ class _SoftMaskSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, mask: Tensor, beta: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(mask)
+        ctx.save_for_backward(mask, logits)
         ctx.beta = beta
         return mask.sum()
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
+        mask, logits = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True (second-order terms): the formula, differentiably
+            mask = torch.sigmoid(logits * ctx.beta)
+            return grad * ctx.beta * mask * (1 - mask), None, None
         # beta * m * (1 - m)
         return torch.addcmul(mask, mask, mask, value=-1.0).mul_(grad * ctx.beta), None, None
 
@@ -114,11 +117,17 @@ _ZEROS: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
 
 def _zero(like: Tensor) -> Tensor:
-    """A shared read-only zero scalar for ``addcmul``'s base (made once: this runs per layer and step)."""
+    """A shared read-only zero scalar for ``addcmul``'s base (made once: this runs per layer and step).
+    Under a dispatch mode (``FakeTensorMode``, ...) the mode's own tensor, made each time: a cached
+    fake tensor would make every later call fake, a cached real one is refused by such a mode."""
+    if _dispatch_modes():
+        return like.new_zeros(())
     key = (like.dtype, like.device)
     zero = _ZEROS.get(key)
     if zero is None:
-        zero = _ZEROS[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+        zero = torch.zeros((), dtype=like.dtype, device=like.device)
+        if type(zero) is Tensor:
+            _ZEROS[key] = zero
     return zero
 
 
@@ -168,7 +177,7 @@ class ContinuousMask(nn.Module):
         self.attached_as: str | None = None  # the weight's name in the MaskSet that attached it
         self.mode: MaskMode = "soft"
         self._cached_mask: Tensor | None = None
-        self._cache_key: tuple[int, float] | None = None
+        self._cache_key: tuple[Tensor, int, float] | None = None
 
     @property
     def temperature(self) -> float:
@@ -207,7 +216,12 @@ class ContinuousMask(nn.Module):
         if _compiling():
             return _TraceableSoftMaskedWeight.apply(weight, self.logits, self._temperature_tensor, self.scale,
                                                     self.fused_penalty / self.uses)
+        if _tracing():  # torch.jit.trace records plain operations (a traced graph carries no penalty)
+            return weight * torch.sigmoid(self.logits * self.temperature) * self.scale
         if not torch.is_grad_enabled():
+            # A forward without gradients may be reentrant activation checkpointing's first pass,
+            # whose recomputation inside the backward pass does not mark the penalty as due
+            self.__dict__["_penalty_due"] = True
             return weight * torch.mul(self.logits, self.temperature).sigmoid_().mul_(self.scale)
         if torch._C._are_functorch_transforms_active():  # torch.func.grad / vmap: plain operations
             if self.fused_penalty:
@@ -217,12 +231,14 @@ class ContinuousMask(nn.Module):
         return _SoftMaskedWeight.apply(weight, self.logits, self.temperature, self.scale, self,
                                        self.fused_penalty)
 
-    def _remember_mask(self, mask: Tensor) -> None:
+    def _remember_mask(self, mask: Tensor, logits: Tensor) -> None:
         # This step's mask, so that the penalty need not compute it again; valid until the
-        # backward pass (an optimiser step may follow it). Plain attributes set directly:
-        # nn.Module.__setattr__ costs microseconds, per layer and step.
+        # backward pass (an optimiser step may follow it), for these very logits (not others put
+        # in their place by torch.func.functional_call or load_state_dict(assign=True)) at this
+        # version. Plain attributes set directly: nn.Module.__setattr__ costs microseconds, per
+        # layer and step.
         self.__dict__["_cached_mask"] = mask
-        self.__dict__["_cache_key"] = (self.logits._version, self.temperature)
+        self.__dict__["_cache_key"] = (logits, logits._version, self.temperature)
 
     # -- what methods need ----------------------------------------------------------------------
     def soft_mask_sum(self) -> Tensor:
@@ -231,9 +247,10 @@ class ContinuousMask(nn.Module):
             return self.hard_mask.sum()
         if _compiling():
             return torch.sigmoid(self.logits * self._temperature_tensor).sum()
-        cached = self._cached_mask
-        if cached is None or self._cache_key != (self.logits._version, self.temperature):
-            cached = torch.mul(self.logits.detach(), self.temperature).sigmoid_()
+        cached, key = self._cached_mask, self._cache_key
+        logits = self.logits
+        if cached is None or key[0] is not logits or key[1:] != (logits._version, self.temperature):
+            cached = torch.mul(logits.detach(), self.temperature).sigmoid_()
         return _SoftMaskSum.apply(self.logits, cached, self.temperature)
 
     def binary_mask(self) -> Tensor:
@@ -305,6 +322,8 @@ class ContinuousMask(nn.Module):
 
 
 _compiling = torch.compiler.is_compiling  # whether torch.compile is tracing this code
+_tracing = torch._C._get_tracing_state  # not None while torch.jit.trace records
+_dispatch_modes = torch._C._len_torch_dispatch_stack  # > 0 under FakeTensorMode and other dispatch modes
 _graph_task_id = torch._C._current_graph_task_id  # -1 outside a backward pass
 
 
@@ -312,6 +331,8 @@ def set_temperature(masks: Iterable[ContinuousMask], beta: float) -> None:
     """``mask.temperature = beta`` for many masks, with one update of all their temperature
     tensors (one launch per device and dtype on GPUs instead of one per layer, every step when the
     temperature follows a per-step schedule)."""
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"the temperature must be a positive finite number, got {beta}")
     masks = list(masks)
     for mask in masks:
         mask.__dict__["_temperature"] = float(beta)  # not nn.Module.__setattr__: set every step

@@ -46,12 +46,17 @@ class LayerSelection:
                     raise ValueError(f"LayerSelection {name}: {pattern!r} is not a regular expression "
                                      f"({err})") from None
             object.__setattr__(self, name, patterns)
-        if isinstance(self.layer_types, type):
-            object.__setattr__(self, "layer_types", (self.layer_types,))
+        types = (self.layer_types,) if isinstance(self.layer_types, type) else tuple(self.layer_types)
+        wrong = [t for t in types if not (isinstance(t, type) and issubclass(t, nn.Module))]
+        if wrong:
+            raise ValueError(f"LayerSelection layer_types must be nn.Module classes, got {wrong!r}")
+        object.__setattr__(self, "layer_types", types)
 
     def candidates(self, model: nn.Module) -> list[str]:
         """Qualified names of the modules of ``layer_types`` with a parameter to mask, in
-        registration order: the first and the last of them are the input and output layers."""
+        registration order (``named_modules``). ``exclude_first`` / ``exclude_last`` take the first
+        and last of them as the input and output layers: true when layers are registered in the
+        order they run, as in most models; otherwise name them with ``exclude``."""
         return [name for name, module in model.named_modules()
                 if isinstance(module, self.layer_types) and self._maskable(module)]
 
