@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_image_folder
 
 from contsparse.cli import main
 from contsparse.data import DataOptions, load_dataset
@@ -155,18 +156,6 @@ def test_cifar_offline_message_names_the_ways(tmp_path, monkeypatch):
     assert "drop --data-dir" in str(error.value) and "internet" not in str(error.value)
 
 
-def write_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 3) -> None:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for name in classes:
-            (root / split / name).mkdir(parents=True)
-            for i in range(per_class if split == "train" else 1):
-                pixels = rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / name / f"img{i}.JPEG", quality=90)
-
-
 def test_image_folder_batches_are_decoded_augmented_and_resumable(tmp_path):
     write_image_folder(tmp_path)
     data = load_dataset("imagenet", tmp_path, DataOptions(image_size=24, workers=0))
@@ -183,6 +172,38 @@ def test_image_folder_batches_are_decoded_augmented_and_resumable(tmp_path):
     largest = data.train.batches(2, shuffle=True, seed=2**63 - 1)  # derived seeds beyond 64 bits are folded
     largest.set_epoch(5)
     assert sum(len(y) for _, y in largest) == len(data.train)
+
+
+def test_image_folder_batches_decode_only_each_process_share(tmp_path):
+    """Under data parallelism each process decodes its tensor_split share of every batch; the
+    shares put together are the whole batch, and a batch smaller than the processes leaves some
+    shares empty."""
+    write_image_folder(tmp_path)
+    data = load_dataset("imagenet", tmp_path, DataOptions(image_size=24, workers=0))
+    assert len(data.train) == 5  # batches of 2, 2 and 1
+    whole = list(data.train.batches(2, shuffle=True, seed=1))
+    shares = [list(data.train.batches(2, shuffle=True, seed=1, shard=(rank, 2))) for rank in (0, 1)]
+    for (x, y), first, second in zip(whole, *shares, strict=True):
+        assert first.global_size == second.global_size == len(y)
+        assert torch.equal(torch.cat([first.x, second.x]), x) and torch.equal(torch.cat([first.y, second.y]), y)
+    assert shares[1][-1].x.shape == (0, 3, 24, 24) and shares[1][-1].y.dtype == torch.long
+
+
+def test_evaluation_of_shares_adds_up_over_the_processes(tmp_path):
+    from contsparse.training import StepSettings, evaluate
+
+    write_image_folder(tmp_path, per_class=3)
+    test = load_dataset("imagenet", tmp_path, DataOptions(image_size=24, workers=0)).test
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 24 * 24, 2))
+    cpu = torch.device("cpu")
+    whole = evaluate(model, test.batches(2), cpu)
+    sums = []  # each process's [loss, correct, seen]; every process gets the total back
+    for rank in (0, 1):
+        speed = StepSettings(shard=(rank, 2), all_sum=lambda values: sums.append(values) or values)
+        evaluate(model, test.batches(2, shard=(rank, 2)), cpu, speed)
+    loss, correct, seen = (sum(column) for column in zip(*sums, strict=True))
+    assert seen == len(test) == 2 and [values[2] for values in sums] == [1, 1]  # one image each
+    assert loss / seen == pytest.approx(whole.loss) and correct / seen == whole.accuracy
 
 
 def test_image_folder_trains_through_the_cli_with_worker_processes(tmp_path, capsys):

@@ -89,6 +89,27 @@ def test_ctrl_c_stops_data_parallel_processes_mid_epoch_and_the_run_resumes(tmp_
     assert_close_runs(single, out)
 
 
+def test_two_processes_decoding_their_shares_of_image_folder_batches_equal_one_process(tmp_path):
+    """ImageNet-style folders under DDP: each process decodes only its share of every batch (and of
+    the evaluation batches, whose sums are added over the processes); the run equals one process's."""
+    from conftest import write_image_folder
+
+    write_image_folder(tmp_path / "data", per_class=5)  # 9 training images: batches of 4, 4, 1
+    args = ["ticket", "--model", "conv2", "--dataset", "imagenet", "--data-dir", str(tmp_path / "data"),
+            "--image-size", "32", "--workers", "0", "--batch-size", "4", "--epochs", "2", "--rounds", "1",
+            "--rewind-epoch", "1", "--ticket-epochs", "1", "--mask-init", "0.0", "--penalty", "1e-6",
+            "--no-dense-baseline", "--device", "cpu"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert run(single, 1, args=args).returncode == 0
+    done = run(ddp, 2, args=args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_close_runs(single, ddp)
+    metrics = [[json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()] for p in (single, ddp)]
+    for a, b in zip(*metrics, strict=True):  # the training and validation figures of every epoch
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), key
+
+
 def _one_step_epoch(all_sum, poison: bool) -> None:
     """One training step on 4 samples; ``poison`` makes this process's loss NaN."""
     from contsparse.data.splits import BatchIterator, TensorSplit

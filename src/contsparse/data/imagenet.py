@@ -10,6 +10,7 @@ reproducible and an epoch can resume mid-way.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from contsparse.data.download import require_data_dir
-from contsparse.data.splits import DatasetSplits
+from contsparse.data.splits import DatasetSplits, Shard, ShareOfBatch
 from contsparse.errors import UserError
 from contsparse.seeds import seeded_generator
 
@@ -52,8 +53,9 @@ class FolderSplit:
     def to(self, device: torch.device | str) -> FolderSplit:
         return self  # batches are moved to the device as they are served
 
-    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, augment=None) -> FolderBatches:
-        return FolderBatches(self, batch_size, shuffle, seed)
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, augment=None,
+                shard: Shard | None = None) -> FolderBatches:
+        return FolderBatches(self, batch_size, shuffle, seed, shard)
 
 
 class _Images(Dataset):
@@ -115,10 +117,13 @@ def _resize_centre_crop(image, size: int, scale: float = 256 / 224):
 
 class FolderBatches:
     """Mini-batches of a :class:`FolderSplit` decoded by DataLoader workers; same interface as
-    :class:`~contsparse.data.splits.BatchIterator` (``set_epoch``, ``iterate(start)``)."""
+    :class:`~contsparse.data.splits.BatchIterator` (``set_epoch``, ``iterate(start)``). With a
+    ``shard`` only the process's :class:`ShareOfBatch` of each batch is decoded."""
 
-    def __init__(self, split: FolderSplit, batch_size: int, shuffle: bool, seed: int) -> None:
+    def __init__(self, split: FolderSplit, batch_size: int, shuffle: bool, seed: int,
+                 shard: Shard | None = None) -> None:
         self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
+        self.shard = shard
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -136,14 +141,27 @@ class FolderBatches:
             order = torch.randperm(n, generator=seeded_generator(self.seed * 1_000_003 + self.epoch))
         else:
             order = torch.arange(n)
-        batches = [order[b * self.batch_size:(b + 1) * self.batch_size].tolist() for b in range(start, len(self))]
-        loader = DataLoader(_Images(self.split, self.seed, self.epoch), batch_sampler=batches,
+        batches = [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(start, len(self))]
+        shares = batches if self.shard is None else [b.tensor_split(self.shard[1])[self.shard[0]] for b in batches]
+        loader = DataLoader(_Images(self.split, self.seed, self.epoch), batch_sampler=[b.tolist() for b in shares],
                             num_workers=self.split.workers, pin_memory=torch.cuda.is_available(),
-                            persistent_workers=False)
+                            persistent_workers=False, collate_fn=functools.partial(_collate, self.split.image_size))
         try:
-            yield from loader
+            if self.shard is None:
+                yield from loader
+            else:
+                for (x, y), whole in zip(loader, batches, strict=True):
+                    yield ShareOfBatch(x, y, len(whole))
         except UserError as err:  # raised in a worker, whose traceback the DataLoader puts in the message
             raise UserError(_original_message(str(err))) from None
+
+
+def _collate(size: int, samples: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
+    """Stack decoded images and their labels; a process's share of a batch smaller than the
+    number of processes may be empty."""
+    if not samples:
+        return torch.empty(0, 3, size, size), torch.empty(0, dtype=torch.long)
+    return torch.stack([x for x, _ in samples]), torch.tensor([y for _, y in samples], dtype=torch.long)
 
 
 def _original_message(message: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -11,6 +12,17 @@ from torch import Tensor
 from contsparse.seeds import seeded_generator
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]
+Shard = tuple[int, int]  # (rank, world size) of a data-parallel process
+
+
+class ShareOfBatch(NamedTuple):
+    """This process's share of a global batch (``tensor_split(world)[rank]`` of it), served by an
+    iterator that loads only that share: under data parallelism decoding the images the other
+    processes train on would multiply the decoding work by their number."""
+
+    x: Tensor
+    y: Tensor
+    global_size: int  # examples in the whole batch, over every process
 
 
 @dataclass
@@ -88,9 +100,13 @@ class BatchIterator:
             yield x, y
 
 
-def make_batches(split, batch_size: int, shuffle: bool = False, seed: int = 0, augment: Augment | None = None):
+def make_batches(split, batch_size: int, shuffle: bool = False, seed: int = 0, augment: Augment | None = None,
+                 shard: Shard | None = None):
     """The batch iterator of ``split``: in-memory tensors, or a split that serves its own
-    (``split.batches(...)``, e.g. image files decoded by worker processes)."""
+    (``split.batches(...)``, e.g. image files decoded by worker processes). With ``shard`` such a
+    split serves only the process's :class:`ShareOfBatch` of each batch; in-memory batches come
+    whole (the training step takes its share, a slice)."""
     if hasattr(split, "batches"):
-        return split.batches(batch_size, shuffle=shuffle, seed=seed, augment=augment)
+        options = {} if shard is None else {"shard": shard}
+        return split.batches(batch_size, shuffle=shuffle, seed=seed, augment=augment, **options)
     return BatchIterator(split, batch_size, shuffle=shuffle, seed=seed, augment=augment)

@@ -359,8 +359,9 @@ class Runner:
             data = dataclasses.replace(data, train=data.train.to(device), val=data.val.to(device),
                                        test=data.test.to(device))
         seed_everything(config.seed)
+        shard = self.dist.shard  # image folders decode only this process's share of each batch
         train_batches = make_batches(data.train, config.batch_size, shuffle=True, seed=config.seed,
-                                     augment=data.augment)
+                                     augment=data.augment, shard=shard)
         eval_batch = 1000 if isinstance(data.val, TensorSplit) else config.batch_size
         model, method = masked_model(config, data, len(train_batches))
         model.to(device)
@@ -370,8 +371,9 @@ class Runner:
             model.compile()  # in place: state_dict keys and checkpoints stay those of the plain model
         speed = StepSettings(self.dist.shard, (lambda v: self.dist.all_sum(v, device)) if self.dist.enabled else None,
                              config.amp, config.channels_last)
-        return _Setup(device, model, method, plan_phases(config), train_batches, make_batches(data.val, eval_batch),
-                      make_batches(data.test, eval_batch), speed)
+        return _Setup(device, model, method, plan_phases(config), train_batches,
+                      make_batches(data.val, eval_batch, shard=shard), make_batches(data.test, eval_batch, shard=shard),
+                      speed)
 
     def _restore(self, setup: _Setup) -> _State:
         """A fresh state, or the checkpointed one with the model and RNGs as they were saved."""

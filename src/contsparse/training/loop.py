@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from contsparse.data.splits import BatchIterator
+from contsparse.data.splits import BatchIterator, ShareOfBatch
 from contsparse.errors import UserError, raised_by_torch_compile
 
 
@@ -26,11 +26,17 @@ class StepSettings:
     amp: bool = False
     channels_last: bool = False
 
-    def prepare(self, x: Tensor, y: Tensor, device: torch.device) -> tuple[Tensor, Tensor, int]:
-        global_size = len(y)
-        if self.shard is not None:
-            rank, world = self.shard
-            x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+    def prepare(self, batch: tuple[Tensor, Tensor] | ShareOfBatch,
+                device: torch.device) -> tuple[Tensor, Tensor, int]:
+        """This process's share of ``batch`` on ``device``, and the whole batch's size."""
+        if isinstance(batch, ShareOfBatch):  # the iterator loaded only this process's share
+            x, y, global_size = batch
+        else:
+            x, y = batch
+            global_size = len(y)
+            if self.shard is not None:
+                rank, world = self.shard
+                x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -82,8 +88,8 @@ def train_epoch(model: nn.Module, batches: BatchIterator, optimizers: Sequence[t
     first = int(totals["steps"])
     bar = tqdm(batches.iterate(first), desc=desc, total=len(batches), initial=first, leave=False,
                dynamic_ncols=True, mininterval=0.5, disable=None)
-    for step, (x, y) in enumerate(bar, start=first):
-        x, y, global_size = speed.prepare(x, y, device)
+    for step, batch in enumerate(bar, start=first):
+        x, y, global_size = speed.prepare(batch, device)
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         with speed.autocast(device):
@@ -175,23 +181,31 @@ SUMMED_OVER_PROCESSES = ("loss", "correct", "seen")  # what all_sum adds up at t
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: BatchIterator, device: torch.device,
              speed: StepSettings | None = None) -> EpochResult:
-    """Mean cross-entropy and accuracy of ``model`` on ``batches`` (eval mode, no gradient)."""
+    """Mean cross-entropy and accuracy of ``model`` on ``batches`` (eval mode, no gradient).
+
+    Under data parallelism every process evaluates whole in-memory batches (cheap, and the same
+    result everywhere); batches served in shares (:class:`ShareOfBatch`, decoded images) are each
+    evaluated by the process that loaded them, and the sums are added over the processes."""
     speed = speed or StepSettings()
-    whole_batches = StepSettings(amp=speed.amp, channels_last=speed.channels_last)  # every process sees all
+    whole_batches = StepSettings(amp=speed.amp, channels_last=speed.channels_last)  # no slicing of batches
     model.eval()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-    for x, y in batches:
-        x, y, _ = whole_batches.prepare(x, y, device)
+    seen, shared = 0, False
+    for batch in batches:
+        shared = shared or isinstance(batch, ShareOfBatch)
+        x, y, _ = whole_batches.prepare(batch, device)
         with speed.autocast(device):
             logits = _forward(model, x).float()
         total_loss += _cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
+    loss_sum, correct_sum = float(total_loss), float(correct)
+    if shared and speed.all_sum is not None:
+        loss_sum, correct_sum, seen = speed.all_sum([loss_sum, correct_sum, float(seen)])
     if seen == 0:
         return EpochResult(float("nan"), float("nan"))
-    return EpochResult(float(total_loss) / seen, float(correct) / seen)
+    return EpochResult(loss_sum / seen, correct_sum / seen)
 
 
 def _forward(model: nn.Module, x: Tensor) -> Tensor:
