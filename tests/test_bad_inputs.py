@@ -91,7 +91,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
     w["a_file"] = root / "notes.txt"
     w["a_file"].write_text("hello")
     configs = {"malformed": "epochs: [1,\n", "unknown_key": "epochz: 3\n", "not_mapping": "- epochs\n- 3\n",
-               "bad_bool": "dense_baseline: maybe\n", "bad_value": "penalty: -1e-8\n"}
+               "bad_bool": "dense_baseline: maybe\n", "bad_value": "penalty: -1e-8\n", "no_value": "epochs:\n",
+               "bool_number": "lr: true\n"}
     for name, text in configs.items():
         w[name] = root / f"{name}.yaml"
         w[name].write_text(text)
@@ -100,6 +101,13 @@ def world(tmp_path_factory) -> dict[str, Path]:
     w["list_summary"] = root / "list-summary"
     shutil.copytree(w["done"], w["list_summary"])
     (w["list_summary"] / "summary.json").write_text("[1, 2]\n")
+    w["empty_summary"] = root / "empty-summary"
+    shutil.copytree(w["done"], w["empty_summary"])
+    (w["empty_summary"] / "summary.json").write_text("{}\n")
+    w["other_model"] = root / "other-model"
+    shutil.copytree(w["done"], w["other_model"])
+    config = w["other_model"] / "config.yaml"
+    config.write_text(config.read_text().replace("model: lenet300", "model: conv2"))
     w["empty_config"] = root / "empty-config"
     shutil.copytree(w["done"], w["empty_config"])
     (w["empty_config"] / "config.yaml").write_text("")
@@ -175,7 +183,7 @@ CATALOGUE = [
     ("negative learning rate", "train --lr -0.1 --out {root}/x", "learning rates must be > 0", None),
     ("momentum >= 1", "ticket --momentum 1.5 --out {root}/x", "momentum must be in [0, 1)", None),
     ("unknown lr schedule", "ticket --lr-schedule wavy --out {root}/x", "unknown lr_schedule 'wavy'", None),
-    ("unknown device", "ticket --device tpu --out {root}/x", "device must be auto, cpu or cuda", None),
+    ("unknown device", "ticket --device tpu --out {root}/x", "device must be auto, cpu, cuda or cuda:N", None),
     ("bad layer regex", "ticket --mask-include [ --out {root}/x", "is not a valid regular expression", None),
     ("empty training subset", "ticket --train-subset 0 --out {root}/x", "train_subset must be >= 1", None),
     ("malformed YAML", "ticket --config {malformed} --out {root}/x", "is not valid YAML", None),
@@ -230,6 +238,38 @@ CATALOGUE = [
      "--out {root}/y", "cannot take inputs of shape (1, 28, 28)", None),
     ("CUDA requested without a GPU", "train --dataset synthetic --device cuda --out {root}/z",
      "no CUDA GPU is available", "no_gpu"),
+    # found by a review of the CLI
+    ("YAML key with no value", "ticket --config {no_value} --out {root}/x", "epochs needs a value", None),
+    ("YAML boolean for a number", "ticket --config {bool_number} --out {root}/x", "lr = True is not a valid float",
+     None),
+    ("summary.json without its fields", "info {empty_summary}",
+     "summary.json is damaged: missing or wrong command (text)", None),
+    ("report of a summary without its fields", "report {empty_summary} --out {root}/rep", "summary.json is damaged",
+     None),
+    ("export over the run's own model file", "export {done} --format pytorch --out {done}/model.safetensors",
+     "is one of the run's own files", None),
+    ("export into a path under a file", "export {done} --out {a_file}/model.pt", "is a file, not a folder", None),
+    ("export of a run whose config names another model", "export {other_model} --out {root}/other.st",
+     "does not fit the architecture its config.yaml names (conv2)", None),
+    ("malformed GPU index", "ticket --device cuda:abc --out {root}/x", "device must be auto, cpu, cuda or cuda:N",
+     None),
+    ("--out under a file", "ticket " + " ".join(QUICK) + " --out {a_file}/sub", "is a file; choose another --out",
+     None),
+    ("conv model for flat inputs", "ticket --model conv2 --dataset synthetic --synthetic-shape 28 --out {root}/x",
+     "cannot build conv2 for inputs of shape (28,)", None),
+    ("lr milestones out of order", "ticket --lr-schedule step --lr-milestones 5 3 --out {root}/x",
+     "lr_milestones are the epochs (from 1) where the learning rate drops, in increasing order", None),
+    ("compare with a NaN s0", "compare --methods dense cs --mask-inits -0.05 nan --out {root}/cmp-nan",
+     "mask_init must be a finite number", None),
+    ("compare into a run directory", "compare --out {done}", "is a run directory", None),
+    ("sweep into a run directory", "sweep --dataset synthetic --point mask_init=-0.03 --out {done}",
+     "is a run directory", None),
+    ("sweep into a folder of other files", "sweep --dataset synthetic --point mask_init=-0.03 --out {not_a_run}",
+     "holds other files (no sweep.yaml)", None),
+    ("sweep point naming a setting twice", "sweep --point mask_init=-0.02,mask_init=-0.03 --out {root}/sw",
+     "mask_init given twice", None),
+    ("sweep setting given by a flag and the grid", "sweep --mask-init -0.05 --grid mask_init=-0.02,-0.03 "
+     "--out {root}/sw", "mask_init is given twice: by --mask-init and in --grid/--point", None),
 ]
 
 

@@ -178,3 +178,24 @@ def test_a_model_of_ones_own_reaches_the_cli_through_imports(tmp_path, monkeypat
     assert done.returncode == 0, done.stderr
     assert main(["ticket", "--imports", "no_such_module_here", "--out", "y"]) == 2
     assert "--imports no_such_module_here: ModuleNotFoundError" in capsys.readouterr().err
+
+
+def test_a_user_module_that_exits_is_named(tmp_path, monkeypatch, capsys):
+    (tmp_path / "exits_early.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["ticket", *QUICK, "--imports", "exits_early", "--out", str(tmp_path / "run")]) == 2
+    assert "--imports exits_early: SystemExit: 3" in capsys.readouterr().err
+
+
+def test_info_on_a_run_in_progress_says_it_is_running(tmp_path, capsys):
+    from contsparse.experiments.lock import RunLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("command: ticket\nmethod: cs\nmodel: lenet300\ndataset: mnist\n")
+    assert main(["info", str(run)]) == 2
+    assert "resume it with: contsparse resume" in capsys.readouterr().err
+    with RunLock(run):
+        assert main(["info", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"it is running (pid {os.getpid()} on" in err and "resume" not in err

@@ -4,6 +4,7 @@ result of an uninterrupted run; damaged checkpoints and full disks lose nothing.
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -253,3 +254,35 @@ def test_a_killed_cuda_run_resumes(tmp_path):
     resumed = run_cli(["resume", str(out)])
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((out / "summary.json").read_text())["train_epochs"] == 8
+
+
+def test_a_run_whose_checkpoints_were_deleted_starts_over_with_fresh_records(tmp_path, monkeypatch):
+    """The no-usable-checkpoint error says to delete the checkpoints; the run then trains from the
+    start, saying so, and its metrics.jsonl holds each epoch once (not the old records plus the new)."""
+    out = tmp_path / "run"
+    interrupt_after(monkeypatch, epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(make_config(dict(SETTINGS)), out, quiet).execute()
+    monkeypatch.undo()
+    for folder in out.glob("checkpoint*"):
+        shutil.rmtree(folder)
+    with open(out / "metrics.jsonl", "ab") as handle:
+        handle.write(b"\xff\xfe torn line")  # a crash mid-write, undecodable
+    said = []
+    Runner(make_config(dict(SETTINGS)), out, said.append).execute()
+    assert any("has no checkpoint: training starts from the beginning" in line for line in said)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [(r["phase"], r["round"], r["epoch"]) for r in records]
+    assert len(epochs) == len(set(epochs)) == len(records)
+
+
+def test_a_torn_metrics_line_does_not_stop_a_resume(reference, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    interrupt_after(monkeypatch, epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(make_config(dict(SETTINGS)), out, quiet).execute()
+    monkeypatch.undo()
+    with open(out / "metrics.jsonl", "ab") as handle:
+        handle.write(b"\xff\xfe torn line")
+    Runner(make_config(dict(SETTINGS)), out, quiet).execute()
+    assert_same_run(reference, out)

@@ -375,3 +375,14 @@ def test_a_damaged_point_config_is_pending_in_the_report_and_refused_by_the_swee
     assert "| mask_init=-0.02_seed=0 |" in table and "| pending |" in table and "| done |" in table
     assert main(argv) == 2
     assert "config.yaml is damaged (no command, method, model, dataset)" in capsys.readouterr().err
+
+
+def test_a_sweep_folder_of_another_command_is_refused(tmp_path):
+    from contsparse.experiments.sweep import SweepPlan, _write_plan, check_sweep_folder
+
+    tickets = SweepPlan(make_config({"command": "ticket"}), {"mask_init": ["-0.03"]}, [], 1, False)
+    _write_plan(tickets, tmp_path / "sweep")
+    check_sweep_folder(tickets, tmp_path / "sweep")  # the same sweep again: continues
+    dense = SweepPlan(make_config({"command": "train"}), {"lr": ["0.001"]}, [], 1, False)
+    with pytest.raises(UserError, match="holds a sweep of ticket --method cs; give another --out"):
+        check_sweep_folder(dense, tmp_path / "sweep")

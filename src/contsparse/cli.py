@@ -45,7 +45,39 @@ HELP = {
                            "--prune-fraction; Frankle & Carbin: 0.1 on Conv-2/4, 0.15 on Conv-6)",
     "compile": "torch.compile the model: fused mask kernels (needs a C++ compiler on CPU); each phase "
                "starts with some seconds of compiling",
+    "optimizer": "optimiser of the weights: sgd, adam or adamw",
+    "momentum": "SGD momentum of the weights",
+    "nesterov": "Nesterov momentum (SGD)",
+    "weight_decay": "weight decay of the weights (never of the mask logits)",
+    "lr_schedule": "learning-rate schedule: constant, step (x lr_gamma at each of --lr-milestones) or cosine",
+    "lr_milestones": "epochs (from 1, increasing) where the step schedule drops the learning rate",
+    "lr_gamma": "factor of each step-schedule drop",
+    "temp_schedule": "raise the temperature after every epoch or every step",
+    "mask_scaling": "multiply masks by 1 / sigmoid(s0) as the reference code does",
+    "mask_optimizer": "optimiser of the mask logits: sgd, adam or adamw",
+    "mask_momentum": "momentum of the mask logits' optimiser",
+    "sparsity": "magnitude, random, gmp, dnw: fraction of the weights pruned, in (0, 1)",
+    "prune_fraction": "imp: share of the remaining weights pruned per round",
+    "prune_fraction_last": "imp: the same for the output layer",
+    "prune_scope": "imp, magnitude: rank weights per layer (layerwise) or over all layers (global)",
+    "gmp_frequency": "gmp: steps between pruning steps",
+    "str_init": "str: initial threshold logit",
+    "reinit": "train the ticket from a fresh random initialisation (the re-initialisation control)",
+    "mask_include": "regular expressions: mask only the layers whose names match one",
+    "mask_exclude": "regular expressions: do not mask the layers whose names match one",
+    "exclude_first": "do not mask the first maskable layer",
+    "exclude_last": "do not mask the last maskable layer",
+    "image_size": "imagenet: training crop and evaluation size",
+    "workers": "imagenet: image-decoding processes",
+    "synthetic_shape": "synthetic: input shape, e.g. 3 32 32",
+    "synthetic_classes": "synthetic: number of classes",
+    "synthetic_size": "synthetic: training examples (validation and test: up to 256 each)",
+    "amp": "CUDA: bfloat16 autocast",
+    "channels_last": "CUDA: channels-last memory format for conv models",
+    "tensorboard": "also write TensorBoard logs into the run directory",
 }
+# Defaults a command has other than RunConfig's (shown in its --help)
+COMMAND_DEFAULTS = {"prune": {"rounds": 1}}
 TRAINING_COMMANDS = {
     "ticket": "lottery-ticket search: CS rounds, rewind, train the ticket",
     "prune": "pruning: one CS round, then fine-tune under the hard mask",
@@ -62,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--preset", help="named paper settings filling every default (see: contsparse presets)")
         cmd.add_argument("--config", type=Path, help="YAML file of settings (overrides the preset; flags override it)")
         cmd.add_argument("--out", type=Path, help="run directory (default: runs/<name>-<hash of settings>)")
-        _add_run_flags(cmd, with_method=name != "train")
+        _add_run_flags(cmd, with_method=name != "train", defaults=COMMAND_DEFAULTS.get(name, {}))
     resume = sub.add_parser("resume", help="continue a stopped run from its last checkpoint",
                             description="continue a stopped run from its last checkpoint, with its saved settings "
                                         "(flags change them, together with --force)")
@@ -146,7 +178,7 @@ def _add_sweep_parser(sub: Any) -> None:
 
 
 def _add_run_flags(cmd: argparse.ArgumentParser, with_method: bool, skip: frozenset[str] | set[str] = frozenset(),
-                   show_defaults: bool = True) -> None:
+                   show_defaults: bool = True, defaults: dict[str, Any] | None = None) -> None:
     cmd.add_argument("--force", action="store_true",
                      help="resume a run even though its settings differ from these (the new ones are saved)")
     cmd.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -154,15 +186,21 @@ def _add_run_flags(cmd: argparse.ArgumentParser, with_method: bool, skip: frozen
         cmd.add_argument("--method", help="cs (default), imp, magnitude, random, gmp, str or dnw")
     for field in dataclasses.fields(RunConfig):
         if field.name not in ("command", "method", *skip):
-            _add_field_flag(cmd, field, show_defaults)
+            _add_field_flag(cmd, field, show_defaults, (defaults or {}).get(field.name, _NO_DEFAULT))
 
 
-def _add_field_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, show_default: bool = True) -> None:
+_NO_DEFAULT = object()
+
+
+def _add_field_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, show_default: bool = True,
+                    command_default: Any = _NO_DEFAULT) -> None:
     from contsparse.data import available_datasets
     from contsparse.models import available_models
 
     flag = "--" + field.name.replace("_", "-")
     default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    if command_default is not _NO_DEFAULT:
+        default = command_default
     help_text = HELP.get(field.name, "")
     if "{" in help_text:  # the registries' names, listed only where a help text asks for them
         help_text = help_text.format(models=", ".join(available_models()), datasets=", ".join(available_datasets()))
@@ -238,7 +276,8 @@ def run_info(args: argparse.Namespace) -> int:
     from contsparse.experiments.rundir import RunDir
     from contsparse.reports import print_summary
 
-    print_summary(RunDir(args.run_dir).read_summary(), per_layer=True)
+    summary = RunDir(args.run_dir).read_summary()
+    print_summary({**summary, "run_dir": str(args.run_dir)}, per_layer=True)  # where it is now (runs get moved)
     return 0
 
 
@@ -261,13 +300,13 @@ def _report_run(run_dir: Path, out: Path | None) -> int:
     from contsparse.reports import print_summary
     from contsparse.reports.plots import input_mask_image, per_layer_chart
 
-    summary = RunDir(run_dir).read_summary()
+    summary = {**RunDir(run_dir).read_summary(), "run_dir": str(run_dir)}  # where it is now
     print_summary(summary, per_layer=True)
     out = out or run_dir / "report"
     try:
         out.mkdir(parents=True, exist_ok=True)
         title = f"{summary['method']} · {summary['model']} · {100 * summary['weights_remaining']:.2f} % kept"
-        written = [per_layer_chart(summary["per_layer"], out / "per_layer.png", title)]
+        written = [per_layer_chart(summary.get("per_layer") or {}, out / "per_layer.png", title)]
         masks = load_run_model(run_dir).masks
         if masks:
             first = next(iter(masks.values()))
@@ -347,6 +386,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     from contsparse.experiments.sweep import (
         SweepInterrupted,
         SweepPlan,
+        check_sweep_folder,
         default_grid,
         parse_assignments,
         parse_point,
@@ -361,12 +401,16 @@ def run_sweep(args: argparse.Namespace) -> int:
     base = config_from_args(args)
     grid = parse_assignments(args.grid or [], "--grid")
     points_given = [parse_point(p) for p in args.point or []]
+    for key in sorted({*grid, *(k for point in points_given for k in point)}):
+        if key in FIELDS and getattr(args, key, None) is not None:  # a flag given on the command line
+            raise UserError(f"{key} is given twice: by --{key.replace('_', '-')} and in --grid/--point; use one")
     if not grid and not points_given and args.mask_init is None:  # an s0 given is the point's s0
         grid = default_grid(base)
     plan = SweepPlan(base, grid, points_given, args.seeds, args.dense_reference)
     points = plan.expand()  # a bad grid value fails here, before anything runs
     what = base.command if base.command == "train" else f"{base.command}-{base.method}"
     out = args.out or Path("runs") / f"sweep-{what}-{base.model}-{base.dataset}"
+    check_sweep_folder(plan, out)  # before the executor puts anything into it
     executor = make_executor(out, len(points), base.device, args.ray_address, args.threads, args.gpus_per_point,
                              args.pool_workers)
     where = f"Ray at {args.ray_address}" if args.ray_address else f"{executor.capacity} worker(s)"

@@ -18,7 +18,7 @@ from typing import Any
 
 from contsparse.errors import UserError
 from contsparse.experiments.config import RunConfig, validate
-from contsparse.experiments.rundir import RunDir
+from contsparse.experiments.rundir import RunDir, require_collection_folder
 from contsparse.experiments.runner import Runner
 
 Log = Callable[[str], None]
@@ -53,8 +53,12 @@ class Row:
 def run_comparison(plan: ComparePlan, out: Path, log: Log) -> list[Row]:
     rows: list[Row] = []
     base = dataclasses.replace(plan.base, dense_baseline=False)
+    require_collection_folder(out, "compare.json", "comparison", holds_runs=True)
+    # settings a run cannot start with fail before any run starts
+    for s0 in plan.mask_inits if "cs" in plan.methods else ():
+        validate(dataclasses.replace(base, command="ticket", method="cs", mask_init=s0))
     if "imp" in plan.methods:
-        imp_config(base, plan.imp_rounds)  # settings IMP cannot run with fail before any run starts
+        imp_config(base, plan.imp_rounds)
     for seed in plan.seeds:
         seeded = dataclasses.replace(base, seed=seed)
         if "dense" in plan.methods:

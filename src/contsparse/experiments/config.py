@@ -204,14 +204,17 @@ def import_modules(names: list[str]) -> None:
             sys.path.insert(0, os.getcwd())
         try:
             importlib.import_module(name)
-        except Exception as err:  # the user's own module: name it, whatever it raised
+        except (Exception, SystemExit) as err:  # the user's own module: name it, whatever it raised
             raise UserError(f"--imports {name}: {type(err).__name__}: {err}") from err
 
 
 def _coerce(key: str, value: Any) -> Any:
     default = FIELDS[key].default if FIELDS[key].default is not dataclasses.MISSING else FIELDS[key].default_factory()
     if value is None:
-        return value
+        if default is None or key in OPTIONAL_FLOATS or key in OPTIONAL_INTS:  # an optional setting left unset
+            return value
+        raise UserError(f"{key} needs a value (a key with nothing after the colon in a YAML file is null); "
+                        f"give one or leave the key out for the default, {default!r}")
     try:
         if isinstance(default, bool):
             if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
@@ -219,6 +222,8 @@ def _coerce(key: str, value: Any) -> Any:
             if not isinstance(value, bool):
                 raise ValueError
             return value
+        if isinstance(value, bool):  # YAML's true/yes is not a number (float(True) would be 1.0)
+            raise ValueError
         if isinstance(default, float) or key in OPTIONAL_FLOATS:
             return float(value)
         if isinstance(default, int) or key in OPTIONAL_INTS:
@@ -226,6 +231,8 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(default, list):
             items = value if isinstance(value, list | tuple) else [value]
             kind = LIST_ITEM_TYPES[key]
+            if any(x is None or isinstance(x, bool | dict | list) for x in items):
+                raise ValueError
             return [_int(x) if kind is int else kind(x) for x in items]
         return str(value) if not isinstance(value, str) else value
     except (TypeError, ValueError):
@@ -302,18 +309,23 @@ def validate(c: RunConfig) -> None:
     if rewinds and not 0 <= c.rewind_epoch < c.epochs:
         fail(f"rewind_epoch must be in [0, epochs) = [0, {c.epochs}), got {c.rewind_epoch}: "
              "give --rewind-epoch below --epochs")
+    if any(m < 1 for m in c.lr_milestones) or c.lr_milestones != sorted(set(c.lr_milestones)):
+        fail(f"lr_milestones are the epochs (from 1) where the learning rate drops, in increasing order; "
+             f"got {c.lr_milestones}")
     if c.optimizer not in OPTIMIZERS or c.mask_optimizer not in OPTIMIZERS:
         fail(f"optimizers must be one of {', '.join(OPTIMIZERS)}")
     if c.lr_schedule not in SCHEDULES:
         fail(f"unknown lr_schedule {c.lr_schedule!r}; choose from {', '.join(SCHEDULES)}")
     if c.temp_schedule not in ("epoch", "step"):
         fail(f"temp_schedule must be 'epoch' or 'step', got {c.temp_schedule!r}")
-    if c.device not in ("auto", "cpu", "cuda") and not c.device.startswith("cuda:"):
-        fail(f"device must be auto, cpu or cuda[:N], got {c.device!r}")
+    if c.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", c.device):
+        fail(f"device must be auto, cpu, cuda or cuda:N (N a GPU index), got {c.device!r}")
     if c.train_subset is not None and c.train_subset < 1:
         fail(f"train_subset must be >= 1, got {c.train_subset}")
-    if c.image_size < 8 or c.workers < 0:
-        fail("image_size must be >= 8 and workers >= 0")
+    if c.image_size < 8:
+        fail(f"image_size must be >= 8, got {c.image_size}")
+    if c.workers < 0:
+        fail(f"workers (image-decoding processes) must be >= 0, got {c.workers}")
     if not c.synthetic_shape or any(d < 1 for d in c.synthetic_shape) or c.synthetic_classes < 2 \
             or c.synthetic_size < 1:
         fail("synthetic_shape needs positive sizes, synthetic_classes >= 2 and synthetic_size >= 1")

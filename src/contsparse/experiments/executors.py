@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import io
+import math
 import multiprocessing
 import os
 import signal
@@ -315,7 +316,7 @@ class RayExecutor:
             import ray
         except ImportError:
             raise UserError("--ray-address needs Ray: pip install 'contsparse[ray]'") from None
-        if threads < 1 or gpus < 0:
+        if threads < 1 or not (math.isfinite(gpus) and gpus >= 0):
             raise UserError("--threads must be >= 1 and --gpus-per-point >= 0")
         self._ray = ray
         try:

@@ -65,6 +65,24 @@ class RunLock:
         self.release()
 
 
+def holder(directory: Path) -> str | None:
+    """Who holds the run directory's lock now (``"pid N on HOST"``), or None when no one does."""
+    path = Path(directory) / RunLock.NAME
+    if fcntl is None or not path.is_file():
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # refused while an exclusive holder runs
+    except BlockingIOError:
+        return os.read(fd, 200).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)  # also drops the shared lock, if taken
+    return None
+
+
 def _try_lock(fd: int, owner: str) -> bool:
     if fcntl is not None:
         try:

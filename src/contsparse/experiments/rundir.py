@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from contsparse.errors import UserError
+from contsparse.experiments.lock import holder
 from contsparse.storage import for_safetensors, fsync_file, write_atomic
 
 
@@ -45,6 +46,9 @@ class RunDir:
             return
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"run directory {self.path} is a file; choose another --out")
+        blocking = next((parent for parent in self.path.parents if parent.exists() and not parent.is_dir()), None)
+        if blocking is not None:
+            raise UserError(f"cannot create the run directory {self.path}: {blocking} is a file; choose another --out")
         with writing(self.path):
             self.path.mkdir(parents=True, exist_ok=True)
 
@@ -57,6 +61,17 @@ class RunDir:
     # -- files ------------------------------------------------------------------------------
     def file(self, name: str) -> Path:
         return self.path / name
+
+    def owns(self, path: str | Path) -> bool:
+        """Whether ``path`` is one of the files contsparse keeps in this run (writing over it would
+        damage the run): its config, records, final tensors, checkpoints, lock, dense baseline."""
+        try:
+            relative = Path(path).resolve().relative_to(self.path.resolve())
+        except ValueError:
+            return False
+        first = relative.parts[0] if relative.parts else ""
+        return first in (self.CONFIG, self.METRICS, self.SUMMARY, self.MASKS, self.MODEL, ".lock", "dense") \
+            or first.startswith(self.CHECKPOINT)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -80,8 +95,10 @@ class RunDir:
         self.require_run()
         path = self.file(self.SUMMARY)
         if not path.is_file():
-            raise UserError(f"run {self.path} has not finished yet (no {self.SUMMARY}); "
-                            f"resume it with: contsparse resume {self.path}")
+            running = holder(self.path)
+            raise UserError(f"run {self.path} has not finished yet (no {self.SUMMARY}); " + (
+                f"it is running ({running}): wait for it to finish" if running
+                else f"resume it with: contsparse resume {self.path}"))
         try:
             summary = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -89,6 +106,10 @@ class RunDir:
         if not isinstance(summary, dict):
             raise UserError(f"{path} is damaged (a JSON {type(summary).__name__}, not an object); delete it and "
                             "resume the run to write it again")
+        wrong = [f"{key} ({what})" for key, (check, what) in SUMMARY_FIELDS.items() if not check(summary.get(key))]
+        if wrong:
+            raise UserError(f"{path} is damaged: missing or wrong {', '.join(wrong)}; delete it and resume the run "
+                            "to write it again")
         return summary
 
     @_writes
@@ -108,8 +129,8 @@ class RunDir:
     def truncate_metrics(self, lines: int) -> None:
         """Drop records written after the checkpoint a resumed run restarts from."""
         path = self.file(self.METRICS)
-        if path.is_file():
-            write_atomic(path, "".join(path.read_text().splitlines(keepends=True)[:lines]).encode())
+        if path.is_file():  # as bytes: a crash may have left a torn, undecodable last line
+            write_atomic(path, b"".join(path.read_bytes().splitlines(keepends=True)[:lines]))
 
     @_writes
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -120,6 +141,41 @@ class RunDir:
             os.replace(tmp, self.file(name))
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# What every reader of summary.json relies on: key -> (check, what it must be)
+SUMMARY_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{key: ((lambda v: isinstance(v, str)), "text") for key in ("command", "method", "model", "dataset")},
+    **{key: (_number, "a number") for key in ("weights_remaining", "test_accuracy", "wall_seconds")},
+    "train_epochs": ((lambda v: isinstance(v, int) and not isinstance(v, bool)), "an integer"),
+    "per_layer": ((lambda v: v is None or (isinstance(v, dict) and all(map(_number, v.values())))),
+                  "layer -> fraction kept"),
+    # absent from runs of versions before they were recorded
+    "input_shape": ((lambda v: v is None or (isinstance(v, list) and all(isinstance(d, int) and d > 0 for d in v))),
+                    "a list of sizes"),
+    "num_classes": ((lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0)),
+                    "a positive integer"),
+}
+
+
+def require_collection_folder(path: Path, marker: str, what: str, holds_runs: bool = False) -> None:
+    """Refuse an ``--out`` for a sweep or comparison that is a run directory, or a folder with
+    other files in it (its runs and tables would be mixed with them): it must be new, empty, or
+    one made before (``marker`` in it, or, with ``holds_runs``, run directories)."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise UserError(f"--out {path} is a file; give a folder for the {what}")
+    if (path / RunDir.CONFIG).is_file():
+        raise UserError(f"--out {path} is a run directory; give a new folder for the {what}")
+    entries = [e for e in path.iterdir() if not e.name.startswith(".")]  # hidden: the sweep's token, .DS_Store
+    made_before = (path / marker).exists() or (holds_runs and any((e / RunDir.CONFIG).is_file() for e in entries))
+    if entries and not made_before:
+        raise UserError(f"--out {path} holds other files (no {marker}); give an empty or new folder for the {what}")
 
 
 @contextmanager

@@ -81,7 +81,11 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was requested but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                        f"numbered from 0")
+    return device
 
 
 def build_method(config: RunConfig, steps_per_epoch: int) -> Method:
@@ -103,7 +107,11 @@ def build_method(config: RunConfig, steps_per_epoch: int) -> Method:
 
 def masked_model(config: RunConfig, data: DatasetSplits, steps_per_epoch: int) -> tuple[nn.Module, Method]:
     """The run's architecture with its method's masks attached."""
-    model = build_model(config.model, data.input_shape, data.num_classes)
+    try:
+        model = build_model(config.model, data.input_shape, data.num_classes)
+    except ValueError as err:  # e.g. a conv model given flat inputs
+        raise UserError(f"cannot build {config.model} for inputs of shape {tuple(data.input_shape)} and "
+                        f"{data.num_classes} classes: {err}") from err
     method = build_method(config, steps_per_epoch)
     try:
         method.attach(model)
@@ -378,6 +386,10 @@ class Runner:
     def _restore(self, setup: _Setup) -> _State:
         """A fresh state, or the checkpointed one with the model and RNGs as they were saved."""
         if not has_checkpoint(self.run.checkpoint_dir):
+            if self.run.file(RunDir.METRICS).is_file():  # records of a run whose checkpoints were deleted
+                self.log(f"{self.run.path} has no checkpoint: training starts from the beginning (the old "
+                         f"{RunDir.METRICS} records are dropped)")
+                self.run.truncate_metrics(0)
             return _State()
         saved = load_checkpoint(self.run.checkpoint_dir, setup.device, warn=self.log)
         state = _State(saved["progress"], saved["rewind"], saved["optimizers"], saved["partial"])

@@ -23,7 +23,7 @@ import yaml
 from contsparse.errors import UserError
 from contsparse.experiments.config import FIELDS, RunConfig, load_saved_config, make_config, settings_differences
 from contsparse.experiments.executors import Executor, PointJob, PointOutcome
-from contsparse.experiments.rundir import RunDir
+from contsparse.experiments.rundir import RunDir, require_collection_folder
 from contsparse.experiments.runner import Runner, plan_phases
 from contsparse.storage import write_atomic
 
@@ -142,7 +142,10 @@ def parse_point(item: str) -> dict[str, str]:
         key, sep, value = part.partition("=")
         if not sep or not key.strip() or not value.strip():
             raise UserError(f"--point {item!r}: expected KEY=VALUE[,KEY=VALUE...], e.g. --point mask_init=-0.05")
-        values[key.strip().replace("-", "_")] = value.strip()
+        key = key.strip().replace("-", "_")
+        if key in values:
+            raise UserError(f"--point {item!r}: {key} given twice")
+        values[key] = value.strip()
     return values
 
 
@@ -200,6 +203,7 @@ def run_sweep(plan: SweepPlan, out: Path, executor: Executor, display: SweepDisp
     """
     display = display or SweepDisplay()
     out = Path(out).absolute()  # workers (a Ray node, say) may start in another directory
+    check_sweep_folder(plan, out)
     points = plan.expand()
     for point in points:  # a point its runner would refuse stops the sweep before it writes anything
         if (out / point.name).is_dir():
@@ -234,6 +238,17 @@ def run_sweep(plan: SweepPlan, out: Path, executor: Executor, display: SweepDisp
     return [results[p.name] for p in points]
 
 
+def check_sweep_folder(plan: SweepPlan, out: Path) -> None:
+    """Refuse an ``--out`` that is not this sweep's folder: a run directory, a folder of other
+    files, or a sweep of another command or method (its plan would be overwritten)."""
+    require_collection_folder(out, PLAN_FILE, "sweep")
+    if is_sweep(out):
+        earlier = load_plan(out).base
+        if (earlier.command, earlier.method) != (plan.base.command, plan.base.method):
+            raise UserError(f"--out {out} holds a sweep of {earlier.command} --method {earlier.method}; give another "
+                            "--out for this one")
+
+
 def _write_plan(plan: SweepPlan, out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -250,7 +265,7 @@ def load_plan(directory: Path) -> SweepPlan:
     except FileNotFoundError:
         raise UserError(f"{directory} is not a sweep directory (no {PLAN_FILE})") from None
     except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"cannot read {path}: {err}") from None
+        raise UserError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict) or "base" not in data:
         raise UserError(f"{path} is not a sweep plan")
     return SweepPlan.from_dict(data)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from contsparse.errors import UserError
-from contsparse.experiments.config import load_yaml, make_config
+from contsparse.experiments.config import load_saved_config, make_config
 from contsparse.experiments.rundir import RunDir
 from contsparse.models import build_model
 
@@ -31,7 +31,7 @@ def load_run_model(run_dir: str | Path) -> RunModel:
     """Build the run's architecture and load its final weights (``model.safetensors``)."""
     run = RunDir(run_dir)
     summary = run.read_summary()  # refuses what is not a finished run, with the reason
-    config = make_config(load_yaml(run.file(RunDir.CONFIG)))
+    config = make_config(load_saved_config(run.file(RunDir.CONFIG)))
     if "input_shape" in summary:
         input_shape, num_classes = tuple(summary["input_shape"]), int(summary["num_classes"])
     else:  # runs written before the summary recorded the data's shape
@@ -44,6 +44,9 @@ def load_run_model(run_dir: str | Path) -> RunModel:
         state = load_file(str(run.file(RunDir.MODEL)))
         masks = {k: v.bool() for k, v in load_file(str(run.file(RunDir.MASKS))).items()}
         model.load_state_dict(state)
-    except (OSError, SafetensorError, RuntimeError) as err:
+    except (OSError, SafetensorError) as err:
         raise UserError(f"the final model of {run.path} cannot be read ({err}); resume or re-run it") from err
+    except RuntimeError as err:  # load_state_dict lists every key: the first line says enough
+        raise UserError(f"the final model of {run.path} does not fit the architecture its config.yaml names "
+                        f"({config.model}): {str(err).splitlines()[0]}") from err
     return RunModel(model.eval(), config.model, input_shape, num_classes, masks, config.dataset, config.data_dir)

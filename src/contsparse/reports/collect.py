@@ -26,7 +26,7 @@ def load_results(directory: Path) -> list[PointResult]:
         s = run.read_summary()  # a one-line error if it has not finished
         values = {"method": s["method"]} if s["command"] != "train" else {}
         return [PointResult(directory.name, values, s["command"], "done", str(directory), s["weights_remaining"],
-                            s["test_accuracy"], s["train_epochs"], s["wall_seconds"],
+                            s["test_accuracy"], s.get("train_epochs"), s.get("wall_seconds"),
                             val_accuracy=s.get("val_accuracy"))]
     raise UserError(f"{directory} is not a run, sweep or comparison directory")
 
@@ -40,7 +40,9 @@ def _comparison(path: Path) -> list[PointResult]:
                             float(r["weights_remaining"]), float(r["test_accuracy"]), int(r["train_epochs"]),
                             float(r["wall_seconds"]), val_accuracy=_optional_float(r.get("val_accuracy")))
                 for r in rows]
-    except (OSError, KeyError, ValueError) as err:
+    except KeyError as err:
+        raise UserError(f"cannot read the comparison {path}: it has no column {err}") from None
+    except (OSError, ValueError) as err:
         raise UserError(f"cannot read the comparison {path}: {err}") from None
 
 
