@@ -268,6 +268,15 @@ CATALOGUE = [
      "holds other files (no sweep.yaml)", None),
     ("sweep point naming a setting twice", "sweep --point mask_init=-0.02,mask_init=-0.03 --out {root}/sw",
      "mask_init given twice", None),
+    ("method given without a mask", "ticket --method given --out {root}/x", "method given needs --mask-from", None),
+    ("a mask for another method", "ticket --mask-from {done} --out {root}/x", "--mask-from is for --method given",
+     None),
+    ("a mask file that does not exist", "ticket --method given --mask-from {root}/none.safetensors --out {root}/x",
+     "does not exist", None),
+    ("the mask of an unfinished run", "ticket --method given --mask-from {stopped} --out {root}/x",
+     "no masks.safetensors in it", None),
+    ("the mask of another model", "ticket --method given --mask-from {done} --model conv2 --dataset synthetic "
+     "--synthetic-shape 3 32 32 --out {root}/x", "the given masks do not fit this model's masked layers", None),
     ("sweep setting given by a flag and the grid", "sweep --mask-init -0.05 --grid mask_init=-0.02,-0.03 "
      "--out {root}/sw", "mask_init is given twice: by --mask-init and in --grid/--point", None),
 ]

@@ -322,3 +322,29 @@ def test_dense_reference_and_dnw_on_tied_or_reparametrised_weights():
     method.end_of_round(0, last=True)
     method.harden()
     assert tied[0].weight is tied[2].weight and int((tied[0].weight != 0).sum()) == 9
+
+
+def test_a_given_mask_trains_as_a_ticket_from_the_initialisation_or_re_initialised(tmp_path):
+    """IMP keeps every round's mask; --method given trains one of them (no search) from the
+    initialisation, or with --reinit from a fresh one: Frankle & Carbin's control for that ticket."""
+    imp = tmp_path / "imp"
+    summary = Runner(make_config({**BASE, "method": "imp", "rounds": 3, "rewind_epoch": 0}), imp, quiet).execute()
+    rounds = sorted((imp / "round_masks").iterdir())
+    assert [p.name for p in rounds] == ["round-0.safetensors", "round-1.safetensors", "round-2.safetensors"]
+    chosen = load_file(str(rounds[2]))
+    kept = sum(int(m.sum()) for m in chosen.values()) / sum(m.numel() for m in chosen.values())
+    assert kept == pytest.approx(summary["round_tickets"][2]["weights_remaining"], abs=1e-6)
+    said, weights = [], {}
+    for reinit in (False, True):
+        out = tmp_path / f"given-reinit={reinit}"
+        config = make_config({**BASE, "method": "given", "mask_from": str(rounds[2]), "reinit": reinit})
+        result = Runner(config, out, said.append).execute()
+        assert result["weights_remaining"] == pytest.approx(kept, abs=1e-6)
+        assert result["train_epochs"] == BASE["ticket_epochs"]  # the ticket training alone
+        saved = load_file(str(out / "masks.safetensors"))
+        assert saved.keys() == chosen.keys() and all(torch.equal(saved[k], chosen[k]) for k in saved)
+        weights[reinit] = load_file(str(out / "model.safetensors"))
+        assert all(torch.count_nonzero(weights[reinit][k]) <= int(chosen[k].sum()) for k in chosen)
+    assert any("at their initialisation (iteration 0)" in line for line in said)
+    assert any("re-initialised (--reinit control)" in line for line in said)
+    assert any(not torch.equal(weights[False][k], weights[True][k]) for k in chosen)

@@ -45,6 +45,8 @@ HELP = {
                            "--prune-fraction; Frankle & Carbin: 0.1 on Conv-2/4, 0.15 on Conv-6)",
     "compile": "torch.compile the model: fused mask kernels (needs a C++ compiler on CPU); each phase "
                "starts with some seconds of compiling",
+    "mask_from": "method given: the mask to train, a masks.safetensors file (e.g. an IMP run's "
+                 "round_masks/round-R.safetensors) or a run directory (its final mask)",
     "optimizer": "optimiser of the weights: sgd, adam or adamw",
     "momentum": "SGD momentum of the weights",
     "nesterov": "Nesterov momentum (SGD)",
@@ -183,7 +185,8 @@ def _add_run_flags(cmd: argparse.ArgumentParser, with_method: bool, skip: frozen
                      help="resume a run even though its settings differ from these (the new ones are saved)")
     cmd.add_argument("--debug", action="store_true", help="show tracebacks")
     if with_method:
-        cmd.add_argument("--method", help="cs (default), imp, magnitude, random, gmp, str or dnw")
+        cmd.add_argument("--method", help="cs (default), imp, magnitude, random, gmp, str, dnw, or given (train the "
+                                          "mask --mask-from names)")
     for field in dataclasses.fields(RunConfig):
         if field.name not in ("command", "method", *skip):
             _add_field_flag(cmd, field, show_defaults, (defaults or {}).get(field.name, _NO_DEFAULT))

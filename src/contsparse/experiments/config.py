@@ -83,6 +83,7 @@ class RunConfig:
     gmp_frequency: int = 100  # gmp: steps between pruning steps
     str_init: float = -5.0  # str: initial threshold logit
     reinit: bool = False  # ticket control: train the mask from a fresh random initialisation
+    mask_from: str | None = None  # method given: a masks.safetensors file, or a run directory holding one
 
     # which layers are masked
     mask_include: list[str] = field(default_factory=list)
@@ -142,7 +143,7 @@ class RunConfig:
 
 
 NOT_IN_IDENTITY = {"device", "tensorboard", "data_dir", "workers", "compile", "imports"}  # how, not what
-ADDED_LATER: dict[str, Any] = {"prune_fraction_conv": None}  # setting -> its default
+ADDED_LATER: dict[str, Any] = {"prune_fraction_conv": None, "mask_from": None}  # setting -> its default
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
@@ -206,6 +207,18 @@ def import_modules(names: list[str]) -> None:
             importlib.import_module(name)
         except (Exception, SystemExit) as err:  # the user's own module: name it, whatever it raised
             raise UserError(f"--imports {name}: {type(err).__name__}: {err}") from err
+
+
+def mask_file(source: str | Path) -> Path:
+    """The masks file ``--mask-from`` names: the file itself, or a run directory's final masks."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "masks.safetensors"
+        if not path.is_file():
+            raise UserError(f"--mask-from {source}: no masks.safetensors in it (a run that has not finished?)")
+    elif not path.is_file():
+        raise UserError(f"--mask-from {source} does not exist")
+    return path
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -304,8 +317,8 @@ def validate(c: RunConfig) -> None:
     if c.final_temp <= 1:
         fail(f"final_temp must be > 1 (the temperature anneals from 1 up to it), got {c.final_temp}")
     # A ticket is trained from the rewind point, and IMP's later rounds restart from it (under prune too)
-    rewinds = c.command == "ticket" or (c.command == "prune" and c.rounds > 1
-                                        and METHODS[c.method].rewind_between_rounds)
+    rewinds = (c.command == "ticket" and not METHODS[c.method].trains_from_initialisation) or (
+        c.command == "prune" and c.rounds > 1 and METHODS[c.method].rewind_between_rounds)
     if rewinds and not 0 <= c.rewind_epoch < c.epochs:
         fail(f"rewind_epoch must be in [0, epochs) = [0, {c.epochs}), got {c.rewind_epoch}: "
              "give --rewind-epoch below --epochs")
@@ -339,6 +352,14 @@ def validate(c: RunConfig) -> None:
         fail("prune_fraction must be in (0, 1) and prune_fraction_last in [0, 1)")
     if c.prune_fraction_conv is not None and not 0 <= c.prune_fraction_conv < 1:
         fail(f"prune_fraction_conv must be in [0, 1), got {c.prune_fraction_conv}")
+    if c.method == "given" and c.command != "train":
+        if c.command != "ticket":
+            fail("method given trains a saved mask as a ticket: use the ticket command")
+        if c.mask_from is None:
+            fail("method given needs --mask-from: a masks.safetensors file or a run directory holding one")
+        mask_file(c.mask_from)  # exists, or a one-line error
+    elif c.mask_from is not None:
+        fail("--mask-from is for --method given (train a saved mask)")
     if c.prune_scope not in ("layerwise", "global"):
         fail(f"prune_scope must be 'layerwise' or 'global', got {c.prune_scope!r}")
     if c.gmp_frequency < 1:

@@ -35,6 +35,7 @@ def _writes(method: Callable[..., None]) -> Callable[..., None]:
 class RunDir:
     CONFIG, METRICS, SUMMARY = "config.yaml", "metrics.jsonl", "summary.json"
     CHECKPOINT, MASKS, MODEL = "checkpoint", "masks.safetensors", "model.safetensors"
+    ROUND_MASKS = "round_masks"  # IMP: each round's ticket mask, round-<r>.safetensors
 
     def __init__(self, path: str | Path, writable: bool = True) -> None:
         self.path = Path(path)
@@ -70,7 +71,8 @@ class RunDir:
         except ValueError:
             return False
         first = relative.parts[0] if relative.parts else ""
-        return first in (self.CONFIG, self.METRICS, self.SUMMARY, self.MASKS, self.MODEL, ".lock", "dense") \
+        return first in (self.CONFIG, self.METRICS, self.SUMMARY, self.MASKS, self.MODEL, self.ROUND_MASKS, ".lock",
+                         "dense") \
             or first.startswith(self.CHECKPOINT)
 
     @property
@@ -135,6 +137,7 @@ class RunDir:
     @_writes
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         tmp = self.file(name + ".tmp")
+        tmp.parent.mkdir(exist_ok=True)
         try:
             save_file(for_safetensors(tensors), str(tmp))
             fsync_file(tmp)

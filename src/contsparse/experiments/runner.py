@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -23,14 +25,22 @@ import contsparse
 from contsparse import faults
 from contsparse.data import BatchIterator, DatasetSplits, TensorSplit, load_dataset, make_batches
 from contsparse.errors import RunInterrupted, UserError, raised_by_torch_compile
-from contsparse.experiments.config import RunConfig, dump_yaml, load_saved_config, settings_differences
+from contsparse.experiments.config import RunConfig, dump_yaml, load_saved_config, mask_file, settings_differences
 from contsparse.experiments.distributed import Distributed, device_for, from_environment
 from contsparse.experiments.interrupt import StopRequest
 from contsparse.experiments.lock import RunLock
 from contsparse.experiments.rundir import RunDir
 from contsparse.masking import find_masks, per_layer_remaining, weights_remaining
 from contsparse.masking.maskset import HARD_SUFFIX
-from contsparse.methods import METHODS, ContinuousSparsification, CSSettings, Dense, Method, PruneSettings
+from contsparse.methods import (
+    METHODS,
+    ContinuousSparsification,
+    CSSettings,
+    Dense,
+    GivenMask,
+    Method,
+    PruneSettings,
+)
 from contsparse.models import build_model
 from contsparse.seeds import SEED_RANGE
 from contsparse.training import (
@@ -71,8 +81,10 @@ class Phase:
 def plan_phases(config: RunConfig) -> list[Phase]:
     if config.command == "train":
         return [Phase("dense", 0, config.epochs)]
-    search = [Phase("search", r, config.epochs) for r in range(config.rounds)]
     final = "ticket" if config.command == "ticket" else "finetune"
+    if METHODS[config.method].trains_from_initialisation:  # a given mask: no search
+        return [Phase(final, 0, config.phase_epochs)]
+    search = [Phase("search", r, config.epochs) for r in range(config.rounds)]
     return [*search, Phase(final, 0, config.phase_epochs)]
 
 
@@ -91,6 +103,8 @@ def resolve_device(name: str) -> torch.device:
 def build_method(config: RunConfig, steps_per_epoch: int) -> Method:
     if config.command == "train":
         return Dense(config.selection())
+    if config.method == "given":
+        return GivenMask(PruneSettings(selection=config.selection()), given_masks(config.mask_from))
     if config.method == "cs":
         return ContinuousSparsification(CSSettings(
             mask_init=config.mask_init, penalty=config.penalty, penalty_normalize=config.penalty_normalize,
@@ -103,6 +117,15 @@ def build_method(config: RunConfig, steps_per_epoch: int) -> Method:
         epochs_per_round=config.epochs, steps_per_epoch=steps_per_epoch, gmp_frequency=config.gmp_frequency,
         str_init=config.str_init, selection=config.selection())
     return METHODS[config.method](settings)
+
+
+def given_masks(source: str | None) -> dict[str, torch.Tensor]:
+    """The masks ``--mask-from`` names, as bool tensors."""
+    path = mask_file(source or "")
+    try:
+        return {name: mask.bool() for name, mask in load_file(str(path)).items()}
+    except (OSError, SafetensorError) as err:
+        raise UserError(f"--mask-from {path} cannot be read ({err})") from err
 
 
 def masked_model(config: RunConfig, data: DatasetSplits, steps_per_epoch: int) -> tuple[nn.Module, Method]:
@@ -324,6 +347,8 @@ class Runner:
         while state.progress["phase"] < len(setup.phases):
             phase = setup.phases[state.progress["phase"]]
             entering = not state.progress["entered"]
+            if state.rewind is None and setup.method.trains_from_initialisation:
+                state.rewind = rewind_state(setup.model)  # no search: the ticket starts from iteration 0
             self._before_epoch(setup, state, phase, entering)
             if entering or trainable is None:
                 trainable = self.dist.wrap(setup.model, setup.device)
@@ -454,7 +479,9 @@ class Runner:
             if record.get("weights_remaining") == 0:
                 self.log(f"warning: {phase.label()} pruned every weight, so its ticket cannot learn; raise "
                          "--mask-init or lower --penalty (short runs on little data prune the most)")
-            if setup.method.records_round_tickets:  # this round trained a ticket: test it
+            if setup.method.records_round_tickets:  # this round trained a ticket: test it, keep its mask
+                self.run.save_tensors(f"{RunDir.ROUND_MASKS}/round-{phase.round}.safetensors",
+                                      {k: v.to(torch.uint8) for k, v in setup.method.final_mask().items()})
                 progress.setdefault("curve", []).append({
                     "round": phase.round, "weights_remaining": record["weights_remaining"],
                     "test_accuracy": evaluate(setup.model, setup.test_batches, setup.device, setup.speed).accuracy,
@@ -486,8 +513,9 @@ class Runner:
             model.load_state_dict(start, strict=False)
             method.harden()
             method.after_rewind()
-            origin = "re-initialised (--reinit control)" if start is not rewind else \
-                f"rewound to epoch {self.config.rewind_epoch}"
+            origin = ("re-initialised (--reinit control)" if start is not rewind
+                      else "at their initialisation (iteration 0)" if method.trains_from_initialisation
+                      else f"rewound to epoch {self.config.rewind_epoch}")
             self.log(f"{phase.label()}: weights {origin}, {weights_remaining(method.final_mask()):.4f} of them kept")
         elif phase.kind == "finetune":
             method.harden()

@@ -4,6 +4,7 @@ from contsparse.methods.base import Method
 from contsparse.methods.cs import ContinuousSparsification, CSSettings
 from contsparse.methods.dense import Dense
 from contsparse.methods.magnitude import (
+    GivenMask,
     GradualMagnitudePruning,
     IterativeMagnitudePruning,
     MagnitudePruning,
@@ -14,8 +15,8 @@ from contsparse.methods.reparam import DiscoveringNeuralWirings, SoftThresholdRe
 
 METHODS = {"cs": ContinuousSparsification, "imp": IterativeMagnitudePruning, "magnitude": MagnitudePruning,
            "random": RandomPruning, "gmp": GradualMagnitudePruning, "str": SoftThresholdReparametrization,
-           "dnw": DiscoveringNeuralWirings}
+           "dnw": DiscoveringNeuralWirings, "given": GivenMask}
 
-__all__ = ["METHODS", "CSSettings", "ContinuousSparsification", "Dense", "DiscoveringNeuralWirings",
+__all__ = ["METHODS", "CSSettings", "ContinuousSparsification", "Dense", "DiscoveringNeuralWirings", "GivenMask",
            "GradualMagnitudePruning", "IterativeMagnitudePruning", "MagnitudePruning", "Method", "PruneSettings",
            "RandomPruning", "SoftThresholdReparametrization"]

@@ -18,6 +18,7 @@ class Method(ABC):
     rewind_between_rounds = False  # IMP: every round restarts from the rewind point
     fresh_optimizers_each_round = False  # IMP: and with fresh optimisers
     records_round_tickets = False  # IMP: each round's trained network is a ticket worth testing
+    trains_from_initialisation = False  # a given mask: no search, the ticket starts from iteration 0
 
     @abstractmethod
     def attach(self, model: nn.Module) -> None:

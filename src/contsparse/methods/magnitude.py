@@ -170,6 +170,29 @@ class MagnitudePruning(HardMaskMethod):
             self.prune_by_magnitude(target=self.settings.sparsity)
 
 
+class GivenMask(HardMaskMethod):
+    """Train a saved mask (open_lth's branches): with ``--reinit`` from a fresh initialisation,
+    Frankle & Carbin's control for a ticket found by another run (e.g. any of IMP's rounds); else
+    from this run's initialisation at ``--seed`` (iteration 0). There is no search: the run is the
+    ticket training alone."""
+
+    name = "given"
+    trains_from_initialisation = True
+
+    def __init__(self, settings: PruneSettings, masks: dict[str, Tensor]) -> None:
+        super().__init__(settings)
+        self.given = masks
+
+    def attach(self, model: nn.Module) -> None:
+        super().attach(model)
+        masks = self.mask_set.masks
+        missing, unknown = sorted(set(masks) - set(self.given)), sorted(set(self.given) - set(masks))
+        if missing or unknown:
+            raise ValueError("the given masks do not fit this model's masked layers: "
+                             + (f"none for {', '.join(missing)}" if missing else f"no layer {', '.join(unknown)}"))
+        self.mask_set.set_hard_masks(self.given)
+
+
 class RandomPruning(HardMaskMethod):
     """Control: a random mask with ``sparsity`` overall, drawn after the search round, with IMP's
     per-layer proportions: a layer IMP prunes at rate ``f`` keeps ``k ** a`` of its weights where
