@@ -105,11 +105,7 @@ def test_sigterm_stops_cleanly(tmp_path):
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, monkeypatch):
-    out = tmp_path / "run"
-    interrupt_after(monkeypatch, epochs=5)
-    with pytest.raises(KeyboardInterrupt):
-        Runner(make_config(dict(SETTINGS)), out, quiet).execute()
-    monkeypatch.undo()
+    out = stopped_run(tmp_path / "run", monkeypatch, epochs=5)
     state_file = out / "checkpoint" / "state.json"
     state_file.write_text(state_file.read_text().replace('"epochs_done": 5', '"epochs_done": 1'))  # tampered
     messages = []
@@ -119,11 +115,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference, tmp
 
 
 def test_no_good_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
-    out = tmp_path / "run"
-    interrupt_after(monkeypatch, epochs=3)
-    with pytest.raises(KeyboardInterrupt):
-        Runner(make_config(dict(SETTINGS)), out, quiet).execute()
-    monkeypatch.undo()
+    out = stopped_run(tmp_path / "run", monkeypatch, epochs=3)
     for folder in ("checkpoint", "checkpoint.prev"):
         tensors = out / folder / "tensors.safetensors"
         tensors.write_bytes(tensors.read_bytes()[:1000])  # truncated
@@ -171,6 +163,15 @@ def test_checkpoints_at_phase_boundaries(tmp_path, monkeypatch):
     assert (3, 1, False, True) in saved  # end of round 0, logits reset
     assert (6, 2, True, True) in saved  # start of ticket training: rewound and hardened
     assert len(saved) == 8 + 2
+
+
+def stopped_run(out: Path, monkeypatch, epochs: int) -> Path:
+    """The SETTINGS run in ``out``, stopped (as by Ctrl-C) after ``epochs`` epochs."""
+    interrupt_after(monkeypatch, epochs)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(make_config(dict(SETTINGS)), out, quiet).execute()
+    monkeypatch.undo()
+    return out
 
 
 def interrupt_after(monkeypatch, epochs: int) -> None:
@@ -259,11 +260,7 @@ def test_a_killed_cuda_run_resumes(tmp_path):
 def test_a_run_whose_checkpoints_were_deleted_starts_over_with_fresh_records(tmp_path, monkeypatch):
     """The no-usable-checkpoint error says to delete the checkpoints; the run then trains from the
     start, saying so, and its metrics.jsonl holds each epoch once (not the old records plus the new)."""
-    out = tmp_path / "run"
-    interrupt_after(monkeypatch, epochs=3)
-    with pytest.raises(KeyboardInterrupt):
-        Runner(make_config(dict(SETTINGS)), out, quiet).execute()
-    monkeypatch.undo()
+    out = stopped_run(tmp_path / "run", monkeypatch, epochs=3)
     for folder in out.glob("checkpoint*"):
         shutil.rmtree(folder)
     with open(out / "metrics.jsonl", "ab") as handle:
@@ -277,11 +274,7 @@ def test_a_run_whose_checkpoints_were_deleted_starts_over_with_fresh_records(tmp
 
 
 def test_a_torn_metrics_line_does_not_stop_a_resume(reference, tmp_path, monkeypatch):
-    out = tmp_path / "run"
-    interrupt_after(monkeypatch, epochs=3)
-    with pytest.raises(KeyboardInterrupt):
-        Runner(make_config(dict(SETTINGS)), out, quiet).execute()
-    monkeypatch.undo()
+    out = stopped_run(tmp_path / "run", monkeypatch, epochs=3)
     with open(out / "metrics.jsonl", "ab") as handle:
         handle.write(b"\xff\xfe torn line")
     Runner(make_config(dict(SETTINGS)), out, quiet).execute()
