@@ -29,6 +29,19 @@ def test_settings_added_later_leave_existing_run_names_as_they_were():
     assert make_config({"method": "imp", "prune_fraction_conv": 0.1}).identity() != imp.identity()
 
 
+def test_a_dense_run_is_named_and_compared_by_the_settings_it_uses(tmp_path):
+    """Sparsification settings given to `train` (a config file shared with `ticket`, say) neither
+    rename a dense run nor count as changed settings; the default dense run keeps its name."""
+    from contsparse.experiments.config import settings_differences
+
+    dense = make_config({"command": "train"})
+    assert dense.default_run_name() == "train-dense-lenet300-mnist-4ea0dfa4"
+    other = make_config({"command": "train", "mask_init": -0.2, "rounds": 5, "penalty": 1e-6})
+    assert other.identity() == dense.identity() and not settings_differences(dense.to_dict(), other)
+    assert make_config({"command": "train", "lr": 0.01}).identity() != dense.identity()
+    assert settings_differences(dense.to_dict(), make_config({"command": "train", "epochs": 3})) == {"epochs": (8, 3)}
+
+
 def test_a_config_file_left_half_written_does_not_lock_the_directory(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

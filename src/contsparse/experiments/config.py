@@ -125,7 +125,11 @@ class RunConfig:
         """Short hash of every setting that changes the result (names the default run directory).
         Settings added later count only when they differ from their default, so that runs made
         before they existed keep their names."""
-        keys = {k: v for k, v in dataclasses.asdict(self).items()
+        values = dataclasses.asdict(self)
+        if self.command == "train":  # settings a dense run does not use count at their defaults (same name)
+            defaults = dataclasses.asdict(RunConfig())
+            values.update({k: defaults[k] for k in NOT_FOR_DENSE})
+        keys = {k: v for k, v in values.items()
                 if k not in NOT_IN_IDENTITY and not (k in ADDED_LATER and v == ADDED_LATER[k])}
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -143,15 +147,25 @@ class RunConfig:
 
 
 NOT_IN_IDENTITY = {"device", "tensorboard", "data_dir", "workers", "compile", "imports"}  # how, not what
+# What a dense run (command train) does not use: with other values it is the same run
+NOT_FOR_DENSE = {"method", "rounds", "ticket_epochs", "rewind_epoch", "mask_init", "penalty", "penalty_normalize",
+                 "final_temp", "temp_schedule", "mask_scaling", "mask_optimizer", "mask_lr", "mask_momentum",
+                 "sparsity", "prune_fraction", "prune_fraction_last", "prune_fraction_conv", "prune_scope",
+                 "gmp_frequency", "str_init", "reinit", "mask_from", "dense_baseline"}
 ADDED_LATER: dict[str, Any] = {"prune_fraction_conv": None, "mask_from": None}  # setting -> its default
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
+def unused_settings(config: RunConfig) -> set[str]:
+    """Settings that do not make this run what it is: how it runs, and for a dense run the
+    sparsification settings (a dense run given another --mask-init is the same run)."""
+    return NOT_IN_IDENTITY | NOT_FOR_DENSE if config.command == "train" else NOT_IN_IDENTITY
+
+
 def settings_differences(saved: dict[str, Any], config: RunConfig) -> dict[str, tuple[Any, Any]]:
     """Settings (that make a run what it is) whose saved value differs: ``{key: (saved, now)}``."""
-    current = config.to_dict()
-    return {k: (saved.get(k), v) for k, v in sorted(current.items())
-            if k not in NOT_IN_IDENTITY and saved.get(k) != v}
+    current, unused = config.to_dict(), unused_settings(config)
+    return {k: (saved.get(k), v) for k, v in sorted(current.items()) if k not in unused and saved.get(k) != v}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
