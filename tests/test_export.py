@@ -400,6 +400,9 @@ def test_cli_export_errors_are_one_line(run_dir, tmp_path, capsys):
     assert "is a directory" in capsys.readouterr().err
     assert main(["bench-inference", str(run_dir), "--batch-sizes", "0"]) == 2
     assert "must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):  # the run directory caught by the list of batch sizes
+        main(["bench-inference", "--batch-sizes", "1", str(run_dir)])
+    assert "is not a batch size (a run directory? give it before --batch-sizes)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pytorch", "compressed"])

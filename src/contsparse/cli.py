@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench-inference", help="CPU latency dense vs sparse (CSR) of a finished run",
                            description="latency and throughput of the run's model, dense vs sparse CPU kernels")
     bench.add_argument("run_dir", type=Path)
-    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
+    bench.add_argument("--batch-sizes", type=_batch_size, nargs="+", default=[1, 256], metavar="N",
+                       help="batch sizes to time (default: 1 256)")
     bench.add_argument("--blocks", type=int, default=15, help="interleaved timing blocks per variant")
     for command in (sub.choices["presets"], info, report, export, bench):
         command.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -177,6 +178,15 @@ def _add_sweep_parser(sub: Any) -> None:
     sweep.add_argument("--gpus-per-point", type=float, default=0.0, metavar="G",
                        help="Ray: GPUs each point asks for (default: 0)")
     _add_run_flags(sweep, with_method=True, skip={"workers", "dense_baseline"})
+
+
+def _batch_size(text: str) -> int:
+    """A --batch-sizes value; a run directory caught by the list is named as the likely mistake."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a batch size (a run directory? give it before "
+                                         "--batch-sizes)") from None
 
 
 def _add_run_flags(cmd: argparse.ArgumentParser, with_method: bool, skip: frozenset[str] | set[str] = frozenset(),
