@@ -607,3 +607,22 @@ def test_a_compressed_file_whose_tensors_do_not_match_its_layout_is_reported(tmp
         bad.write_bytes(save(tensors, metadata=metadata))
         with pytest.raises(UserError, match="is damaged"):
             load_compressed(bad)
+
+
+def test_a_hooked_flatten_keeps_its_hook_at_batch_1():
+    """The batch-1 vector path skips a plain Flatten, never a hooked one (found by a review)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    model[0].register_forward_hook(lambda module, inputs, output: output * 2)
+    sparse = to_sparse(model)
+    for batch in (1, 4):
+        x = torch.randn(batch, 2, 3)
+        torch.testing.assert_close(sparse(x), model(x))
+
+
+def test_casting_a_converted_model_is_refused_not_half_done():
+    sparse = to_sparse(nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval())
+    with pytest.raises(RuntimeError, match=r"cast or move the model before converting it"):
+        sparse.double()
+    sparse.float().cpu()  # changes nothing: allowed
+    assert sparse(torch.randn(1, 2, 3)).dtype == torch.float32

@@ -48,5 +48,5 @@ def load_run_model(run_dir: str | Path) -> RunModel:
         raise UserError(f"the final model of {run.path} cannot be read ({err}); resume or re-run it") from err
     except RuntimeError as err:  # load_state_dict lists every key: the first line says enough
         raise UserError(f"the final model of {run.path} does not fit the architecture its config.yaml names "
-                        f"({config.model}): {str(err).splitlines()[0]}") from err
+                        f"({config.model}): {' '.join(str(err).split())[:300]}") from err
     return RunModel(model.eval(), config.model, input_shape, num_classes, masks, config.dataset, config.data_dir)

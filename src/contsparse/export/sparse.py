@@ -316,6 +316,22 @@ class SparseInference(nn.Module):
         copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
         return copied
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # The kernels' tensors are plain attributes and globals of the generated vector path, which
+        # .to(), .double() or .half() cannot reach: refused, rather than half the model cast.
+        for tensor in self._kernel_tensors():
+            moved = fn(tensor)
+            if moved.dtype != tensor.dtype or moved.device != tensor.device:
+                raise RuntimeError("a model converted by to_sparse keeps its kernels' tensors as they are: cast or "
+                                   "move the model before converting it, e.g. to_sparse(model.double())")
+        return super()._apply(fn, recurse)
+
+    def _kernel_tensors(self) -> list[Tensor]:
+        """The inlined layers' weights and biases (the graph's plain tensor attributes, the chain's)."""
+        found = [t for layer in self._chain or [] for t in layer[:2]]
+        found += list(vars(self.graph).values())
+        return [t for t in found if isinstance(t, Tensor)]
+
     def _csr_tensors(self) -> list[Tensor]:
         """The CSR tensors held as plain attributes (the graph's), buffers (swapped layers) or in the chain."""
         found = [weight for weight, _, _ in self._chain or []]
@@ -437,7 +453,7 @@ def _is_flatten_1(traced: fx.GraphModule, node: fx.Node, source: fx.Node) -> boo
         return False
     if node.op == "call_module":
         module = traced.get_submodule(str(node.target))
-        return type(module) is nn.Flatten and module.start_dim == 1 and module.end_dim == -1
+        return type(module) is nn.Flatten and module.start_dim == 1 and module.end_dim == -1 and not _has_hooks(module)
     start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
     end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
     flatten = (node.op == "call_method" and node.target == "flatten") or \
