@@ -38,6 +38,11 @@ def write_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The first of ``path``'s parent folders that is a file, which stops writing ``path``; or None."""
+    return next((parent for parent in Path(path).parents if parent.exists() and not parent.is_dir()), None)
+
+
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())

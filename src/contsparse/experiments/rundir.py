@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from contsparse.errors import UserError
 from contsparse.experiments.lock import holder
-from contsparse.storage import for_safetensors, fsync_file, write_atomic
+from contsparse.storage import file_in_the_way, for_safetensors, fsync_file, write_atomic
 
 
 def _writes(method: Callable[..., None]) -> Callable[..., None]:
@@ -47,7 +47,7 @@ class RunDir:
             return
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"run directory {self.path} is a file; choose another --out")
-        blocking = next((parent for parent in self.path.parents if parent.exists() and not parent.is_dir()), None)
+        blocking = file_in_the_way(self.path)
         if blocking is not None:
             raise UserError(f"cannot create the run directory {self.path}: {blocking} is a file; choose another --out")
         with writing(self.path):

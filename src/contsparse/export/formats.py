@@ -16,7 +16,7 @@ from contsparse.errors import UserError
 from contsparse.experiments.rundir import RunDir
 from contsparse.export.compressed import compressed_bytes
 from contsparse.export.run_model import RunModel, load_run_model
-from contsparse.storage import for_safetensors, write_atomic
+from contsparse.storage import file_in_the_way, for_safetensors, write_atomic
 
 FORMATS = {"safetensors": ".safetensors", "pytorch": ".pt", "onnx": ".onnx", "compressed": ".sparse.safetensors"}
 
@@ -31,8 +31,9 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> 
         raise UserError(f"--out {path} is one of the run's own files; give another file name")
     if path.is_dir():
         raise UserError(f"--out {path} is a directory; give a file name")
-    if any(parent.is_file() for parent in path.parents):
-        raise UserError(f"--out {path}: {next(p for p in path.parents if p.is_file())} is a file, not a folder")
+    blocking = file_in_the_way(path)
+    if blocking is not None:
+        raise UserError(f"--out {path}: {blocking} is a file, not a folder")
     if path.exists() and not path.is_file():  # a device or a pipe: the atomic rename would replace it
         raise UserError(f"--out {path} is not a regular file; give a file name")
     try:

@@ -124,14 +124,11 @@ def train_epoch(model: nn.Module, batches: BatchIterator, optimizers: Sequence[t
             if speed.all_sum is not None:
                 # The first process saves the stopped epoch's totals and alone adds them back on
                 # resuming (see _start_totals): they are every process's sums
-                summed = speed.all_sum([float(totals[key]) for key in SUMMED_OVER_PROCESSES])
-                totals.update({key: torch.tensor(value, dtype=totals[key].dtype)
-                               for key, value in zip(SUMMED_OVER_PROCESSES, summed, strict=True)})
+                _sum_over_processes(totals, speed.all_sum)
             return EpochResult(float("nan"), float("nan"), steps=step + 1, complete=False,
                                totals={k: v.cpu() for k, v in totals.items()})
     if speed.all_sum is not None:  # every process saw its own share of the batches
-        summed = speed.all_sum([float(totals[key]) for key in SUMMED_OVER_PROCESSES])
-        totals.update({key: torch.tensor(value) for key, value in zip(SUMMED_OVER_PROCESSES, summed, strict=True)})
+        _sum_over_processes(totals, speed.all_sum)
     seen = int(totals["seen"])
     if seen == 0:
         raise UserError("the training split is empty")
@@ -176,6 +173,13 @@ def _start_totals(resume: dict[str, Tensor] | None, device: torch.device, with_s
 
 
 SUMMED_OVER_PROCESSES = ("loss", "correct", "seen")  # what all_sum adds up at the end of an epoch
+
+
+def _sum_over_processes(totals: dict[str, Tensor], all_sum: Callable[[list[float]], list[float]]) -> None:
+    """Replace this process's epoch sums by every process's (a collective: all call it together)."""
+    summed = all_sum([float(totals[key]) for key in SUMMED_OVER_PROCESSES])
+    totals.update({key: torch.tensor(value, dtype=totals[key].dtype)
+                   for key, value in zip(SUMMED_OVER_PROCESSES, summed, strict=True)})
 
 
 @torch.no_grad()
