@@ -18,8 +18,20 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def machine() -> dict[str, Any]:
     return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "processor": platform.processor() or platform.machine(),
+            "processor": _cpu_model() or platform.processor() or platform.machine(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name on Linux: the shared machines behind this project change between
+    sessions, and ratios are only comparable on the same CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return None
 
 
 def write_results(name: str, payload: dict[str, Any], markdown: str) -> None:

@@ -4,8 +4,8 @@ Uses a ticket at about 2 % of the weights: the run of ``contsparse ticket --mask
 default search with a lower ``s0``), training it first if it is not there, or ``--run DIR``.
 Reports the compressed file size vs the dense safetensors file, and latency dense vs sparse at
 batch 1 and 256, measured interleaved in one process (plus the to_sparse graph with dense kernels
-only, which separates the gain of the CSR kernels from that of inlining the layers); predictions
-are compared on the whole MNIST test set.
+only, which separates the gain of the CSR kernels from that of inlining the layers), and batch 1
+again single-threaded; predictions are compared on the whole MNIST test set.
 
     python benchmarks/inference.py            # writes benchmarks/results/inference.{json,md}
 """
@@ -96,6 +96,15 @@ def main() -> None:
         repeats.append(time_inference(run.model, run.input_shape, (1, 256), blocks=args.blocks))
         call_paths.append(call_path_timing(run.model, run.input_shape, args.blocks))
     timings = [median_timing([r[i].as_dict() for r in repeats]) for i in range(len(repeats[0]))]
+    # With two threads, the CSR kernel's second thread sometimes waits for a core the shared
+    # machine has lent elsewhere: batch-1 serving usually runs single-threaded, which is timed too
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single_thread = median_timing([time_inference(run.model, run.input_shape, (1,), blocks=args.blocks)[0].as_dict()
+                                       for _ in range(max(1, args.repeats // 3))])
+    finally:
+        torch.set_num_threads(threads)
     call_path = {name: statistics.median(c[name] for c in call_paths) for name in call_paths[0]}
     agreement = test_set_agreement(run.model, run.dataset, run.data_dir)
 
@@ -108,9 +117,13 @@ def main() -> None:
              "| batch | dense ms | inlined dense ms | sparse ms | **sparse speedup vs dense** | each repeat "
              "| speedup vs inlined dense | CSR layers |", "|---|---|---|---|---|---|---|---|"]
     for t in timings:
-        lines.append(f"| {t['batch_size']} | {t['dense_ms']:.3f} | {t['inlined_dense_ms']:.3f} | {t['sparse_ms']:.3f} "
+        lines.append(f"| {t['batch_size']} | {t['dense_ms']:.4f} | {t['inlined_dense_ms']:.4f} | {t['sparse_ms']:.4f} "
                      f"| **{t['speedup']:.2f}x** | {', '.join(f'{x:.2f}' for x in t['speedups'])} "
                      f"| {t['inlined_dense_ms'] / t['sparse_ms']:.2f}x | {', '.join(t['sparse_layers']) or '-'} |")
+    one = single_thread
+    lines += ["", f"Batch 1 single-threaded (`torch.set_num_threads(1)`, {len(one['speedups'])} repeats): "
+              f"dense {one['dense_ms']:.4f} ms, sparse {one['sparse_ms']:.4f} ms, **{one['speedup']:.2f}x** "
+              f"(repeats {', '.join(f'{x:.2f}' for x in one['speedups'])})."]
     lines += ["", f"Batch 1, the sparse model called as usual vs through `nn.Module.__call__` (interleaved, "
               f"medians of the repeats): {call_path['direct']:.4f} vs {call_path['module_call']:.4f} ms: skipping "
               f"that machinery saves {100 * (1 - call_path['direct'] / call_path['module_call']):.0f} %."]
@@ -121,6 +134,7 @@ def main() -> None:
               f"Machine: {machine()['processor']}, torch {machine()['torch']}, {machine()['threads']} threads.", ""]
     write_results("inference", {"machine": machine(), "command": command, "run": str(run_dir),
                                 "weights_remaining": kept, "sizes": sizes, "timings": timings,
+                                "single_thread_batch_1": single_thread,
                                 "batch_1_call_path_ms": call_path,
                                 "test_set": agreement}, "\n".join(lines))
 

@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import json
 import pickle
+import threading
 from collections import OrderedDict
 
 import pytest
@@ -127,6 +128,39 @@ def test_single_inputs_of_a_linear_relu_chain_take_the_vector_path(run_dir):
 
     for other in (Residual().eval(), NoFlatten().eval()):
         assert not to_sparse(other, batch_size=1).has_vector_path
+
+
+def test_the_vector_path_reuses_its_buffers_safely(run_dir):
+    """Hidden layers write into per-thread buffers: a kept output is never overwritten by a later
+    call, buffers first made under inference_mode work outside it, threads do not share them, and
+    an input that requires grad gets its gradient (out= records none, so it takes plain calls)."""
+    model = load_run_model(run_dir).model
+    converted = to_sparse(model, batch_size=1, kernels="sparse")
+    inputs = [torch.randn(1, 1, 28, 28) for _ in range(4)]
+    with torch.inference_mode():
+        expected = [converted.graph(x) for x in inputs]
+        first = converted(inputs[0])  # the buffers are made here, under inference_mode
+        converted(inputs[1])
+    torch.testing.assert_close(first, expected[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(converted(inputs[1]), expected[1], rtol=1e-6, atol=1e-6)  # outside it
+
+    results: dict[int, bool] = {}
+
+    def calls(i: int) -> None:
+        results[i] = all(torch.allclose(converted(inputs[i]), expected[i], rtol=1e-6, atol=1e-6) for _ in range(300))
+
+    threads = [threading.Thread(target=calls, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {i: True for i in range(4)}
+
+    x = inputs[2].clone().requires_grad_()
+    converted(x).sum().backward()
+    reference = inputs[2].clone().requires_grad_()
+    model(reference).sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_single_inputs_skip_module_call_machinery_but_not_hooks(run_dir, monkeypatch):

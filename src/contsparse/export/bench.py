@@ -59,8 +59,12 @@ def _time_batch(model: nn.Module, input_shape: tuple[int, ...], batch_size: int,
 
 
 def _calls_per_block(call: Callable[[], object], budget_s: float) -> int:
-    """Calls per timing block so that one block lasts about ``budget_s``."""
+    """Calls per timing block so that one block lasts about ``budget_s``, sized on warm calls: a
+    first call can take a hundred times longer, which would leave blocks too short to time."""
+    for _ in range(5):
+        call()
     start = time.perf_counter()
-    call()
-    elapsed = max(time.perf_counter() - start, 1e-6)
+    for _ in range(5):
+        call()
+    elapsed = max((time.perf_counter() - start) / 5, 1e-6)
     return max(1, min(2000, int(budget_s / elapsed)))
