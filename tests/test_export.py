@@ -72,11 +72,22 @@ def test_compressed_storage_is_exact_and_small(tmp_path):
     save_file(state, str(tmp_path / "dense.safetensors"))
     save_compressed(state, tmp_path / "c.safetensors")
     restored = load_compressed(tmp_path / "c.safetensors")
-    assert restored.keys() == state.keys()
+    assert list(restored) == list(state)  # the state_dict's order too (safetensors sorts its tensors)
     for key in state:
         assert torch.equal(restored[key], state[key]) and restored[key].dtype == state[key].dtype
     ratio = (tmp_path / "c.safetensors").stat().st_size / (tmp_path / "dense.safetensors").stat().st_size
     assert ratio < 0.08  # bitmask (1/32 of float32) + 3 % values
+
+
+def test_compressed_storage_never_makes_a_name_ambiguous(tmp_path):
+    """An entry named like another's compressed parts ("w.values") keeps that one uncompressed."""
+    sparse = torch.zeros(64, 64)
+    sparse[0, :5] = 1.0
+    state = {"w": sparse, "w.values": sparse.clone() * 2, "w.bitmask": torch.arange(3)}
+    save_compressed(state, tmp_path / "c.safetensors")
+    restored = load_compressed(tmp_path / "c.safetensors")
+    assert list(restored) == list(state)
+    assert all(torch.equal(restored[key], state[key]) for key in state)
 
 
 def test_a_plain_file_is_not_taken_for_a_compressed_one(run_dir):
@@ -635,12 +646,33 @@ def test_a_compressed_file_whose_tensors_do_not_match_its_layout_is_reported(tmp
         "negative shape": (stored, {"contsparse.compressed": json.dumps({"w": {"shape": [-8, -8]}})}),
         "text shape": (stored, {"contsparse.compressed": json.dumps({"w": {"shape": ["a", "b"]}})}),
         "layout a list": (stored, {"contsparse.compressed": "[]"}),
+        "float shape": (stored, {"contsparse.compressed": json.dumps({"w": {"shape": [8.5, 8]}})}),
+        "bitmask too long": ({**stored, "w.bitmask": torch.cat([stored["w.bitmask"], stored["w.bitmask"]])}, layout),
+        "bitmask 2-D": ({**stored, "w.bitmask": stored["w.bitmask"].reshape(2, -1)}, layout),
+        "order of other keys": (stored, {**layout, "contsparse.order": json.dumps(["v"])}),
     }
     for name, (tensors, metadata) in cases.items():
         bad = tmp_path / f"{name}.safetensors"
         bad.write_bytes(save(tensors, metadata=metadata))
         with pytest.raises(UserError, match="is damaged"):
             load_compressed(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_forcing_csr_kernels_where_pytorch_has_none_is_refused_up_front(dtype):
+    """No CSR product for half-precision weights on the CPU: kernels='sparse' says so when
+    converting (it used to fail at the first call), and 'auto' keeps those layers dense."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(8, 4)).to(dtype).eval()
+    with torch.no_grad():
+        model[1].weight[:, :6] = 0
+    for batch_size in (1, 4):
+        with pytest.raises(ValueError, match="no CSR product for 1's"):
+            to_sparse(model, batch_size, kernels="sparse")
+        converted = to_sparse(model, batch_size)
+        assert converted.kernel_choices == {"1": "dense"}
+        x = torch.randn(batch_size, 8, dtype=dtype)
+        with torch.inference_mode():
+            torch.testing.assert_close(converted(x), model(x))
 
 
 def test_a_hooked_flatten_keeps_its_hook_at_batch_1():

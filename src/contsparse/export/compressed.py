@@ -21,25 +21,30 @@ from contsparse.errors import UserError
 from contsparse.storage import for_safetensors, write_atomic
 
 FORMAT_KEY = "contsparse.compressed"
+ORDER_KEY = "contsparse.order"  # the state_dict's key order (safetensors stores tensors sorted)
 
 
 def compress_state_dict(state: dict[str, torch.Tensor], min_zero_fraction: float = 0.5
                         ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors to store and metadata: floating tensors with at least ``min_zero_fraction`` zeros
-    become ``<name>.bitmask`` (packed bits, row-major) and ``<name>.values`` (the nonzeros)."""
+    become ``<name>.bitmask`` (packed bits, row-major) and ``<name>.values`` (the nonzeros). A
+    tensor whose parts' names another entry already has is stored as it is, so no name is ever
+    ambiguous."""
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, dict] = {}
     for name, tensor in state.items():
         tensor = tensor.detach().cpu().contiguous()
         nonzero = tensor != 0
-        if tensor.is_floating_point() and tensor.numel() and 1 - nonzero.float().mean().item() >= min_zero_fraction:
+        names_free = f"{name}.bitmask" not in state and f"{name}.values" not in state
+        if tensor.is_floating_point() and tensor.numel() and names_free \
+                and 1 - nonzero.float().mean().item() >= min_zero_fraction:
             bits = np.packbits(nonzero.flatten().numpy())
             tensors[f"{name}.bitmask"] = torch.from_numpy(bits)
             tensors[f"{name}.values"] = tensor[nonzero]
             layout[name] = {"shape": list(tensor.shape)}
         else:
             tensors[name] = tensor
-    return tensors, {FORMAT_KEY: json.dumps(layout)}
+    return tensors, {FORMAT_KEY: json.dumps(layout), ORDER_KEY: json.dumps(list(state))}
 
 
 def save_compressed(state: dict[str, torch.Tensor], path: str | Path, min_zero_fraction: float = 0.5) -> None:
@@ -61,11 +66,12 @@ def load_compressed(path: str | Path) -> dict[str, torch.Tensor]:
             if FORMAT_KEY not in metadata:
                 raise UserError(f"{path} is not a contsparse compressed file (no {FORMAT_KEY} metadata)")
             layout = json.loads(metadata[FORMAT_KEY])
+            order = json.loads(metadata[ORDER_KEY]) if ORDER_KEY in metadata else None  # older files: none
             stored = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
     except (OSError, SafetensorError, json.JSONDecodeError) as err:
         raise UserError(f"cannot read {path} ({err})") from err
     try:
-        return _decompress(stored, layout)
+        return _in_order(_decompress(stored, layout), order)
     except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as err:
         raise UserError(f"{path} is damaged: its compressed tensors do not match their layout "
                         f"({type(err).__name__}: {err})") from err
@@ -74,13 +80,13 @@ def load_compressed(path: str | Path) -> dict[str, torch.Tensor]:
 def _decompress(stored: dict[str, torch.Tensor], layout: dict) -> dict[str, torch.Tensor]:
     state = {k: v for k, v in stored.items() if not any(k == f"{n}.bitmask" or k == f"{n}.values" for n in layout)}
     for name, info in layout.items():
-        shape = [int(size) for size in info["shape"]]
-        if any(size < 0 for size in shape):
-            raise ValueError(f"{name}: negative size in shape {shape}")
+        shape = info["shape"]
+        if not isinstance(shape, list) or any(type(size) is not int or size < 0 for size in shape):
+            raise ValueError(f"{name}: shape {shape!r} is not a list of sizes")
         numel = int(np.prod(shape)) if shape else 1
         bitmask = stored[f"{name}.bitmask"]
-        if bitmask.dtype != torch.uint8 or bitmask.numel() * 8 < numel:
-            raise ValueError(f"{name}.bitmask: {bitmask.numel()} {bitmask.dtype} entries for {numel} bits")
+        if bitmask.dtype != torch.uint8 or bitmask.dim() != 1 or bitmask.numel() != (numel + 7) // 8:
+            raise ValueError(f"{name}.bitmask: {tuple(bitmask.shape)} {bitmask.dtype} for {numel} bits")
         keep = torch.from_numpy(np.unpackbits(bitmask.numpy(), count=numel).astype(bool))
         values = stored[f"{name}.values"]
         if values.dim() != 1 or values.numel() != int(keep.sum()):
@@ -89,3 +95,12 @@ def _decompress(stored: dict[str, torch.Tensor], layout: dict) -> dict[str, torc
         dense[keep] = values
         state[name] = dense.reshape(shape)
     return state
+
+
+def _in_order(state: dict[str, torch.Tensor], order: list | None) -> dict[str, torch.Tensor]:
+    """The entries in the saved ``state_dict``'s order, where the file records it."""
+    if order is None:
+        return state
+    if not isinstance(order, list) or sorted(order) != sorted(state):
+        raise ValueError(f"the recorded key order does not name the stored entries ({ORDER_KEY})")
+    return {name: state[name] for name in order}

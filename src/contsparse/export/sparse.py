@@ -100,17 +100,28 @@ def faster_kernel(linear: nn.Linear, batch_size: int, rounds: int = 7, calls: in
     """``"sparse"`` if the CSR kernel beats ``F.linear`` on this machine at ``batch_size`` by 10 %
     (median of interleaved rounds), else ``"dense"`` (also where PyTorch has no CSR kernel for the
     weight's dtype, e.g. bfloat16)."""
+    if not has_csr_kernel(linear, batch_size):
+        return "dense"
     x = torch.randn(batch_size, linear.in_features, dtype=linear.weight.dtype)
     csr = to_csr(linear.weight)
     weight, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
     with torch.inference_mode():
-        try:
-            csr_linear(x, csr, bias)
-        except (NotImplementedError, RuntimeError):
-            return "dense"
         times = interleaved_times({"dense": lambda: dense_linear(x, weight, bias),
                                    "sparse": lambda: csr_linear(x, csr, bias)}, rounds, calls, warmup=5)
     return "sparse" if times["sparse"] < 0.9 * times["dense"] else "dense"
+
+
+def has_csr_kernel(linear: nn.Linear, batch_size: int) -> bool:
+    """Whether PyTorch has a CSR product for this layer's dtype and device at ``batch_size`` (none
+    for float16 or bfloat16 on the CPU, for instance): tried on a small input of that shape."""
+    x = torch.zeros(batch_size, linear.in_features, dtype=linear.weight.dtype, device=linear.weight.device)
+    bias = None if linear.bias is None else linear.bias.detach()
+    with torch.inference_mode():
+        try:
+            csr_linear(x, to_csr(linear.weight), bias)
+        except (NotImplementedError, RuntimeError):
+            return False
+    return True
 
 
 def to_sparse(model: nn.Module, batch_size: int = 1, kernels: Kernels = "auto",
@@ -120,7 +131,8 @@ def to_sparse(model: nn.Module, batch_size: int = 1, kernels: Kernels = "auto",
     ``kernels="auto"`` measures each layer with at least ``min_zero_fraction`` zeros at
     ``batch_size``; ``"sparse"`` / ``"dense"`` force one kernel. The chosen kernel of each layer
     is in the returned module's ``kernel_choices``. The result is for inference only (no gradients)
-    and shares nothing with ``model``, which is left as it was (train or eval mode).
+    and shares nothing with ``model``, which is left as it was (train or eval mode). ``"sparse"``
+    on a layer PyTorch has no CSR product for (float16 or bfloat16 on the CPU) raises ValueError.
     """
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
@@ -128,6 +140,10 @@ def to_sparse(model: nn.Module, batch_size: int = 1, kernels: Kernels = "auto",
     choices: dict[str, str] = {}
 
     def choose(name: str, linear: nn.Linear) -> str:
+        if kernels == "sparse" and not has_csr_kernel(linear, batch_size):
+            raise ValueError(f"kernels='sparse': PyTorch has no CSR product for {name}'s "
+                             f"{str(linear.weight.dtype).removeprefix('torch.')} weights at batch size {batch_size} "
+                             "on this device; use kernels='auto', which keeps such layers dense")
         if kernels != "auto":
             choice = kernels
         elif zero_fraction(linear.weight) < min_zero_fraction:
