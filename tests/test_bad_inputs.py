@@ -104,6 +104,14 @@ def world(tmp_path_factory) -> dict[str, Path]:
     w["empty_summary"] = root / "empty-summary"
     shutil.copytree(w["done"], w["empty_summary"])
     (w["empty_summary"] / "summary.json").write_text("{}\n")
+    w["text_accuracy"] = root / "text-accuracy"  # found by a review of the reports
+    shutil.copytree(w["done"], w["text_accuracy"])
+    summary = json.loads((w["done"] / "summary.json").read_text())
+    (w["text_accuracy"] / "summary.json").write_text(json.dumps({**summary, "val_accuracy": "0.9"}))
+    w["truncated_csv"] = root / "truncated-csv"
+    w["truncated_csv"].mkdir()
+    (w["truncated_csv"] / "compare.csv").write_text(
+        "method,label,seed,weights_remaining,test_accuracy,train_epochs,wall_seconds,run_dir\ncs,cs s0=-0.05,0\n")
     w["other_model"] = root / "other-model"
     shutil.copytree(w["done"], w["other_model"])
     config = w["other_model"] / "config.yaml"
@@ -246,6 +254,9 @@ CATALOGUE = [
      "summary.json is damaged: missing or wrong command (text)", None),
     ("report of a summary without its fields", "report {empty_summary} --out {root}/rep", "summary.json is damaged",
      None),
+    ("summary.json with a text accuracy", "report {text_accuracy} --out {root}/rep2",
+     "summary.json is damaged: missing or wrong val_accuracy (a number)", None),
+    ("comparison table cut short", "report {truncated_csv} --out {root}/rep3", "cannot read the comparison", None),
     ("export over the run's own model file", "export {done} --format pytorch --out {done}/model.safetensors",
      "is one of the run's own files", None),
     ("export into a path under a file", "export {done} --out {a_file}/model.pt", "is a file, not a folder", None),

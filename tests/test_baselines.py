@@ -255,6 +255,34 @@ def test_the_sparsest_ticket_near_dense_is_chosen_on_validation_not_test():
               group("imp", 0.02, None, 0.990)]  # saved without a validation accuracy: never chosen
     best = sparsest_within(groups, dense_val_accuracy=0.980)
     assert best == {"cs": groups[2]}
+    diverged = [*groups, group("cs", 0.001, float("nan"), float("nan"))]  # NaN compares as "not below"
+    assert sparsest_within(diverged, dense_val_accuracy=0.980) == {"cs": groups[2]}
+    assert sparsest_within(groups, dense_val_accuracy=float("nan")) == {}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mask-inits", "0.5", "0.5"], "lists the --mask-inits value 0.5 twice"),
+    (["--methods", "dense", "random"], "add imp to --methods"),
+    (["--imp-rounds", "2", "--random-every", "3"], "none; give a smaller --random-every"),
+])
+def test_compare_refuses_plans_that_would_drop_or_double_count_rows(tmp_path, capsys, flags, message):
+    from contsparse.cli import main
+
+    assert main(["compare", "--dataset", "synthetic", "--out", str(tmp_path / "cmp"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_compare_seeds_count_from_the_seed_flag(tmp_path, monkeypatch):
+    from contsparse.cli import main
+    from contsparse.experiments import compare
+
+    seen = []
+    monkeypatch.setattr(compare, "run_comparison", lambda plan, out, log: seen.append(plan.seeds) or [])
+    monkeypatch.setattr("contsparse.reports.compare.write_comparison", lambda *args: None)
+    monkeypatch.setattr("pathlib.Path.read_text", lambda self: "")
+    assert main(["compare", "--dataset", "synthetic", "--seed", "7", "--seeds", "2", "--out", str(tmp_path)]) == 0
+    assert seen == [(7, 8)]
 
 
 @pytest.mark.parametrize("method, extra", [("str", dict(optimizer="sgd", lr=0.1, weight_decay=5e-4)),
@@ -348,3 +376,16 @@ def test_a_given_mask_trains_as_a_ticket_from_the_initialisation_or_re_initialis
     assert any("at their initialisation (iteration 0)" in line for line in said)
     assert any("re-initialised (--reinit control)" in line for line in said)
     assert any(not torch.equal(weights[False][k], weights[True][k]) for k in chosen)
+
+
+@pytest.mark.parametrize("metrics", ['{"seconds": 1.0}\n{"seconds": 2.', '{"seconds": 1.0}\n', None])
+def test_a_damaged_imp_metrics_file_is_a_one_line_error(tmp_path, metrics):
+    """The comparison times IMP's rounds from its metrics.jsonl: torn, short or missing, it says so."""
+    from contsparse.errors import UserError
+    from contsparse.experiments.compare import _imp_rows
+
+    if metrics is not None:
+        (tmp_path / "metrics.jsonl").write_text(metrics)
+    summary = {"round_tickets": [{"round": 1, "weights_remaining": 0.8, "test_accuracy": 0.9, "train_epochs": 2}]}
+    with pytest.raises(UserError, match=r"metrics\.jsonl is damaged or incomplete"):
+        _imp_rows(summary, 0, tmp_path)

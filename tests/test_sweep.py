@@ -78,6 +78,12 @@ def test_plan_expands_grid_points_seeds_and_dense_reference():
     (SweepPlan(make_config({}), {"penalty": ["-1"]}), "penalty must be >= 0"),
     (SweepPlan(make_config({}), points=[{"seed": "1"}, {"seed": "1"}]), "twice"),
     (SweepPlan(make_config({}), {"seed": ["0", "1"]}, seeds=2), "seeds are given twice: by --seeds and in --grid"),
+    (SweepPlan(make_config({}), {"mask_init": ["-0.05"]}, points=[{"mask_init": "-0.02"}]),
+     "mask_init is given both by --point and by --grid"),
+    (SweepPlan(make_config({}), {"seed": ["a"]}), "seed 'a' is not an integer"),
+    (SweepPlan(make_config({}), points=[{"seed": "1.5"}]), "seed '1.5' is not an integer"),
+    (SweepPlan(make_config({}), {"seed": ["01", "1"]}), "twice"),  # one seed, however it is spelled
+    (SweepPlan(make_config({}), {"mask_include": ["x" * 300]}), "names a folder of"),
 ])
 def test_bad_plans_fail_before_running(plan, message):
     with pytest.raises(UserError, match=message):
@@ -102,6 +108,8 @@ def test_pareto_front_keeps_only_undominated_finished_points():
                point("e", 0.005, 0.99, status="failed"), point("dense", 1.0, 0.99, command="train"),
                point("f", 0.02, 0.93)]
     assert [r.name for r in pareto_front(results)] == ["a", "b", "d"]
+    tied = [point("a", 0.01, 0.90), point("b", 0.01, 0.90)]  # neither beats the other: both are on it
+    assert [r.name for r in pareto_front(tied)] == ["a", "b"]
 
 
 def test_pareto_front_is_chosen_on_validation_accuracy_not_on_test_accuracy():
@@ -141,7 +149,7 @@ def test_local_sweep_runs_skips_finished_points_and_records_threads(tmp_path):
     # The same points with other settings in the same directory are not taken for finished ones: the
     # sweep is refused before it writes anything (its plan, results and runs stay as they were).
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"}
-    with pytest.raises(UserError, match=r"holds a finished run with other settings \(lr: 0.0012 -> 0.002\)"):
+    with pytest.raises(UserError, match=r"holds a sweep with other shared settings \(lr 0.0012 -> 0.002\)"):
         run_sweep(SweepPlan(make_config({**TINY, "lr": 0.002}), {"mask_init": ["-0.02", "0.05"]}), tmp_path,
                   LocalPool(workers=2))
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"} == before
@@ -158,6 +166,12 @@ def test_a_failing_point_is_reported_and_the_others_finish(tmp_path, capsys):
     assert "| lr=0.001_seed=0 |" in table and "| failed |" in table and "| done |" in table
     rows = json.loads((tmp_path / "sweep.json").read_text())["points"]
     assert {r["point"]: r["status"] for r in rows} == {"lr=0.001_seed=0": "done", "lr=1000000.0_seed=0": "failed"}
+    # `report` writes the tables again from the run directories: the failure and its message stay
+    assert main(["report", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "sweep.json").read_text())["points"]
+    failed = next(r for r in rows if r["point"] == "lr=1000000.0_seed=0")
+    assert failed["status"] == "failed" and "training diverged" in failed["message"]
+    assert "| failed |" in (tmp_path / "sweep.md").read_text()
     assert (tmp_path / "logs" / "lr=1000000.0_seed=0.log").is_file()
 
 
@@ -386,3 +400,61 @@ def test_a_sweep_folder_of_another_command_is_refused(tmp_path):
     dense = SweepPlan(make_config({"command": "train"}), {"lr": ["0.001"]}, [], 1, False)
     with pytest.raises(UserError, match="holds a sweep of ticket --method cs; give another --out"):
         check_sweep_folder(dense, tmp_path / "sweep")
+
+
+def test_a_sweep_run_again_with_new_values_keeps_its_earlier_points(tmp_path):
+    """Adding grid values to a finished sweep runs the new points only; the tables and the saved
+    plan keep the earlier ones (a later plan used to replace the earlier)."""
+    first = run_sweep(SweepPlan(make_config(TINY), {"mask_init": ["0.5"]}, dense_reference=False), tmp_path,
+                      LocalPool(workers=1))
+    assert [r.name for r in first] == ["mask_init=0.5_seed=0"]
+    second = run_sweep(SweepPlan(make_config(TINY), {"mask_init": ["1.0"]}, dense_reference=False), tmp_path,
+                       LocalPool(workers=1))
+    assert [(r.name, r.status) for r in second] == [("mask_init=0.5_seed=0", "done"), ("mask_init=1.0_seed=0", "done")]
+    assert [p.name for p in load_plan(tmp_path).expand()] == ["mask_init=0.5_seed=0", "mask_init=1.0_seed=0"]
+    assert main(["report", str(tmp_path)]) == 0
+    assert {r["point"] for r in json.loads((tmp_path / "sweep.json").read_text())["points"]} == {
+        "mask_init=0.5_seed=0", "mask_init=1.0_seed=0"}
+    again = run_sweep(SweepPlan(make_config(TINY), {"mask_init": ["1.0"]}, dense_reference=False), tmp_path,
+                      LocalPool(workers=1))  # nothing new: nothing runs, nothing is lost
+    assert [r.name for r in again] == ["mask_init=0.5_seed=0", "mask_init=1.0_seed=0"]
+
+
+@pytest.mark.parametrize("plan_text, message", [
+    ("base: 5\n", "base is not a mapping"),
+    ("base: {}\ngrid: {mask_init: -0.05}\n", "grid is not a mapping of settings to lists"),
+    ("base: {}\npoints: 5\n", "points is not a list"),
+    ("base: {}\nseeds: abc\n", "seeds is 'abc'"),
+])
+def test_a_damaged_sweep_plan_is_a_one_line_error(tmp_path, capsys, plan_text, message):
+    (tmp_path / "sweep.yaml").write_text(plan_text)
+    assert main(["report", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_sweep_tables_escape_cell_separators_and_write_strict_json(tmp_path):
+    """A '|' in a swept value (a layer regex) stays in its cell; a diverged run's NaN accuracy is
+    null in sweep.json, which strict JSON readers refuse as a bare NaN."""
+    from contsparse.reports.sweep import write_sweep
+
+    results = [PointResult("a", {"mask_include": "hidden|output"}, "ticket", "done", "a", 0.03, 0.97, 10, 5.0),
+               PointResult("b", {"mask_include": "hidden"}, "ticket", "done", "b", 0.02, float("nan"), 10, 5.0,
+                           val_accuracy=float("nan")),
+               PointResult("dense", {}, "train", "done", "dense", 1.0, float("nan"), 10, 5.0)]
+    write_sweep(results, tmp_path, "t")
+    table = [line for line in (tmp_path / "sweep.md").read_text().splitlines() if line.startswith("|")]
+    assert len({line.replace("\\|", "").count("|") for line in table}) == 1, table
+    assert "hidden\\|output" in (tmp_path / "sweep.md").read_text()
+    assert "Dense reference" not in (tmp_path / "sweep.md").read_text()  # a NaN dense run is no reference
+    payload = json.loads((tmp_path / "sweep.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert next(p for p in payload["points"] if p["point"] == "b")["test_accuracy"] is None
+
+
+def test_a_sweep_over_training_settings_says_its_dense_reference_did_not_vary_them():
+    from contsparse.reports.sweep import markdown
+
+    dense = PointResult("dense_seed=0", {"seed": 0}, "train", "done", "d", 1.0, 0.98, 10, 5.0)
+    for values, noted in (({"lr": 0.1, "mask_init": -0.05}, "vary lr,"), ({"mask_init": -0.05, "seed": 0}, None)):
+        point = PointResult("a", values, "ticket", "done", "a", 0.03, 0.97, 10, 5.0)
+        text = markdown([dense, point], [point], "t")
+        assert (noted in text) if noted else "the points vary" not in text

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--preset", help="named paper settings for the shared training settings")
     compare.add_argument("--config", type=Path, help="YAML file of shared settings")
     compare.add_argument("--out", type=Path, help="comparison directory (default: runs/compare-<model>-<dataset>)")
-    compare.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 for every method (default: 1)")
+    compare.add_argument("--seeds", type=int, default=1, help="N seeds for every method, from --seed on (default: 1)")
     compare.add_argument("--mask-inits", type=float, nargs="+", default=[-0.03, -0.05, -0.08],
                          help="CS s0 values, one ticket search each")
     compare.add_argument("--imp-rounds", type=int, default=20, help="IMP rounds (LeNet: 20 -> 1.2 %% weights)")
@@ -375,8 +375,8 @@ def run_compare(args: argparse.Namespace) -> int:
     args.command = "ticket"
     base = config_from_args(args)
     out = args.out or Path("runs") / f"compare-{base.model}-{base.dataset}"
-    plan = ComparePlan(base, tuple(range(args.seeds)), tuple(args.mask_inits), args.imp_rounds, args.random_every,
-                       tuple(args.methods))
+    plan = ComparePlan(base, tuple(range(base.seed, base.seed + args.seeds)), tuple(args.mask_inits),
+                       args.imp_rounds, args.random_every, tuple(args.methods))
     try:
         rows = [r.as_dict() for r in run_comparison(plan, out, tqdm.write)]
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class Row:
 def run_comparison(plan: ComparePlan, out: Path, log: Log) -> list[Row]:
     rows: list[Row] = []
     base = dataclasses.replace(plan.base, dense_baseline=False)
+    check_plan(plan)
     require_collection_folder(out, "compare.json", "comparison", holds_runs=True)
     # settings a run cannot start with fail before any run starts
     for s0 in plan.mask_inits if "cs" in plan.methods else ():
@@ -85,6 +87,21 @@ def run_comparison(plan: ComparePlan, out: Path, log: Log) -> list[Row]:
     return rows
 
 
+def check_plan(plan: ComparePlan) -> None:
+    """Refuse what would silently give fewer or mislabelled rows: a repeated seed or ``s0`` (one run
+    counted twice), random pruning without the IMP runs whose sparsities it takes, or taking every
+    n-th of fewer IMP rounds than n."""
+    for name, values in (("seed", plan.seeds), ("--mask-inits value", plan.mask_inits)):
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise UserError(f"the comparison lists the {name} {', '.join(f'{v:g}' for v in repeated)} twice")
+    if "random" in plan.methods and "imp" not in plan.methods:
+        raise UserError("--methods random prunes at the sparsities of IMP's rounds: add imp to --methods")
+    if "random" in plan.methods and plan.random_every > plan.imp_rounds:
+        raise UserError(f"--random-every {plan.random_every} takes every {plan.random_every}th of "
+                        f"{plan.imp_rounds} IMP rounds: none; give a smaller --random-every or more --imp-rounds")
+
+
 def imp_config(base: RunConfig, rounds: int) -> RunConfig:
     """IMP with rewinding as compared: each round trains for the ticket's epochs."""
     config = dataclasses.replace(base, command="ticket", method="imp", rounds=rounds, epochs=base.phase_epochs)
@@ -103,11 +120,16 @@ def _single(summary: dict[str, Any], method: str, label: str, seed: int, path: P
 
 def _imp_rows(summary: dict[str, Any], seed: int, path: Path) -> list[Row]:
     """One row per IMP round (each round trained a ticket), then the final ticket."""
-    seconds = [json.loads(line)["seconds"] for line in (path / RunDir.METRICS).read_text().splitlines()]
-    rows = [Row("imp", f"imp round {p['round']}" + (" (dense)" if p["weights_remaining"] == 1 else ""), seed,
-                p["weights_remaining"], p["test_accuracy"],
-                p["train_epochs"], seconds[p["train_epochs"] - 1], str(path), p.get("val_accuracy"))
-            for p in summary.get("round_tickets", [])]
+    metrics = path / RunDir.METRICS
+    try:
+        seconds = [json.loads(line)["seconds"] for line in metrics.read_text().splitlines()]
+        rows = [Row("imp", f"imp round {p['round']}" + (" (dense)" if p["weights_remaining"] == 1 else ""), seed,
+                    p["weights_remaining"], p["test_accuracy"],
+                    p["train_epochs"], seconds[p["train_epochs"] - 1], str(path), p.get("val_accuracy"))
+                for p in summary.get("round_tickets", [])]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as err:  # ValueError: a torn JSON line
+        raise UserError(f"{metrics} is damaged or incomplete ({type(err).__name__}: {err}): it times IMP's "
+                        f"rounds; run the comparison again with that run directory removed") from None
     rows.append(Row("imp", "imp final", seed, summary["weights_remaining"], summary["test_accuracy"],
                     summary["train_epochs"], summary["wall_seconds"], str(path), summary.get("val_accuracy")))
     return rows
@@ -136,11 +158,14 @@ def sparsest_within(groups: list[dict[str, Any]], dense_val_accuracy: float, tol
                     ) -> dict[str, dict[str, Any]]:
     """Per method: the ticket with the fewest weights whose *validation* accuracy is >= dense's -
     tolerance. Chosen on the validation set, so that its test accuracy stays an unbiased report
-    (groups without a validation accuracy, from older comparisons, are not chosen)."""
+    (groups without a validation accuracy, from older comparisons, or with a NaN one are not chosen)."""
     best: dict[str, dict[str, Any]] = {}
+    if not math.isfinite(dense_val_accuracy):  # a diverged or unevaluated dense run sets no bar
+        return best
     for group in groups:
-        if group["method"] == "dense" or group["val_accuracy"] is None \
-                or group["val_accuracy"] < dense_val_accuracy - tolerance:
+        val = group["val_accuracy"]
+        if group["method"] == "dense" or val is None or not math.isfinite(val) \
+                or val < dense_val_accuracy - tolerance:
             continue
         current = best.get(group["method"])
         if current is None or group["weights_remaining"] < current["weights_remaining"]:

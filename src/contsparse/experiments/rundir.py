@@ -162,6 +162,9 @@ SUMMARY_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
                     "a list of sizes"),
     "num_classes": ((lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0)),
                     "a positive integer"),
+    **{key: ((lambda v: v is None or _number(v)), "a number") for key in (
+        "val_accuracy", "dense_test_accuracy", "dense_val_accuracy", "dense_wall_seconds")},
+    "dense_train_epochs": ((lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool))), "an integer"),
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import os
 import time
@@ -59,19 +60,32 @@ class SweepPlan:
     seeds: int = 1
     dense_reference: bool = True
 
-    def expand(self) -> list[SweepPoint]:
+    def combinations(self) -> list[dict[str, Any]]:
+        """Each point's swept values: the listed points times the grid, seeds included."""
         grid = dict(self.grid)
         seeds_given = "seed" in grid or any("seed" in p for p in self.points)
         if seeds_given and self.seeds > 1:
             raise UserError("seeds are given twice: by --seeds and in --grid/--point; use one of them")
         if not seeds_given:
             grid["seed"] = list(range(self.base.seed, self.base.seed + self.seeds))
+        for point in self.points:
+            both = sorted(set(point) & set(grid))
+            if both:  # the grid's values would silently replace the point's
+                raise UserError(f"{', '.join(both)} is given both by --point and by --grid (or --seeds); "
+                                "give each setting one way")
         listed = self.points or [{}]
         combos = [{**point, **dict(zip(grid, values, strict=True))}
                   for point in listed for values in itertools.product(*grid.values())]
+        for combo in combos:  # "01" and "1" are one seed (and a name must not depend on the spelling)
+            if "seed" in combo:
+                combo["seed"] = _seed(combo["seed"])
+        return combos
+
+    def expand(self) -> list[SweepPoint]:
+        combos = self.combinations()
         out: dict[str, SweepPoint] = {}
         if self.dense_reference and self.base.command != "train":
-            seeds = sorted({c.get("seed", self.base.seed) for c in combos}, key=lambda s: int(s))
+            seeds = sorted({c.get("seed", self.base.seed) for c in combos})
             for seed in seeds:
                 config = dataclasses.replace(self.base, seed=int(seed)).dense_variant()
                 out[f"dense_seed={seed}"] = SweepPoint(f"dense_seed={seed}", {"seed": int(seed)}, config)
@@ -81,8 +95,23 @@ class SweepPlan:
             name = point_name(values)
             if name in out:
                 raise UserError(f"the sweep lists the point {name} twice")
+            if len(name.encode()) > MAX_NAME_BYTES:
+                raise UserError(f"the point {name[:60]}... names a folder of {len(name.encode())} bytes (at most "
+                                f"{MAX_NAME_BYTES}): sweep over shorter values, or run such settings as a sweep "
+                                "of their own with them as flags")
             out[name] = SweepPoint(name, values, config)
         return list(out.values())
+
+    def extended_by(self, later: SweepPlan) -> SweepPlan:
+        """This plan with ``later``'s points added (same base settings): a sweep run again into its
+        folder with new grid values keeps its earlier points in its tables and plots."""
+        combos = self.combinations()
+        names = {point_name(_swept_values(self.base, c)) for c in combos}
+        new = [c for c in later.combinations() if point_name(_swept_values(later.base, c)) not in names]
+        dense_reference = self.dense_reference or later.dense_reference
+        if not new:  # run again as it was (to resume, say): the plan keeps its form
+            return SweepPlan(later.base, self.grid, self.points, self.seeds, dense_reference)
+        return SweepPlan(later.base, {}, combos + new, 1, dense_reference)
 
     def to_dict(self) -> dict[str, Any]:
         return {"base": self.base.to_dict(), "grid": self.grid, "points": self.points,
@@ -90,14 +119,42 @@ class SweepPlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SweepPlan:
-        return cls(make_config(data["base"]), data.get("grid") or {}, data.get("points") or [],
-                   int(data.get("seeds", 1)), bool(data.get("dense_reference", True)))
+        """A saved plan, checked: a hand-edited ``sweep.yaml`` gets a one-line error, not a traceback."""
+        if not isinstance(data.get("base"), dict):
+            raise ValueError("base is not a mapping of settings")
+        grid, points, seeds = data.get("grid") or {}, data.get("points") or [], data.get("seeds", 1)
+        if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+            raise ValueError("grid is not a mapping of settings to lists of values")
+        if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+            raise ValueError("points is not a list of mappings")
+        if type(seeds) is not int or seeds < 1:
+            raise ValueError(f"seeds is {seeds!r}, not a positive integer")
+        return cls(make_config(data["base"]), {str(k): v for k, v in grid.items()},
+                   [{str(k): v for k, v in p.items()} for p in points], seeds,
+                   bool(data.get("dense_reference", True)))
 
 
 def default_grid(base: RunConfig) -> dict[str, list[Any]]:
     """What ``contsparse sweep`` sweeps when no grid or point is given: ``s0`` for CS, whose
     sparsity it sets; nothing for other methods (their points differ by seed only)."""
     return dict(DEFAULT_GRID) if base.command != "train" and base.method == "cs" else {}
+
+
+MAX_NAME_BYTES = 200  # a point's folder name; file systems stop at 255
+
+
+def _seed(value: Any) -> int:
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"seed {value!r} is not an integer") from None
+
+
+def _swept_values(base: RunConfig, combo: dict[str, Any]) -> dict[str, Any]:
+    config = _configure(base, combo)
+    return {key: getattr(config, key) for key in combo}
 
 
 def _configure(base: RunConfig, values: dict[str, Any]) -> RunConfig:
@@ -204,6 +261,8 @@ def run_sweep(plan: SweepPlan, out: Path, executor: Executor, display: SweepDisp
     display = display or SweepDisplay()
     out = Path(out).absolute()  # workers (a Ray node, say) may start in another directory
     check_sweep_folder(plan, out)
+    if is_sweep(out):
+        plan = load_plan(out).extended_by(plan)
     points = plan.expand()
     for point in points:  # a point its runner would refuse stops the sweep before it writes anything
         if (out / point.name).is_dir():
@@ -247,6 +306,11 @@ def check_sweep_folder(plan: SweepPlan, out: Path) -> None:
         if (earlier.command, earlier.method) != (plan.base.command, plan.base.method):
             raise UserError(f"--out {out} holds a sweep of {earlier.command} --method {earlier.method}; give another "
                             "--out for this one")
+        changed = settings_differences(earlier.to_dict(), plan.base)
+        if changed:  # one folder, one base: its points' settings would no longer say what they are
+            listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in list(changed.items())[:4])
+            raise UserError(f"--out {out} holds a sweep with other shared settings ({listed}): run it again with "
+                            "the same settings to add points, or give another --out")
 
 
 def _write_plan(plan: SweepPlan, out: Path) -> None:
@@ -268,7 +332,10 @@ def load_plan(directory: Path) -> SweepPlan:
         raise UserError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict) or "base" not in data:
         raise UserError(f"{path} is not a sweep plan")
-    return SweepPlan.from_dict(data)
+    try:
+        return SweepPlan.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{path} is damaged: {err}") from None
 
 
 def is_sweep(directory: Path) -> bool:
@@ -276,9 +343,29 @@ def is_sweep(directory: Path) -> bool:
 
 
 def collect(directory: Path) -> tuple[SweepPlan, list[PointResult]]:
-    """A sweep directory's plan and the results on disk (for ``contsparse report``)."""
+    """A sweep directory's plan and the results on disk (for ``contsparse report``). What only the
+    last ``sweep`` invocation knew (a point's failure and its message, threads, finishing time)
+    is taken from its ``sweep.json`` where the run directories cannot say otherwise."""
     plan = load_plan(directory)
-    return plan, [_result_from_disk(p, directory) for p in plan.expand()]
+    results = [_result_from_disk(p, directory) for p in plan.expand()]
+    earlier = _earlier_rows(directory / "sweep.json")
+    for result in results:
+        row = earlier.get(result.name, {})
+        if result.status == "pending" and row.get("status") in ("failed", "interrupted"):
+            result.status, result.message = row["status"], str(row.get("message") or "")
+        if result.status == "done" and row.get("status") == "done":
+            result.threads, result.finished_after_s = row.get("threads"), row.get("finished_after_s")
+    return plan, results
+
+
+def _earlier_rows(path: Path) -> dict[str, dict[str, Any]]:
+    """The points of a sweep's ``sweep.json`` by name; none if it is missing or unreadable (it is
+    only a report, written again from the run directories)."""
+    try:
+        rows = json.loads(path.read_text())["points"]
+        return {row["point"]: row for row in rows if isinstance(row, dict) and isinstance(row.get("point"), str)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def epochs_done(run_path: Path) -> int:
@@ -336,6 +423,8 @@ def pareto_front(results: list[PointResult]) -> list[PointResult]:
             and math.isfinite(r.selection_accuracy)]
     front: list[PointResult] = []
     for r in sorted(done, key=lambda r: (r.weights_remaining, -r.selection_accuracy)):
-        if not front or r.selection_accuracy > front[-1].selection_accuracy:
+        tied = front and (r.weights_remaining, r.selection_accuracy) == (
+            front[-1].weights_remaining, front[-1].selection_accuracy)  # neither beats the other
+        if not front or r.selection_accuracy > front[-1].selection_accuracy or tied:
             front.append(r)
     return front

@@ -42,7 +42,7 @@ def _comparison(path: Path) -> list[PointResult]:
                 for r in rows]
     except KeyError as err:
         raise UserError(f"cannot read the comparison {path}: it has no column {err}") from None
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, TypeError) as err:  # TypeError: a short row's missing cells
         raise UserError(f"cannot read the comparison {path}: {err}") from None
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from contsparse.reports.plots import accuracy_axes, dense_band, plt, save_accuracy_plot
+from contsparse.reports.plots import accuracy_axes, dense_band, plt, save_accuracy_plot, save_figure
+from contsparse.storage import write_atomic
 
 COLORS = {"cs": "#c0392b", "imp": "#2c6fbb", "random": "#7f8c8d", "magnitude": "#27ae60", "gmp": "#8e44ad"}
 
@@ -17,11 +20,36 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     fields: list[str] = []
     for row in rows:
         fields += [k for k in row if k not in fields]
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, text.getvalue())
     return path
+
+
+def write_text(path: Path, text: str) -> None:
+    """A result file, written atomically: ``report`` reads some of them back."""
+    write_atomic(path, text.encode())
+
+
+def json_text(payload: Any) -> str:
+    """JSON with NaN and infinities (a diverged run's accuracy) as null: strict JSON readers
+    (JavaScript's ``JSON.parse``, ``jq``) refuse a bare ``NaN``."""
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [finite(v) for v in value]
+        return value
+    return json.dumps(finite(payload), indent=2, allow_nan=False) + "\n"
+
+
+def markdown_cell(value: Any) -> str:
+    """Table cell text: a ``|`` in a value (a regex of layers, say) would split the cell."""
+    return str(value).replace("|", "\\|")
 
 
 def markdown_table(groups: list[dict[str, Any]], best: dict[str, dict[str, Any]], dense: float | None,
@@ -31,7 +59,8 @@ def markdown_table(groups: list[dict[str, Any]], best: dict[str, dict[str, Any]]
     for g in groups:
         spread = f" ± {100 * g['test_accuracy_std']:.2f}" if g["seeds"] > 1 else ""
         val = "-" if g.get("val_accuracy") is None else f"{100 * g['val_accuracy']:.2f} %"
-        lines.append(f"| {g['method']} | {g['label']} | {100 * g['weights_remaining']:.2f} % | {val} | "
+        lines.append(f"| {markdown_cell(g['method'])} | {markdown_cell(g['label'])} | "
+                     f"{100 * g['weights_remaining']:.2f} % | {val} | "
                      f"{100 * g['test_accuracy']:.2f} %{spread} | {g['seeds']} | {g['train_epochs']:.0f} | "
                      f"{g['wall_seconds']:.0f} |")
     if dense is not None and dense_val is not None:
@@ -91,7 +120,7 @@ def accuracy_vs_epochs(rows: list[dict[str, Any]], path: Path, title: str) -> Pa
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -106,11 +135,11 @@ def write_comparison(rows: list[dict[str, Any]], out: Path, title: str) -> dict[
     dense_val = [g["val_accuracy"] for g in groups if g["method"] == "dense" and g["val_accuracy"] is not None]
     best = sparsest_within(groups, dense_val[0]) if dense_val else {}
     write_csv(rows, out / "compare.csv")
-    (out / "compare.md").write_text(f"# Comparison: {title}\n\n"
-                                    + markdown_table(groups, best, dense_mean, dense_val[0] if dense_val else None))
-    (out / "compare.json").write_text(json.dumps({"groups": groups, "dense_accuracy": dense_mean,
-                                                  "dense_val_accuracy": dense_val[0] if dense_val else None,
-                                                  "sparsest_within_0.3": best}, indent=2) + "\n")
+    write_text(out / "compare.md", f"# Comparison: {title}\n\n"
+               + markdown_table(groups, best, dense_mean, dense_val[0] if dense_val else None))
+    write_text(out / "compare.json", json_text({"groups": groups, "dense_accuracy": dense_mean,
+                                                "dense_val_accuracy": dense_val[0] if dense_val else None,
+                                                "sparsest_within_0.3": best}))
     accuracy_vs_weights(groups, dense, out / "accuracy_vs_weights.png", title)
     accuracy_vs_epochs(rows, out / "accuracy_vs_epochs.png", title)
     return {"groups": groups, "dense_accuracy": dense_mean, "dense_val_accuracy": dense_val[0] if dense_val else None,

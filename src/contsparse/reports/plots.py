@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import statistics
 import textwrap
@@ -12,6 +13,15 @@ import matplotlib
 matplotlib.use("Agg")  # files only: works on headless machines
 import matplotlib.pyplot as plt
 import torch
+
+from contsparse.storage import write_atomic
+
+
+def save_figure(fig: plt.Figure, path: Path) -> None:
+    """``fig.savefig`` written atomically: a crash or a full disk never leaves half a picture."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
+    write_atomic(Path(path), buffer.getvalue())
 
 
 def percent_log_axis(ax: plt.Axes, axis: str = "x") -> None:
@@ -51,7 +61,7 @@ def save_accuracy_plot(fig: plt.Figure, ax: plt.Axes, path: Path, title: str, lo
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -74,7 +84,7 @@ def per_layer_chart(per_layer: dict[str, float], path: Path, title: str = "") ->
             ax.text(left * 1.1, row, "0 % (every weight pruned)", va="center", fontsize=8, color="#b03030")
     ax.set_title(title or "weights remaining per layer")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -94,6 +104,6 @@ def input_mask_image(mask: torch.Tensor, path: Path, title: str = "") -> Path | 
     ax.set_yticks([])
     ax.set_title(textwrap.fill(title or "kept weights per input pixel", 40), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return path

@@ -6,14 +6,14 @@ weights *and* higher validation accuracy); their test accuracy is reported, neve
 
 from __future__ import annotations
 
-import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
 
-from contsparse.experiments.config import RunConfig
+from contsparse.experiments.config import NOT_FOR_DENSE, NOT_IN_IDENTITY, RunConfig
 from contsparse.experiments.sweep import PointResult, pareto_front
-from contsparse.reports.compare import write_csv
+from contsparse.reports.compare import json_text, markdown_cell, write_csv, write_text
 from contsparse.reports.plots import accuracy_axes, dense_band, save_accuracy_plot
 
 PALETTE = ["#c0392b", "#2c6fbb", "#27ae60", "#8e44ad", "#d35400", "#16a085", "#7f8c8d"]
@@ -50,7 +50,7 @@ def rows_for_csv(results: list[PointResult], front: list[PointResult], series: s
 
 def dense_accuracies(results: list[PointResult]) -> list[float]:
     return [r.test_accuracy for r in results if r.command == "train" and r.status == "done"
-            and r.test_accuracy is not None]
+            and r.test_accuracy is not None and math.isfinite(r.test_accuracy)]
 
 
 def markdown(results: list[PointResult], front: list[PointResult], title: str) -> str:
@@ -63,7 +63,7 @@ def markdown(results: list[PointResult], front: list[PointResult], title: str) -
         cells = [r.name, *(str(r.values.get(k, "")) for k in keys), r.status, _percent(r.weights_remaining),
                  _percent(r.val_accuracy), _percent(r.test_accuracy), _number(r.train_epochs), _number(r.wall_seconds),
                  "★" if id(r) in on_front else ""]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(map(markdown_cell, cells)) + " |")
     dense = dense_accuracies(results)
     lines += ["", "Pareto front, chosen on validation accuracy (no other point has both fewer weights and a "
               "higher validation accuracy; test accuracy only reports):", ""]
@@ -75,6 +75,11 @@ def markdown(results: list[PointResult], front: list[PointResult], title: str) -
         lines.append("* (no finished sparse point yet)")
     if dense:
         lines += ["", f"Dense reference: {_percent(statistics.fmean(dense))} ({len(dense)} run(s))."]
+        # ticket_epochs is the dense reference's length too
+        recipe = [k for k in keys if k not in (NOT_FOR_DENSE - {"ticket_epochs"}) | NOT_IN_IDENTITY | {"seed"}]
+        if recipe:
+            lines.append(f"It trains with the sweep's shared settings, while the points vary {', '.join(recipe)}, "
+                         "which dense training uses too: the gaps to it compare different training settings.")
     problems = [r for r in results if r.status != "done"]
     if problems:
         lines += ["", "Not finished:", ""]
@@ -123,11 +128,11 @@ def write_sweep(results: list[PointResult], out: Path, title: str) -> list[Path]
     front = pareto_front(results)
     rows = rows_for_csv(results, front)
     write_csv(rows, out / "sweep.csv")
-    (out / "sweep.md").write_text(markdown(results, front, title) + "\n![accuracy vs weights](sweep.png)\n")
+    write_text(out / "sweep.md", markdown(results, front, title) + "\n![accuracy vs weights](sweep.png)\n")
     dense = dense_accuracies(results)
-    (out / "sweep.json").write_text(json.dumps({
+    write_text(out / "sweep.json", json_text({
         "title": title, "points": rows, "pareto_front": [r.name for r in front],
-        "dense_accuracy": statistics.fmean(dense) if dense else None}, indent=2) + "\n")
+        "dense_accuracy": statistics.fmean(dense) if dense else None}))
     plot = accuracy_plot({"sweep": results}, out / "sweep.png", title)
     return [out / "sweep.md", out / "sweep.csv", out / "sweep.json", plot]
 
@@ -141,6 +146,6 @@ def write_report(series: dict[str, list[PointResult]], out: Path, title: str) ->
         rows += rows_for_csv(results, front, label)
         text.append(markdown(results, front, label).replace("# ", "## ", 1))
     write_csv(rows, out / "report.csv")
-    (out / "report.md").write_text("\n".join(text) + "\n![accuracy vs weights](accuracy_vs_weights.png)\n")
+    write_text(out / "report.md", "\n".join(text) + "\n![accuracy vs weights](accuracy_vs_weights.png)\n")
     plot = accuracy_plot(series, out / "accuracy_vs_weights.png", title)
     return [out / "report.md", out / "report.csv", plot]

@@ -34,7 +34,7 @@ def per_layer_table(summary: dict[str, Any]) -> Table:
     table = Table(title="weights remaining per layer", header_style="bold")
     table.add_column("layer")
     table.add_column("remaining", justify="right")
-    for name, value in summary.get("per_layer", {}).items():
+    for name, value in (summary.get("per_layer") or {}).items():
         table.add_row(name, _pct(value))
     return table
 
