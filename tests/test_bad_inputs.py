@@ -39,6 +39,24 @@ def _bad_labels(_data_dir, _options):
 register_dataset("test-bad-labels", _bad_labels)
 
 
+def _float_labels(_data_dir, _options):
+    data = load_synthetic()
+    data.val.y = data.val.y.float()
+    return data
+
+
+register_dataset("test-float-labels", _float_labels)
+
+
+def _no_validation(_data_dir, _options):
+    data = load_synthetic()
+    data.val = data.val.subset(0)
+    return data
+
+
+register_dataset("test-no-validation", _no_validation)
+
+
 @register_model("test-fixed-input", "takes 3x32x32 inputs whatever the data")
 def _fixed_input(input_shape, num_classes):
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, num_classes))
@@ -242,6 +260,13 @@ CATALOGUE = [
     ("disk full while checkpointing", "ticket " + " ".join(QUICK) + " --out {root}/full", "the disk is full",
      "disk_full"),
     ("labels out of range", "train --dataset test-bad-labels --epochs 1 --out {root}/x", "outside [0, 10)", None),
+    ("labels given as floats", "train --dataset test-float-labels --epochs 1 --out {root}/x",
+     "the validation split of synthetic has float32 labels; give class indices as integers", None),
+    ("an empty validation split", "train --dataset test-no-validation --epochs 1 --out {root}/x",
+     "the validation split of synthetic is empty", None),
+    ("a last training batch of 1 at a 1x1 feature map", "train --model resnet20 --dataset synthetic "
+     "--synthetic-shape 3 4 4 --train-subset 5 --batch-size 4 --epochs 1 --out {root}/x",
+     "reached a normalisation layer with one value per channel", None),
     ("input shape the model cannot take", "train --model test-fixed-input --dataset synthetic --epochs 1 "
      "--out {root}/y", "cannot take inputs of shape (1, 28, 28)", None),
     ("CUDA requested without a GPU", "train --dataset synthetic --device cuda --out {root}/z",

@@ -114,6 +114,26 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference, tmp
     assert_same_run(reference, out)
 
 
+def test_a_damaged_latest_checkpoint_never_replaces_the_good_one(tmp_path, monkeypatch):
+    """Resuming from .prev sets the damaged latest aside: the next save must not rotate it into
+    .prev, or a crash before that save completes would leave no good checkpoint (found by a review)."""
+    directory = tmp_path / "checkpoint"
+    checkpoint_module.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, directory)
+    checkpoint_module.save_checkpoint({"epoch": 2, "w": torch.ones(3)}, directory)
+    state_file = directory / "state.json"
+    state_file.write_text(state_file.read_text().replace('"epoch": 2', '"epoch": 7'))  # damaged
+    assert load_checkpoint(directory, set_aside_damaged=True)["epoch"] == 1
+    assert not directory.exists() and (tmp_path / "checkpoint.damaged").is_dir()
+
+    def crash(*args):  # the next save dies just before its new checkpoint takes the latest's place
+        raise OSError(errno.EIO, "crashed")
+
+    monkeypatch.setattr(checkpoint_module.faults, "inject", crash)
+    with pytest.raises(UserError):
+        checkpoint_module.save_checkpoint({"epoch": 3, "w": torch.ones(3)}, directory)
+    assert load_checkpoint(directory)["epoch"] == 1  # the good checkpoint is still there
+
+
 def test_no_good_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
     out = stopped_run(tmp_path / "run", monkeypatch, epochs=3)
     for folder in ("checkpoint", "checkpoint.prev"):
@@ -279,3 +299,18 @@ def test_a_torn_metrics_line_does_not_stop_a_resume(reference, tmp_path, monkeyp
         handle.write(b"\xff\xfe torn line")
     Runner(make_config(dict(SETTINGS)), out, quiet).execute()
     assert_same_run(reference, out)
+
+
+def test_a_checkpoint_from_a_machine_with_more_gpus_resumes_on_fewer(monkeypatch):
+    """The CUDA generator states of devices this machine does not have are left out, not an
+    IndexError (found by a review: checkpoints of multi-GPU nodes resumed on one GPU)."""
+    from contsparse.training import restore_rng, rng_state
+
+    state = rng_state()
+    state["cuda"] = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]  # saved with 2 GPUs
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda generator_state, device: restored.append(device))
+    restore_rng(state)
+    assert restored == [0]

@@ -241,3 +241,66 @@ def test_the_pickle_and_the_idx_files_give_the_same_inputs(tmp_path, monkeypatch
     pairs = ((from_idx.train, from_pickle.train), (from_idx.val, from_pickle.val), (from_idx.test, from_pickle.test))
     for a, b in pairs:
         assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+
+
+def test_concurrent_downloads_of_one_file_and_a_broken_transfer(tmp_path):
+    """Sweep points starting together on an empty cache fetch the same file at once: each writes a
+    download of its own (they used to share one .part file, and all but the first failed). A
+    transfer cut short is a mirror that did not serve the file, and leaves nothing behind."""
+    import hashlib
+    import http.server
+    import time
+
+    from contsparse.data.download import fetch_verified
+
+    payload = bytes(range(256)) * 800
+    md5 = hashlib.md5(payload).hexdigest()
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if self.path.endswith("cut"):  # promises the whole file, sends a little, hangs up
+                self.wfile.write(payload[:1000])
+                return
+            for start in range(0, len(payload), 20_000):
+                self.wfile.write(payload[start:start + 20_000])
+                self.wfile.flush()
+                time.sleep(0.01)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    mirror = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        results = {}
+
+        def fetch(i):
+            results[i] = fetch_verified("file.bin", md5, tmp_path / "file.bin", (mirror,))
+
+        threads = [threading.Thread(target=fetch, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert results == {0: True, 1: True, 2: True}
+        assert (tmp_path / "file.bin").read_bytes() == payload
+        assert fetch_verified("file.cut", md5, tmp_path / "other.bin", (mirror,)) is False
+    finally:
+        server.shutdown()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]  # no partial downloads left
+
+
+def test_integer_labels_of_any_width_train():
+    """Labels from numpy are often int32, which the loss refuses: a split widens them to int64."""
+    import numpy as np
+
+    from contsparse.data.splits import TensorSplit
+
+    split = TensorSplit(torch.zeros(4, 3), torch.from_numpy(np.array([0, 1, 2, 1], dtype=np.int32)))
+    assert split.y.dtype == torch.int64
+    loss = torch.nn.functional.cross_entropy(torch.zeros(4, 3), split.y)
+    assert torch.isfinite(loss)

@@ -1,10 +1,14 @@
-"""Durable file writes and checksums, shared by data loading, checkpoints and run directories."""
+"""Durable file writes, checksums and strict JSON, shared by data loading, checkpoints, run directories
+and reports."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -76,3 +80,17 @@ def for_safetensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         seen.add(tensor.untyped_storage().data_ptr())
         out[key] = tensor
     return out
+
+
+def strict_json(value: Any, indent: int | None = None) -> str:
+    """JSON text with NaN and infinities as null: strict readers (JavaScript's ``JSON.parse``,
+    ``jq``) refuse the bare ``NaN`` Python writes for a diverged run's accuracy."""
+    def finite(item: Any) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {k: finite(v) for k, v in item.items()}
+        if isinstance(item, list | tuple):
+            return [finite(v) for v in item]
+        return item
+    return json.dumps(finite(value), indent=indent, allow_nan=False)

@@ -32,6 +32,11 @@ class TensorSplit:
     x: Tensor
     y: Tensor
 
+    def __post_init__(self) -> None:
+        # the loss takes int64 class indices: int32 labels (from numpy, say) are widened once here
+        if not self.y.is_floating_point() and self.y.dtype not in (torch.int64, torch.bool):
+            self.y = self.y.long()
+
     def __len__(self) -> int:
         return len(self.y)
 

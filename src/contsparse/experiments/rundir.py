@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from contsparse.errors import UserError
 from contsparse.experiments.lock import holder
-from contsparse.storage import file_in_the_way, for_safetensors, fsync_file, write_atomic
+from contsparse.storage import file_in_the_way, for_safetensors, fsync_file, strict_json, write_atomic
 
 
 def _writes(method: Callable[..., None]) -> Callable[..., None]:
@@ -120,12 +120,12 @@ class RunDir:
 
     @_writes
     def write_summary(self, summary: dict[str, Any]) -> None:
-        write_atomic(self.file(self.SUMMARY), (json.dumps(summary, indent=2) + "\n").encode())
+        write_atomic(self.file(self.SUMMARY), (strict_json(summary, indent=2) + "\n").encode())
 
     @_writes
     def append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.file(self.METRICS), "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(strict_json(record) + "\n")
 
     @_writes
     def truncate_metrics(self, lines: int) -> None:

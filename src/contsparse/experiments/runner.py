@@ -416,7 +416,7 @@ class Runner:
                          f"{RunDir.METRICS} records are dropped)")
                 self.run.truncate_metrics(0)
             return _State()
-        saved = load_checkpoint(self.run.checkpoint_dir, setup.device, warn=self.log)
+        saved = load_checkpoint(self.run.checkpoint_dir, setup.device, warn=self.log, set_aside_damaged=True)
         state = _State(saved["progress"], saved["rewind"], saved["optimizers"], saved["partial"])
         progress, phases = state.progress, setup.phases
         load_model_state(setup.model, setup.method, saved, phases)
@@ -637,8 +637,16 @@ def _silent(_message: str) -> None:
 
 
 def check_labels(data: DatasetSplits) -> None:
-    """Labels outside ``[0, num_classes)`` would fail deep inside the loss: say so up front."""
+    """Labels outside ``[0, num_classes)`` would fail deep inside the loss, and an empty
+    evaluation split would report NaN accuracies: say so up front."""
+    for name, split in (("validation", data.val), ("test", data.test)):
+        if not len(split):
+            raise UserError(f"the {name} split of {data.name} is empty: every epoch is evaluated on the validation "
+                            "split (tickets are chosen by it) and the final model on the test split; give it examples")
     for name, split in (("train", data.train), ("validation", data.val), ("test", data.test)):
+        if split.y.is_floating_point() or split.y.dtype == torch.bool:
+            raise UserError(f"the {name} split of {data.name} has {str(split.y.dtype).removeprefix('torch.')} "
+                            "labels; give class indices as integers")
         if len(split) and (int(split.y.min()) < 0 or int(split.y.max()) >= data.num_classes):
             raise UserError(f"the {name} split of {data.name} has labels {int(split.y.min())}..{int(split.y.max())}, "
                             f"outside [0, {data.num_classes}) for its {data.num_classes} classes; check the data")

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import math
 from pathlib import Path
 from typing import Any
 
 from contsparse.reports.plots import accuracy_axes, dense_band, plt, save_accuracy_plot, save_figure
-from contsparse.storage import write_atomic
+from contsparse.storage import strict_json, write_atomic
 
 COLORS = {"cs": "#c0392b", "imp": "#2c6fbb", "random": "#7f8c8d", "magnitude": "#27ae60", "gmp": "#8e44ad"}
 
@@ -34,17 +32,8 @@ def write_text(path: Path, text: str) -> None:
 
 
 def json_text(payload: Any) -> str:
-    """JSON with NaN and infinities (a diverged run's accuracy) as null: strict JSON readers
-    (JavaScript's ``JSON.parse``, ``jq``) refuse a bare ``NaN``."""
-    def finite(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: finite(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [finite(v) for v in value]
-        return value
-    return json.dumps(finite(payload), indent=2, allow_nan=False) + "\n"
+    """A results file's JSON: NaN (a diverged run's accuracy) as null."""
+    return strict_json(payload, indent=2) + "\n"
 
 
 def markdown_cell(value: Any) -> str:

@@ -98,8 +98,12 @@ def save_checkpoint(state: dict[str, Any], directory: Path) -> None:
 
 
 def load_checkpoint(directory: Path, map_location: str | torch.device = "cpu",
-                    warn: Any = None) -> dict[str, Any]:
-    """Read the latest good checkpoint: ``directory``, else the previous one (``warn`` is told why)."""
+                    warn: Any = None, set_aside_damaged: bool = False) -> dict[str, Any]:
+    """Read the latest good checkpoint: ``directory``, else the previous one (``warn`` is told why).
+
+    ``set_aside_damaged`` (when resuming): a damaged latest checkpoint is renamed ``<name>.damaged``
+    once the previous one has loaded, so that the next save does not rotate it into the place of
+    the only good checkpoint."""
     problems = []
     for candidate in (directory, previous(directory)):
         if not (candidate / MANIFEST).is_file():
@@ -113,6 +117,10 @@ def load_checkpoint(directory: Path, map_location: str | torch.device = "cpu",
             continue
         if problems and warn is not None:
             warn(f"checkpoint damaged ({'; '.join(problems)}); resuming from the previous one in {candidate}")
+        if problems and set_aside_damaged and candidate != directory and directory.exists():
+            damaged = directory.with_name(directory.name + ".damaged")
+            shutil.rmtree(damaged, ignore_errors=True)
+            directory.rename(damaged)
         return state
     detail = "; ".join(problems) or "none found"
     raise UserError(f"no usable checkpoint in {directory.parent} ({detail}); delete {directory}* to restart "

@@ -216,6 +216,12 @@ def _forward(model: nn.Module, x: Tensor) -> Tensor:
     """Forward pass that turns shape and label mistakes into errors a user can act on."""
     try:
         logits = model(x)
+    except ValueError as err:
+        if "Expected more than 1 value per channel when training" in str(err):  # BatchNorm, one value per channel
+            raise UserError(f"a training batch of {len(x)} example(s) reached a normalisation layer with one value "
+                            "per channel (a 1x1 feature map): choose a batch size (or --train-subset) that leaves no "
+                            "last batch of 1, or larger inputs") from err
+        raise
     except RuntimeError as err:
         if not raised_by_torch_compile(err) and ("shape" in str(err) or "size" in str(err)):
             raise UserError(f"the model cannot take inputs of shape {tuple(x.shape[1:])}: {err}") from err

@@ -38,4 +38,6 @@ def restore_rng(state: dict[str, Any]) -> None:
                          numpy_state["position"], numpy_state["has_gauss"], numpy_state["gauss"]))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        # A checkpoint from a machine with more GPUs visible resumes on fewer: the devices there
+        for device, generator_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(generator_state.cpu(), device)
