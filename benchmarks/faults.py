@@ -24,6 +24,8 @@ CATEGORIES = {  # test function -> what one case of it shows
     "test_ctrl_c_checkpoints_mid_epoch_and_resumes_identically": "Ctrl-C mid-epoch, resumed identically",
     "test_sigterm_stops_cleanly": "SIGTERM stops with a checkpoint",
     "test_damaged_latest_checkpoint_falls_back_to_the_previous_one": "tampered latest checkpoint, resumed identically",
+    "test_a_damaged_latest_checkpoint_never_replaces_the_good_one":
+        "damaged latest checkpoint set aside: a crash in the next save still leaves a good one",
     "test_disk_full_while_checkpointing_keeps_the_previous_checkpoint": "disk full mid-run, resumed identically",
     "test_divergence_keeps_the_last_good_checkpoint_and_resumes_with_a_lower_lr": "NaN loss: checkpoint kept, resumed",
     "test_forced_resume_keeps_a_finished_dense_baseline_and_refuses_before_writing":
