@@ -267,6 +267,8 @@ CATALOGUE = [
     ("a last training batch of 1 at a 1x1 feature map", "train --model resnet20 --dataset synthetic "
      "--synthetic-shape 3 4 4 --train-subset 5 --batch-size 4 --epochs 1 --out {root}/x",
      "reached a normalisation layer with one value per channel", None),
+    ("a sparsity target for a method that ignores it", "ticket --method imp --sparsity 0.99 --out {root}/x",
+     "method imp would ignore it (its sparsity follows from --rounds and --prune-fraction)", None),
     ("input shape the model cannot take", "train --model test-fixed-input --dataset synthetic --epochs 1 "
      "--out {root}/y", "cannot take inputs of shape (1, 28, 28)", None),
     ("CUDA requested without a GPU", "train --dataset synthetic --device cuda --out {root}/z",

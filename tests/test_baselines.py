@@ -389,3 +389,13 @@ def test_a_damaged_imp_metrics_file_is_a_one_line_error(tmp_path, metrics):
     summary = {"round_tickets": [{"round": 1, "weights_remaining": 0.8, "test_accuracy": 0.9, "train_epochs": 2}]}
     with pytest.raises(UserError, match=r"metrics\.jsonl is damaged or incomplete"):
         _imp_rows(summary, 0, tmp_path)
+
+
+def test_dnw_progress_shows_the_live_sparsity_during_the_search():
+    """The progress bar read the stored hard masks, all ones until the mask is fixed (found by a review)."""
+    from contsparse.data import load_dataset
+    from contsparse.experiments.runner import masked_model
+
+    config = make_config(dict(BASE, method="dnw", sparsity=0.75))
+    _, method = masked_model(config, load_dataset("synthetic", None, config.data_options()), 1)
+    assert method.progress() == {"kept": "0.2500"}

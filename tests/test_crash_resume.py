@@ -314,3 +314,18 @@ def test_a_checkpoint_from_a_machine_with_more_gpus_resumes_on_fewer(monkeypatch
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda generator_state, device: restored.append(device))
     restore_rng(state)
     assert restored == [0]
+
+
+def test_force_refuses_settings_the_run_has_already_acted_on(tmp_path, monkeypatch):
+    """A round that ended as the last one (or not) stays so: 2 rounds resumed as 1 after round 0 had
+    ended with its logit reset would have given a ticket without weights; the stored rewind point
+    stays where it was taken. Adding a round after round 0 is fine (found by a review)."""
+    out = stopped_run(tmp_path / "run", monkeypatch, epochs=4)  # in round 1 of 2; rewind point stored
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    for change, message in ((dict(rounds=1), r"rounds \(2 -> 1: 1 round\(s\) have ended\)"),
+                            (dict(rewind_epoch=2), "rewind_epoch .the rewind point is stored.")):
+        with pytest.raises(UserError, match=message):
+            Runner(make_config({**SETTINGS, **change}), out, quiet, force=True).execute()
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    summary = Runner(make_config({**SETTINGS, "rounds": 3}), out, quiet, force=True).execute()
+    assert summary["weights_remaining"] > 0 and len(summary["rounds_weights_remaining"]) == 3

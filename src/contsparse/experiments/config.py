@@ -362,6 +362,11 @@ def validate(c: RunConfig) -> None:
         fail(f"sparsity is the fraction of weights pruned and must be in (0, 1), got {c.sparsity}")
     if c.command != "train" and c.method in ("magnitude", "random", "gmp", "dnw") and c.sparsity is None:
         fail(f"method {c.method} prunes to a target: give --sparsity (fraction pruned, e.g. 0.95)")
+    reached_by = {"cs": "--mask-init and --penalty", "imp": "--rounds and --prune-fraction",
+                  "str": "--weight-decay and --str-init", "given": "the mask of --mask-from"}
+    if c.command != "train" and c.method in reached_by and c.sparsity is not None:
+        fail(f"--sparsity is the target of magnitude, random, gmp and dnw; method {c.method} would ignore it "
+             f"(its sparsity follows from {reached_by[c.method]})")
     if not (0 < c.prune_fraction < 1 and 0 <= c.prune_fraction_last < 1):
         fail("prune_fraction must be in (0, 1) and prune_fraction_last in [0, 1)")
     if c.prune_fraction_conv is not None and not 0 <= c.prune_fraction_conv < 1:

@@ -281,8 +281,32 @@ class Runner:
         if not self.force:
             raise UserError(f"{self.run.path} holds a run with other settings ({details}); use another --out, "
                             "the same settings to resume it, or --force to resume it with the new ones")
-        self._refuse_impossible_resume(details, set(differing))
+        self._refuse_impossible_resume(details, differing)
         self.log(f"--force: resuming {self.run.path} with changed settings ({details})")
+
+    def _settings_already_acted(self, differing: dict[str, tuple[Any, Any]], phase: int,
+                                rewind_stored: bool) -> str | None:
+        """The first changed setting that an earlier part of the run has already applied, or None.
+
+        ``rounds``: each finished search round ended as the last one (its mask fixed) or not (CS
+        resets its logits); a change that turns a finished round from one into the other would
+        leave a mask built for the other plan (a CS ticket with no weights, say). ``rewind_epoch``:
+        the rewind point is stored once. Pruning targets: the mask they made exists once the
+        search is over."""
+        if self.config.command == "train":
+            return None
+        if "rounds" in differing:
+            old, new = (int(value) for value in differing["rounds"])
+            if phase > min(old, new) - 1:  # round min-1 has ended, and is the last round of only one plan
+                return f"rounds ({old} -> {new}: {phase} round(s) have ended)"
+        if "rewind_epoch" in differing and rewind_stored:
+            return "rewind_epoch (the rewind point is stored)"
+        searched = phase >= self.config.rounds  # past the search rounds: the final mask exists
+        targets = sorted(set(differing) & {"sparsity", "prune_fraction", "prune_fraction_last", "prune_fraction_conv",
+                                           "prune_scope"})
+        if targets and searched:
+            return ", ".join(targets) + " (the search that pruned to it is over)"
+        return None
 
     def _dense_baseline(self) -> Runner | None:
         """The runner of a ticket run's dense baseline (in ``dense/``), whose settings are checked
@@ -298,13 +322,16 @@ class Runner:
             baseline(_silent).check_settings()
         return baseline(self.log)
 
-    def _refuse_impossible_resume(self, details: str, changed: set[str]) -> None:
+    def _refuse_impossible_resume(self, details: str, differing: dict[str, tuple[Any, Any]]) -> None:
         """``--force`` with settings the checkpoint cannot continue under: fewer epochs than the
         current phase has trained, a model (architecture, masked layers, method) its tensors do
-        not fit, or another s0 or mask scaling (the masks keep those they were saved with).
+        not fit, another s0 or mask scaling (the masks keep those they were saved with), or a
+        setting that has already acted (a round already ended as the last one or not, the rewind
+        point already stored, the search that pruned to a target already over).
         Refused before anything is written."""
         if not has_checkpoint(self.run.checkpoint_dir):
             return
+        changed = set(differing)
         fixed = sorted(changed & {"mask_init", "mask_scaling"})
         if fixed:
             raise UserError(f"{self.run.path}: {' and '.join(fixed)} cannot change in a started run (its masks "
@@ -312,6 +339,10 @@ class Runner:
                             "run with --out")
         saved = load_checkpoint(self.run.checkpoint_dir, "cpu", warn=_silent)
         progress, phases = saved["progress"], plan_phases(self.config)
+        acted = self._settings_already_acted(differing, progress["phase"], saved["rewind"] is not None)
+        if acted:
+            raise UserError(f"{self.run.path}: {acted} cannot change any more (the run has already acted on it); "
+                            "resume with the saved value, or start a new run with --out")
         if progress["phase"] < len(phases) and progress["epoch"] >= phases[progress["phase"]].epochs:
             phase = phases[progress["phase"]]
             flag = {"search": "--epochs", "dense": self.epochs_flag}.get(phase.kind, "--ticket-epochs")

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from contsparse.masking import owner_of
+from contsparse.masking import owner_of, weights_remaining
 from contsparse.methods.magnitude import HardMaskMethod, PruneSettings, _top
 
 
@@ -86,6 +86,10 @@ class _Reparametrised(HardMaskMethod):
     def after_step(self, round_index: int, epoch: int, step: int) -> None:
         if not self._parametrised():  # a later round under the fixed mask
             self.mask_set.zero_pruned()
+
+    def progress(self) -> dict[str, str]:
+        # during the search the stored hard masks are all ones: the kept weights are the live ones
+        return {"kept": f"{weights_remaining(self.final_mask()):.4f}"}
 
     def final_mask(self) -> dict[str, Tensor]:
         live = self._parametrised()
