@@ -396,6 +396,6 @@ def test_dnw_progress_shows_the_live_sparsity_during_the_search():
     from contsparse.data import load_dataset
     from contsparse.experiments.runner import masked_model
 
-    config = make_config(dict(BASE, method="dnw", sparsity=0.75))
+    config = make_config(dict(BASE, method="dnw", sparsity=0.75, rewind_epoch=0))
     _, method = masked_model(config, load_dataset("synthetic", None, config.data_options()), 1)
     assert method.progress() == {"kept": "0.2500"}
