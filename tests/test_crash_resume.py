@@ -329,3 +329,42 @@ def test_force_refuses_settings_the_run_has_already_acted_on(tmp_path, monkeypat
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
     summary = Runner(make_config({**SETTINGS, "rounds": 3}), out, quiet, force=True).execute()
     assert summary["weights_remaining"] > 0 and len(summary["rounds_weights_remaining"]) == 3
+
+
+def test_a_schedulers_sigterm_then_the_drivers_sigint_still_checkpoint(monkeypatch):
+    """A scheduler's SIGTERM reaches a sweep's points and its driver, which then sends each point a
+    SIGINT: that must not count as the second Ctrl-C that stops at once; two Ctrl-Cs still do.
+    A sweep started with nohup keeps ignoring SIGHUP (found by a review)."""
+    from contsparse.experiments.interrupt import StopRequest, signals_interrupt
+
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt
+        assert stop.reason == "SIGTERM"
+    with StopRequest() as stop, pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with signals_interrupt():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_torchrun_variables_that_do_not_fit_are_one_line_errors(monkeypatch):
+    from contsparse.experiments.distributed import from_environment
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(UserError, match="WORLD_SIZE is set but the other torchrun variables"):
+        from_environment("cpu")
+
+
+def test_a_folder_of_other_files_is_refused_without_a_lock_file_left_in_it(tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="is not a contsparse run directory"):
+        Runner(make_config(dict(SETTINGS)), folder, quiet).execute()
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]

@@ -458,3 +458,52 @@ def test_a_sweep_over_training_settings_says_its_dense_reference_did_not_vary_th
         point = PointResult("a", values, "ticket", "done", "a", 0.03, 0.97, 10, 5.0)
         text = markdown([dense, point], [point], "t")
         assert (noted in text) if noted else "the points vary" not in text
+
+
+def test_a_second_sweep_into_a_running_sweeps_folder_is_refused(tmp_path):
+    """Two drivers in one folder used to rewrite each other's plan and tables and report the
+    other's running points as failed (found by a review)."""
+    from contsparse.experiments.lock import RunLock
+    from contsparse.experiments.sweep import SWEEP_LOCK
+
+    plan = SweepPlan(make_config(TINY), {"mask_init": ["0.5"]}, dense_reference=False)
+    tmp_path.mkdir(exist_ok=True)
+    with RunLock(tmp_path, SWEEP_LOCK), pytest.raises(UserError, match=r"sweep directory .* is in use by pid"):
+        run_sweep(plan, tmp_path, LocalPool(workers=1))  # the lock held as by a running driver
+    assert not (tmp_path / "sweep.yaml").exists()
+    assert [r.status for r in run_sweep(plan, tmp_path, LocalPool(workers=1))] == ["done"]
+
+
+def test_points_get_the_gpus_the_user_left_visible(monkeypatch):
+    """CUDA_VISIBLE_DEVICES=2,3: the points' own variable names 2 and 3, not the indices 0 and 1
+    that CUDA would read as other (physical) GPUs (found by a review)."""
+    from contsparse.experiments.executors import visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert visible_gpus(2) == ["2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaaa, MIG-bbbb,GPU-cccc")
+    assert visible_gpus(2) == ["GPU-aaaa", "MIG-bbbb"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert visible_gpus(3) == ["0", "1", "2"]
+
+
+def test_a_large_point_outcome_does_not_hang_the_pool(tmp_path, monkeypatch):
+    """An outcome bigger than the pipe's buffer blocks the worker in send() until it is read: the
+    pool reads it when it is ready instead of waiting for the worker to exit first."""
+    from contsparse.experiments import executors
+
+    pool = LocalPool(workers=1, threads=1)
+    job = PointJob("big", str(tmp_path / "big"), {}, str(tmp_path / "big.log"), str(tmp_path))
+    monkeypatch.setattr(executors, "_worker_main", _big_outcome_worker)
+    pool.start(job)
+    outcomes, deadline = [], time.monotonic() + 60
+    while not outcomes and time.monotonic() < deadline:
+        outcomes = pool.wait(0.5)
+    pool.close()
+    assert [(o.name, o.status, len(o.message)) for o in outcomes] == [("big", "failed", 200_000)]
+
+
+def _big_outcome_worker(connection, job, driver, stop):
+    from contsparse.experiments.executors import PointOutcome, _send
+
+    _send(connection, PointOutcome(job.name, "failed", message="x" * 200_000))

@@ -62,10 +62,14 @@ class Distributed:
 
 def from_environment(device_name: str) -> Distributed:
     """Join the process group ``torchrun`` set up (no-op when not launched by it)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Distributed()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return Distributed()
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    except (KeyError, ValueError) as err:
+        raise UserError(f"WORLD_SIZE is set but the other torchrun variables are missing or malformed ({err}): "
+                        "start data-parallel runs with torchrun, or unset WORLD_SIZE") from None
     if device_name.startswith("cuda:"):  # every process would take that one GPU
         raise UserError(f"--device {device_name} under torchrun: give --device cuda (each process then uses the GPU "
                         "of its local rank; choose the GPUs with CUDA_VISIBLE_DEVICES)")
@@ -73,6 +77,9 @@ def from_environment(device_name: str) -> Distributed:
     if wants_cuda:
         if not torch.cuda.is_available():
             raise UserError("--device cuda under torchrun, but no CUDA GPU is available")
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"torchrun started process {local_rank} on this machine, which has "
+                            f"{torch.cuda.device_count()} visible CUDA GPU(s): give --nproc_per_node at most that")
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if wants_cuda else "gloo")

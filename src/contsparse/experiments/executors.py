@@ -43,7 +43,7 @@ class PointJob:
     log_path: str
     sweep_dir: str
     threads: int = 1
-    cuda_device: int | None = None  # local pool on a multi-GPU machine: the point's GPU
+    cuda_device: str | None = None  # local pool on a multi-GPU machine: the point's GPU (a CUDA_VISIBLE_DEVICES entry)
     force: bool = False  # resume a point whose saved settings differ (the new ones are saved)
 
 
@@ -73,12 +73,28 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                      "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def visible_gpus(count: int) -> list[str]:
+    """The ``CUDA_VISIBLE_DEVICES`` entries of this machine's first ``count`` visible GPUs: a
+    point's own variable must name the GPU the user left visible (``2,3`` -> ``2`` and ``3``, UUIDs
+    and MIG entries as they are), not an index, which CUDA would read as a physical GPU."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(i) for i in range(count)]
+    return [entry.strip() for entry in listed.split(",") if entry.strip()][:count]
+
+
 def run_point(job: PointJob) -> PointOutcome:
     """Run one point in this process (a pool worker or a Ray task); never raises."""
     os.environ["OMP_NUM_THREADS"] = str(job.threads)
     os.environ["TQDM_DISABLE"] = "1"  # one display for the sweep, in the driver
+    for name in TORCHRUN_VARIABLES:  # a sweep started inside a torchrun job: each point is a run of its own
+        os.environ.pop(name, None)
     if job.cuda_device is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(job.cuda_device)
+        os.environ["CUDA_VISIBLE_DEVICES"] = job.cuda_device
     import torch
 
     from contsparse.experiments.config import make_config
@@ -157,6 +173,7 @@ class LocalPool:
         self.capacity = workers
         self.threads = threads or max(1, available_cores() // workers)
         self.cuda_devices = cuda_devices
+        self._gpus = visible_gpus(cuda_devices)
         self._context = multiprocessing.get_context("spawn")
         self._live: dict[str, tuple[Any, Connection]] = {}
         self._gpu_of: dict[str, int] = {}
@@ -164,10 +181,11 @@ class LocalPool:
 
     def start(self, job: PointJob) -> None:
         gpu = None
-        if self.cuda_devices > 1:  # the least busy GPU
+        if len(self._gpus) > 1:  # the least busy GPU
             busy = list(self._gpu_of.values())
-            gpu = min(range(self.cuda_devices), key=busy.count)
-            self._gpu_of[job.name] = gpu
+            index = min(range(len(self._gpus)), key=busy.count)
+            self._gpu_of[job.name] = index
+            gpu = self._gpus[index]
         job = replace(job, threads=self.threads, cuda_device=gpu)
         receive, send = self._context.Pipe(duplex=False)
         process = self._context.Process(target=_worker_main, args=(send, job, os.getpid(), self._stop),
@@ -185,10 +203,13 @@ class LocalPool:
     def wait(self, timeout: float) -> list[PointOutcome]:
         if not self._live:
             return []
-        ready = wait([process.sentinel for process, _ in self._live.values()], timeout)
+        # The result pipe too, not only the process: a worker whose outcome does not fit the
+        # pipe's buffer blocks in send() until it is read, and would never exit
+        ready = wait([handle for process, receive in self._live.values() for handle in (process.sentinel, receive)],
+                     timeout)
         out = []
         for name, (process, receive) in list(self._live.items()):
-            if process.sentinel in ready:
+            if process.sentinel in ready or receive in ready:
                 out.append(self._collect(name, process, receive))
         return out
 
@@ -219,8 +240,8 @@ class LocalPool:
         deadline = time.monotonic() + grace_seconds
         try:
             for name, (process, receive) in list(self._live.items()):
-                process.join(max(0.0, deadline - time.monotonic()))
-                out.append(self._collect(name, process, receive) if not process.is_alive()
+                ready = wait([process.sentinel, receive], max(0.0, deadline - time.monotonic()))
+                out.append(self._collect(name, process, receive) if ready
                            else PointOutcome(name, "interrupted", message="did not stop in time"))
         except KeyboardInterrupt:
             for process, _ in self._live.values():

@@ -23,7 +23,9 @@ def signals_interrupt() -> Iterator[None]:
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    # SIGHUP ignored (nohup) stays ignored: a closed terminal must not stop such a sweep
+    hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM, *hangup)}
     try:
         yield
     finally:
@@ -48,9 +50,12 @@ class StopRequest:
         return self._requested or ""
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self._requested is not None and signum == signal.SIGINT:
+        # Only a second Ctrl-C means "at once": a scheduler's SIGTERM reaches a sweep's points and
+        # its driver alike, and the driver's SIGINT that follows must not abort the checkpoint
+        if self._requested == "SIGINT" and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self._requested = signal.Signals(signum).name
+        if self._requested is None:
+            self._requested = signal.Signals(signum).name
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -26,8 +27,10 @@ class RunLock:
 
     NAME = ".lock"
 
-    def __init__(self, directory: Path) -> None:
-        self.path = Path(directory) / self.NAME
+    def __init__(self, directory: Path, name: str = NAME, what: str = "run directory",
+                 advice: str = "wait for that run to finish or stop it") -> None:
+        self.path = Path(directory) / name
+        self.what, self.advice = what, advice
         self._fd: int | None = None
         self.stale_owner: str | None = None  # who left a stale lock behind, if anyone
 
@@ -36,8 +39,8 @@ class RunLock:
         try:
             previous = os.read(fd, 200).decode(errors="replace").strip()
             if not _try_lock(fd, previous):
-                raise UserError(f"run directory {self.path.parent} is in use by {previous or 'another process'} "
-                                f"(lock {self.path}); wait for that run to finish or stop it, or use another --out")
+                raise UserError(f"{self.what} {self.path.parent} is in use by {previous or 'another process'} "
+                                f"(lock {self.path}); {self.advice}, or use another --out")
         except BaseException:
             os.close(fd)
             raise
@@ -85,11 +88,14 @@ def holder(directory: Path) -> str | None:
 
 def _try_lock(fd: int, owner: str) -> bool:
     if fcntl is not None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
+        for attempt in range(5):  # holder() takes a shared lock for a moment: not an owner
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if attempt < 4:
+                    time.sleep(0.01)
+        return False
     # No flock: the lock is held while the recorded process is alive on this host.
     parts = owner.split()
     if len(parts) == 4 and parts[0] == "pid" and parts[3] == socket.gethostname():  # pragma: no cover

@@ -228,6 +228,7 @@ class Runner:
             self.log = _silent
         with ExitStack() as stack:
             if self.dist.is_main:
+                self._refuse_foreign_folder()  # before the lock file would be left in it
                 self.run.create()
                 lock = stack.enter_context(RunLock(self.run.path))
                 if lock.stale_owner:
@@ -257,14 +258,16 @@ class Runner:
                         raise UserError(f"torch.compile failed ({reason}); run without --compile") from err
                     raise
 
+    def _refuse_foreign_folder(self) -> None:
+        if self.run.path.is_dir() and not self.run.file(RunDir.CONFIG).is_file() and not self.run.is_empty():
+            raise UserError(f"{self.run.path} exists and is not a contsparse run directory; choose another --out")
+
     def check_settings(self) -> None:
         """Refuse, in one line and before anything is written, settings this run directory cannot
         take: another run's, or (with ``force``) ones its checkpoint cannot continue under."""
         path = self.run.file(RunDir.CONFIG)
         if not path.is_file():
-            if not self.run.is_empty():
-                raise UserError(f"{self.run.path} exists and is not a contsparse run directory; "
-                                "choose another --out")
+            self._refuse_foreign_folder()
             return
         differing = settings_differences(load_saved_config(path), self.config)
         if not differing:

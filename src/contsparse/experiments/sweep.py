@@ -24,11 +24,13 @@ import yaml
 from contsparse.errors import UserError
 from contsparse.experiments.config import FIELDS, RunConfig, load_saved_config, make_config, settings_differences
 from contsparse.experiments.executors import Executor, PointJob, PointOutcome
+from contsparse.experiments.lock import RunLock
 from contsparse.experiments.rundir import RunDir, require_collection_folder
 from contsparse.experiments.runner import Runner, plan_phases
 from contsparse.storage import write_atomic
 
 PLAN_FILE = "sweep.yaml"
+SWEEP_LOCK = ".sweep.lock"  # the driver's, beside the points' run directories
 DEFAULT_GRID: dict[str, list[Any]] = {"mask_init": [-0.02, -0.03, -0.05, -0.08]}
 
 
@@ -261,6 +263,17 @@ def run_sweep(plan: SweepPlan, out: Path, executor: Executor, display: SweepDisp
     display = display or SweepDisplay()
     out = Path(out).absolute()  # workers (a Ray node, say) may start in another directory
     check_sweep_folder(plan, out)
+    plan.expand()  # a bad grid or point is refused before the folder is made
+    _make_folder(out)
+    # One driver per sweep folder: a second would rewrite the plan and tables, and report the
+    # first one's running points as failed ("in use")
+    with RunLock(out, SWEEP_LOCK, "sweep directory", "wait for that sweep to finish or stop it"):
+        return _run_locked(plan, out, executor, display, poll_seconds, force)
+
+
+def _run_locked(plan: SweepPlan, out: Path, executor: Executor, display: SweepDisplay, poll_seconds: float,
+                force: bool) -> list[PointResult]:
+    check_sweep_folder(plan, out)  # again under the lock: another sweep may have written its plan meanwhile
     if is_sweep(out):
         plan = load_plan(out).extended_by(plan)
     points = plan.expand()
@@ -313,10 +326,16 @@ def check_sweep_folder(plan: SweepPlan, out: Path) -> None:
                             "the same settings to add points, or give another --out")
 
 
-def _write_plan(plan: SweepPlan, out: Path) -> None:
+def _make_folder(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "logs").mkdir(exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot write the sweep into {out}: {err.strerror or err}") from err
+
+
+def _write_plan(plan: SweepPlan, out: Path) -> None:
+    try:
+        (out / "logs").mkdir(parents=True, exist_ok=True)
         write_atomic(out / PLAN_FILE, yaml.safe_dump(plan.to_dict(), sort_keys=False).encode())
     except OSError as err:
         raise UserError(f"cannot write the sweep into {out}: {err.strerror or err}") from err
