@@ -243,9 +243,13 @@ class LocalPool:
                 ready = wait([process.sentinel, receive], max(0.0, deadline - time.monotonic()))
                 out.append(self._collect(name, process, receive) if ready
                            else PointOutcome(name, "interrupted", message="did not stop in time"))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once, and say how each point ended
             for process, _ in self._live.values():
                 _signal(process.pid, signal.SIGINT)
+            for name, (process, receive) in list(self._live.items()):
+                ready = wait([process.sentinel, receive], 10.0)
+                out.append(self._collect(name, process, receive) if ready
+                           else PointOutcome(name, "interrupted", message="stopped at once"))
         return out
 
     def close(self) -> None:
@@ -391,10 +395,23 @@ class RayExecutor:
         unpack_files(outcome, self.sweep_dir)
         return outcome
 
-    def interrupt(self) -> list[PointOutcome]:
+    def interrupt(self, grace_seconds: float = 120.0) -> list[PointOutcome]:
+        """Ask every task to checkpoint and stop (a KeyboardInterrupt inside it), wait up to
+        ``grace_seconds``; tasks still running then, or at a second Ctrl-C, are killed (their
+        last checkpoint stays)."""
         for ref in self._live:
-            self._ray.cancel(ref)  # KeyboardInterrupt inside the task; its last checkpoint stays
-        return [self._collect(ref) for ref in list(self._live)]
+            self._ray.cancel(ref)
+        out = []
+        try:
+            ready, _ = self._ray.wait(list(self._live), num_returns=len(self._live), timeout=grace_seconds)
+            out = [self._collect(ref) for ref in ready]
+        except KeyboardInterrupt:
+            pass
+        for ref, name in list(self._live.items()):
+            self._ray.cancel(ref, force=True)
+            del self._live[ref]
+            out.append(PointOutcome(name, "interrupted", message="did not stop in time; stopped at once"))
+        return out
 
     def close(self) -> None:
         (self.sweep_dir / TOKEN_FILE).unlink(missing_ok=True)

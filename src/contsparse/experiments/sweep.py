@@ -282,6 +282,7 @@ def _run_locked(plan: SweepPlan, out: Path, executor: Executor, display: SweepDi
             Runner(point.config, out / point.name, lambda _: None, force=force).check_settings()
     _write_plan(plan, out)
     results = {p.name: _result_from_disk(p, out) for p in points}
+    by_name = {p.name: p for p in points}
     todo = [p for p in points if results[p.name].status != "done"]
     display.start(points, len(points) - len(todo))
     start = time.monotonic()
@@ -293,10 +294,11 @@ def _run_locked(plan: SweepPlan, out: Path, executor: Executor, display: SweepDi
                 executor.start(PointJob(point.name, str(out / point.name), point.config.to_dict(),
                                         str(out / "logs" / f"{point.name}.log"), str(out), force=force))
                 running[point.name] = point
-            for outcome in executor.wait(poll_seconds):
-                point = running.pop(outcome.name)
-                results[point.name] = _result(point, out, outcome, time.monotonic() - start)
-                display.finished(point, results[point.name])
+            ended = executor.wait(poll_seconds)
+            for outcome in ended:  # all recorded before any is shown: a Ctrl-C while showing loses none
+                results[outcome.name] = _result(running.pop(outcome.name), out, outcome, time.monotonic() - start)
+            for outcome in ended:
+                display.finished(by_name[outcome.name], results[outcome.name])
             for point in running.values():
                 display.running(point, epochs_done(out / point.name))
     except KeyboardInterrupt:
