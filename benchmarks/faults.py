@@ -30,6 +30,8 @@ CATEGORIES = {  # test function -> what one case of it shows
     "test_divergence_keeps_the_last_good_checkpoint_and_resumes_with_a_lower_lr": "NaN loss: checkpoint kept, resumed",
     "test_forced_resume_keeps_a_finished_dense_baseline_and_refuses_before_writing":
         "--force: finished dense baseline kept, impossible settings refused before any write",
+    "test_force_refuses_settings_the_run_has_already_acted_on":
+        "--force: a rounds or rewind-epoch change the run already acted on, refused before any write",
     "test_bad_input_is_one_clean_line": "bad inputs answered with one clean line, exit 2, run dirs unchanged",
 }
 
