@@ -172,7 +172,6 @@ class LocalPool:
             raise UserError(f"--threads must be >= 1, got {threads}")
         self.capacity = workers
         self.threads = threads or max(1, available_cores() // workers)
-        self.cuda_devices = cuda_devices
         self._gpus = visible_gpus(cuda_devices)
         self._context = multiprocessing.get_context("spawn")
         self._live: dict[str, tuple[Any, Connection]] = {}

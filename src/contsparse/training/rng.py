@@ -38,6 +38,6 @@ def restore_rng(state: dict[str, Any]) -> None:
                          numpy_state["position"], numpy_state["has_gauss"], numpy_state["gauss"]))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        # A checkpoint from a machine with more GPUs visible resumes on fewer: the devices there
+        # saved where more GPUs were visible than here: the generators of the visible ones
         for device, generator_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(generator_state.cpu(), device)
