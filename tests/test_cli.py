@@ -199,3 +199,26 @@ def test_info_on_a_run_in_progress_says_it_is_running(tmp_path, capsys):
         assert main(["info", str(run)]) == 2
     err = capsys.readouterr().err
     assert f"it is running (pid {os.getpid()} on" in err and "resume" not in err
+
+
+DENORMAL_CHECK = """
+import sys, torch
+{run}
+product = torch.full((1 << 22,), 1e-20) * 1e-20  # 1e-40 is subnormal; the chunks run on two threads
+print(torch.get_num_threads(), int((product == 0).sum()), product.numel())
+"""
+
+
+@pytest.mark.parametrize("run_first", [True, False])
+def test_a_cpu_run_flushes_subnormals_on_every_thread(tmp_path, run_first):
+    """A run sets flush-to-zero before its first parallel operation, so that the OpenMP worker
+    threads start with it too (a CS search's late rounds are subnormal-heavy and several times
+    slower without it); a process that ran nothing keeps IEEE subnormals (the check can fail)."""
+    run = (f"from contsparse.cli import main; assert main({['ticket', *QUICK, '--out', str(tmp_path / 'r')]!r}) == 0"
+           if run_first else "")
+    done = subprocess.run([sys.executable, "-c", DENORMAL_CHECK.format(run=run)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    threads, zeros, total = map(int, done.stdout.split()[-3:])
+    assert threads == 2
+    assert zeros == (total if run_first else 0)

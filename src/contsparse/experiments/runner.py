@@ -49,6 +49,7 @@ from contsparse.training import (
     StepSettings,
     build_optimizer,
     evaluate,
+    flush_denormals,
     has_checkpoint,
     learning_rate,
     load_checkpoint,
@@ -222,6 +223,7 @@ class Runner:
 
     # -- entry point ----------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
+        flush_denormals()  # first: it reaches OpenMP's worker threads only if they start after it
         self.dist = from_environment(self.config.device)
         self.run.writable = self.dist.is_main
         if not self.dist.is_main:

@@ -22,9 +22,9 @@ class _SoftMaskedWeight(torch.autograd.Function):
     """``W * scale * sigmoid(beta * s)`` with a hand-written backward.
 
     On CPU an elementwise pass over a weight-sized tensor costs about as much as a small matmul,
-    so passes are counted: three in the forward, three in the backward (four with a fused
-    penalty), where autograd would take about ten. ``addcmul`` on a zero scalar computes a
-    product times a constant in one pass.
+    so passes are counted: three in the forward and three in the backward (a fused penalty
+    included), where autograd would take about ten. ``addcmul`` on a scalar computes a constant
+    plus a product times a constant in one pass.
     """
 
     @staticmethod
@@ -35,7 +35,7 @@ class _SoftMaskedWeight(torch.autograd.Function):
         if _graph_task_id() == -1:  # not a recomputation inside a backward pass (activation checkpointing)
             owner.__dict__["_penalty_due"] = True
         out = torch.addcmul(_zero(weight), weight, mask, value=scale)
-        ctx.save_for_backward(out, mask, weight, logits)  # the last two for a differentiable backward
+        ctx.save_for_backward(mask, weight, logits)  # the logits for a differentiable backward
         ctx.beta, ctx.scale, ctx.penalty_coef, ctx.owner = beta, scale, penalty_coef, owner
         return out
 
@@ -47,20 +47,18 @@ class _SoftMaskedWeight(torch.autograd.Function):
         owner["_cached_mask"] = None
         penalty_coef = ctx.penalty_coef if owner["_penalty_due"] else 0.0
         owner["_penalty_due"] = False
-        out, mask, weight, logits = ctx.saved_tensors
+        mask, weight, logits = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True (second-order terms): the formula, differentiably
             return (*_differentiable_gradients(grad, weight, logits, ctx.beta, ctx.scale, penalty_coef),
                     None, None, None, None)
-        zero = _zero(grad)
-        grad_weight = torch.addcmul(zero, grad, mask, value=ctx.scale) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.addcmul(_zero(grad), grad, mask, value=ctx.scale) if ctx.needs_input_grad[0] else None
         grad_logits = None
         if ctx.needs_input_grad[1]:
-            # d/ds of g * W * scale * m = beta * (g * out) * (1 - m); a fused penalty
-            # lambda * sum(m) adds beta * lambda * m * (1 - m): one pass instead of three.
-            grad_logits = torch.addcmul(zero, grad, out, value=ctx.beta)
-            if penalty_coef:
-                grad_logits.add_(mask, alpha=ctx.beta * penalty_coef)
-            grad_logits.addcmul_(grad_logits, mask, value=-1.0)
+            # d/ds of g * W * scale * m + lambda * m = (g * W * scale + lambda) * beta * m * (1 - m):
+            # one addcmul on the scalar beta * lambda, then sigmoid_backward (u * m * (1 - m)) in place.
+            base = _zero(grad) if not penalty_coef else grad.new_full((), ctx.beta * penalty_coef)
+            grad_logits = torch.addcmul(base, grad, weight, value=ctx.beta * ctx.scale)
+            torch.ops.aten.sigmoid_backward.grad_input(grad_logits, mask, grad_input=grad_logits)
         return grad_weight, grad_logits, None, None, None, None
 
 
