@@ -27,7 +27,7 @@ from common import interleaved_times, machine, write_results
 
 import contsparse as cs
 from contsparse.models import build_model
-from contsparse.training import tune_cpu_allocator
+from contsparse.training import flush_denormals, tune_cpu_allocator
 
 FUSED = True  # fused Adam: about 30 % faster steps on CPU, for dense and CS alike
 MODELS = {  # name -> (input shape, classes, weight optimiser); the CPU default is the first two
@@ -208,6 +208,7 @@ def main() -> None:
     global FUSED
     FUSED = True if args.optimizers == "fused" else None
     device = torch.device(args.device)
+    flushing = flush_denormals()  # as runs do, before the first parallel operation
     allocator = tune_cpu_allocator() if device.type == "cpu" else False
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     selection = cs.LayerSelection(include=args.mask_include, exclude=args.mask_exclude)
@@ -279,8 +280,9 @@ def main() -> None:
     info = machine()
     lines += ["", f"Machine: {info['processor']}, torch {info['torch']}, {info['threads']} threads"
               + (f", GPU {info['cuda']}" if info["cuda"] and device.type == "cuda" else "")
-              + f"; glibc allocator tuning: {allocator}.", ""]
-    write_results(args.name, {"machine": info, "allocator_tuned": allocator, "optimizers": args.optimizers,
+              + f"; glibc allocator tuning: {allocator}; subnormals flushed to zero: {flushing}.", ""]
+    write_results(args.name, {"machine": info, "allocator_tuned": allocator, "subnormals_flushed": flushing,
+                              "optimizers": args.optimizers,
                               "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
                               "machinery": args.machinery,
                               "mask_include": args.mask_include, "mask_exclude": args.mask_exclude,
