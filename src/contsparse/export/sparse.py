@@ -100,10 +100,10 @@ def faster_kernel(linear: nn.Linear, batch_size: int, rounds: int = 7, calls: in
     """``"sparse"`` if the CSR kernel beats ``F.linear`` on this machine at ``batch_size`` by 10 %
     (median of interleaved rounds), else ``"dense"`` (also where PyTorch has no CSR kernel for the
     weight's dtype, e.g. bfloat16)."""
-    if not has_csr_kernel(linear, batch_size):
+    csr = _csr_with_kernel(linear, batch_size)
+    if csr is None:
         return "dense"
     x = torch.randn(batch_size, linear.in_features, dtype=linear.weight.dtype)
-    csr = to_csr(linear.weight)
     weight, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
     with torch.inference_mode():
         times = interleaved_times({"dense": lambda: dense_linear(x, weight, bias),
@@ -114,14 +114,20 @@ def faster_kernel(linear: nn.Linear, batch_size: int, rounds: int = 7, calls: in
 def has_csr_kernel(linear: nn.Linear, batch_size: int) -> bool:
     """Whether PyTorch has a CSR product for this layer's dtype and device at ``batch_size`` (none
     for float16 or bfloat16 on the CPU, for instance): tried on a small input of that shape."""
+    return _csr_with_kernel(linear, batch_size) is not None
+
+
+def _csr_with_kernel(linear: nn.Linear, batch_size: int) -> Tensor | None:
+    """The layer's CSR copy if PyTorch can multiply with it at ``batch_size``, else None."""
     x = torch.zeros(batch_size, linear.in_features, dtype=linear.weight.dtype, device=linear.weight.device)
     bias = None if linear.bias is None else linear.bias.detach()
     with torch.inference_mode():
         try:
-            csr_linear(x, to_csr(linear.weight), bias)
+            csr = to_csr(linear.weight)
+            csr_linear(x, csr, bias)
         except (NotImplementedError, RuntimeError):
-            return False
-    return True
+            return None
+    return csr
 
 
 def to_sparse(model: nn.Module, batch_size: int = 1, kernels: Kernels = "auto",
@@ -424,7 +430,7 @@ def _drop_dead_units(chain: list[Layer]) -> list[Layer]:
     A unit whose outgoing weights are all zero cannot change the output: it is dropped. A unit
     whose incoming weights are all zero outputs the constant ``act(bias)``: its share of the next
     layer is folded into that layer's bias (exactly, when the constant is zero) and it is dropped.
-    The LeNet-300-100 ticket of benchmarks/inference.py (1.73 % of the weights) loses 66 of its 400
+    The LeNet-300-100 ticket of benchmarks/inference.py (1.71 % of the weights) loses 66 of its 400
     hidden units this way, which shrinks the dense matrix-vector products of the vector path.
     """
     layers = [[weight.to_dense() if weight.layout != torch.strided else weight, bias, relu]
