@@ -202,7 +202,7 @@ def test_info_on_a_run_in_progress_says_it_is_running(tmp_path, capsys):
 
 
 DENORMAL_CHECK = """
-import sys, torch
+import torch
 {run}
 product = torch.full((1 << 22,), 1e-20) * 1e-20  # 1e-40 is subnormal; the chunks run on two threads
 print(torch.get_num_threads(), int((product == 0).sum()), product.numel())
