@@ -209,16 +209,17 @@ print(torch.get_num_threads(), int((product == 0).sum()), product.numel())
 """
 
 
-@pytest.mark.parametrize("run_first", [True, False])
-def test_a_cpu_run_flushes_subnormals_on_every_thread(tmp_path, run_first):
+@pytest.mark.parametrize("before, flushed", [("run", True), ("work-then-run", False), ("nothing", False)])
+def test_a_run_flushes_subnormals_on_every_thread_or_on_none(tmp_path, before, flushed):
     """A run sets flush-to-zero before its first parallel operation, so that the OpenMP worker
     threads start with it too (a CS search's late rounds are subnormal-heavy and several times
-    slower without it); a process that ran nothing keeps IEEE subnormals (the check can fail)."""
-    run = (f"from contsparse.cli import main; assert main({['ticket', *QUICK, '--out', str(tmp_path / 'r')]!r}) == 0"
-           if run_first else "")
-    done = subprocess.run([sys.executable, "-c", DENORMAL_CHECK.format(run=run)], capture_output=True, text=True,
+    slower without it). After parallel work in the same process the workers would keep IEEE
+    subnormals while the calling thread flushed: the run then leaves the setting off everywhere."""
+    run = f"from contsparse.cli import main; assert main({['ticket', *QUICK, '--out', str(tmp_path / 'r')]!r}) == 0"
+    code = {"run": run, "work-then-run": "torch.full((1 << 22,), 1.0) * 2\n" + run, "nothing": ""}[before]
+    done = subprocess.run([sys.executable, "-c", DENORMAL_CHECK.format(run=code)], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr
     threads, zeros, total = map(int, done.stdout.split()[-3:])
     assert threads == 2
-    assert zeros == (total if run_first else 0)
+    assert zeros == (total if flushed else 0)

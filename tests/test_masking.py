@@ -46,6 +46,43 @@ def test_soft_mask_formula_and_gradients_match_autograd():
     assert torch.autograd.gradcheck(lambda w, s: ContinuousMask.forward(mask, w), (weight, mask.logits))
 
 
+@pytest.mark.parametrize("penalty", [0.0, 1e-3])
+def test_batched_gradients_and_vectorized_jacobians_run_through_the_mask(penalty):
+    """``is_grads_batched`` runs the hand-written backward under vmap: every op in it needs a
+    batching rule (an ``out=`` op has none)."""
+    torch.manual_seed(0)
+    mask = ContinuousMask(torch.Size([3, 4]), mask_init=-0.05)
+    mask.temperature, mask.fused_penalty = 5.0, penalty
+    with torch.no_grad():
+        mask.logits.normal_(0, 0.1)
+    weight = torch.randn(3, 4, requires_grad=True)
+    upstream = torch.randn(2, 3, 4)
+    batched = torch.autograd.grad(mask(weight), (weight, mask.logits), upstream, is_grads_batched=True)
+    for i in range(2):
+        one = torch.autograd.grad(mask(weight), (weight, mask.logits), upstream[i])
+        torch.testing.assert_close(batched[0][i], one[0])
+        torch.testing.assert_close(batched[1][i], one[1])
+    jacobian = torch.autograd.functional.jacobian(lambda s: mask.__class__.forward(mask, weight), mask.logits,
+                                                  vectorize=True)
+    assert jacobian.shape == (3, 4, 3, 4) and torch.isfinite(jacobian).all()
+
+
+def test_float16_logit_gradients_do_not_overflow_where_the_true_gradient_is_small():
+    """``beta * scale * g * W`` passes float16's 65504 long before ``m * (1 - m)`` shrinks it: the
+    backward forms it in float32, so a pruned entry gets 0 (not inf * 0 = NaN)."""
+    beta, s0 = 200.0, -3.0
+    mask = ContinuousMask(torch.Size([4]), mask_init=s0, dtype=torch.float16)
+    mask.temperature = beta
+    with torch.no_grad():
+        mask.logits.copy_(torch.tensor([-1.0, -0.1, 0.5, -0.02]))
+    weight = torch.ones(4, dtype=torch.float16, requires_grad=True)
+    grad = torch.autograd.grad(mask(weight), mask.logits, torch.full((4,), 20.0, dtype=torch.float16))[0]
+    m = torch.sigmoid(beta * mask.logits.double())
+    expected = beta * 20.0 / sigmoid(s0) * m * (1 - m)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad.double(), expected, rtol=2e-3, atol=1e-3)
+
+
 def test_initial_effective_weight_equals_weight_with_scaling():
     layer = nn.Linear(6, 3)
     before = layer.weight.detach().clone()

@@ -55,10 +55,13 @@ class _SoftMaskedWeight(torch.autograd.Function):
         grad_logits = None
         if ctx.needs_input_grad[1]:
             # d/ds of g * W * scale * m + lambda * m = (g * W * scale + lambda) * beta * m * (1 - m):
-            # one addcmul on the scalar beta * lambda, then sigmoid_backward (u * m * (1 - m)) in place.
+            # one addcmul on the scalar beta * lambda, then sigmoid_backward (u * m * (1 - m)). Not
+            # its out= form: torch.vmap (batched gradients, vectorized jacobians) has no rule for it.
+            if grad.dtype == torch.float16:  # beta * scale * g * W can pass 65504 before m * (1 - m) shrinks it
+                grad, weight, mask = grad.float(), weight.float(), mask.float()
             base = _zero(grad) if not penalty_coef else grad.new_full((), ctx.beta * penalty_coef)
-            grad_logits = torch.addcmul(base, grad, weight, value=ctx.beta * ctx.scale)
-            torch.ops.aten.sigmoid_backward.grad_input(grad_logits, mask, grad_input=grad_logits)
+            grad_logits = torch.ops.aten.sigmoid_backward(
+                torch.addcmul(base, grad, weight, value=ctx.beta * ctx.scale), mask)
         return grad_weight, grad_logits, None, None, None, None
 
 

@@ -40,13 +40,27 @@ def tune_cpu_allocator() -> bool:
 
 def flush_denormals() -> bool:
     """Treat subnormal floats (below 1.2e-38 in float32) as zero on the CPU (FTZ/DAZ), as
-    TensorFlow's CPU thread pools do.
+    TensorFlow's CPU thread pools do; returns whether every thread now flushes.
 
     From the second search round on, the reset ``s <- min(beta * s, s0)`` leaves most logits far
     below zero, and as the temperature rises ``sigmoid(beta * s)``, the masked weights and their
     gradients pass through the subnormal range, where every operation on them is several times
     slower (``sigmoid`` 3x on this project's CPU). OpenMP's worker threads copy the setting when
-    they start: called before the process's first parallel operation it reaches every thread,
-    later only the calling one. Returns whether the CPU supports it.
+    they start, so it reaches them only before the process's first parallel operation. Where they
+    already run, the calling thread's setting is left as it was: one operation's chunks must not
+    round differently on different threads. The setting stays for the rest of the process and
+    holds for Python floats and numpy on the calling thread too.
     """
-    return torch.set_flush_denormal(True)
+    was_flushing = _flushes(torch.full((1,), 1e-20))  # one element: computed on this thread
+    if not torch.set_flush_denormal(True):
+        return False
+    # large enough that every thread gets a chunk (PyTorch's grain is 32768 elements)
+    if _flushes(torch.full((2 * 32768 * torch.get_num_threads(),), 1e-20)):
+        return True
+    torch.set_flush_denormal(was_flushing)
+    return False
+
+
+def _flushes(values: torch.Tensor) -> bool:
+    """Whether ``1e-20 * 1e-20`` (subnormal in float32) comes out as zero everywhere."""
+    return bool(((values * 1e-20) == 0).all())
