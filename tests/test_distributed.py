@@ -17,11 +17,13 @@ ARGS = ["ticket", "--model", "lenet300", "--dataset", "synthetic", "--train-subs
 
 
 def run(out, processes: int, fault: str | None = None, args: list[str] = ARGS,
-        signal: str | None = None) -> subprocess.CompletedProcess:
+        signal: str | None = None, path: str | None = None) -> subprocess.CompletedProcess:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                  "--standalone"] if processes > 1 else [sys.executable])
     env = {k: v for k, v in os.environ.items() if k != ENV}
     env["OMP_NUM_THREADS"] = "1"
+    if path:  # a folder of the user's own modules (--imports)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [path, env.get("PYTHONPATH")]))
     if fault:
         env[ENV] = fault
     if signal:
@@ -68,6 +70,31 @@ def test_killed_data_parallel_run_resumes(single, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout
     assert_close_runs(single, out)
+
+
+def test_a_killed_run_resumes_every_process_with_its_own_random_numbers(tmp_path):
+    """Dropout on shards of unequal size (63 = 32 + 31 examples) draws different amounts of
+    random numbers in each process, so their generators drift apart: a resumed process must
+    continue its own stream, not process 0's, to train as the uninterrupted run did."""
+    (tmp_path / "dropout_models.py").write_text(
+        "from torch import nn\n"
+        "from contsparse.models import register_model\n\n\n"
+        "@register_model('dropout-mlp', 'an MLP with dropout')\n"
+        "def build(input_shape, num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 64), nn.ReLU(), nn.Dropout(0.5),\n"
+        "                         nn.Linear(64, num_classes))\n")
+    args = ["ticket", "--imports", "dropout_models", "--model", "dropout-mlp", "--dataset", "synthetic",
+            "--train-subset", "378", "--batch-size", "63", "--epochs", "3", "--rounds", "1", "--rewind-epoch", "0",
+            "--ticket-epochs", "2", "--no-dense-baseline", "--device", "cpu"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert run(whole, 2, args=args, path=str(tmp_path)).returncode == 0
+    assert run(resumed, 2, fault="epoch:2", args=args, path=str(tmp_path)).returncode != 0
+    done = run(resumed, 2, args=args, path=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming" in done.stdout
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def test_ctrl_c_stops_data_parallel_processes_mid_epoch_and_the_run_resumes(tmp_path):

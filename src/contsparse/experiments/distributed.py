@@ -52,6 +52,14 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
+    def gather(self, value: object) -> list[object]:
+        """Every process's ``value`` (picklable), in rank order, on every process."""
+        if not self.enabled:
+            return [value]
+        values: list[object] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
     def all_sum(self, values: list[float], device: torch.device) -> list[float]:
         if not self.enabled:
             return values

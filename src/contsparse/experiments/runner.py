@@ -456,7 +456,10 @@ class Runner:
         state = _State(saved["progress"], saved["rewind"], saved["optimizers"], saved["partial"])
         progress, phases = state.progress, setup.phases
         load_model_state(setup.model, setup.method, saved, phases)
-        restore_rng(saved["rng"])
+        rng, own = saved["rng"], saved["rng"].get("processes")
+        if self.dist.enabled and own is not None and len(own) == self.dist.world_size:
+            rng = own[self.dist.rank]  # saved by as many processes: this one's own generators
+        restore_rng(rng)
         self.run.truncate_metrics(progress["metrics_lines"])
         where = phases[min(progress["phase"], len(phases) - 1)].label()
         self.log(f"resuming {self.run.path} at {where}, epoch {progress['epoch'] + 1}"
@@ -464,10 +467,15 @@ class Runner:
         return state
 
     def _checkpoint(self, setup: _Setup, state: _State) -> None:
+        rng = rng_state()
+        if self.dist.enabled:  # every process reaches each checkpoint: a collective is safe here
+            # Each process's generators drift apart (dropout on shards of unequal size, its own GPU's
+            # generator): each resumes with its own. Process 0's stay on top for another world size.
+            rng["processes"] = self.dist.gather(rng)
         if self.dist.is_main:
             save_checkpoint({"progress": state.progress, "model": setup.model.state_dict(),
                              "optimizers": {k: o.state_dict() for k, o in state.optimizers.items()},
-                             "rewind": state.rewind, "rng": rng_state(), "partial": state.partial},
+                             "rewind": state.rewind, "rng": rng, "partial": state.partial},
                             self.run.checkpoint_dir)
 
     def _before_epoch(self, setup: _Setup, state: _State, phase: Phase, entering: bool) -> None:
