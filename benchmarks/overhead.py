@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -78,6 +79,14 @@ class StraightforwardMask(nn.Module):
 
     def penalty(self) -> torch.Tensor:
         return torch.sigmoid(self.beta * self.logits).sum()
+
+
+def median_over_repeats(repeats: list[dict[str, float]]) -> dict[str, float]:
+    """Seconds per step whose ratio to dense is, for each variant, the median over the repeats of
+    its ratio within a repeat (the drift of this shared machine cancels inside a repeat, not
+    across repeats); dense itself is its median time."""
+    dense = statistics.median(r["dense"] for r in repeats)
+    return {name: dense * statistics.median(r[name] / r["dense"] for r in repeats) for name in repeats[0]}
 
 
 def optimizer(name: str, params) -> torch.optim.Optimizer:
@@ -189,6 +198,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--blocks", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="repeat the interleaved timing; ratios to dense are medians over the repeats")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", nargs="*", choices=list(MODELS), default=CPU_DEFAULT)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast in every variant")
@@ -220,7 +231,9 @@ def main() -> None:
             eager = make_steps(model_name, args.batch_size, device, args.amp, args.channels_last, selection=selection)
             steps.update({f"eager_{name}": step for name, step in eager.items()})
         per_block = 40 if model_name == "lenet300" else 4
-        times = interleaved_times(steps, args.blocks, per_block, warmup=10, sync=sync)
+        repeats = [interleaved_times(steps, args.blocks, per_block, warmup=10, sync=sync)
+                   for _ in range(args.repeats)]
+        times = median_over_repeats(repeats)
         rows.append({
             "model": model_name, "batch_size": args.batch_size,
             "dense_ms": times["dense"] * 1e3, "cs_search_ms": times["cs_search"] * 1e3,
@@ -233,6 +246,9 @@ def main() -> None:
             "dense_images_per_s": args.batch_size / times["dense"],
             "search_images_per_s": args.batch_size / times["cs_search"],
             "ticket_images_per_s": args.batch_size / times["cs_ticket"],
+            "repeats": args.repeats,
+            "search_over_dense_repeats": [r["cs_search"] / r["dense"] for r in repeats],
+            "ticket_over_dense_repeats": [r["cs_ticket"] / r["dense"] for r in repeats],
         })
         if args.machinery:
             rows[-1].update(machinery_ms=times["cs_machinery"] * 1e3,
@@ -251,7 +267,9 @@ def main() -> None:
              + (", torch.compile" if args.compile else "")
              + (f", masks on {' '.join(args.mask_include)}" if args.mask_include else "")
              + (f", masks not on {' '.join(args.mask_exclude)}" if args.mask_exclude else "") + ")", "",
-             f"Command: `{command}`; median of {args.blocks} interleaved blocks per variant, one process.", "",
+             f"Command: `{command}`; median of {args.blocks} interleaved blocks per variant, one process"
+             + (f"; repeated {args.repeats} times, each ratio to dense the median of the repeats' own ratios"
+                if args.repeats > 1 else "") + ".", "",
              "| model | dense ms/step | CS search ms/step | ticket ms/step | search / dense | ticket / dense "
              "| dense img/s | search img/s | ticket img/s | straightforward search / dense "
              "| CS search / straightforward |",
@@ -262,6 +280,10 @@ def main() -> None:
                      f"| {r['dense_images_per_s']:.0f} | {r['search_images_per_s']:.0f} "
                      f"| {r['ticket_images_per_s']:.0f} | {r['straightforward_over_dense']:.3f}x "
                      f"| {r['search_over_straightforward']:.3f}x |")
+    if args.repeats > 1:
+        lines += [""] + [f"- {r['model']}, each repeat: search / dense "
+                         f"{', '.join(f'{x:.3f}' for x in r['search_over_dense_repeats'])}x; ticket / dense "
+                         f"{', '.join(f'{x:.3f}' for x in r['ticket_over_dense_repeats'])}x" for r in rows]
     if args.compile:
         lines += [""] + [f"- {r['model']}, eager in the same run: dense {r['eager_dense_ms']:.2f} ms/step, CS search "
                          f"{r['eager_search_ms']:.2f} ms/step ({r['eager_search_over_eager_dense']:.3f}x); compiled "
