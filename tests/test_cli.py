@@ -34,6 +34,21 @@ def test_user_mistakes_are_one_line_errors(argv, message, capsys, tmp_path):
     assert message in err and "Traceback" not in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["compare", "--methods", "foo"], "invalid choice: 'foo'"),
+    (["ticket", "--epochs"], "expected one argument"),
+    (["ticket", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["export"], "the following arguments are required"),
+])
+def test_mistakes_argparse_catches_are_one_line_errors_too(argv, message, capsys):
+    """argparse's own errors come without its usage block (dozens of lines for a training command)."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "--help" in err and err.count("\n") == 1
+
+
 def test_bad_config_files(tmp_path, capsys):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("epochs: [1,\n")

@@ -11,7 +11,7 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from contsparse import __version__
 from contsparse.errors import RunInterrupted, UserError
@@ -87,8 +87,16 @@ TRAINING_COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: its own print the whole usage first, dozens of lines for
+    the training commands, before the line that says what was wrong. Subcommands inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="contsparse", description="Continuous Sparsification for PyTorch")
+    parser = _Parser(prog="contsparse", description="Continuous Sparsification for PyTorch")
     parser.add_argument("--version", action="version", version=f"contsparse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, description in TRAINING_COMMANDS.items():
