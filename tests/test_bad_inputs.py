@@ -331,6 +331,8 @@ def test_bad_input_is_one_clean_line(case, argv, message, context, world, capsys
         pytest.skip("this machine has a GPU")
     runs = {name: snapshot(world[name]) for name in ("done", "stopped", "truncated", "tampered", "evil_ckpt")}
     manager = {"lock": lambda: locked(world["stopped"]), "disk_full": disk_full}.get(context, nullcontext)
+    new_folder = world["root"] / "x"
+    was_there = new_folder.exists()
     with manager():
         status = main(argv.format(**world).split())
     err = capsys.readouterr().err
@@ -339,6 +341,9 @@ def test_bad_input_is_one_clean_line(case, argv, message, context, world, capsys
     assert err.startswith("contsparse: error: ") and err.count("\n") == 1 and "Traceback" not in err
     for name, before in runs.items():
         assert snapshot(world[name]) == before, f"{case} changed {name}"
+    # a new run refused before it starts leaves no folder (one that started keeps its settings)
+    assert was_there or not new_folder.exists() or (new_folder / "config.yaml").is_file(), \
+        f"{case} left an empty {new_folder} behind"
     assert not world["marker"].exists(), "a pickle ran code"
 
 
@@ -397,4 +402,4 @@ def test_missing_gpu_or_tensorboard_is_refused_before_the_settings_are_written(t
         out = tmp_path / flags[0].strip("-")
         assert main(["train", "--dataset", "synthetic", *flags, "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
-        assert [p.name for p in out.iterdir()] == [".lock"]  # no config.yaml: the same --out works afterwards
+        assert not out.exists()  # a new folder is removed again: nothing left, the same --out works afterwards

@@ -53,6 +53,19 @@ class RunDir:
         with writing(self.path):
             self.path.mkdir(parents=True, exist_ok=True)
 
+    def remove_if_unclaimed(self) -> None:
+        """Remove the directory if it holds nothing but a lock (or a half-written config): what a
+        new run that stopped before writing its settings leaves behind (a refused setting, missing
+        data). On success the directory holds the run and stays."""
+        if not (self.writable and self.path.is_dir() and self.is_empty()):
+            return
+        try:
+            for entry in self.path.iterdir():
+                entry.unlink()
+            self.path.rmdir()
+        except OSError:
+            pass  # another process claimed it meanwhile, or a file system that refuses: leave it
+
     def is_empty(self) -> bool:
         """Nothing but (maybe) our own lock file, or the config file a run killed while writing it
         left half-written: a fresh directory a run may claim."""

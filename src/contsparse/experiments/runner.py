@@ -231,8 +231,11 @@ class Runner:
         with ExitStack() as stack:
             if self.dist.is_main:
                 self._refuse_foreign_folder()  # before the lock file would be left in it
+                fresh = not self.run.path.exists()
                 self.run.create()
                 lock = stack.enter_context(RunLock(self.run.path))
+                if fresh:  # a new run that stops before writing its settings leaves no folder behind
+                    stack.callback(self.run.remove_if_unclaimed)  # (while it still holds the lock)
                 if lock.stale_owner:
                     self.log(f"{self.run.path}: taking over the lock left by a stopped run ({lock.stale_owner})")
             self.dist.barrier()  # the directory exists for every process
@@ -241,8 +244,9 @@ class Runner:
             if self.run.is_finished():
                 self.log(f"{self.run.path}: already finished, nothing to do")
                 return self.run.read_summary()
-            self._load_data()  # a data problem stops the run before anything is written, as do
-            resolve_device(device_for(self.config.device, self.dist))  # a missing GPU
+            data = self._load_data()  # a data problem stops the run before anything is written, as do
+            resolve_device(device_for(self.config.device, self.dist))  # a missing GPU,
+            masked_model(self.config, data, steps_per_epoch=1)  # masks that do not fit (--mask-from),
             if self.config.tensorboard and self.dist.is_main:
                 _summary_writer_class()  # and a missing tensorboard package
             baseline = self._dense_baseline()  # and so does a refusal of the baseline's settings
