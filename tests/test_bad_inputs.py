@@ -15,6 +15,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -134,6 +135,10 @@ def world(tmp_path_factory) -> dict[str, Path]:
     shutil.copytree(w["done"], w["other_model"])
     config = w["other_model"] / "config.yaml"
     config.write_text(config.read_text().replace("model: lenet300", "model: conv2"))
+    w["logit_masks"] = root / "logits.safetensors"  # the mask logits, not binary masks
+    saved_masks = safetensors.torch.load_file(str(w["done"] / "masks.safetensors"))
+    safetensors.torch.save_file({name: torch.randn(mask.shape) for name, mask in saved_masks.items()},
+                                str(w["logit_masks"]))
     w["empty_config"] = root / "empty-config"
     shutil.copytree(w["done"], w["empty_config"])
     (w["empty_config"] / "config.yaml").write_text("")
@@ -315,6 +320,8 @@ CATALOGUE = [
      "no masks.safetensors in it", None),
     ("the mask of another model", "ticket --method given --mask-from {done} --model conv2 --dataset synthetic "
      "--synthetic-shape 3 32 32 --out {root}/x", "the given masks do not fit this model's masked layers", None),
+    ("a mask file of logits, not binary masks", "ticket --method given --mask-from {logit_masks} --out {root}/x",
+     "must be boolean or hold only 0 and 1", None),
     ("sweep setting given by a flag and the grid", "sweep --mask-init -0.05 --grid mask_init=-0.02,-0.03 "
      "--out {root}/sw", "mask_init is given twice: by --mask-init and in --grid/--point", None),
 ]

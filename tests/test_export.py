@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from contsparse import attach_masks
 from contsparse.cli import main
 from contsparse.data import input_preprocessing
 from contsparse.errors import UserError
@@ -88,6 +89,15 @@ def test_compressed_storage_never_makes_a_name_ambiguous(tmp_path):
     restored = load_compressed(tmp_path / "c.safetensors")
     assert list(restored) == list(state)
     assert all(torch.equal(restored[key], state[key]) for key in state)
+
+
+def test_compressed_storage_of_a_masked_model_says_to_make_the_masks_permanent(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4))
+    masks = attach_masks(model, mask_init=0.5)
+    masks.harden()
+    with pytest.raises(ValueError, match=r"make_permanent\(\) first"):
+        save_compressed(model.state_dict(), tmp_path / "c.safetensors")
+    save_compressed(masks.make_permanent().state_dict(), tmp_path / "c.safetensors")
 
 
 def test_a_plain_file_is_not_taken_for_a_compressed_one(run_dir):

@@ -255,6 +255,24 @@ def test_temperature_schedule_by_hand():
         TemperatureSchedule(final=1.0)
 
 
+@pytest.mark.parametrize("settings", [dict(per="Step"), dict(final=float("inf")), dict(epochs=2.5),
+                                      dict(steps_per_epoch=0), dict(final="200")])
+def test_temperature_schedule_refuses_bad_settings(settings):
+    with pytest.raises(ValueError):
+        TemperatureSchedule(**settings)
+
+
+def test_annealing_over_steps_refuses_a_step_beyond_its_epoch():
+    """Without steps_per_epoch, step 9 would read as a later epoch: beta would reach its final
+    value in the first epoch and fall back in the second."""
+    schedule = TemperatureSchedule(final=200.0, epochs=10, per="step")  # steps_per_epoch left at 1
+    with pytest.raises(ValueError, match="steps_per_epoch=len"):
+        schedule.value(0, 9)
+    assert schedule.value(0, 1) == schedule.value(1, 0)  # the epoch's end is the next one's start
+    with pytest.raises(ValueError, match="steps_per_epoch=len"):
+        TemperatureSchedule(final=200.0, epochs=1).value(0, 99)  # a one-epoch round anneals over steps
+
+
 def test_reset_rule_min_of_beta_s_and_s0():
     layer = nn.Linear(2, 2)
     masks = cs.attach_masks(layer, mask_init=0.2)
@@ -410,6 +428,11 @@ def test_loading_binary_masks_checks_everything_before_changing_anything():
         masks.load_binary_masks(wrong_shape)
     with pytest.raises(KeyError, match=r"no layer.*typo"):
         masks.load_binary_masks({**masks.binary_masks(), "typo.weight": torch.ones(1)})
+    logits = {name: mask.logits.detach().clone().normal_() for name, mask in masks}  # not a binary mask:
+    with pytest.raises(ValueError, match="boolean or hold only 0 and 1"):  # every nonzero would be kept
+        masks.load_binary_masks(logits)
+    with pytest.raises(TypeError, match="dict"):
+        masks.load_binary_masks(list(logits.values()))
     assert all(torch.equal(s, b) for s, b in zip(masks.mask_parameters(), before, strict=True))
     assert masks.mode == "soft"
 
@@ -456,6 +479,35 @@ def test_make_permanent_leaves_a_plain_module_with_the_same_outputs():
     fresh = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2))
     fresh.load_state_dict(plain.state_dict())
     torch.testing.assert_close(fresh(x), expected)
+    # The emptied MaskSet refuses to act: it would report a dense model and stop re-zeroing
+    for action in (masks.weights_remaining, masks.per_layer_remaining, masks.zero_pruned, masks.penalty,
+                   masks.harden, masks.reset_logits):
+        with pytest.raises(RuntimeError, match="made permanent"):
+            action()
+    assert masks.make_permanent() is plain and "made permanent" in repr(masks)
+
+
+def test_attach_masks_explains_wrong_arguments_and_empty_selections():
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    with pytest.raises(TypeError, match="selection must be a LayerSelection"):
+        cs.attach_masks(model, selection={"include": ["0"]})
+    with pytest.raises(TypeError, match="selection="):
+        cs.attach_masks(model, LayerSelection())
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        cs.attach_masks(lambda x: x)
+    with pytest.raises(TypeError, match="scale_by_init"):
+        cs.attach_masks(model, scale_by_init="no")
+    with pytest.raises(ValueError, match=r"named weights; the model has Linear \(bias, weight\)"):
+        cs.attach_masks(model, selection=LayerSelection(parameters="weights"))
+    with pytest.raises(ValueError, match=r"the model has ConvTranspose2d"):
+        cs.attach_masks(nn.Sequential(nn.ConvTranspose2d(1, 1, 2)))
+    with pytest.raises(ValueError, match="exclude_first left out every one"):
+        cs.attach_masks(nn.Sequential(nn.Linear(2, 2)), selection=LayerSelection(exclude_first=True))
+    assert LayerSelection(include=None, exclude=None).select(model) == ["0", "1"]
+    masks = cs.attach_masks(model)
+    for coef in (float("nan"), -1.0, True):
+        with pytest.raises(ValueError, match="finite number >= 0"):
+            masks.fuse_penalty(coef)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -817,6 +869,19 @@ def test_masks_built_on_the_meta_device_are_initialised_by_reset_parameters():
     assert all(torch.all(s == -0.05) for s in masks.mask_parameters())
     assert masks.weights_remaining() == 0.0 and masks.masks["0.weight"].temperature == 1.0
     assert torch.isfinite(model(torch.randn(3, 4))).all()
+
+
+def test_a_state_loaded_with_assign_into_a_meta_model_leaves_nothing_on_meta():
+    """The temperature tensor is not in the state_dict: it must follow the assigned logits
+    (torch.compile reads it) instead of staying on the meta device."""
+    source = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    cs.attach_masks(source, mask_init=-0.05).temperature = 3.0
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        masks = cs.attach_masks(model, mask_init=-0.05)
+    model.load_state_dict(source.state_dict(), assign=True)
+    assert all(not t.is_meta for t in [*model.parameters(), *model.buffers()])
+    assert masks.temperature == 3.0 and masks.masks["0.weight"]._temperature_tensor.item() == 3.0
 
 
 def hardened_layer(n_in: int, n_out: int):

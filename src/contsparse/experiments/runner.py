@@ -31,7 +31,7 @@ from contsparse.experiments.interrupt import StopRequest
 from contsparse.experiments.lock import RunLock
 from contsparse.experiments.rundir import RunDir
 from contsparse.masking import find_masks, per_layer_remaining, weights_remaining
-from contsparse.masking.maskset import HARD_SUFFIX
+from contsparse.masking.maskset import HARD_SUFFIX, check_binary_mask
 from contsparse.methods import (
     METHODS,
     ContinuousSparsification,
@@ -124,9 +124,15 @@ def given_masks(source: str | None) -> dict[str, torch.Tensor]:
     """The masks ``--mask-from`` names, as bool tensors."""
     path = mask_file(source or "")
     try:
-        return {name: mask.bool() for name, mask in load_file(str(path)).items()}
+        masks = load_file(str(path))
     except (OSError, SafetensorError) as err:
         raise UserError(f"--mask-from {path} cannot be read ({err})") from err
+    try:
+        for name, mask in masks.items():
+            check_binary_mask(name, mask)
+    except ValueError as err:
+        raise UserError(f"--mask-from {path}: {err}") from err
+    return {name: mask.bool() for name, mask in masks.items()}
 
 
 def masked_model(config: RunConfig, data: DatasetSplits, steps_per_epoch: int) -> tuple[nn.Module, Method]:

@@ -30,6 +30,11 @@ def compress_state_dict(state: dict[str, torch.Tensor], min_zero_fraction: float
     become ``<name>.bitmask`` (packed bits, row-major) and ``<name>.values`` (the nonzeros). A
     tensor whose parts' names another entry already has is stored as it is, so no name is ever
     ambiguous."""
+    not_tensors = [name for name, value in state.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:  # e.g. a masked model's "<layer>.weight_cs_mask._extra_state"
+        raise ValueError(f"only tensors can be stored, not {', '.join(not_tensors[:3])}"
+                         + (" (a model with CS masks attached: call masks.make_permanent() first)"
+                            if any(name.endswith("_extra_state") for name in not_tensors) else ""))
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, dict] = {}
     for name, tensor in state.items():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+import numbers
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +34,14 @@ class MaskSet:
         # carry the same mask: one weight tensor, one mask, wherever the model uses it
         self.tied = {name: list((tied or {}).get(name, ())) for name in masks}
         self._owners: dict[str, tuple[nn.Module, str]] | None = None
+        self._permanent = False  # make_permanent() took the masks off: nothing is left to act on
+
+    def _require_masks(self, action: str) -> None:
+        """Refuse to act once the masks were made permanent (an empty set would report a dense
+        model, and stop re-zeroing pruned weights, without a word)."""
+        if self._permanent:
+            raise RuntimeError(f"cannot {action}: the masks were made permanent and the model is a plain nn.Module "
+                               "now (its pruned weights are zeros: count them with contsparse.masking.count_zeros)")
 
     # -- parameters ----------------------------------------------------------------------------
     def mask_parameters(self) -> list[nn.Parameter]:
@@ -58,6 +68,7 @@ class MaskSet:
 
     @temperature.setter
     def temperature(self, beta: float) -> None:
+        self._require_masks("set the temperature")
         set_temperature(self.masks.values(), beta)
 
     @property
@@ -74,6 +85,7 @@ class MaskSet:
         step, or let :meth:`keep_pruned_at_zero` do so. Load a hardened ``state_dict`` into a
         model only after calling ``harden()`` on it.
         """
+        self._require_masks("harden them")
         weights = self.masked_weights()
         for name, mask in self.masks.items():  # checked before any layer changes
             for module, attr in self.places(name) if mask.mode == "soft" else ():
@@ -92,6 +104,7 @@ class MaskSet:
     def zero_pruned(self) -> None:
         """Re-zero pruned weights (hard mode): one fused in-place multiply over all layers. The
         lists are made again at each call: ``.to()`` or ``.double()`` replaces the mask buffers."""
+        self._require_masks("re-zero pruned weights")
         weights = self.masked_weights()
         pairs = [(weights[name], mask.hard_mask) for name, mask in self.masks.items() if mask.mode == "hard"]
         if pairs:
@@ -104,6 +117,7 @@ class MaskSet:
 
     def reset_logits(self) -> None:
         """Between search rounds: ``s <- min(beta * s, s0)``; then the temperature restarts at 1."""
+        self._require_masks("reset the logits")
         for mask in self.masks.values():
             mask.reset_logits()
         self.temperature = 1.0
@@ -118,6 +132,7 @@ class MaskSet:
         With ``normalize`` it is divided by the number of prunable weights (a mean in 0..1), so the
         same ``lambda`` means the same pressure on a model of any size.
         """
+        self._require_masks("compute the penalty")
         total = sum(mask.soft_mask_sum() for mask in self.masks.values())
         if not isinstance(total, Tensor):
             return torch.zeros(())
@@ -130,6 +145,9 @@ class MaskSet:
         tensor per step; the training loop uses it and evaluates :meth:`penalty` only to log it.
         ``coef = 0`` turns it off.
         """
+        self._require_masks("fuse the penalty")
+        if isinstance(coef, bool) or not isinstance(coef, numbers.Real) or not math.isfinite(coef) or coef < 0:
+            raise ValueError(f"the penalty coefficient must be a finite number >= 0, got {coef!r}")
         per_weight = coef / self.num_prunable() if normalize else coef
         for mask in self.masks.values():
             mask.fused_penalty = float(per_weight)
@@ -137,6 +155,7 @@ class MaskSet:
     # -- accounting ----------------------------------------------------------------------------
     def binary_masks(self) -> dict[str, Tensor]:
         """Name -> bool tensor ``s > 0``: the mask a ticket would use."""
+        self._require_masks("report the masks")
         return {name: mask.binary_mask() for name, mask in self.masks.items()}
 
     def weights_remaining(self) -> float:
@@ -148,15 +167,20 @@ class MaskSet:
 
     def load_binary_masks(self, masks: dict[str, Tensor]) -> None:
         """Install saved binary masks and harden: the model then computes with exactly them."""
+        self._require_masks("load masks")
+        if not isinstance(masks, Mapping):
+            raise TypeError(f"the masks must be a dict of weight name -> tensor, got {type(masks).__name__}")
         missing, unknown = set(self.masks) - set(masks), set(masks) - set(self.masks)
         if missing or unknown:
             raise KeyError(f"the saved masks do not fit this model: none for {sorted(missing)}"
                            if missing else f"the saved masks do not fit this model: no layer {sorted(unknown)}")
         if self.mode == "hard":
             raise ValueError("masks are already hardened; load binary masks into a soft MaskSet")
+        for name in self.masks:  # checked before any mask changes: a failed load leaves the model as it was
+            check_binary_mask(name, masks[name])
         wrong = [f"{name} {tuple(masks[name].shape)} != {tuple(mask.logits.shape)}"
                  for name, mask in self.masks.items() if masks[name].shape != mask.logits.shape]
-        if wrong:  # checked before any mask changes: a failed load leaves the model as it was
+        if wrong:
             raise ValueError(f"saved mask shapes do not fit this model: {'; '.join(wrong)}")
         for name, mask in self.masks.items():
             mask.set_binary_mask(masks[name])
@@ -165,16 +189,18 @@ class MaskSet:
     def set_hard_masks(self, keep: dict[str, Tensor]) -> None:
         """Replace the hard masks (methods that prune by magnitude, at random, on a schedule) and
         zero the weights they prune. Layers not named keep their mask."""
+        self._require_masks("set hard masks")
+        if not isinstance(keep, Mapping):
+            raise TypeError(f"the masks must be a dict of weight name -> tensor, got {type(keep).__name__}")
         if self.mode != "hard":
             raise ValueError("harden the masks before setting hard masks")
         for name, mask in keep.items():  # checked before any mask changes
             if name not in self.masks:
                 raise ValueError(f"no masked weight named {name!r}; the masks are on {', '.join(self.masks)}")
+            check_binary_mask(name, mask)
             if mask.shape != self.masks[name].hard_mask.shape:
                 raise ValueError(f"hard mask for {name}: shape {tuple(mask.shape)} != weight shape "
                                  f"{tuple(self.masks[name].hard_mask.shape)}")
-            if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
-                raise ValueError(f"hard mask for {name} must be boolean or hold only 0 and 1")
         weights = self.masked_weights()
         with torch.no_grad():
             for name, mask in keep.items():
@@ -184,12 +210,15 @@ class MaskSet:
     # -- leaving ------------------------------------------------------------------------------
     def make_permanent(self) -> nn.Module:
         """Bake ``W * scale * H(s)`` into plain weights and remove the masks: the model becomes an
-        ordinary ``nn.Module`` (zeros included) that loads without contsparse installed."""
+        ordinary ``nn.Module`` (zeros included) that loads without contsparse installed. The
+        ``MaskSet`` has nothing left to act on and refuses further calls."""
+        if self._permanent:
+            return self.model
         self.harden()
         for name in list(self.masks):
             for module, attr in self.places(name):
                 delattr(module, attr + HARD_SUFFIX)
-        self.masks, self.tied, self._owners = {}, {}, None
+        self.masks, self.tied, self._owners, self._permanent = {}, {}, None, True
         return self.model
 
     def holders(self, name: str) -> list[str]:
@@ -207,8 +236,10 @@ class MaskSet:
         return len(self.masks)
 
     def __repr__(self) -> str:
+        if self._permanent:
+            return "MaskSet(made permanent: no masks left)"
         if not self.masks:
-            return "MaskSet(no masks: none attached, or made permanent)"
+            return "MaskSet(no masks)"
         return (f"MaskSet({len(self)} tensors, {self.num_prunable():,} weights, mode={self.mode}, "
                 f"temperature={self.temperature:.4g}, remaining={self.weights_remaining():.4f})")
 
@@ -224,10 +255,19 @@ def attach_masks(model: nn.Module, mask_init: float = 0.0, *, scale_by_init: boo
     and its embedding) gets one mask, attached wherever the model holds it, so every use of the
     weight sees the same masked tensor and the ticket prunes it everywhere.
     """
-    selection = selection or LayerSelection()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attach_masks takes an nn.Module, got {type(model).__name__}")
+    if isinstance(mask_init, bool) or not isinstance(mask_init, numbers.Real):
+        raise TypeError(f"mask_init must be a number, got {type(mask_init).__name__}"
+                        + (" (pass the selection as selection=...)" if isinstance(mask_init, LayerSelection) else ""))
+    if not isinstance(scale_by_init, bool):
+        raise TypeError(f"scale_by_init must be True or False, got {scale_by_init!r}")
+    selection = LayerSelection() if selection is None else selection
+    if not isinstance(selection, LayerSelection):
+        raise TypeError(f"selection must be a LayerSelection, got {type(selection).__name__}")
     names = selection.select_tensors(model)
     if not names:
-        raise ValueError("no layer of the model matches the mask selection")
+        raise ValueError(f"no layer of the model matches the mask selection: {selection.describe_miss(model)}")
     holders = _parameter_holders(model)
     masks: dict[str, ContinuousMask] = {}
     tied: dict[str, list[str]] = {}
@@ -253,6 +293,16 @@ def attach_masks(model: nn.Module, mask_init: float = 0.0, *, scale_by_init: boo
         masks[name], tied[name] = mask, others
         covered.update(others)
     return MaskSet(model, masks, tied)
+
+
+def check_binary_mask(name: str, mask: object) -> None:
+    """A binary mask is a bool tensor or one holding only 0 and 1: logits or keep probabilities
+    passed by mistake would otherwise keep every nonzero entry, a silently dense model."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"the mask for {name} must be a tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+        raise ValueError(f"the mask for {name} must be boolean or hold only 0 and 1 (logits or probabilities? "
+                         "threshold them first, e.g. logits > 0)")
 
 
 def _check_maskable(module: nn.Module, attr: str, name: str) -> None:

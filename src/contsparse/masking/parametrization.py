@@ -312,6 +312,8 @@ class ContinuousMask(nn.Module):
         if "mask_init" in state:  # states saved before these were kept hold the attached values
             self.mask_init, self.scale_by_init = float(state["mask_init"]), bool(state["scale_by_init"])
             self.scale = 1.0 / _sigmoid(self.mask_init) if self.scale_by_init else 1.0
+        if self._temperature_tensor.device != self.logits.device:  # load_state_dict(assign=True) into a meta model
+            self._temperature_tensor = self._new_temperature_tensor(1.0, self.logits.device)
         self.temperature = float(state["temperature"])
         self.mode = state["mode"]
         self.logits.requires_grad_(self.mode == "soft")

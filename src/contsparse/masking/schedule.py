@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,7 +16,8 @@ class TemperatureSchedule:
     ``per="step"``: the same curve sampled at every optimiser step, which hardens the mask more
     smoothly when rounds are only a few epochs long. A round of a single epoch has no epochs to
     anneal over, so it anneals over its steps whatever ``per`` says (``beta = 1`` at its start,
-    ``final`` at its last step).
+    ``final`` at its last step). Annealing over steps needs ``steps_per_epoch`` (e.g.
+    ``len(loader)``): a step index beyond it is refused rather than read as a later epoch.
     """
 
     final: float = 200.0
@@ -24,18 +26,27 @@ class TemperatureSchedule:
     steps_per_epoch: int = 1
 
     def __post_init__(self) -> None:
-        if not self.final > 1:
-            raise ValueError(f"final temperature must be > 1, got {self.final}")
-        if self.epochs < 1 or self.steps_per_epoch < 1:
-            raise ValueError("epochs and steps_per_epoch must be >= 1")
+        if isinstance(self.final, bool) or not isinstance(self.final, int | float) \
+                or not (math.isfinite(self.final) and self.final > 1):
+            raise ValueError(f"final temperature must be a finite number > 1, got {self.final!r}")
+        for name in ("epochs", "steps_per_epoch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        if self.per not in ("epoch", "step"):
+            raise ValueError(f"per must be 'epoch' or 'step', got {self.per!r}")
 
     @property
     def changes_every_step(self) -> bool:
         return self.per == "step" or self.epochs == 1
 
     def value(self, epoch: int, step: int = 0) -> float:
-        """Temperature during ``step`` (0-based, within the epoch) of ``epoch`` (0-based)."""
+        """Temperature during ``step`` (0-based, within the epoch) of ``epoch`` (0-based);
+        ``step = steps_per_epoch`` is the next epoch's start."""
         if self.changes_every_step:
+            if not 0 <= step <= self.steps_per_epoch:  # steps_per_epoch itself: the next epoch's start
+                raise ValueError(f"step {step} of an epoch of steps_per_epoch={self.steps_per_epoch} steps: pass "
+                                 "TemperatureSchedule(steps_per_epoch=len(loader)) to anneal over steps")
             progress, span = epoch * self.steps_per_epoch + step, self.epochs * self.steps_per_epoch - 1
         else:
             progress, span = epoch, self.epochs - 1

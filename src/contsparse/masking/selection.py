@@ -38,6 +38,8 @@ class LayerSelection:
         # A lone string would be read one character at a time: take it as the one pattern it is
         for name in ("include", "exclude", "parameters"):
             value = getattr(self, name)
+            if value is None:  # "no patterns"
+                value = ()
             patterns = (value,) if isinstance(value, str) else tuple(value)
             for pattern in patterns:
                 try:
@@ -72,6 +74,27 @@ class LayerSelection:
         return [name for name in candidates
                 if (not include or any(p.search(name) for p in include))
                 and not any(p.search(name) for p in exclude)]
+
+    def describe_miss(self, model: nn.Module) -> str:
+        """Why nothing is selected: what the rules ask for, and what the model has instead."""
+        wanted = (f"{', '.join(t.__name__ for t in self.layer_types)} layers with a parameter named "
+                  f"{' or '.join(self.parameters) or '(none)'}")
+        candidates = self.candidates(model)
+        if candidates:
+            rules = [rule for rule, active in (("exclude_first", self.exclude_first),
+                                               ("exclude_last", self.exclude_last),
+                                               (f"include={list(self.include)}", bool(self.include)),
+                                               (f"exclude={list(self.exclude)}", bool(self.exclude))) if active]
+            listed = ", ".join(repr(name) for name in candidates[:5]) + (", ..." if len(candidates) > 5 else "")
+            return f"{', '.join(rules)} left out every one of the {wanted} ({listed})"
+        found: dict[str, set[str]] = {}
+        for module in model.modules():
+            names = [attr for attr, param in module._parameters.items() if param is not None]
+            if names:
+                found.setdefault(type(module).__name__, set()).update(names)
+        has = "; ".join(f"{kind} ({', '.join(sorted(names))})" for kind, names in found.items()) or "no parameters"
+        return (f"it takes {wanted}; the model has {has} "
+                "(choose them with LayerSelection(layer_types=..., parameters=...))")
 
     def select_tensors(self, model: nn.Module) -> list[str]:
         """``"<module>.<parameter>"`` of every tensor to mask, module by module in registration order."""
