@@ -2,7 +2,6 @@
 status 2, no traceback, and it loses or changes nothing in any run directory."""
 
 import ast
-import errno
 import gzip
 import hashlib
 import json
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from contsparse.cli import main
@@ -157,8 +157,9 @@ def world(tmp_path_factory) -> dict[str, Path]:
 
 @contextmanager
 def disk_full():
-    def no_space(tensors, path):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def no_space(tensors, path):  # what safetensors raises on a full disk (not an OSError)
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
 
     original = checkpoint_module.save_file
     checkpoint_module.save_file = no_space

@@ -1,5 +1,7 @@
 """The command line: one-line errors with exit status 2, runs, info tables."""
 
+import errno
+import importlib.util
 import json
 import os
 import subprocess
@@ -187,12 +189,40 @@ def test_a_model_of_ones_own_reaches_the_cli_through_imports(tmp_path, monkeypat
                  "--synthetic-size", "256", "--epochs", "2", "--rewind-epoch", "0", "--rounds", "1",
                  "--ticket-epochs", "1", "--no-dense-baseline", "--out", "run"]) == 0
     assert (tmp_path / "run" / "summary.json").is_file()
+    # The current directory left the path again: its folders do not import as empty packages (torch.export
+    # probes optional dependencies such as z3 by importing them)
+    assert importlib.util.find_spec("run") is None
     # A fresh process (as export, report or a resumed run would be) imports the module from the saved settings
     done = subprocess.run([sys.executable, "-m", "contsparse", "export", "run", "--format", "safetensors"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert main(["ticket", "--imports", "no_such_module_here", "--out", "y"]) == 2
     assert "--imports no_such_module_here: ModuleNotFoundError" in capsys.readouterr().err
+
+
+def test_a_read_only_folder_or_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    from contsparse.experiments.lock import RunLock
+
+    def refuse(lock):
+        raise OSError(errno.EROFS, "Read-only file system", str(lock.path))
+
+    monkeypatch.setattr(RunLock, "acquire", refuse)
+    assert main(["train", "--dataset", "synthetic", "--epochs", "1", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"contsparse: error: Read-only file system ({tmp_path / 'x' / '.lock'})\n"
+
+
+def test_a_stopped_comparison_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    """The run in progress turns Ctrl-C into RunInterrupted once its checkpoint is saved."""
+    from contsparse.errors import RunInterrupted
+    from contsparse.experiments import compare
+
+    def stopped(*args, **kwargs):
+        raise RunInterrupted("stopped (SIGINT) in search 0, epoch 1")
+
+    monkeypatch.setattr(compare, "run_comparison", stopped)
+    assert main(["compare", "--dataset", "synthetic", "--out", str(tmp_path / "cmp")]) == 130
+    assert "Run the same command again to continue" in capsys.readouterr().err
 
 
 def test_a_user_module_that_exits_is_named(tmp_path, monkeypatch, capsys):

@@ -416,6 +416,25 @@ def test_onnx_round_trip_through_onnxruntime(run_dir, tmp_path):
         assert torch.equal(torch.from_numpy(got).argmax(1), want.argmax(1))
 
 
+def test_a_failed_onnx_export_leaves_no_file_and_one_line(run_dir, tmp_path, monkeypatch):
+    pytest.importorskip("onnxscript")
+    import onnx_ir
+
+    def disk_full(model, path, *args, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"half a model")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx_ir, "save", disk_full)
+    with pytest.raises(UserError, match="No space left on device"):
+        export_run(run_dir, "onnx", tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(torch.onnx, "export", lambda *args, **kwargs: (_ for _ in ()).throw(
+        AttributeError("module 'z3' has no attribute 'ExprRef'")))
+    with pytest.raises(UserError, match=r"ONNX export of lenet300 failed \(AttributeError: module 'z3'"):
+        export_run(run_dir, "onnx", tmp_path / "model.onnx")
+
+
 def test_exports_record_how_inputs_were_preprocessed(run_dir, tmp_path):
     onnx = pytest.importorskip("onnx")
     synthetic = load_run_model(run_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import sys
 from pathlib import Path
@@ -387,7 +388,7 @@ def run_compare(args: argparse.Namespace) -> int:
                        args.imp_rounds, args.random_every, tuple(args.methods))
     try:
         rows = [r.as_dict() for r in run_comparison(plan, out, tqdm.write)]
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RunInterrupted):  # the run in progress saved a checkpoint
         print(f"\ninterrupted; finished runs are kept in {out}. Run the same command again to continue.",
               file=sys.stderr)
         return 130
@@ -493,6 +494,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"contsparse: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # where the machine, not contsparse, refuses: a full disk, a read-only folder
+        if args.debug or err.errno not in _MACHINE_REFUSALS:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"contsparse: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
     except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
         if args.debug or not _out_of_memory(err):
             raise
@@ -500,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"contsparse: error: out of memory ({detail}); use smaller sizes (--batch-size, --train-subset, "
               "--synthetic-size, --batch-sizes); a run's last checkpoint is kept", file=sys.stderr)
         return 2
+
+
+_MACHINE_REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _out_of_memory(err: BaseException) -> bool:

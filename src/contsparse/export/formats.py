@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from contsparse.errors import UserError
 from contsparse.experiments.rundir import RunDir
 from contsparse.export.compressed import compressed_bytes
 from contsparse.export.run_model import RunModel, load_run_model
-from contsparse.storage import file_in_the_way, for_safetensors, write_atomic
+from contsparse.storage import file_in_the_way, for_safetensors, fsync_dir, write_atomic
 
 FORMATS = {"safetensors": ".safetensors", "pytorch": ".pt", "onnx": ".onnx", "compressed": ".sparse.safetensors"}
 
@@ -76,10 +77,21 @@ def export_onnx(run: RunModel, path: Path) -> None:
             warnings.simplefilter("ignore")
             program = torch.onnx.export(run.model, (example,), dynamo=True, input_names=["input"],
                                         output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False)
+    except Exception as err:  # torch.export could not trace the model: say so in one line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"ONNX export of {run.name} failed ({type(err).__name__}: {reason}); the safetensors, "
+                        "pytorch and compressed formats need no tracing") from err
     finally:
         quiet.setLevel(level)
     program.model.metadata_props.update(_metadata(run))
-    program.save(str(path))
+    tmp = path.with_name(path.name + ".tmp")  # never half a file at path (a full disk, a crash)
+    try:
+        program.save(str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def _metadata(run: RunModel) -> dict[str, str]:

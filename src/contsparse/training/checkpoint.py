@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from contsparse import faults
@@ -90,9 +91,10 @@ def save_checkpoint(state: dict[str, Any], directory: Path) -> None:
         faults.inject(f"rename:{faults.count('checkpoint')}")
         tmp.rename(directory)
         fsync_dir(directory.parent)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # safetensors reports a failed write as its own error
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        full = getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err)
+        reason = "the disk is full" if full else (getattr(err, "strerror", None) or str(err))
         raise UserError(f"could not write the checkpoint in {directory.parent} ({reason}); the previous "
                         "checkpoint is intact: fix that and run the same command again to resume") from err
 
