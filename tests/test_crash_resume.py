@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from contsparse.cli import main
 from contsparse.errors import UserError
 from contsparse.experiments import Runner, make_config
+from contsparse.experiments.config import load_saved_config
 from contsparse.faults import ENV
 from contsparse.training import checkpoint as checkpoint_module
 from contsparse.training import load_checkpoint
@@ -299,6 +300,44 @@ def test_a_torn_metrics_line_does_not_stop_a_resume(reference, tmp_path, monkeyp
         handle.write(b"\xff\xfe torn line")
     Runner(make_config(dict(SETTINGS)), out, quiet).execute()
     assert_same_run(reference, out)
+
+
+@pytest.mark.parametrize("damage", ["cut short", "deleted"])
+def test_records_lost_from_metrics_jsonl_are_restored_from_the_checkpoint(damage, reference, tmp_path, monkeypatch):
+    """The checkpoint keeps the lines written so far: a resumed run's history is whole again (a
+    cut-short file had the next record glued to its torn last line, a deleted one lost the epochs)."""
+    out = stopped_run(tmp_path / "run", monkeypatch, epochs=3)
+    metrics = out / "metrics.jsonl"
+    if damage == "cut short":
+        metrics.write_bytes(metrics.read_bytes()[:30])
+    else:
+        metrics.unlink()
+    said = []
+    Runner(make_config(dict(SETTINGS)), out, said.append).execute()
+    assert any("metrics.jsonl was missing records" in line for line in said)
+    assert_same_run(reference, out)
+
+
+def test_a_config_yaml_edited_by_hand_is_judged_against_the_checkpoint(tmp_path, monkeypatch):
+    """Resuming reads config.yaml: an edit must meet the same checks as a flag (found by a review:
+    an edited rewind_epoch printed "rewound to epoch 0" while the stored epoch-1 point was used)."""
+    out = stopped_run(tmp_path / "run", monkeypatch, epochs=2)  # the rewind point (epoch 1) is stored
+    path = out / "config.yaml"
+    original = path.read_text()
+
+    def resume(text: str, force: bool = False) -> None:
+        path.write_text(text)
+        Runner(make_config(load_saved_config(path)), out, quiet, force=force).execute()
+
+    with pytest.raises(UserError, match=r"config.yaml differs from the settings .* checkpoint was trained with "
+                                        r"\(rewind_epoch: 1 -> 0\)"):
+        resume(original.replace("rewind_epoch: 1", "rewind_epoch: 0"))
+    with pytest.raises(UserError, match=r"rewind_epoch .* cannot change any more"):
+        resume(original.replace("rewind_epoch: 1", "rewind_epoch: 0"), force=True)
+    with pytest.raises(UserError, match=r"\(lr: 0.0012 -> 0.002\)"):
+        resume(original.replace("lr: 0.0012", "lr: 0.002"))
+    resume(original)  # as trained: resumes
+    assert (out / "summary.json").is_file()
 
 
 def test_a_checkpoint_from_a_machine_with_more_gpus_resumes_on_fewer(monkeypatch):

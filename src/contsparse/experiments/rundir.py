@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import save_file
@@ -18,16 +18,19 @@ from contsparse.errors import UserError
 from contsparse.experiments.lock import holder
 from contsparse.storage import file_in_the_way, for_safetensors, fsync_file, strict_json, write_atomic
 
+T = TypeVar("T")
 
-def _writes(method: Callable[..., None]) -> Callable[..., None]:
-    """A RunDir write: skipped in read-only (non-zero-rank) processes; an OSError becomes a
+
+def _writes(method: Callable[..., T]) -> Callable[..., T | None]:
+    """A RunDir write: skipped (None) in read-only (non-zero-rank) processes; an OSError becomes a
     one-line :class:`UserError`."""
 
     @functools.wraps(method)
-    def write(self: RunDir, *args: Any, **kwargs: Any) -> None:
-        if self.writable:
-            with writing(self.path):
-                method(self, *args, **kwargs)
+    def write(self: RunDir, *args: Any, **kwargs: Any) -> T | None:
+        if not self.writable:
+            return None
+        with writing(self.path):
+            return method(self, *args, **kwargs)
 
     return write
 
@@ -136,9 +139,26 @@ class RunDir:
         write_atomic(self.file(self.SUMMARY), (strict_json(summary, indent=2) + "\n").encode())
 
     @_writes
-    def append_metrics(self, record: dict[str, Any]) -> None:
+    def append_metrics(self, record: dict[str, Any]) -> str:
+        """Append the epoch's record; returns its line (checkpoints keep the lines written so far)."""
+        line = strict_json(record) + "\n"
         with open(self.file(self.METRICS), "a") as handle:
-            handle.write(strict_json(record) + "\n")
+            handle.write(line)
+        return line
+
+    @_writes
+    def restore_metrics(self, lines: list[str]) -> bool:
+        """Make metrics.jsonl hold exactly ``lines`` (the records of the checkpoint a resumed run
+        restarts from): drops later records, and rewrites a file cut short, torn or deleted.
+        Returns whether records had been lost (and are now restored)."""
+        path = self.file(self.METRICS)
+        expected = "".join(lines).encode()
+        current = path.read_bytes() if path.is_file() else b""
+        if current == expected:
+            return False
+        lost = not current.startswith(expected)
+        write_atomic(path, expected)
+        return lost
 
     @_writes
     def truncate_metrics(self, lines: int) -> None:

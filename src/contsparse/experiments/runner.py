@@ -61,6 +61,7 @@ from contsparse.training import (
     train_epoch,
     tune_cpu_allocator,
 )
+from contsparse.training.checkpoint import read_checkpoint_entry
 
 Log = Callable[[str], None]
 
@@ -281,12 +282,21 @@ class Runner:
         if not path.is_file():
             self._refuse_foreign_folder()
             return
-        differing = settings_differences(load_saved_config(path), self.config)
+        saved = load_saved_config(path)
+        # The settings the checkpoint was trained under (checkpoints record them): a config.yaml
+        # edited by hand must not slip changes past the checks below
+        trained = None if self.run.is_finished() else read_checkpoint_entry(self.run.checkpoint_dir, "config")
+        edited = isinstance(trained, dict) and any(saved.get(key) != value for key, value in trained.items())
+        differing = settings_differences(trained if edited else saved, self.config)
         if not differing:
             return
         if not self.run.has_started():
             return  # nothing trained yet (it failed to start): the new settings simply replace the old
         details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in differing.items())
+        if edited and not self.force:
+            raise UserError(f"{path} differs from the settings {self.run.path}'s checkpoint was trained with "
+                            f"({details}): restore it to resume as trained, or resume with --force to go on "
+                            "with these settings")
         if self.run.is_finished() and self.keep_if_finished:
             self.log(f"{self.run.path}: finished before the settings changed ({details}): kept as it is")
             return
@@ -470,7 +480,12 @@ class Runner:
         if self.dist.enabled and own is not None and len(own) == self.dist.world_size:
             rng = own[self.dist.rank]  # saved by as many processes: this one's own generators
         restore_rng(rng)
-        self.run.truncate_metrics(progress["metrics_lines"])
+        if "metrics" in progress:  # the records themselves (checkpoints before them held only their count)
+            if self.run.restore_metrics(progress["metrics"]):
+                self.log(f"{self.run.file(RunDir.METRICS)} was missing records (cut short, damaged or deleted): "
+                         f"its {len(progress['metrics'])} records up to the checkpoint are restored from it")
+        else:
+            self.run.truncate_metrics(progress["metrics_lines"])
         where = phases[min(progress["phase"], len(phases) - 1)].label()
         self.log(f"resuming {self.run.path} at {where}, epoch {progress['epoch'] + 1}"
                  + (f", step {progress['step']}" if progress["step"] else ""))
@@ -483,7 +498,8 @@ class Runner:
             # generator): each resumes with its own. Process 0's stay on top for another world size.
             rng["processes"] = self.dist.gather(rng)
         if self.dist.is_main:
-            save_checkpoint({"progress": state.progress, "model": setup.model.state_dict(),
+            save_checkpoint({"progress": state.progress, "config": self.config.to_dict(),
+                             "model": setup.model.state_dict(),
                              "optimizers": {k: o.state_dict() for k, o in state.optimizers.items()},
                              "rewind": state.rewind, "rng": rng, "partial": state.partial},
                             self.run.checkpoint_dir)
@@ -547,7 +563,9 @@ class Runner:
 
     def _record(self, state: _State, record: dict[str, Any], writer: Any) -> None:
         """The epoch's line in metrics.jsonl (and TensorBoard)."""
-        self.run.append_metrics(record)
+        line = self.run.append_metrics(record)
+        if line is not None:  # (None in processes that do not write)
+            state.progress.setdefault("metrics", []).append(line)
         if writer is not None:
             for key, value in record.items():
                 if isinstance(value, int | float):

@@ -129,6 +129,21 @@ def load_checkpoint(directory: Path, map_location: str | torch.device = "cpu",
                     "the run from scratch")
 
 
+def read_checkpoint_entry(directory: Path, key: str) -> Any:
+    """``state[key]`` of the latest checkpoint whose small JSON part is intact, without reading
+    its tensors (for a check before a run starts); None when there is none, or no such entry."""
+    for candidate in (directory, previous(directory)):
+        try:
+            manifest = json.loads((candidate / MANIFEST).read_text())
+            if file_digest(candidate / SKELETON) != manifest["sha256"][SKELETON]:
+                continue
+            entry = json.loads((candidate / SKELETON).read_text()).get(key)
+            return None if entry is None else unflatten(entry, {})  # a tensor in it: KeyError, no entry
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return None
+
+
 class _Damaged(Exception):
     pass
 
