@@ -200,6 +200,23 @@ def test_a_model_of_ones_own_reaches_the_cli_through_imports(tmp_path, monkeypat
     assert "--imports no_such_module_here: ModuleNotFoundError" in capsys.readouterr().err
 
 
+def test_a_ticket_with_an_emptied_layer_is_flagged():
+    """0 % of a layer means chance accuracy: the summary says so instead of looking like a success."""
+    from rich.console import Console
+
+    from contsparse.reports import print_summary
+
+    summary = {"command": "ticket", "method": "cs", "model": "lenet300", "dataset": "mnist", "train_epochs": 4,
+               "wall_seconds": 3.0, "weights_remaining": 0.004, "test_accuracy": 0.1135,
+               "per_layer": {"hidden.0.weight": 0.0, "hidden.1.weight": 0.02, "output.weight": 0.3}}
+    console = Console(record=True, width=200)
+    print_summary(summary, console=console)
+    assert "warning: every weight of hidden.0.weight is pruned: no signal passes" in console.export_text()
+    console = Console(record=True, width=200)
+    print_summary({**summary, "per_layer": {"hidden.0.weight": 0.01}}, console=console)
+    assert "warning" not in console.export_text()
+
+
 def test_a_read_only_folder_or_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
     from contsparse.experiments.lock import RunLock
 

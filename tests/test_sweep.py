@@ -162,6 +162,8 @@ def test_a_failing_point_is_reported_and_the_others_finish(tmp_path, capsys):
     assert code == 1
     captured = capsys.readouterr()
     assert "lr=1000000.0_seed=0" in captured.err and "training diverged" in captured.err
+    # advice that keeps the point's folder true to its name (a `resume --lr ... --force` would not)
+    assert "Give this point a lower lr in the sweep (lr=100000" in captured.err and "resume" not in captured.err
     table = (tmp_path / "sweep.md").read_text()
     assert "| lr=0.001_seed=0 |" in table and "| failed |" in table and "| done |" in table
     rows = json.loads((tmp_path / "sweep.json").read_text())["points"]
@@ -220,11 +222,14 @@ def test_report_regenerates_a_sweep_and_combines_directories(tmp_path, capsys):
     assert all((sweep / name).is_file() for name in ("sweep.md", "sweep.csv", "sweep.json", "sweep.png"))
     assert "Pareto front" in capsys.readouterr().out
     single = tmp_path / "single"
-    assert main(["ticket", *TINY_FLAGS, "--no-dense-baseline", "--out", str(single)]) == 0
+    assert main(["ticket", *TINY_FLAGS, "--out", str(single)]) == 0  # with its dense baseline
     capsys.readouterr()
     assert main(["report", str(sweep), str(single), "--out", str(tmp_path / "both")]) == 0
     report = (tmp_path / "both" / "report.md").read_text()
     assert "## sweep" in report and "## single" in report
+    dense = json.loads((single / "summary.json").read_text())["dense_test_accuracy"]
+    single_part = report.split("## single")[1]  # the run's own dense baseline is its reference
+    assert f"Dense reference: {100 * dense:.2f} % (1 run(s))" in single_part and "points vs dense" in single_part
     assert (tmp_path / "both" / "accuracy_vs_weights.png").stat().st_size > 1000
     (tmp_path / "nothing").mkdir()
     assert main(["report", str(sweep), str(tmp_path / "nothing")]) == 2
@@ -246,7 +251,8 @@ def test_sweep_flag_mistakes_are_one_line_errors(tmp_path, capsys):
                           (["--grid", "epochz=1"], "cannot sweep over epochz"),
                           (["--workers", "0"], "--workers must be >= 1"),
                           (["--threads", "0"], "--threads must be >= 1"),
-                          (["--seeds", "0"], "--seeds must be >= 1")):
+                          (["--seeds", "0"], "--seeds must be >= 1"),
+                          (["--run", "prune", "--grid", "command=train"], "command is given twice: by --run and")):
         assert main(["sweep", *TINY_FLAGS, *argv, "--out", str(tmp_path / "s")]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err

@@ -75,7 +75,7 @@ HELP = {
     "synthetic_shape": "synthetic: input shape, e.g. 3 32 32",
     "synthetic_classes": "synthetic: number of classes",
     "synthetic_size": "synthetic: training examples (validation and test: up to 256 each)",
-    "amp": "CUDA: bfloat16 autocast",
+    "amp": "bfloat16 autocast (it pays on GPUs; on a CPU it runs too, usually slower)",
     "channels_last": "CUDA: channels-last memory format for conv models",
     "tensorboard": "also write TensorBoard logs into the run directory",
 }
@@ -162,7 +162,7 @@ def _add_sweep_parser(sub: Any) -> None:
                                        "points are skipped, unfinished ones resume, a failing one does not stop "
                                        "the others. Writes sweep.md/csv/json with the Pareto front and sweep.png. "
                                        "Default grid: mask_init=-0.02,-0.03,-0.05,-0.08")
-    sweep.add_argument("--run", choices=list(TRAINING_COMMANDS), default="ticket",
+    sweep.add_argument("--run", choices=list(TRAINING_COMMANDS),  # None: ticket, or --grid/--point command=...
                        help="what each point runs (default: ticket)")
     sweep.add_argument("--preset", help="named paper settings for the base settings")
     sweep.add_argument("--config", type=Path, help="YAML file of base settings")
@@ -285,7 +285,7 @@ def run_training(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         return 130
     if _reports():
-        print_summary(summary)
+        print_summary({**summary, "run_dir": str(out)})  # where it is now (a finished run may have been moved)
     return 0
 
 
@@ -419,13 +419,15 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise UserError("--seeds must be >= 1")
-    args.command = args.run
+    run_flag, args.command = args.run, args.run or "ticket"
     base = config_from_args(args)
     grid = parse_assignments(args.grid or [], "--grid")
     points_given = [parse_point(p) for p in args.point or []]
     for key in sorted({*grid, *(k for point in points_given for k in point)}):
-        if key in FIELDS and getattr(args, key, None) is not None:  # a flag given on the command line
-            raise UserError(f"{key} is given twice: by --{key.replace('_', '-')} and in --grid/--point; use one")
+        flag, value = (("--run", run_flag) if key == "command"
+                       else (f"--{key.replace('_', '-')}", getattr(args, key, None)))
+        if key in FIELDS and value is not None:  # a flag given on the command line
+            raise UserError(f"{key} is given twice: by {flag} and in --grid/--point; use one")
     if not grid and not points_given and args.mask_init is None:  # an s0 given is the point's s0
         grid = default_grid(base)
     plan = SweepPlan(base, grid, points_given, args.seeds, args.dense_reference)

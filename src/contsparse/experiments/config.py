@@ -94,7 +94,7 @@ class RunConfig:
     dense_baseline: bool = True  # ticket: also train the dense model with the ticket's settings
     seed: int = 0
     device: str = "auto"
-    amp: bool = False  # CUDA: bfloat16 autocast
+    amp: bool = False  # bfloat16 autocast (on any device; it pays on GPUs)
     channels_last: bool = False  # CUDA: channels-last memory format for conv models
     compile: bool = False  # torch.compile the model: fused mask kernels, after compiling at each phase's start
     tensorboard: bool = False

@@ -106,7 +106,7 @@ def run_point(job: PointJob) -> PointOutcome:
         def write(message: str) -> None:
             log.write(message + "\n")
         try:
-            summary = Runner(make_config(job.config), job.path, write, force=job.force).execute()
+            summary = Runner(make_config(job.config), job.path, write, force=job.force, sweep_point=True).execute()
             return PointOutcome(job.name, "done", summary, threads=torch.get_num_threads())
         except RunInterrupted as stopped:
             write(str(stopped))

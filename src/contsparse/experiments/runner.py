@@ -216,7 +216,7 @@ class Runner:
 
     def __init__(self, config: RunConfig, run_dir: str | Path, log: Log = tqdm.write,
                  data: DatasetSplits | None = None, force: bool = False, *, keep_if_finished: bool = False,
-                 epochs_flag: str = "--epochs") -> None:
+                 epochs_flag: str = "--epochs", sweep_point: bool = False) -> None:
         self.config = config
         self.run = RunDir(run_dir)
         self.log = log
@@ -225,6 +225,8 @@ class Runner:
         # the ticket is compared with), and its epochs are the ticket run's --ticket-epochs.
         self.keep_if_finished = keep_if_finished
         self.epochs_flag = epochs_flag
+        # A sweep's point: its folder is named by its settings, so advice names the sweep, not --out
+        self.sweep_point = sweep_point
         self._data = data
         self.dist = Distributed()
 
@@ -302,10 +304,14 @@ class Runner:
             return
         if self.run.is_finished():
             raise UserError(f"{self.run.path} holds a finished run with other settings ({details}); "
-                            "use another --out")
+                            + ("delete that folder to run this sweep point again" if self.sweep_point else
+                               "run those settings in a new directory (--out)"))
         if not self.force:
-            raise UserError(f"{self.run.path} holds a run with other settings ({details}); use another --out, "
-                            "the same settings to resume it, or --force to resume it with the new ones")
+            raise UserError(f"{self.run.path} holds a run with other settings ({details}); "
+                            + ("run the sweep with --force to resume it with the point's settings, or delete that "
+                               "folder to start the point again" if self.sweep_point else
+                               "run them in a new directory (--out), give the saved ones to resume it, or "
+                               "--force to resume it with the new ones"))
         self._refuse_impossible_resume(details, differing)
         self.log(f"--force: resuming {self.run.path} with changed settings ({details})")
 
@@ -529,10 +535,12 @@ class Runner:
         except NonFiniteLossError as err:
             kept = (f"the checkpoint of epoch {progress['epochs_done']} is kept" if progress["epochs_done"]
                     else "no epoch had finished")
-            raise UserError(
-                f"training diverged in {phase.label()}, epoch {progress['epoch'] + 1} ({err}); {kept}. Continue "
-                f"with a lower --lr (or --mask-lr): contsparse resume {self.run.path} --lr {self.config.lr / 10:g} "
-                "--force") from err
+            lower = self.config.lr / 10
+            how = (f"Give this point a lower lr in the sweep (lr={lower:g}: a new point, in its own folder)"
+                   if self.sweep_point else f"Continue with a lower --lr (or --mask-lr): contsparse resume "
+                   f"{self.run.path} --lr {lower:g} --force")
+            raise UserError(f"training diverged in {phase.label()}, epoch {progress['epoch'] + 1} ({err}); {kept}. "
+                            f"{how}") from err
 
     def _after_epoch(self, setup: _Setup, state: _State, phase: Phase, record: dict[str, Any]) -> None:
         """Advance the progress past a finished epoch; at the end of a search round, record the

@@ -279,7 +279,7 @@ def _run_locked(plan: SweepPlan, out: Path, executor: Executor, display: SweepDi
     points = plan.expand()
     for point in points:  # a point its runner would refuse stops the sweep before it writes anything
         if (out / point.name).is_dir():
-            Runner(point.config, out / point.name, lambda _: None, force=force).check_settings()
+            Runner(point.config, out / point.name, lambda _: None, force=force, sweep_point=True).check_settings()
     _write_plan(plan, out)
     results = {p.name: _result_from_disk(p, out) for p in points}
     by_name = {p.name: p for p in points}

@@ -45,7 +45,9 @@ def load_run_model(run_dir: str | Path) -> RunModel:
         masks = {k: v.bool() for k, v in load_file(str(run.file(RunDir.MASKS))).items()}
         model.load_state_dict(state)
     except (OSError, SafetensorError) as err:
-        raise UserError(f"the final model of {run.path} cannot be read ({err}); resume or re-run it") from err
+        raise UserError(f"the final model of {run.path} cannot be read ({err}); to write it again from the run's "
+                        f"last checkpoint, delete {run.file(RunDir.SUMMARY)} and run: contsparse resume {run.path}"
+                        ) from err
     except RuntimeError as err:  # load_state_dict lists every key: the first line says enough
         raise UserError(f"the final model of {run.path} does not fit the architecture its config.yaml names "
                         f"({config.model}): {' '.join(str(err).split())[:300]}") from err

@@ -25,9 +25,14 @@ def load_results(directory: Path) -> list[PointResult]:
     if run.file(RunDir.CONFIG).is_file() or run.is_finished():
         s = run.read_summary()  # a one-line error if it has not finished
         values = {"method": s["method"]} if s["command"] != "train" else {}
-        return [PointResult(directory.name, values, s["command"], "done", str(directory), s["weights_remaining"],
-                            s["test_accuracy"], s.get("train_epochs"), s.get("wall_seconds"),
-                            val_accuracy=s.get("val_accuracy"))]
+        results = [PointResult(directory.name, values, s["command"], "done", str(directory), s["weights_remaining"],
+                               s["test_accuracy"], s.get("train_epochs"), s.get("wall_seconds"),
+                               val_accuracy=s.get("val_accuracy"))]
+        if s["command"] != "train" and isinstance(s.get("dense_test_accuracy"), int | float):  # its own baseline
+            results.append(PointResult("dense", {"method": "dense"}, "train", "done", str(directory / "dense"), 1.0,
+                                       s["dense_test_accuracy"], s.get("dense_train_epochs"),
+                                       s.get("dense_wall_seconds")))
+        return results
     raise UserError(f"{directory} is not a run, sweep or comparison directory")
 
 

@@ -76,10 +76,14 @@ def per_layer_chart(per_layer: dict[str, float], path: Path, title: str = "") ->
     ax.invert_yaxis()
     percent_log_axis(ax)
     ax.set_xlabel("weights remaining (%)")
-    ax.bar_label(bars, labels=[f"{v:.2f} %" if v > 0 else "" for v in values], padding=3, fontsize=8)
     left = min([v for v in values if v > 0] + [1.0]) / 2
-    ax.set_xlim(left, 300)
-    for row, value in enumerate(values):
+    ax.set_xlim(left, 100)  # the axis ends at 100 %: labels of long bars go inside them
+    inside = [v > 0 and math.log(v / left) > 0.6 * math.log(100 / left) for v in values]
+    ax.bar_label(bars, labels=[f"{v:.2f} %" if v > 0 and not i else "" for v, i in zip(values, inside, strict=True)],
+                 padding=3, fontsize=8)
+    for row, (value, label_inside) in enumerate(zip(values, inside, strict=True)):
+        if label_inside:
+            ax.text(value / 1.08, row, f"{value:.2f} %", ha="right", va="center", fontsize=8, color="white")
         if value <= 0:  # no bar on a log axis: say so where the bar would start
             ax.text(left * 1.1, row, "0 % (every weight pruned)", va="center", fontsize=8, color="#b03030")
     ax.set_title(title or "weights remaining per layer")

@@ -91,10 +91,16 @@ def accuracy_plot(series: dict[str, list[PointResult]], path: Path, title: str) 
     """Test accuracy vs weights remaining (log axis, sparser to the right), one colour per series,
     its Pareto front (chosen on validation accuracy) as a line, the dense reference as a band."""
     fig, ax = accuracy_axes()
-    dense_band(ax, [a for results in series.values() for a in dense_accuracies(results)])
+    dense = {label: dense_accuracies(results) for label, results in series.items()}
+    with_dense = [label for label, accuracies in dense.items() if accuracies]
+    if len(with_dense) == 1:
+        dense_band(ax, dense[with_dense[0]])
     plotted = False
     for index, (label, results) in enumerate(series.items()):
         color = PALETTE[index % len(PALETTE)]
+        if len(with_dense) > 1 and dense[label]:  # each its own: other data or settings, not one population
+            ax.axhline(100 * statistics.fmean(dense[label]), color=color, linestyle="--", linewidth=1,
+                       label=f"{label}: dense ({len(dense[label])} run{'s' if len(dense[label]) > 1 else ''})")
         done = _finished_sparse(results)
         plotted = plotted or bool(done)
         ax.scatter([100 * r.weights_remaining for r in done], [100 * r.test_accuracy for r in done], s=18,

@@ -45,3 +45,8 @@ def print_summary(summary: dict[str, Any], per_layer: bool = False, console: Con
     if per_layer:
         console.print(per_layer_table(summary))
     console.print(f"run directory: {summary.get('run_dir', '?')}")
+    emptied = [name for name, kept in (summary.get("per_layer") or {}).items() if kept == 0]
+    if emptied:  # a ticket at chance accuracy otherwise looks like a finished success
+        console.print(f"[bold red]warning:[/] every weight of {', '.join(emptied)} is pruned: no signal passes "
+                      "through (a higher --mask-init keeps more; a lower --penalty or fewer rounds prune less)",
+                      highlight=False)
