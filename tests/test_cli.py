@@ -200,6 +200,12 @@ def test_a_model_of_ones_own_reaches_the_cli_through_imports(tmp_path, monkeypat
     assert "--imports no_such_module_here: ModuleNotFoundError" in capsys.readouterr().err
 
 
+def test_flags_a_command_does_not_act_on_are_noted(tmp_path, capsys):
+    assert main(["train", "--dataset", "synthetic", "--synthetic-size", "256", "--epochs", "1", "--mask-init", "-0.5",
+                 "--out", str(tmp_path / "dense")]) == 0
+    assert "contsparse: note: train ignores --mask-init\n" in capsys.readouterr().err
+
+
 def test_a_ticket_with_an_emptied_layer_is_flagged():
     """0 % of a layer means chance accuracy: the summary says so instead of looking like a success."""
     from rich.console import Console

@@ -234,6 +234,13 @@ def test_report_regenerates_a_sweep_and_combines_directories(tmp_path, capsys):
     (tmp_path / "nothing").mkdir()
     assert main(["report", str(sweep), str(tmp_path / "nothing")]) == 2
     assert "is not a run, sweep or comparison directory" in capsys.readouterr().err
+    assert main(["report", str(single), str(single), "--out", str(tmp_path / "once")]) == 0  # one run, once
+    assert (tmp_path / "once" / "per_layer.png").is_file() and not (tmp_path / "once" / "report.md").exists()
+    (tmp_path / "a-file").write_text("notes")
+    assert main(["report", str(sweep), "--out", str(tmp_path / "a-file")]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+    assert main(["info", str(sweep)]) == 2
+    assert "it is a sweep, whose runs are its subfolders" in capsys.readouterr().err
 
 
 def test_base_flags_reach_the_points(tmp_path, capsys):

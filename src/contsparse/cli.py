@@ -16,7 +16,14 @@ from typing import Any, NoReturn
 
 from contsparse import __version__
 from contsparse.errors import RunInterrupted, UserError
-from contsparse.experiments.config import FIELDS, RunConfig, load_saved_config, load_yaml, make_config
+from contsparse.experiments.config import (
+    FIELDS,
+    NOT_FOR_DENSE,
+    RunConfig,
+    load_saved_config,
+    load_yaml,
+    make_config,
+)
 from contsparse.experiments.presets import preset_values
 from contsparse.export.formats import FORMATS
 
@@ -135,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "sweep.md/csv/json and plot again; several directories (runs, sweeps, "
                                         "comparisons): one table per directory and one accuracy-vs-weights plot")
     report.add_argument("run_dirs", type=Path, nargs="+", metavar="DIR")
-    report.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/report for one run, the sweep "
-                                                 "directory for one sweep, ./report for several)")
+    report.add_argument("--out", type=Path, help="output folder (default: DIR/report for one run or comparison, "
+                                                 "the sweep directory for one sweep, ./report for several)")
     export = sub.add_parser("export", help="write a finished run's model as a plain model file",
                             description="the run's final model with the masks applied and removed")
     export.add_argument("run_dir", type=Path)
@@ -261,6 +268,10 @@ def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = No
     return make_config(values)
 
 
+# Flags a command takes (they share a config) but does not act on
+IGNORED_BY = {"train": NOT_FOR_DENSE, "prune": {"dense_baseline"}}
+
+
 def run_training(args: argparse.Namespace) -> int:
     from contsparse.experiments.rundir import RunDir
     from contsparse.experiments.runner import Runner
@@ -273,6 +284,10 @@ def run_training(args: argparse.Namespace) -> int:
     else:
         config = config_from_args(args)
         out = args.out or Path("runs") / config.default_run_name()
+        ignored = sorted(name for name in IGNORED_BY.get(args.command, ()) if getattr(args, name, None) is not None)
+        if ignored and _reports():  # accepted (a config shared by several commands), but said
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in ignored)
+            print(f"contsparse: note: {args.command} ignores {flags}", file=sys.stderr)
     try:
         summary = Runner(config, out, force=args.force).execute()
     except RunInterrupted as stopped:
@@ -307,6 +322,9 @@ def run_report(args: argparse.Namespace) -> int:
     from contsparse.experiments.sweep import is_sweep
     from contsparse.reports.collect import is_comparison, report_directories
 
+    args.run_dirs = list({path.resolve(): path for path in args.run_dirs}.values())  # each directory once
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is a file; give a folder")
     if len(args.run_dirs) == 1 and not is_sweep(args.run_dirs[0]) and not is_comparison(args.run_dirs[0]):
         return _report_run(args.run_dirs[0], args.out)
 

@@ -107,7 +107,11 @@ class RunDir:
         if not self.path.is_dir():
             raise UserError(f"{self.path} is not a directory")
         if not self.file(self.CONFIG).is_file():
-            raise UserError(f"{self.path} is not a contsparse run directory (no {self.CONFIG})")
+            kind = ("a sweep" if self.file("sweep.yaml").is_file() else
+                    "a comparison" if self.file("compare.csv").is_file() else None)
+            raise UserError(f"{self.path} is not a contsparse run directory (no {self.CONFIG})"
+                            + (f": it is {kind}, whose runs are its subfolders (contsparse report {self.path} "
+                               "shows them all)" if kind else ""))
 
     def read_summary(self) -> dict[str, Any]:
         self.require_run()

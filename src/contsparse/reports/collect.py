@@ -58,7 +58,8 @@ def _optional_float(text: str | None) -> float | None:
 
 def report_directories(directories: list[Path], out: Path | None) -> list[Path]:
     """One sweep: its files again, in place (or in ``out``). Several directories, or a comparison:
-    ``report.md``, ``report.csv`` and one plot in ``out`` (default ``./report``)."""
+    ``report.md``, ``report.csv`` and one plot in ``out`` (default ``./report``, or the
+    comparison's ``report/`` folder)."""
     try:
         if len(directories) == 1 and is_sweep(directories[0]):
             plan, results = collect(directories[0])
@@ -71,6 +72,8 @@ def report_directories(directories: list[Path], out: Path | None) -> list[Path]:
             while label in series:
                 label += "'"
             series[label] = load_results(directory)
+        if len(directories) == 1 and is_comparison(directories[0]):  # beside its own files, as a run's report is
+            return write_report(series, out or directories[0] / "report", f"comparison {next(iter(series))}")
         return write_report(series, out or Path("report"), f"{len(directories)} directories")
     except OSError as err:
         raise UserError(f"cannot write the report: {err.strerror or err}") from err
