@@ -380,14 +380,18 @@ def run_bench_inference(args: argparse.Namespace) -> int:
         raise UserError("--batch-sizes and --blocks must be >= 1")
     run = load_run_model(args.run_dir)
     table = Table(title=f"CPU inference · {run.name} · {args.run_dir}", header_style="bold")
-    for column in ("batch", "dense ms", "sparse ms", "speedup", "dense img/s", "sparse img/s", "CSR layers",
-                   "same predictions"):
+    for column in ("batch", "dense ms", "sparse ms", "speedup", "dense img/s", "sparse img/s", "same top-1"):
         table.add_column(column, justify="right")
-    for row in time_inference(run.model, run.input_shape, tuple(args.batch_sizes), blocks=args.blocks):
+    rows = time_inference(run.model, run.input_shape, tuple(args.batch_sizes), blocks=args.blocks)
+    for row in rows:
         table.add_row(str(row.batch_size), f"{row.dense_ms:.3f}", f"{row.sparse_ms:.3f}", f"{row.speedup:.2f}x",
                       f"{row.as_dict()['dense_images_per_s']:.0f}", f"{row.as_dict()['sparse_images_per_s']:.0f}",
-                      ", ".join(row.sparse_layers) or "-", "yes" if row.same_predictions else "NO")
-    Console().print(table)
+                      "yes" if row.same_predictions else "NO")
+    console = Console()
+    console.print(table)
+    for row in rows:  # below the table: a list of layer names would not fit a column
+        console.print(f"batch {row.batch_size}: sparse (CSR) kernels in {', '.join(row.sparse_layers) or 'no layer'}"
+                      ", dense kernels elsewhere", highlight=False)
     return 0
 
 
@@ -483,20 +487,21 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def run_presets(args: argparse.Namespace) -> int:
+    import json
+
     from rich.console import Console
-    from rich.table import Table
+    from rich.padding import Padding
 
     from contsparse.experiments.presets import PRESETS
 
-    table = Table(title="presets (contsparse COMMAND --preset NAME; flags override)", header_style="bold")
-    table.add_column("name", no_wrap=True)
-    table.add_column("command")
-    table.add_column("what", overflow="fold")
-    table.add_column("settings", overflow="fold")
+    console = Console()
+    console.print("[bold]presets[/] (contsparse COMMAND --preset NAME; flags override)\n")
     for name, (description, values) in PRESETS.items():
-        settings = ", ".join(f"{k}={v}" for k, v in values.items() if k != "command")
-        table.add_row(name, values.get("command", "ticket"), description, settings or "(defaults)")
-    Console().print(table)
+        console.print(f"[bold]{name}[/] ({values.get('command', 'ticket')}): {description}", highlight=False)
+        # spaces only between settings, so that a narrow terminal wraps between them, never inside one
+        settings = ", ".join(f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, list) else v}"
+                             for k, v in values.items() if k != "command")
+        console.print(Padding(settings or "(no settings: the defaults)", (0, 0, 1, 4), expand=False), highlight=False)
     return 0
 
 

@@ -343,8 +343,8 @@ def validate(c: RunConfig) -> None:
     rewinds = (c.command == "ticket" and not METHODS[c.method].trains_from_initialisation) or (
         c.command == "prune" and c.rounds > 1 and METHODS[c.method].rewind_between_rounds)
     if rewinds and not 0 <= c.rewind_epoch < c.epochs:
-        fail(f"rewind_epoch must be in [0, epochs) = [0, {c.epochs}), got {c.rewind_epoch}: "
-             "give --rewind-epoch below --epochs")
+        fail(f"rewind_epoch must be in [0, epochs) = [0, {c.epochs}), got {c.rewind_epoch}: give --rewind-epoch "
+             f"below --epochs (e.g. --rewind-epoch {max(c.epochs - 1, 0) if c.epochs <= 2 else 1})")
     if any(m < 1 for m in c.lr_milestones) or c.lr_milestones != sorted(set(c.lr_milestones)):
         fail(f"lr_milestones are the epochs (from 1) where the learning rate drops, in increasing order; "
              f"got {c.lr_milestones}")
