@@ -200,6 +200,15 @@ def test_a_model_of_ones_own_reaches_the_cli_through_imports(tmp_path, monkeypat
     assert "--imports no_such_module_here: ModuleNotFoundError" in capsys.readouterr().err
 
 
+def test_a_refused_new_run_leaves_none_of_the_folders_made_for_it(tmp_path, capsys):
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "no-data").mkdir()  # a data folder without CIFAR-10: refused after the run folder is made
+    out = tmp_path / "kept" / "nest" / "a" / "run"
+    assert main(["ticket", "--dataset", "cifar10", "--data-dir", str(tmp_path / "no-data"), "--out", str(out)]) == 2
+    assert "cifar10" in capsys.readouterr().err
+    assert list((tmp_path / "kept").iterdir()) == []  # nest/a/run all removed; what existed stays
+
+
 def test_flags_a_command_does_not_act_on_are_noted(tmp_path, capsys):
     assert main(["train", "--dataset", "synthetic", "--synthetic-size", "256", "--epochs", "1", "--mask-init", "-0.5",
                  "--out", str(tmp_path / "dense")]) == 0

@@ -44,6 +44,7 @@ class RunDir:
         self.path = Path(path)
         # False in data-parallel processes other than rank 0: they read the run, never write it.
         self.writable = writable
+        self._created_parents: list[Path] = []  # folders create() made above the run directory
 
     def create(self) -> None:
         if not self.writable:
@@ -53,8 +54,10 @@ class RunDir:
         blocking = file_in_the_way(self.path)
         if blocking is not None:
             raise UserError(f"cannot create the run directory {self.path}: {blocking} is a file; choose another --out")
+        missing = [folder for folder in (self.path, *self.path.parents) if not folder.exists()]
         with writing(self.path):
             self.path.mkdir(parents=True, exist_ok=True)
+        self._created_parents = missing[1:]  # innermost first: removed again with an unclaimed run
 
     def remove_if_unclaimed(self) -> None:
         """Remove the directory if it holds nothing but a lock (or a half-written config): what a
@@ -66,6 +69,8 @@ class RunDir:
             for entry in self.path.iterdir():
                 entry.unlink()
             self.path.rmdir()
+            for parent in self._created_parents:  # folders made for it, if still empty
+                parent.rmdir()
         except OSError:
             pass  # another process claimed it meanwhile, or a file system that refuses: leave it
 
