@@ -230,6 +230,13 @@ def test_a_ticket_with_an_emptied_layer_is_flagged():
     console = Console(record=True, width=200)
     print_summary({**summary, "per_layer": {"hidden.0.weight": 0.01}}, console=console)
     assert "warning" not in console.export_text()
+    # IMP's ticket of each round: the curve `info` shows
+    tickets = [{"round": 0, "weights_remaining": 1.0, "val_accuracy": 0.93, "test_accuracy": 0.92, "train_epochs": 2},
+               {"round": 1, "weights_remaining": 0.8004, "val_accuracy": 0.95, "test_accuracy": 0.94,
+                "train_epochs": 4}]
+    console = Console(record=True, width=200)
+    print_summary({**summary, "round_tickets": tickets}, per_layer=True, console=console)
+    assert "ticket of each round" in console.export_text() and "80.04 %" in console.export_text()
 
 
 def test_a_read_only_folder_or_full_disk_is_one_line(tmp_path, monkeypatch, capsys):

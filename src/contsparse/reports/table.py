@@ -39,10 +39,24 @@ def per_layer_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def round_tickets_table(summary: dict[str, Any]) -> Table:
+    """The ticket of each round, for methods that train one per round (IMP): the sparsity curve."""
+    table = Table(title="ticket of each round", header_style="bold")
+    for column in ("round", "weights remaining", "val. acc.", "test acc.", "epochs"):
+        table.add_column(column, justify="right")
+    for ticket in summary.get("round_tickets") or []:
+        table.add_row(str(ticket.get("round", "?")), _pct(ticket.get("weights_remaining")),
+                      _pct(ticket.get("val_accuracy")), _pct(ticket.get("test_accuracy")),
+                      str(ticket.get("train_epochs", "-")))
+    return table
+
+
 def print_summary(summary: dict[str, Any], per_layer: bool = False, console: Console | None = None) -> None:
     console = console or Console()
     console.print(summary_table(summary))
     if per_layer:
+        if summary.get("round_tickets"):
+            console.print(round_tickets_table(summary))
         console.print(per_layer_table(summary))
     console.print(f"run directory: {summary.get('run_dir', '?')}")
     emptied = [name for name, kept in (summary.get("per_layer") or {}).items() if kept == 0]
