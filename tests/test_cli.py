@@ -236,7 +236,8 @@ def test_a_ticket_with_an_emptied_layer_is_flagged():
                 "train_epochs": 4}]
     console = Console(record=True, width=200)
     print_summary({**summary, "round_tickets": tickets}, per_layer=True, console=console)
-    assert "ticket of each round" in console.export_text() and "80.04 %" in console.export_text()
+    text = console.export_text()
+    assert "ticket of each round" in text and "80.04 %" in text
 
 
 def test_a_read_only_folder_or_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
