@@ -32,6 +32,10 @@ CATEGORIES = {  # test function -> what one case of it shows
         "--force: finished dense baseline kept, impossible settings refused before any write",
     "test_force_refuses_settings_the_run_has_already_acted_on":
         "--force: a rounds or rewind-epoch change the run already acted on, refused before any write",
+    "test_records_lost_from_metrics_jsonl_are_restored_from_the_checkpoint":
+        "metrics.jsonl cut short or deleted: its records restored from the checkpoint, resumed identically",
+    "test_a_config_yaml_edited_by_hand_is_judged_against_the_checkpoint":
+        "config.yaml edited by hand: judged against the checkpoint's settings, as a flag would be",
     "test_bad_input_is_one_clean_line": "bad inputs answered with one clean line, exit 2, run dirs unchanged",
 }
 
