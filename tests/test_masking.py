@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -651,6 +652,26 @@ def test_a_tied_weight_gets_one_mask_that_every_use_sees():
     found = cs.find_masks(model)
     assert list(found.masks) == ["mix.weight", "head.weight"] and found.tied == masks.tied
     assert found.masks["head.weight"] is mask
+
+
+def test_a_tie_that_overrides_an_exclusion_warns():
+    """The tie wins (one tensor, one mask); excluding one of its places says so. A place whose type
+    the selection does not take (the embedding of a tied language-model head) is the documented case."""
+    class TiedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.mix, self.decoder = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+            self.decoder.weight = self.encoder.weight
+
+        def forward(self, x):
+            return self.decoder(self.mix(self.encoder(x)))
+
+    with pytest.warns(UserWarning, match="decoder.weight is tied to encoder.weight, so it gets its mask"):
+        masks = cs.attach_masks(TiedHead(), selection=LayerSelection(exclude=["decoder"]))
+    assert masks.tied["encoder.weight"] == ["decoder.weight"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tied_model_with_masks()  # Linear head tied to an Embedding the selection does not take: no warning
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
+import warnings
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -269,6 +271,9 @@ def attach_masks(model: nn.Module, mask_init: float = 0.0, *, scale_by_init: boo
     if not names:
         raise ValueError(f"no layer of the model matches the mask selection: {selection.describe_miss(model)}")
     holders = _parameter_holders(model)
+    # tensors of the chosen types that include / exclude / exclude_first / exclude_last left out
+    excluded = set(dataclasses.replace(selection, include=(), exclude=(), exclude_first=False,
+                                       exclude_last=False).select_tensors(model)) - set(names)
     masks: dict[str, ContinuousMask] = {}
     tied: dict[str, list[str]] = {}
     covered: set[str] = set()  # tensors already masked as a tied copy of an earlier selected one
@@ -287,6 +292,11 @@ def attach_masks(model: nn.Module, mask_init: float = 0.0, *, scale_by_init: boo
             # take the slow strided elementwise path and hand the conv a weight to re-layout.
             mask.to(memory_format=torch.channels_last)
         others = [place for place in places if place != name]
+        left_out = [place for place in others if place in excluded]
+        if left_out:  # one tensor, one mask: the tie wins over an exclusion, which the user should know
+            warnings.warn(f"{', '.join(left_out)} {'is' if len(left_out) == 1 else 'are'} tied to {name}, so "
+                          f"{'it gets' if len(left_out) == 1 else 'they get'} its mask although the selection "
+                          "leaves it out; untie the weights or exclude both to keep it dense", stacklevel=2)
         for place in [name, *others]:
             parametrize.register_parametrization(*owner_of(model, place), mask, unsafe=True)
         mask.uses, mask.attached_as = 1 + len(others), name
