@@ -1,7 +1,6 @@
 """The command line: one-line errors with exit status 2, runs, info tables."""
 
 import errno
-import importlib.util
 import json
 import os
 import subprocess
@@ -181,7 +180,9 @@ def test_a_model_of_ones_own_reaches_the_cli_through_imports(tmp_path, monkeypat
         "from contsparse.models import register_model\n\n\n"
         "@register_model('my-cli-mlp', 'an MLP of the user')\n"
         "def build(input_shape, num_classes):\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 32), nn.ReLU(), nn.Linear(32, num_classes))\n")
+        "    from my_cli_layers import WIDTH  # a sibling module imported only when the model is built\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, WIDTH), nn.ReLU(), nn.Linear(WIDTH, num_classes))\n")
+    (tmp_path / "my_cli_layers.py").write_text("WIDTH = 32\n")
     monkeypatch.chdir(tmp_path)
     assert main(["ticket", "--model", "my-cli-mlp", "--dataset", "synthetic", "--out", "x"]) == 2
     assert "register it in a module and pass --imports MODULE" in capsys.readouterr().err
@@ -189,9 +190,6 @@ def test_a_model_of_ones_own_reaches_the_cli_through_imports(tmp_path, monkeypat
                  "--synthetic-size", "256", "--epochs", "2", "--rewind-epoch", "0", "--rounds", "1",
                  "--ticket-epochs", "1", "--no-dense-baseline", "--out", "run"]) == 0
     assert (tmp_path / "run" / "summary.json").is_file()
-    # The current directory left the path again: its folders do not import as empty packages (torch.export
-    # probes optional dependencies such as z3 by importing them)
-    assert importlib.util.find_spec("run") is None
     # A fresh process (as export, report or a resumed run would be) imports the module from the saved settings
     done = subprocess.run([sys.executable, "-m", "contsparse", "export", "run", "--format", "safetensors"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -211,8 +209,11 @@ def test_a_refused_new_run_leaves_none_of_the_folders_made_for_it(tmp_path, caps
 
 def test_flags_a_command_does_not_act_on_are_noted(tmp_path, capsys):
     assert main(["train", "--dataset", "synthetic", "--synthetic-size", "256", "--epochs", "1", "--mask-init", "-0.5",
-                 "--out", str(tmp_path / "dense")]) == 0
-    assert "contsparse: note: train ignores --mask-init\n" in capsys.readouterr().err
+                 "--no-mask-scaling", "--out", str(tmp_path / "dense")]) == 0
+    assert "contsparse: note: train ignores --mask-init, --no-mask-scaling\n" in capsys.readouterr().err
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")  # report's check for a directory named twice
+    assert main(["report", str(tmp_path / "loop")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
 
 
 def test_a_ticket_with_an_emptied_layer_is_flagged():

@@ -318,6 +318,36 @@ def test_records_lost_from_metrics_jsonl_are_restored_from_the_checkpoint(damage
     assert_same_run(reference, out)
 
 
+def test_a_mid_epoch_stop_resumed_with_a_larger_batch_finishes(tmp_path, capsys):
+    """Stopped at step 7 of 10, resumed (--force) at 5 steps an epoch: that epoch is over; the
+    per-step temperature is read at its end, not refused as a step beyond it (found by a review)."""
+    out = tmp_path / "run"
+    stopped = run_cli(["ticket", *ARGS, "--temp-schedule", "step", "--out", str(out)], fault="step:1:7",
+                      signal_name="INT")
+    assert stopped.returncode == 130, stopped.stderr
+    assert main(["resume", str(out), "--batch-size", "128", "--force"]) == 0
+    assert json.loads((out / "summary.json").read_text())["train_epochs"] == 8
+
+
+def test_a_checkpoint_from_before_metrics_were_kept_resumes_with_its_whole_history(reference, tmp_path, monkeypatch):
+    """Checkpoints written before they kept the metrics lines count them only: resumed twice, the
+    history is whole (found by a review: the second resume kept only the lines since the first)."""
+    from contsparse.experiments.rundir import RunDir
+
+    original = RunDir.append_metrics
+    monkeypatch.setattr(RunDir, "append_metrics", lambda self, record: original(self, record) and None)
+    out = stopped_run(tmp_path / "run", monkeypatch, epochs=2)  # (stopped_run undoes the patch after it)
+    assert "metrics" not in load_checkpoint(out / "checkpoint")["progress"]
+    interrupt_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(make_config(dict(SETTINGS)), out, quiet).execute()
+    monkeypatch.undo()
+    said = []
+    Runner(make_config(dict(SETTINGS)), out, said.append).execute()
+    assert not any("missing records" in line for line in said)
+    assert_same_run(reference, out)
+
+
 def test_a_config_yaml_edited_by_hand_is_judged_against_the_checkpoint(tmp_path, monkeypatch):
     """Resuming reads config.yaml: an edit must meet the same checks as a flag (found by a review:
     an edited rewind_epoch printed "rewound to epoch 0" while the stored epoch-1 point was used)."""
@@ -337,6 +367,19 @@ def test_a_config_yaml_edited_by_hand_is_judged_against_the_checkpoint(tmp_path,
     with pytest.raises(UserError, match=r"\(lr: 0.0012 -> 0.002\)"):
         resume(original.replace("lr: 0.0012", "lr: 0.002"))
     resume(original)  # as trained: resumes
+    assert (out / "summary.json").is_file()
+
+
+def test_a_forced_resume_stopped_before_its_first_checkpoint_resumes_plainly(tmp_path, monkeypatch):
+    """--force rewrites config.yaml before training; stopped before the next checkpoint, the run
+    still holds the old one, yet its config.yaml is contsparse's own, not a hand edit."""
+    out = stopped_run(tmp_path / "run", monkeypatch, epochs=2)
+    interrupt_after(monkeypatch, 0)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(make_config({**SETTINGS, "lr": 0.002}), out, quiet, force=True).execute()
+    monkeypatch.undo()
+    assert "lr: 0.002" in (out / "config.yaml").read_text()
+    Runner(make_config(load_saved_config(out / "config.yaml")), out, quiet).execute()  # `contsparse resume`
     assert (out / "summary.json").is_file()
 
 

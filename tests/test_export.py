@@ -429,9 +429,19 @@ def test_a_failed_onnx_export_leaves_no_file_and_one_line(run_dir, tmp_path, mon
     with pytest.raises(UserError, match="No space left on device"):
         export_run(run_dir, "onnx", tmp_path / "model.onnx")
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(torch.onnx, "export", lambda *args, **kwargs: (_ for _ in ()).throw(
-        AttributeError("module 'z3' has no attribute 'ExprRef'")))
-    with pytest.raises(UserError, match=r"ONNX export of lenet300 failed \(AttributeError: module 'z3'"):
+
+    def fails_as_torch_does(*args, **kwargs):  # the cause wrapped in an error about the export step
+        try:
+            raise AttributeError("module 'z3' has no attribute 'ExprRef'")
+        except AttributeError as cause:
+            raise RuntimeError("Failed to export the model with torch.export. "
+                               "\x1b[96mThis is step 1/3\x1b[0m") from cause
+
+    monkeypatch.setattr(torch.onnx, "export", fails_as_torch_does)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "z3").mkdir()  # e.g. a run directory named like the optional package torch.export probes
+    with pytest.raises(UserError, match=r"ONNX export of lenet300 failed \(AttributeError: module 'z3' has no "
+                                        r"attribute 'ExprRef'; the folder z3/ in the current directory"):
         export_run(run_dir, "onnx", tmp_path / "model.onnx")
 
 

@@ -263,6 +263,11 @@ def test_temperature_schedule_refuses_bad_settings(settings):
         TemperatureSchedule(**settings)
 
 
+def test_temperature_schedule_takes_numpy_numbers():
+    np = pytest.importorskip("numpy")
+    assert TemperatureSchedule(final=np.float32(200.0), epochs=np.int64(5)).value(4) == pytest.approx(200.0)
+
+
 def test_annealing_over_steps_refuses_a_step_beyond_its_epoch():
     """Without steps_per_epoch, step 9 would read as a later epoch: beta would reach its final
     value in the first epoch and fall back in the second."""

@@ -286,7 +286,8 @@ def run_training(args: argparse.Namespace) -> int:
         out = args.out or Path("runs") / config.default_run_name()
         ignored = sorted(name for name in IGNORED_BY.get(args.command, ()) if getattr(args, name, None) is not None)
         if ignored and _reports():  # accepted (a config shared by several commands), but said
-            flags = ", ".join(f"--{name.replace('_', '-')}" for name in ignored)
+            flags = ", ".join(f"--{'no-' if getattr(args, name) is False else ''}{name.replace('_', '-')}"
+                              for name in ignored)
             print(f"contsparse: note: {args.command} ignores {flags}", file=sys.stderr)
     try:
         summary = Runner(config, out, force=args.force).execute()
@@ -322,7 +323,7 @@ def run_report(args: argparse.Namespace) -> int:
     from contsparse.experiments.sweep import is_sweep
     from contsparse.reports.collect import is_comparison, report_directories
 
-    args.run_dirs = list({path.resolve(): path for path in args.run_dirs}.values())  # each directory once
+    args.run_dirs = list({os.path.realpath(path): path for path in args.run_dirs}.values())  # each directory once
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} is a file; give a folder")
     if len(args.run_dirs) == 1 and not is_sweep(args.run_dirs[0]) and not is_comparison(args.run_dirs[0]):

@@ -212,24 +212,17 @@ def import_modules(names: list[str]) -> None:
     """Import the user's modules (``--imports``), with the current directory on the path: how a
     model registered with ``contsparse.models.register_model`` (or a dataset) reaches the CLI,
     sweep workers and resumed runs (the list is saved with the run)."""
-    missing = [name for name in names if name not in sys.modules]
-    if not missing:
-        return
-    # The current directory is on the path only while they import: left there, any folder in it
-    # (a run directory named like an optional dependency) would import later as an empty package.
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        for name in missing:
-            try:
-                importlib.import_module(name)
-            except (Exception, SystemExit) as err:  # the user's own module: name it, whatever it raised
-                raise UserError(f"--imports {name}: {type(err).__name__}: {err}") from err
-    finally:
-        if added and cwd in sys.path:
-            sys.path.remove(cwd)
+    for name in names:
+        if name in sys.modules:
+            continue
+        # Last on the path: the user's modules (and the siblings they import, even later) are found,
+        # and an installed package is never shadowed by a file or folder named like it.
+        if os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())
+        try:
+            importlib.import_module(name)
+        except (Exception, SystemExit) as err:  # the user's own module: name it, whatever it raised
+            raise UserError(f"--imports {name}: {type(err).__name__}: {err}") from err
 
 
 def mask_file(source: str | Path) -> Path:

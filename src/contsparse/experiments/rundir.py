@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -19,6 +20,12 @@ from contsparse.experiments.lock import holder
 from contsparse.storage import file_in_the_way, for_safetensors, fsync_file, strict_json, write_atomic
 
 T = TypeVar("T")
+# The first line of config.yaml (a YAML comment)
+CONFIG_DIGEST = "# written by contsparse; edits by hand are checked against the run's checkpoint. sha256: "
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _writes(method: Callable[..., T]) -> Callable[..., T | None]:
@@ -141,7 +148,18 @@ class RunDir:
 
     @_writes
     def write_config(self, text: str) -> None:
-        write_atomic(self.file(self.CONFIG), text.encode())
+        """config.yaml, headed by the digest of the settings as written: a later edit by hand is
+        then told apart from settings contsparse accepted (a --force resume writes new ones)."""
+        write_atomic(self.file(self.CONFIG), (f"{CONFIG_DIGEST}{_sha256(text)}\n{text}").encode())
+
+    def config_edited(self) -> bool:
+        """Whether config.yaml was changed since contsparse wrote it (False for files from before
+        the digest was written: those cannot tell)."""
+        try:
+            first, _, rest = self.file(self.CONFIG).read_text().partition("\n")
+        except (OSError, UnicodeDecodeError):
+            return False
+        return first.startswith(CONFIG_DIGEST) and first[len(CONFIG_DIGEST):] != _sha256(rest)
 
     @_writes
     def write_summary(self, summary: dict[str, Any]) -> None:
@@ -154,6 +172,11 @@ class RunDir:
         with open(self.file(self.METRICS), "a") as handle:
             handle.write(line)
         return line
+
+    def metrics_lines(self) -> list[str]:
+        """The lines of metrics.jsonl (each with its newline)."""
+        path = self.file(self.METRICS)
+        return path.read_bytes().decode(errors="replace").splitlines(keepends=True) if path.is_file() else []
 
     @_writes
     def restore_metrics(self, lines: list[str]) -> bool:

@@ -285,9 +285,10 @@ class Runner:
             self._refuse_foreign_folder()
             return
         saved = load_saved_config(path)
-        # The settings the checkpoint was trained under (checkpoints record them): a config.yaml
-        # edited by hand must not slip changes past the checks below
-        trained = None if self.run.is_finished() else read_checkpoint_entry(self.run.checkpoint_dir, "config")
+        # A config.yaml edited by hand must not slip changes past the checks below: it is judged
+        # against the settings the checkpoint was trained under (checkpoints record them)
+        trained = (read_checkpoint_entry(self.run.checkpoint_dir, "config")
+                   if self.run.config_edited() and not self.run.is_finished() else None)
         edited = isinstance(trained, dict) and any(saved.get(key) != value for key, value in trained.items())
         differing = settings_differences(trained if edited else saved, self.config)
         if not differing:
@@ -490,8 +491,10 @@ class Runner:
             if self.run.restore_metrics(progress["metrics"]):
                 self.log(f"{self.run.file(RunDir.METRICS)} was missing records (cut short, damaged or deleted): "
                          f"its {len(progress['metrics'])} records up to the checkpoint are restored from it")
-        else:
+        else:  # a checkpoint from before: keep from now on the records it counts
             self.run.truncate_metrics(progress["metrics_lines"])
+            if self.run.writable:
+                progress["metrics"] = self.run.metrics_lines()
         where = phases[min(progress["phase"], len(phases) - 1)].label()
         self.log(f"resuming {self.run.path} at {where}, epoch {progress['epoch'] + 1}"
                  + (f", step {progress['step']}" if progress["step"] else ""))
@@ -634,8 +637,8 @@ class Runner:
             set_learning_rate(optimizers["masks"], learning_rate(config.mask_optimizer_settings(), epoch, phase.epochs))
         train_batches.set_epoch(global_epoch)
         search = phase.kind == "search"
-        if search:
-            method.before_epoch(phase.round, epoch, step)
+        if search:  # a step beyond the epoch: resumed under --force with fewer batches (its epoch is over)
+            method.before_epoch(phase.round, epoch, min(step, len(train_batches)))
 
         def after_step(step: int) -> None:
             if search:

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -77,10 +78,9 @@ def export_onnx(run: RunModel, path: Path) -> None:
             warnings.simplefilter("ignore")
             program = torch.onnx.export(run.model, (example,), dynamo=True, input_names=["input"],
                                         output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False)
-    except Exception as err:  # torch.export could not trace the model: say so in one line
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"ONNX export of {run.name} failed ({type(err).__name__}: {reason}); the safetensors, "
-                        "pytorch and compressed formats need no tracing") from err
+    except Exception as err:  # torch.export could not trace the model: say why in one line
+        raise UserError(f"ONNX export of {run.name} failed ({_root_cause(err)}); the safetensors, pytorch and "
+                        "compressed formats need no tracing") from err
     finally:
         quiet.setLevel(level)
     program.model.metadata_props.update(_metadata(run))
@@ -92,6 +92,19 @@ def export_onnx(run: RunModel, path: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost cause's first line, without terminal colours: torch wraps it in errors whose
+    first line only says which export step failed."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    reason = f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+    shadowed = re.search(r"module '(\w+)' has no attribute", text)
+    if shadowed and Path(shadowed.group(1)).is_dir():  # a folder here imported in place of a missing package
+        reason += f"; the folder {shadowed.group(1)}/ in the current directory is taken for a module: run from another"
+    return reason
 
 
 def _metadata(run: RunModel) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,12 +27,12 @@ class TemperatureSchedule:
     steps_per_epoch: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.final, bool) or not isinstance(self.final, int | float) \
+        if isinstance(self.final, bool) or not isinstance(self.final, numbers.Real) \
                 or not (math.isfinite(self.final) and self.final > 1):
             raise ValueError(f"final temperature must be a finite number > 1, got {self.final!r}")
         for name in ("epochs", "steps_per_epoch"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
         if self.per not in ("epoch", "step"):
             raise ValueError(f"per must be 'epoch' or 'step', got {self.per!r}")
