@@ -74,10 +74,10 @@ def per_layer_chart(per_layer: dict[str, float], path: Path, title: str = "") ->
     bars = ax.barh(range(len(names)), values, color="#3b75af")
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
-    percent_log_axis(ax)
-    ax.set_xlabel("weights remaining (%)")
     left = min([v for v in values if v > 0] + [1.0]) / 2
     ax.set_xlim(left, 100)  # the axis ends at 100 %: labels of long bars go inside them
+    percent_log_axis(ax)  # after the limits: with every layer at 0 % there is no data to scale by
+    ax.set_xlabel("weights remaining (%)")
     inside = [v > 0 and math.log(v / left) > 0.6 * math.log(100 / left) for v in values]
     ax.bar_label(bars, labels=[f"{v:.2f} %" if v > 0 and not i else "" for v, i in zip(values, inside, strict=True)],
                  padding=3, fontsize=8)
