@@ -1,6 +1,7 @@
 """The command line: one-line errors with exit status 2, runs, info tables."""
 
 import errno
+import importlib.util
 import json
 import os
 import subprocess
@@ -190,6 +191,9 @@ def test_a_model_of_ones_own_reaches_the_cli_through_imports(tmp_path, monkeypat
                  "--synthetic-size", "256", "--epochs", "2", "--rewind-epoch", "0", "--rounds", "1",
                  "--ticket-epochs", "1", "--no-dense-baseline", "--out", "run"]) == 0
     assert (tmp_path / "run" / "summary.json").is_file()
+    # The current directory's folders are not packages: a run folder named like an optional package
+    # (torch.export probes z3 by importing it) does not import as an empty one
+    assert importlib.util.find_spec("run") is None and importlib.util.find_spec("my_cli_layers") is not None
     # A fresh process (as export, report or a resumed run would be) imports the module from the saved settings
     done = subprocess.run([sys.executable, "-m", "contsparse", "export", "run", "--format", "safetensors"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)

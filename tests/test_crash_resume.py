@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from contsparse.cli import main
@@ -348,6 +349,18 @@ def test_a_checkpoint_from_before_metrics_were_kept_resumes_with_its_whole_histo
     assert_same_run(reference, out)
 
 
+def test_metrics_lines_keep_bytes_that_are_not_utf8_through_the_checkpoint(tmp_path):
+    from contsparse.experiments.rundir import RunDir
+
+    written = b'{"note": "caf\xe9"}\n{"epoch": 1}\n'
+    (tmp_path / "metrics.jsonl").write_bytes(written)
+    run = RunDir(tmp_path)
+    kept = json.loads(json.dumps(run.metrics_lines()))  # as the checkpoint's JSON part keeps them
+    (tmp_path / "metrics.jsonl").unlink()
+    assert run.restore_metrics(kept) is True
+    assert (tmp_path / "metrics.jsonl").read_bytes() == written
+
+
 def test_a_config_yaml_edited_by_hand_is_judged_against_the_checkpoint(tmp_path, monkeypatch):
     """Resuming reads config.yaml: an edit must meet the same checks as a flag (found by a review:
     an edited rewind_epoch printed "rewound to epoch 0" while the stored epoch-1 point was used)."""
@@ -366,6 +379,8 @@ def test_a_config_yaml_edited_by_hand_is_judged_against_the_checkpoint(tmp_path,
         resume(original.replace("rewind_epoch: 1", "rewind_epoch: 0"), force=True)
     with pytest.raises(UserError, match=r"\(lr: 0.0012 -> 0.002\)"):
         resume(original.replace("lr: 0.0012", "lr: 0.002"))
+    with pytest.raises(UserError, match=r"\(lr: 0.0012 -> 0.002\)"):  # rewritten by a tool that drops comments
+        resume(yaml.safe_dump({**yaml.safe_load(original), "lr": 0.002}, sort_keys=False))
     resume(original)  # as trained: resumes
     assert (out / "summary.json").is_file()
 

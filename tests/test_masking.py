@@ -266,6 +266,8 @@ def test_temperature_schedule_refuses_bad_settings(settings):
 def test_temperature_schedule_takes_numpy_numbers():
     np = pytest.importorskip("numpy")
     assert TemperatureSchedule(final=np.float32(200.0), epochs=np.int64(5)).value(4) == pytest.approx(200.0)
+    small = TemperatureSchedule(final=200.0, epochs=np.int16(200), per="step", steps_per_epoch=np.int16(200))
+    assert small.value(100, 0) == pytest.approx(200 ** (20000 / 39999))  # no int16 overflow
 
 
 def test_annealing_over_steps_refuses_a_step_beyond_its_epoch():

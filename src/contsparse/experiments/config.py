@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import importlib.abc
+import importlib.machinery
 import json
 import math
 import os
@@ -215,14 +217,34 @@ def import_modules(names: list[str]) -> None:
     for name in names:
         if name in sys.modules:
             continue
-        # Last on the path: the user's modules (and the siblings they import, even later) are found,
-        # and an installed package is never shadowed by a file or folder named like it.
-        if os.getcwd() not in sys.path:
-            sys.path.append(os.getcwd())
+        _CurrentDirectoryModules.install()
         try:
             importlib.import_module(name)
         except (Exception, SystemExit) as err:  # the user's own module: name it, whatever it raised
             raise UserError(f"--imports {name}: {type(err).__name__}: {err}") from err
+
+
+class _CurrentDirectoryModules(importlib.abc.MetaPathFinder):
+    """Finds the current directory's modules and regular packages, after everything else: the
+    user's ``--imports`` modules and the siblings they import (even later, inside a function).
+    Unlike the directory on ``sys.path`` it never imports a plain folder (a run directory named
+    ``z3``) as a namespace package, which would hide that a package is not installed (torch.export
+    probes optional ones by importing them), and an installed package always wins."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    @classmethod
+    def install(cls) -> None:
+        directory = os.getcwd()
+        if not any(isinstance(f, cls) and f.directory == directory for f in sys.meta_path):
+            sys.meta_path.append(cls(directory))
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if path is not None:  # a submodule: its package's own __path__ finds it
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, [self.directory])
+        return spec if spec is not None and spec.origin is not None else None  # no namespace packages
 
 
 def mask_file(source: str | Path) -> Path:

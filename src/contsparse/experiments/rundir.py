@@ -153,13 +153,13 @@ class RunDir:
         write_atomic(self.file(self.CONFIG), (f"{CONFIG_DIGEST}{_sha256(text)}\n{text}").encode())
 
     def config_edited(self) -> bool:
-        """Whether config.yaml was changed since contsparse wrote it (False for files from before
-        the digest was written: those cannot tell)."""
+        """Whether config.yaml may have changed since contsparse wrote it: only a digest line that
+        matches the settings below it says it has not (a tool that rewrote the file dropped it)."""
         try:
             first, _, rest = self.file(self.CONFIG).read_text().partition("\n")
         except (OSError, UnicodeDecodeError):
-            return False
-        return first.startswith(CONFIG_DIGEST) and first[len(CONFIG_DIGEST):] != _sha256(rest)
+            return True
+        return not first.startswith(CONFIG_DIGEST) or first[len(CONFIG_DIGEST):] != _sha256(rest)
 
     @_writes
     def write_summary(self, summary: dict[str, Any]) -> None:
@@ -176,7 +176,11 @@ class RunDir:
     def metrics_lines(self) -> list[str]:
         """The lines of metrics.jsonl (each with its newline)."""
         path = self.file(self.METRICS)
-        return path.read_bytes().decode(errors="replace").splitlines(keepends=True) if path.is_file() else []
+        if not path.is_file():
+            return []
+        # lines as truncate_metrics counts them; surrogateescape: bytes that are not UTF-8 survive
+        # the round trip through the checkpoint
+        return [line.decode(errors="surrogateescape") for line in path.read_bytes().splitlines(keepends=True)]
 
     @_writes
     def restore_metrics(self, lines: list[str]) -> bool:
@@ -184,7 +188,7 @@ class RunDir:
         restarts from): drops later records, and rewrites a file cut short, torn or deleted.
         Returns whether records had been lost (and are now restored)."""
         path = self.file(self.METRICS)
-        expected = "".join(lines).encode()
+        expected = "".join(lines).encode(errors="surrogateescape")
         current = path.read_bytes() if path.is_file() else b""
         if current == expected:
             return False

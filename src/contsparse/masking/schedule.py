@@ -36,6 +36,9 @@ class TemperatureSchedule:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
         if self.per not in ("epoch", "step"):
             raise ValueError(f"per must be 'epoch' or 'step', got {self.per!r}")
+        # Python numbers from here on: numpy's small integer types would overflow in value()
+        for name, kind in (("final", float), ("epochs", int), ("steps_per_epoch", int)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
 
     @property
     def changes_every_step(self) -> bool:
