@@ -3,6 +3,7 @@
 import errno
 import importlib.util
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -183,7 +184,7 @@ def test_a_model_of_ones_own_reaches_the_cli_through_imports(tmp_path, monkeypat
         "def build(input_shape, num_classes):\n"
         "    from my_cli_layers import WIDTH  # a sibling module imported only when the model is built\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, WIDTH), nn.ReLU(), nn.Linear(WIDTH, num_classes))\n")
-    (tmp_path / "my_cli_layers.py").write_text("WIDTH = 32\n")
+    (tmp_path / "my_cli_layers.py").write_text("WIDTH = 32\n\n\ndef width():\n    return WIDTH\n")
     monkeypatch.chdir(tmp_path)
     assert main(["ticket", "--model", "my-cli-mlp", "--dataset", "synthetic", "--out", "x"]) == 2
     assert "register it in a module and pass --imports MODULE" in capsys.readouterr().err
@@ -194,6 +195,9 @@ def test_a_model_of_ones_own_reaches_the_cli_through_imports(tmp_path, monkeypat
     # The current directory's folders are not packages: a run folder named like an optional package
     # (torch.export probes z3 by importing it) does not import as an empty one
     assert importlib.util.find_spec("run") is None and importlib.util.find_spec("my_cli_layers") is not None
+    # processes started with spawn (a user's data-preparation pool) import the user's modules too
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        assert pool.apply(sys.modules["my_cli_layers"].width) == 32
     # A fresh process (as export, report or a resumed run would be) imports the module from the saved settings
     done = subprocess.run([sys.executable, "-m", "contsparse", "export", "run", "--format", "safetensors"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -268,6 +272,25 @@ def test_a_stopped_comparison_says_how_to_continue(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(compare, "run_comparison", stopped)
     assert main(["compare", "--dataset", "synthetic", "--out", str(tmp_path / "cmp")]) == 130
     assert "Run the same command again to continue" in capsys.readouterr().err
+
+
+def test_imports_name_what_went_wrong(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tqdm.py").write_text("")  # shadowed by the installed package of that name
+    assert main(["ticket", "--imports", "tqdm", "--out", "x"]) == 2
+    assert "an installed module of that name, not ./tqdm.py: rename your module" in capsys.readouterr().err
+    (tmp_path / "loose").mkdir()
+    (tmp_path / "loose" / "models.py").write_text("")
+    assert main(["ticket", "--imports", "loose.models", "--out", "x"]) == 2
+    assert "loose/ has no __init__.py: add one to make it a package" in capsys.readouterr().err
+
+
+def test_python_m_does_not_let_the_current_directory_shadow_packages(tmp_path):
+    (tmp_path / "yaml.py").write_text("raise RuntimeError('a local yaml.py imported instead of PyYAML')\n")
+    (tmp_path / "z3").mkdir()  # a run folder named like a package torch probes
+    done = subprocess.run([sys.executable, "-m", "contsparse", "presets"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
 
 
 def test_a_user_module_that_exits_is_named(tmp_path, monkeypatch, capsys):

@@ -381,6 +381,9 @@ def test_a_config_yaml_edited_by_hand_is_judged_against_the_checkpoint(tmp_path,
         resume(original.replace("lr: 0.0012", "lr: 0.002"))
     with pytest.raises(UserError, match=r"\(lr: 0.0012 -> 0.002\)"):  # rewritten by a tool that drops comments
         resume(yaml.safe_dump({**yaml.safe_load(original), "lr": 0.002}, sort_keys=False))
+    with pytest.raises(UserError, match=r"holds a run with other settings \(epochs: 3 -> 4\)"):
+        path.write_text(original.replace("data_dir: null", "data_dir: /elsewhere"))  # how, not what: no edit
+        Runner(make_config({**load_saved_config(path), "data_dir": None, "epochs": 4}), out, quiet).execute()
     resume(original)  # as trained: resumes
     assert (out / "summary.json").is_file()
 

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
-import importlib.abc
-import importlib.machinery
 import json
 import math
-import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +15,7 @@ import yaml
 
 from contsparse.data import DataOptions, available_datasets
 from contsparse.errors import UserError
+from contsparse.experiments.user_modules import import_modules
 from contsparse.masking import LayerSelection
 from contsparse.masking.parametrization import MIN_SCALED_MASK_INIT
 from contsparse.methods import METHODS
@@ -208,43 +204,6 @@ def make_config(values: dict[str, Any]) -> RunConfig:
     import_modules(config.imports)  # before validating: they may register the model or dataset named
     validate(config)
     return config
-
-
-def import_modules(names: list[str]) -> None:
-    """Import the user's modules (``--imports``), with the current directory on the path: how a
-    model registered with ``contsparse.models.register_model`` (or a dataset) reaches the CLI,
-    sweep workers and resumed runs (the list is saved with the run)."""
-    for name in names:
-        if name in sys.modules:
-            continue
-        _CurrentDirectoryModules.install()
-        try:
-            importlib.import_module(name)
-        except (Exception, SystemExit) as err:  # the user's own module: name it, whatever it raised
-            raise UserError(f"--imports {name}: {type(err).__name__}: {err}") from err
-
-
-class _CurrentDirectoryModules(importlib.abc.MetaPathFinder):
-    """Finds the current directory's modules and regular packages, after everything else: the
-    user's ``--imports`` modules and the siblings they import (even later, inside a function).
-    Unlike the directory on ``sys.path`` it never imports a plain folder (a run directory named
-    ``z3``) as a namespace package, which would hide that a package is not installed (torch.export
-    probes optional ones by importing them), and an installed package always wins."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-
-    @classmethod
-    def install(cls) -> None:
-        directory = os.getcwd()
-        if not any(isinstance(f, cls) and f.directory == directory for f in sys.meta_path):
-            sys.meta_path.append(cls(directory))
-
-    def find_spec(self, name: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if path is not None:  # a submodule: its package's own __path__ finds it
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, [self.directory])
-        return spec if spec is not None and spec.origin is not None else None  # no namespace packages
 
 
 def mask_file(source: str | Path) -> Path:

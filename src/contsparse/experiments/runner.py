@@ -25,7 +25,14 @@ import contsparse
 from contsparse import faults
 from contsparse.data import BatchIterator, DatasetSplits, TensorSplit, load_dataset, make_batches
 from contsparse.errors import RunInterrupted, UserError, raised_by_torch_compile
-from contsparse.experiments.config import RunConfig, dump_yaml, load_saved_config, mask_file, settings_differences
+from contsparse.experiments.config import (
+    RunConfig,
+    dump_yaml,
+    load_saved_config,
+    mask_file,
+    settings_differences,
+    unused_settings,
+)
 from contsparse.experiments.distributed import Distributed, device_for, from_environment
 from contsparse.experiments.interrupt import StopRequest
 from contsparse.experiments.lock import RunLock
@@ -289,16 +296,19 @@ class Runner:
         # against the settings the checkpoint was trained under (checkpoints record them)
         trained = (read_checkpoint_entry(self.run.checkpoint_dir, "config")
                    if self.run.config_edited() and not self.run.is_finished() else None)
-        edited = isinstance(trained, dict) and any(saved.get(key) != value for key, value in trained.items())
-        differing = settings_differences(trained if edited else saved, self.config)
+        unused = unused_settings(self.config)  # how a run runs (data_dir, device, ...) may change freely
+        edits = {key: (value, saved.get(key)) for key, value in trained.items()
+                 if key not in unused and saved.get(key) != value} if isinstance(trained, dict) else {}
+        differing = settings_differences(trained if edits else saved, self.config)
         if not differing:
             return
         if not self.run.has_started():
             return  # nothing trained yet (it failed to start): the new settings simply replace the old
         details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in differing.items())
-        if edited and not self.force:
+        if edits and not self.force:
+            edited = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in edits.items())
             raise UserError(f"{path} differs from the settings {self.run.path}'s checkpoint was trained with "
-                            f"({details}): restore it to resume as trained, or resume with --force to go on "
+                            f"({edited}): restore it to resume as trained, or resume with --force to go on "
                             "with these settings")
         if self.run.is_finished() and self.keep_if_finished:
             self.log(f"{self.run.path}: finished before the settings changed ({details}): kept as it is")
