@@ -349,6 +349,23 @@ def test_a_checkpoint_from_before_metrics_were_kept_resumes_with_its_whole_histo
     assert_same_run(reference, out)
 
 
+def test_a_full_disk_while_saving_the_final_model_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from contsparse.experiments import rundir
+    from contsparse.experiments.rundir import RunDir
+
+    def no_space(tensors, path):  # what safetensors raises on a full disk, after part of the file
+        Path(path).write_bytes(b"half")
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+
+    monkeypatch.setattr(rundir, "save_file", no_space)
+    with pytest.raises(UserError, match=r"cannot write in .* \(the disk is full\)"):
+        RunDir(tmp_path).save_tensors("model.safetensors", {"w": torch.zeros(2)})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_metrics_lines_keep_bytes_that_are_not_utf8_through_the_checkpoint(tmp_path):
     from contsparse.experiments.rundir import RunDir
 

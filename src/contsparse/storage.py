@@ -3,14 +3,18 @@ and reports."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
@@ -30,16 +34,36 @@ def write_synced(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file whole."""
+# What a failed write raises: safetensors reports one (a full disk) as its own error, not an OSError
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+def failed_write_reason(err: BaseException) -> str:
+    """Why a write failed, in a few words."""
+    if getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err):
+        return "the disk is full"
+    return getattr(err, "strerror", None) or str(err)
+
+
+@contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """``with replaced_atomically(path) as tmp:`` write ``tmp`` (and sync it); on success it replaces
+    ``path`` in one rename, so a crash or a failed write (a full disk) leaves either the old or the
+    new file whole, never half of one; on failure ``tmp`` is removed."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        write_synced(tmp, data)
+        yield tmp
         os.replace(tmp, path)
-    except OSError:
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file whole."""
+    with replaced_atomically(path) as tmp:
+        write_synced(tmp, data)
 
 
 def file_in_the_way(path: Path) -> Path | None:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import errno
 import functools
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +15,16 @@ from safetensors.torch import save_file
 
 from contsparse.errors import UserError
 from contsparse.experiments.lock import holder
-from contsparse.storage import file_in_the_way, for_safetensors, fsync_file, strict_json, write_atomic
+from contsparse.storage import (
+    WRITE_ERRORS,
+    failed_write_reason,
+    file_in_the_way,
+    for_safetensors,
+    fsync_file,
+    replaced_atomically,
+    strict_json,
+    write_atomic,
+)
 
 T = TypeVar("T")
 # The first line of config.yaml (a YAML comment)
@@ -119,8 +126,10 @@ class RunDir:
         if not self.path.is_dir():
             raise UserError(f"{self.path} is not a directory")
         if not self.file(self.CONFIG).is_file():
-            kind = ("a sweep" if self.file("sweep.yaml").is_file() else
-                    "a comparison" if self.file("compare.csv").is_file() else None)
+            from contsparse.experiments.sweep import is_sweep  # (they build on run directories)
+            from contsparse.reports.collect import is_comparison
+
+            kind = "a sweep" if is_sweep(self.path) else "a comparison" if is_comparison(self.path) else None
             raise UserError(f"{self.path} is not a contsparse run directory (no {self.CONFIG})"
                             + (f": it is {kind}, whose runs are its subfolders (contsparse report {self.path} "
                                "shows them all)" if kind else ""))
@@ -205,14 +214,11 @@ class RunDir:
 
     @_writes
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        tmp = self.file(name + ".tmp")
-        tmp.parent.mkdir(exist_ok=True)
-        try:
+        path = self.file(name)
+        path.parent.mkdir(exist_ok=True)
+        with replaced_atomically(path) as tmp:
             save_file(for_safetensors(tensors), str(tmp))
             fsync_file(tmp)
-            os.replace(tmp, self.file(name))
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def _number(value: Any) -> bool:
@@ -258,7 +264,6 @@ def writing(directory: Path) -> Iterator[None]:
     """Turn a failed write (disk full, read-only, permissions) into a one-line :class:`UserError`."""
     try:
         yield
-    except OSError as err:
-        reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-        raise UserError(f"cannot write in {directory} ({reason}); fix that and run the same command again "
-                        "to resume from the last checkpoint") from err
+    except WRITE_ERRORS as err:
+        raise UserError(f"cannot write in {directory} ({failed_write_reason(err)}); fix that and run the same "
+                        "command again to resume from the last checkpoint") from err

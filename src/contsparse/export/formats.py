@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
 import warnings
 from pathlib import Path
@@ -18,7 +17,7 @@ from contsparse.errors import UserError
 from contsparse.experiments.rundir import RunDir
 from contsparse.export.compressed import compressed_bytes
 from contsparse.export.run_model import RunModel, load_run_model
-from contsparse.storage import file_in_the_way, for_safetensors, fsync_dir, write_atomic
+from contsparse.storage import file_in_the_way, for_safetensors, fsync_file, replaced_atomically, write_atomic
 
 FORMATS = {"safetensors": ".safetensors", "pytorch": ".pt", "onnx": ".onnx", "compressed": ".sparse.safetensors"}
 
@@ -84,14 +83,9 @@ def export_onnx(run: RunModel, path: Path) -> None:
     finally:
         quiet.setLevel(level)
     program.model.metadata_props.update(_metadata(run))
-    tmp = path.with_name(path.name + ".tmp")  # never half a file at path (a full disk, a crash)
-    try:
+    with replaced_atomically(path) as tmp:  # never half a file at path (a full disk, a crash)
         program.save(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+        fsync_file(tmp)
 
 
 def _root_cause(err: BaseException) -> str:

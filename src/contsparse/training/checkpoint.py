@@ -9,19 +9,25 @@ is kept (``<name>.prev``) so that a damaged latest checkpoint still leaves a goo
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from contsparse import faults
 from contsparse.errors import UserError
-from contsparse.storage import file_digest, for_safetensors, fsync_dir, fsync_file, write_synced
+from contsparse.storage import (
+    WRITE_ERRORS,
+    failed_write_reason,
+    file_digest,
+    for_safetensors,
+    fsync_dir,
+    fsync_file,
+    write_synced,
+)
 
 TENSORS, SKELETON, MANIFEST = "tensors.safetensors", "state.json", "manifest.json"
 FORMAT = 1
@@ -91,10 +97,9 @@ def save_checkpoint(state: dict[str, Any], directory: Path) -> None:
         faults.inject(f"rename:{faults.count('checkpoint')}")
         tmp.rename(directory)
         fsync_dir(directory.parent)
-    except (OSError, SafetensorError) as err:  # safetensors reports a failed write as its own error
+    except WRITE_ERRORS as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        full = getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err)
-        reason = "the disk is full" if full else (getattr(err, "strerror", None) or str(err))
+        reason = failed_write_reason(err)
         raise UserError(f"could not write the checkpoint in {directory.parent} ({reason}); the previous "
                         "checkpoint is intact: fix that and run the same command again to resume") from err
 
