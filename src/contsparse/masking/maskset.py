@@ -170,8 +170,7 @@ class MaskSet:
     def load_binary_masks(self, masks: dict[str, Tensor]) -> None:
         """Install saved binary masks and harden: the model then computes with exactly them."""
         self._require_masks("load masks")
-        if not isinstance(masks, Mapping):
-            raise TypeError(f"the masks must be a dict of weight name -> tensor, got {type(masks).__name__}")
+        _require_mapping(masks)
         missing, unknown = set(self.masks) - set(masks), set(masks) - set(self.masks)
         if missing or unknown:
             raise KeyError(f"the saved masks do not fit this model: none for {sorted(missing)}"
@@ -192,8 +191,7 @@ class MaskSet:
         """Replace the hard masks (methods that prune by magnitude, at random, on a schedule) and
         zero the weights they prune. Layers not named keep their mask."""
         self._require_masks("set hard masks")
-        if not isinstance(keep, Mapping):
-            raise TypeError(f"the masks must be a dict of weight name -> tensor, got {type(keep).__name__}")
+        _require_mapping(keep)
         if self.mode != "hard":
             raise ValueError("harden the masks before setting hard masks")
         for name, mask in keep.items():  # checked before any mask changes
@@ -272,8 +270,10 @@ def attach_masks(model: nn.Module, mask_init: float = 0.0, *, scale_by_init: boo
         raise ValueError(f"no layer of the model matches the mask selection: {selection.describe_miss(model)}")
     holders = _parameter_holders(model)
     # tensors of the chosen types that include / exclude / exclude_first / exclude_last left out
+    # (only a tie can bring one back, so only models with tied weights need them)
     excluded = set(dataclasses.replace(selection, include=(), exclude=(), exclude_first=False,
-                                       exclude_last=False).select_tensors(model)) - set(names)
+                                       exclude_last=False).select_tensors(model)) - set(names) \
+        if any(len(places) > 1 for places in holders.values()) else set()
     masks: dict[str, ContinuousMask] = {}
     tied: dict[str, list[str]] = {}
     covered: set[str] = set()  # tensors already masked as a tied copy of an earlier selected one
@@ -303,6 +303,11 @@ def attach_masks(model: nn.Module, mask_init: float = 0.0, *, scale_by_init: boo
         masks[name], tied[name] = mask, others
         covered.update(others)
     return MaskSet(model, masks, tied)
+
+
+def _require_mapping(masks: object) -> None:
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"the masks must be a dict of weight name -> tensor, got {type(masks).__name__}")
 
 
 def check_binary_mask(name: str, mask: object) -> None:
