@@ -41,6 +41,11 @@ def test_user_mistakes_are_one_line_errors(argv, message, capsys, tmp_path):
     (["compare", "--methods", "foo"], "invalid choice: 'foo'"),
     (["ticket", "--epochs"], "expected one argument"),
     (["ticket", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    # no abbreviations (--method was silently --methods); the flag meant is suggested
+    (["compare", "--method", "imp"], "contsparse compare: error: unrecognized arguments: --method imp "
+                                     "(did you mean --methods?)"),
+    (["ticket", "--rewind=2"], "(did you mean --rewind-epoch?)"),
+    (["ticket", "--epoch", "2", "--lrr", "1"], "(did you mean --epochs, --lr?)"),
     (["export"], "the following arguments are required"),
 ])
 def test_mistakes_argparse_catches_are_one_line_errors_too(argv, message, capsys):
@@ -219,6 +224,11 @@ def test_flags_a_command_does_not_act_on_are_noted(tmp_path, capsys):
     assert main(["train", "--dataset", "synthetic", "--synthetic-size", "256", "--epochs", "1", "--mask-init", "-0.5",
                  "--no-mask-scaling", "--out", str(tmp_path / "dense")]) == 0
     assert "contsparse: note: train ignores --mask-init, --no-mask-scaling\n" in capsys.readouterr().err
+    # a run's saved config reused for another command: the command given wins, and says so
+    saved = tmp_path / "dense" / "config.yaml"
+    assert main(["prune", "--config", str(saved), "--out", str(tmp_path / "pruned")]) == 0
+    assert f"note: {saved} is a config for `train`; its settings are used for `prune`" in capsys.readouterr().err
+    assert json.loads((tmp_path / "pruned" / "summary.json").read_text())["command"] == "prune"
     (tmp_path / "loop").symlink_to(tmp_path / "loop")  # report's check for a directory named twice
     assert main(["report", str(tmp_path / "loop")]) == 2
     assert "is not a directory" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import errno
 import os
 import sys
@@ -97,10 +98,37 @@ TRAINING_COMMANDS = {
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: its own print the whole usage first, dozens of lines for
-    the training commands, before the line that says what was wrong. Subcommands inherit it."""
+    the training commands, before the line that says what was wrong. Subcommands inherit it.
+    No abbreviated flags: ``compare --method imp`` silently meant ``--methods``, and a prefix that
+    is unique today can become ambiguous, or another flag, when a flag is added."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        """An unknown flag is reported by its command's parser, with the flag it may have meant."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = next((action.choices[parsed.command] for action in self._actions
+                            if isinstance(action, argparse._SubParsersAction) and parsed.command in action.choices),
+                           self)
+            flags = [flag for action in command._actions for flag in action.option_strings if flag.startswith("--")]
+            guesses = [close for word in extra if word.startswith("--")
+                       for close in _meant(word.partition("=")[0], flags)]
+            hint = f" (did you mean {', '.join(dict.fromkeys(guesses))}?)" if guesses else ""
+            command.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+        return parsed
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _meant(word: str, flags: list[str]) -> list[str]:
+    """The flags a mistyped one may stand for: those it begins (what argparse's abbreviations
+    took), else the closest spelling."""
+    longer = [flag for flag in flags if flag.startswith(word)]
+    return longer[:3] if longer else difflib.get_close_matches(word, flags, n=1, cutoff=0.7)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,7 +279,11 @@ def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = No
     else:
         preset = preset_values(args.preset) if getattr(args, "preset", None) else {}
         preset.pop("command", None)  # the command given wins
-        values = {**preset, **(load_yaml(args.config) if args.config else {})}
+        from_file = load_yaml(args.config) if args.config else {}
+        values = {**preset, **from_file}
+        if from_file.get("command", args.command) != args.command and _reports():
+            print(f"contsparse: note: {args.config} is a config for `{from_file['command']}`; its settings are used "
+                  f"for `{args.command}`, the command given", file=sys.stderr)
         values["command"] = args.command
         if args.command == "prune" and "rounds" not in values:
             values["rounds"] = 1
