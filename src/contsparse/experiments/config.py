@@ -200,7 +200,10 @@ def make_config(values: dict[str, Any]) -> RunConfig:
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise UserError(f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(FIELDS))}")
-    config = RunConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    values = {k: _coerce(k, v) for k, v in values.items()}
+    if values.get("data_dir"):  # saved as an absolute path: a resume from another folder finds the data
+        values["data_dir"] = str(Path(values["data_dir"]).expanduser().absolute())
+    config = RunConfig(**values)
     import_modules(config.imports)  # before validating: they may register the model or dataset named
     validate(config)
     return config
