@@ -242,6 +242,25 @@ def test_compare_writes_tables_and_plots_and_reuses_finished_runs(tmp_path, caps
         assert [float(r["val_accuracy"]) for r in csv.DictReader(handle)] == [float(r["val_accuracy"]) for r in rows]
 
 
+def test_search_progress_follows_the_sparsest_ticket_near_dense_not_the_most_accurate_network():
+    """The epochs plot shows what a search has found: IMP's dense round 0 is no ticket, and a
+    denser, more accurate ticket does not replace a sparser one that meets the bar."""
+    from contsparse.reports.compare import search_progress
+
+    def row(method, epochs, weights, val, test=0.9, seed=0):
+        return {"method": method, "seed": seed, "train_epochs": epochs, "weights_remaining": weights,
+                "val_accuracy": val, "test_accuracy": test}
+
+    rows = [row("imp", 10, 1.0, 0.99), row("imp", 20, 0.8, 0.975), row("imp", 30, 0.64, 0.981),
+            row("imp", 40, 0.51, 0.99), row("cs", 12, 0.05, 0.970), row("cs", 12, 0.2, 0.985),
+            row("cs", 12, 0.03, 0.979), row("dense", 10, 1.0, 0.98)]
+    progress = search_progress(rows, bar=0.98)
+    assert [(e, b["weights_remaining"]) for e, b in progress[("imp", 0)]] == [(30, 0.64), (40, 0.51)]
+    assert [(e, b["weights_remaining"]) for e, b in progress[("cs", 0)]] == [(24, 0.2), (36, 0.03)]
+    # without a dense run: the most accurate sparse ticket, still never the dense round
+    assert [b["weights_remaining"] for _, b in search_progress(rows, bar=None)[("imp", 0)]] == [0.8, 0.64, 0.51]
+
+
 def test_the_sparsest_ticket_near_dense_is_chosen_on_validation_not_test():
     from contsparse.experiments.compare import sparsest_within
 

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 from typing import Any
 
-from contsparse.reports.plots import accuracy_axes, dense_band, plt, save_accuracy_plot, save_figure
+from contsparse.reports.plots import (
+    accuracy_axes,
+    dense_band,
+    percent_log_axis,
+    plt,
+    save_accuracy_plot,
+    save_figure,
+)
 from contsparse.storage import strict_json, write_atomic
 
 COLORS = {"cs": "#c0392b", "imp": "#2c6fbb", "random": "#7f8c8d", "magnitude": "#27ae60", "gmp": "#8e44ad"}
@@ -80,38 +88,89 @@ def _chosen_by(row: dict[str, Any]) -> float:
     return row["test_accuracy"] if row.get("val_accuracy") is None else row["val_accuracy"]
 
 
-def accuracy_vs_epochs(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Test accuracy of the best ticket found so far (best by validation accuracy) against the
-    training epochs spent, per method and seed (CS runs counted one after another, as on a single
-    worker)."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in sorted({r["method"] for r in rows} - {"dense"}):
-        for seed in sorted({r["seed"] for r in rows if r["method"] == method}):
-            mine = [r for r in rows if r["method"] == method and r["seed"] == seed]
-            if method == "imp":  # one run: its rounds share the epochs
-                steps = sorted((r["train_epochs"], _chosen_by(r), r["test_accuracy"]) for r in mine)
-            else:  # independent runs: epochs add up
-                total, steps = 0, []
-                for r in mine:
-                    total += r["train_epochs"]
-                    steps.append((total, _chosen_by(r), r["test_accuracy"]))
-            best, best_test, xs, ys = -1.0, 0.0, [], []
-            for epochs, score, test in steps:
-                if score > best:
-                    best, best_test = score, test
-                xs.append(epochs)
-                ys.append(100 * best_test)
-            ax.step(xs, ys, where="post", marker="o", markersize=3, color=COLORS.get(method),
-                    label=method if seed == min(r["seed"] for r in mine) else None)
-    ax.set_xlabel("cumulative training epochs")
-    ax.set_ylabel("test accuracy of the best so far (%)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+def accuracy_vs_epochs(rows: list[dict[str, Any]], path: Path, title: str, dense_val: float | None = None,
+                       dense: list[float] | None = None, tolerance: float = 0.003) -> Path:
+    """What a search has found against the training epochs it spent, per method and seed (CS
+    runs counted one after another, as on a single worker): the sparsest ticket so far whose
+    validation accuracy is within ``tolerance`` of dense's (the table's criterion), its weights
+    remaining above and its test accuracy below. Best accuracy alone would reward the densest
+    ticket (IMP's dense round 0 first of all); without a dense run, the most accurate sparse
+    ticket by validation is shown instead."""
+    from matplotlib.lines import Line2D
+
+    bar = dense_val if dense_val is not None and math.isfinite(dense_val) else None
+    fig, (weights_ax, accuracy_ax) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True)
+    dense_band(accuracy_ax, dense or [])
+    progress = search_progress(rows, bar, tolerance)
+    for (method, _), points in progress.items():
+        xs = [epochs for epochs, _ in points]
+        style = {"where": "post", "marker": "o", "markersize": 3, "color": COLORS.get(method)}
+        weights_ax.step(xs, [100 * best["weights_remaining"] for _, best in points], **style)
+        accuracy_ax.step(xs, [100 * best["test_accuracy"] for _, best in points], **style)
+    plotted = bool(progress)
+    criterion = (f"sparsest ticket so far with validation accuracy >= dense - {100 * tolerance:.1f} points"
+                 if bar is not None else "most accurate sparse ticket so far (by validation; no dense run)")
+    weights_ax.set_title(f"{title}\n{criterion}", fontsize=10)
+    if plotted:
+        percent_log_axis(weights_ax, "y")
+    else:
+        weights_ax.text(0.5, 0.5, "no ticket meets the criterion", ha="center", va="center",
+                        transform=weights_ax.transAxes)
+    weights_ax.set_ylabel("weights remaining (%)")
+    accuracy_ax.set_ylabel("its test accuracy (%)")
+    accuracy_ax.set_xlabel("cumulative training epochs")
+    handles = [Line2D([], [], color=COLORS.get(m), marker="o", markersize=3, label=m)
+               for m in sorted({r["method"] for r in rows} - {"dense"})]
+    weights_ax.legend(handles=handles, fontsize=8)
+    if dense:
+        accuracy_ax.legend(fontsize=8)
+    for ax in (weights_ax, accuracy_ax):
+        ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
     return path
+
+
+def search_progress(rows: list[dict[str, Any]], bar: float | None, tolerance: float = 0.003
+                    ) -> dict[tuple[str, int], list[tuple[float, dict[str, Any]]]]:
+    """Per (method, seed): (cumulative training epochs, best ticket so far) after each of its runs
+    or IMP rounds, from the first run that found a ticket (see :func:`accuracy_vs_epochs`)."""
+    progress: dict[tuple[str, int], list[tuple[float, dict[str, Any]]]] = {}
+    for method in sorted({r["method"] for r in rows} - {"dense"}):
+        for seed in sorted({r["seed"] for r in rows if r["method"] == method}):
+            mine = [r for r in rows if r["method"] == method and r["seed"] == seed]
+            if method == "imp":  # one run: its rounds share the epochs
+                steps = sorted(mine, key=lambda r: r["train_epochs"])
+                spent = [r["train_epochs"] for r in steps]
+            else:  # independent runs: epochs add up
+                steps, spent, total = mine, [], 0
+                for r in mine:
+                    total += r["train_epochs"]
+                    spent.append(total)
+            best: dict[str, Any] | None = None
+            points = []
+            for epochs, row in zip(spent, steps, strict=True):
+                if _better_ticket(row, best, bar, tolerance):
+                    best = row
+                if best is not None:
+                    points.append((epochs, best))
+            if points:
+                progress[(method, seed)] = points
+    return progress
+
+
+def _better_ticket(row: dict[str, Any], best: dict[str, Any] | None, bar: float | None, tolerance: float) -> bool:
+    """Whether ``row`` replaces ``best`` as the search's result so far: a sparse ticket (not a
+    dense round) that meets the bar with fewer weights, or without a bar, a more accurate one."""
+    score = _chosen_by(row)
+    if row["weights_remaining"] >= 1.0 or not math.isfinite(score):
+        return False
+    if bar is None:
+        return best is None or score > _chosen_by(best)
+    if row.get("val_accuracy") is None or score < bar - tolerance:
+        return False
+    return best is None or row["weights_remaining"] < best["weights_remaining"]
 
 
 def write_comparison(rows: list[dict[str, Any]], out: Path, title: str) -> dict[str, Any]:
@@ -130,6 +189,6 @@ def write_comparison(rows: list[dict[str, Any]], out: Path, title: str) -> dict[
                                                 "dense_val_accuracy": dense_val[0] if dense_val else None,
                                                 "sparsest_within_0.3": best}))
     accuracy_vs_weights(groups, dense, out / "accuracy_vs_weights.png", title)
-    accuracy_vs_epochs(rows, out / "accuracy_vs_epochs.png", title)
+    accuracy_vs_epochs(rows, out / "accuracy_vs_epochs.png", title, dense_val[0] if dense_val else None, dense)
     return {"groups": groups, "dense_accuracy": dense_mean, "dense_val_accuracy": dense_val[0] if dense_val else None,
             "best": best}
