@@ -242,6 +242,24 @@ def test_compare_writes_tables_and_plots_and_reuses_finished_runs(tmp_path, caps
         assert [float(r["val_accuracy"]) for r in csv.DictReader(handle)] == [float(r["val_accuracy"]) for r in rows]
 
 
+def test_one_failing_run_does_not_cost_the_comparison_its_report(tmp_path, capsys):
+    from contsparse.cli import main
+
+    argv = ["compare", "--dataset", "synthetic", "--train-subset", "256", "--batch-size", "64", "--epochs", "2",
+            "--rounds", "1", "--rewind-epoch", "0", "--ticket-epochs", "1", "--mask-inits", "0.0", "-0.02",
+            "--imp-rounds", "2", "--random-every", "1", "--out", str(tmp_path / "cmp")]
+    assert main(argv) == 0
+    (tmp_path / "cmp" / "cs-s0=0-seed0" / "config.yaml").write_text("x: 1\n")  # a damaged run folder
+    (tmp_path / "cmp" / "compare.md").unlink()
+    capsys.readouterr()
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "1 run(s) of the comparison failed" in captured.err and "cs-s0=0-seed0: " in captured.err
+    rows = list(csv.DictReader((tmp_path / "cmp/compare.csv").read_text().splitlines()))
+    assert {r["label"] for r in rows if r["method"] == "cs"} == {"cs s0=-0.02"}  # the others are all reported
+    assert {r["method"] for r in rows} == {"dense", "cs", "imp", "random"} and (tmp_path / "cmp/compare.md").exists()
+
+
 def test_search_progress_follows_the_sparsest_ticket_near_dense_not_the_most_accurate_network():
     """The epochs plot shows what a search has found: IMP's dense round 0 is no ticket, and a
     denser, more accurate ticket does not replace a sparser one that meets the bar."""

@@ -442,7 +442,8 @@ def run_compare(args: argparse.Namespace) -> int:
     plan = ComparePlan(base, tuple(range(base.seed, base.seed + args.seeds)), tuple(args.mask_inits),
                        args.imp_rounds, args.random_every, tuple(args.methods))
     try:
-        rows = [r.as_dict() for r in run_comparison(plan, out, tqdm.write)]
+        failures: list[str] = []
+        rows = [r.as_dict() for r in run_comparison(plan, out, tqdm.write, failures)]
     except (KeyboardInterrupt, RunInterrupted):  # the run in progress saved a checkpoint
         print(f"\ninterrupted; finished runs are kept in {out}. Run the same command again to continue.",
               file=sys.stderr)
@@ -454,6 +455,11 @@ def run_compare(args: argparse.Namespace) -> int:
         raise UserError(f"cannot write the comparison into {out}: {err.strerror or err}") from err
     print((out / "compare.md").read_text())
     print(f"wrote {out}/compare.md, compare.csv, compare.json, accuracy_vs_weights.png, accuracy_vs_epochs.png")
+    if failures:
+        print(f"contsparse: error: {len(failures)} run(s) of the comparison failed, and the report leaves them out:"
+              + "".join(f"\n  {failure}" for failure in failures)
+              + "\nfix them and run the same command again: finished runs are reused", file=sys.stderr)
+        return 2
     return 0
 
 

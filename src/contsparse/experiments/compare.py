@@ -51,7 +51,12 @@ class Row:
         return dataclasses.asdict(self)
 
 
-def run_comparison(plan: ComparePlan, out: Path, log: Log) -> list[Row]:
+def run_comparison(plan: ComparePlan, out: Path, log: Log, failures: list[str] | None = None) -> list[Row]:
+    """Train (or reuse) every run of ``plan`` in ``out``; the rows of the finished ones. With
+    ``failures`` given, a run that fails with a user-facing error (a diverged run, a damaged
+    folder) is recorded there and the others go on, so that one bad run does not cost the report
+    of the rest; the first run failing still stops everything (a missing dataset would fail every
+    run the same way). Without it, the first failure stops the comparison."""
     rows: list[Row] = []
     base = dataclasses.replace(plan.base, dense_baseline=False)
     check_plan(plan)
@@ -61,29 +66,44 @@ def run_comparison(plan: ComparePlan, out: Path, log: Log) -> list[Row]:
         validate(dataclasses.replace(base, command="ticket", method="cs", mask_init=s0))
     if "imp" in plan.methods:
         imp_config(base, plan.imp_rounds)
+
+    def run(config: RunConfig, path: Path) -> dict[str, Any] | None:
+        try:
+            return Runner(config, path, log).execute()
+        except UserError as err:
+            if failures is None or not rows:
+                raise
+            failures.append(f"{path.name}: {err}")
+            log(f"{path.name} failed: {err}; the comparison goes on without it")
+            return None
+
     for seed in plan.seeds:
         seeded = dataclasses.replace(base, seed=seed)
         if "dense" in plan.methods:
-            rows.append(_single(Runner(seeded.dense_variant(), out / f"dense-seed{seed}", log).execute(),
-                                "dense", "dense", seed, out / f"dense-seed{seed}"))
+            path = out / f"dense-seed{seed}"
+            if (summary := run(seeded.dense_variant(), path)) is not None:
+                rows.append(_single(summary, "dense", "dense", seed, path))
         if "cs" in plan.methods:
             for s0 in plan.mask_inits:
                 path = out / f"cs-s0={s0:g}-seed{seed}"
                 config = dataclasses.replace(seeded, command="ticket", method="cs", mask_init=s0)
-                rows.append(_single(Runner(config, path, log).execute(), "cs", f"cs s0={s0:g}", seed, path))
+                if (summary := run(config, path)) is not None:
+                    rows.append(_single(summary, "cs", f"cs s0={s0:g}", seed, path))
         imp_points: list[float] = []
         if "imp" in plan.methods:
             path = out / f"imp-seed{seed}"
-            summary = Runner(imp_config(seeded, plan.imp_rounds), path, log).execute()
-            rows += _imp_rows(summary, seed, path)
-            imp_points = [r.weights_remaining for r in rows if r.method == "imp" and r.seed == seed][1:]
+            if (summary := run(imp_config(seeded, plan.imp_rounds), path)) is not None:
+                rows += _imp_rows(summary, seed, path)
+                imp_points = [r.weights_remaining for r in rows if r.method == "imp" and r.seed == seed][1:]
+            elif "random" in plan.methods and failures is not None:
+                failures.append(f"random-*-seed{seed}: not run (it prunes at the sparsities of imp-seed{seed})")
         if "random" in plan.methods and imp_points:
             for kept in imp_points[plan.random_every - 1::plan.random_every]:
                 path = out / f"random-kept={kept:.4f}-seed{seed}"
                 config = dataclasses.replace(seeded, command="ticket", method="random", sparsity=1 - kept, rounds=1,
                                              epochs=seeded.rewind_epoch + 1)
-                rows.append(_single(Runner(config, path, log).execute(), "random", f"random {100 * kept:.2f} %",
-                                    seed, path))
+                if (summary := run(config, path)) is not None:
+                    rows.append(_single(summary, "random", f"random {100 * kept:.2f} %", seed, path))
     return rows
 
 
