@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from contsparse.errors import UserError
 from contsparse.experiments import Runner, make_config
 from contsparse.masking import LayerSelection
 from contsparse.methods import IterativeMagnitudePruning, MagnitudePruning, PruneSettings, RandomPruning
@@ -165,6 +166,19 @@ def test_gmp_raises_sparsity_gradually_to_the_target(tmp_path):
     kept = [json.loads(line)["weights_remaining"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert kept[0] > kept[1] > kept[2] and kept[2] == pytest.approx(0.1, abs=1e-3)  # target at 3/4 of the round
     assert summary["weights_remaining"] == pytest.approx(0.1, abs=1e-3)
+    # Zhu & Gupta's t0: nothing is pruned before it, and the target is still reached at 3/4 of the round
+    started = make_config(dict(BASE, command="prune", method="gmp", sparsity=0.9, rounds=1, epochs=4,
+                               gmp_frequency=2, gmp_start_epoch=1))
+    Runner(started, tmp_path / "late", quiet).execute()
+    lines = (tmp_path / "late/metrics.jsonl").read_text().splitlines()
+    kept = [json.loads(line)["weights_remaining"] for line in lines]
+    assert kept[0] == 1.0 and 1.0 > kept[1] > kept[2] and kept[2] == pytest.approx(0.1, abs=1e-3)
+    # a frequency longer than the window (15 steps here) would be one-shot pruning in disguise
+    once = make_config(dict(BASE, command="prune", method="gmp", sparsity=0.9, rounds=1, epochs=4, gmp_frequency=16))
+    with pytest.raises(UserError, match="longer than GMP's pruning window of 15 steps"):
+        Runner(once, tmp_path / "once", quiet).execute()
+    with pytest.raises(UserError, match="gmp_start_epoch must be >= 0 and before 3/4"):
+        make_config(dict(BASE, command="prune", method="gmp", sparsity=0.9, rounds=1, epochs=4, gmp_start_epoch=3))
 
 
 def test_reinit_control_trains_the_same_mask_from_other_weights(tmp_path):
@@ -315,7 +329,7 @@ def test_compare_seeds_count_from_the_seed_flag(tmp_path, monkeypatch):
     from contsparse.experiments import compare
 
     seen = []
-    monkeypatch.setattr(compare, "run_comparison", lambda plan, out, log: seen.append(plan.seeds) or [])
+    monkeypatch.setattr(compare, "run_comparison", lambda plan, out, log, failures=None: seen.append(plan.seeds) or [])
     monkeypatch.setattr("contsparse.reports.compare.write_comparison", lambda *args: None)
     monkeypatch.setattr("pathlib.Path.read_text", lambda self: "")
     assert main(["compare", "--dataset", "synthetic", "--seed", "7", "--seeds", "2", "--out", str(tmp_path)]) == 0

@@ -72,6 +72,7 @@ HELP = {
     "prune_fraction_last": "imp: the same for the output layer",
     "prune_scope": "imp, magnitude: rank weights per layer (layerwise) or over all layers (global)",
     "gmp_frequency": "gmp: steps between pruning steps",
+    "gmp_start_epoch": "gmp: epoch of the round at which pruning starts (Zhu & Gupta's t0)",
     "str_init": "str: initial threshold logit",
     "reinit": "train the ticket from a fresh random initialisation (the re-initialisation control)",
     "mask_include": "regular expressions: mask only the layers whose names match one",

@@ -79,6 +79,7 @@ class RunConfig:
     prune_fraction_conv: float | None = None  # imp: the same for conv layers (None: prune_fraction)
     prune_scope: str = "layerwise"  # or "global"
     gmp_frequency: int = 100  # gmp: steps between pruning steps
+    gmp_start_epoch: int = 0  # gmp: epoch of the round at which pruning starts (Zhu & Gupta's t0)
     str_init: float = -5.0  # str: initial threshold logit
     reinit: bool = False  # ticket control: train the mask from a fresh random initialisation
     mask_from: str | None = None  # method given: a masks.safetensors file, or a run directory holding one
@@ -149,8 +150,9 @@ NOT_IN_IDENTITY = {"device", "tensorboard", "data_dir", "workers", "compile", "i
 NOT_FOR_DENSE = {"method", "rounds", "ticket_epochs", "rewind_epoch", "mask_init", "penalty", "penalty_normalize",
                  "final_temp", "temp_schedule", "mask_scaling", "mask_optimizer", "mask_lr", "mask_momentum",
                  "sparsity", "prune_fraction", "prune_fraction_last", "prune_fraction_conv", "prune_scope",
-                 "gmp_frequency", "str_init", "reinit", "mask_from", "dense_baseline"}
-ADDED_LATER: dict[str, Any] = {"prune_fraction_conv": None, "mask_from": None}  # setting -> its default
+                 "gmp_frequency", "gmp_start_epoch", "str_init", "reinit", "mask_from", "dense_baseline"}
+ADDED_LATER: dict[str, Any] = {"prune_fraction_conv": None, "mask_from": None,  # setting -> its default
+                               "gmp_start_epoch": 0}
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
@@ -369,6 +371,9 @@ def validate(c: RunConfig) -> None:
         fail(f"prune_scope must be 'layerwise' or 'global', got {c.prune_scope!r}")
     if c.gmp_frequency < 1:
         fail(f"gmp_frequency must be >= 1, got {c.gmp_frequency}")
+    if c.gmp_start_epoch < 0 or (c.method == "gmp" and c.command != "train" and c.gmp_start_epoch >= 0.75 * c.epochs):
+        fail(f"gmp_start_epoch must be >= 0 and before 3/4 of the round's {c.epochs} epochs (where GMP reaches "
+             f"its sparsity), got {c.gmp_start_epoch}")
     for name in ("mask_include", "mask_exclude"):
         for pattern in getattr(c, name):
             try:

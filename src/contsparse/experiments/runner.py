@@ -124,7 +124,7 @@ def build_method(config: RunConfig, steps_per_epoch: int) -> Method:
         conv_fraction=config.prune_fraction_conv,
         sparsity=config.sparsity if config.sparsity is not None else 0.0, scope=config.prune_scope, seed=config.seed,
         epochs_per_round=config.epochs, steps_per_epoch=steps_per_epoch, gmp_frequency=config.gmp_frequency,
-        str_init=config.str_init, selection=config.selection())
+        gmp_start_epoch=config.gmp_start_epoch, str_init=config.str_init, selection=config.selection())
     return METHODS[config.method](settings)
 
 
@@ -262,7 +262,11 @@ class Runner:
                 return self.run.read_summary()
             data = self._load_data()  # a data problem stops the run before anything is written, as do
             resolve_device(device_for(self.config.device, self.dist))  # a missing GPU,
-            masked_model(self.config, data, steps_per_epoch=1)  # masks that do not fit (--mask-from),
+            steps = len(make_batches(data.train, self.config.batch_size, shard=self.dist.shard))
+            try:  # masks that do not fit (--mask-from), a schedule the data's size rules out,
+                masked_model(self.config, data, steps)[1].check_schedule()
+            except ValueError as err:
+                raise UserError(str(err)) from err
             if self.config.tensorboard and self.dist.is_main:
                 _summary_writer_class()  # and a missing tensorboard package
             baseline = self._dense_baseline()  # and so does a refusal of the baseline's settings

@@ -32,6 +32,10 @@ class Method(ABC):
         """The model parameters the weight optimiser trains."""
         return list(model.parameters())
 
+    def check_schedule(self) -> None:
+        """Refuse (``ValueError``) a schedule that the run's number of steps per epoch makes
+        meaningless; called before a run starts, once that number is known."""
+
     def before_epoch(self, round_index: int, epoch: int, step: int = 0) -> None:
         """Start of a search epoch (``step > 0``: an epoch resumed after its first ``step`` steps)."""
 

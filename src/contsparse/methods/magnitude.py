@@ -34,6 +34,7 @@ class PruneSettings:
     epochs_per_round: int = 1
     steps_per_epoch: int = 1
     gmp_frequency: int = 100  # GMP: steps between pruning steps
+    gmp_start_epoch: int = 0  # GMP: epoch at which pruning starts
     str_init: float = -5.0  # STR: initial threshold logit (sigmoid(-5) = 0.0067)
     selection: LayerSelection = field(default_factory=LayerSelection)
 
@@ -240,17 +241,36 @@ class RandomPruning(HardMaskMethod):
 
 
 class GradualMagnitudePruning(HardMaskMethod):
-    """GMP (Zhu & Gupta 2017): during the search round the sparsity rises as
-    ``s_t = s_f * (1 - (1 - t / T) ** 3)``, pruning by magnitude every ``gmp_frequency`` steps and
-    reaching ``sparsity`` at 3/4 of the round; the rest of the round trains at that sparsity."""
+    """GMP (Zhu & Gupta 2017): from step ``t0`` (epoch ``gmp_start_epoch``) the sparsity rises as
+    ``s_t = s_f * (1 - (1 - (t - t0) / (T - t0)) ** 3)``, pruning by magnitude every
+    ``gmp_frequency`` steps and reaching ``sparsity`` at ``T``, 3/4 of the round; the rest of the
+    round trains at that sparsity."""
 
     name = "gmp"
+
+    def __init__(self, settings: PruneSettings) -> None:
+        super().__init__(settings)
+        self.start, self.end = self.window(settings)
+
+    def check_schedule(self) -> None:
+        settings = self.settings
+        if settings.gmp_frequency > self.end - self.start:
+            raise ValueError(f"gmp_frequency = {settings.gmp_frequency} steps is longer than GMP's pruning window of "
+                             f"{self.end - self.start} steps (epoch {settings.gmp_start_epoch} to 3/4 of "
+                             f"{settings.epochs_per_round} epochs of {settings.steps_per_epoch} steps): it would "
+                             "prune once, at the end, as one-shot magnitude pruning; give a smaller gmp_frequency")
+
+    @staticmethod
+    def window(settings: PruneSettings) -> tuple[int, int]:
+        """The steps ``(t0, T)`` of the round between which the sparsity rises."""
+        end = max(1, int(0.75 * settings.epochs_per_round * settings.steps_per_epoch))
+        return min(settings.gmp_start_epoch * settings.steps_per_epoch, end - 1), end
 
     def after_step(self, round_index: int, epoch: int, step: int) -> None:
         settings = self.settings
         t = epoch * settings.steps_per_epoch + step + 1
-        end = max(1, int(0.75 * settings.epochs_per_round * settings.steps_per_epoch))
-        if round_index == 0 and t <= end and (t % settings.gmp_frequency == 0 or t == end):
-            self.prune_by_magnitude(target=settings.sparsity * (1 - (1 - t / end) ** 3))
+        since = t - self.start
+        if round_index == 0 and since > 0 and t <= self.end and (since % settings.gmp_frequency == 0 or t == self.end):
+            self.prune_by_magnitude(target=settings.sparsity * (1 - (1 - since / (self.end - self.start)) ** 3))
         else:
             self.mask_set.zero_pruned()
