@@ -127,6 +127,11 @@ def world(tmp_path_factory) -> dict[str, Path]:
     shutil.copytree(w["done"], w["text_accuracy"])
     summary = json.loads((w["done"] / "summary.json").read_text())
     (w["text_accuracy"] / "summary.json").write_text(json.dumps({**summary, "val_accuracy": "0.9"}))
+    w["imports_run"] = root / "imports-run"  # found by a review of export: a run folder from someone else
+    shutil.copytree(w["done"], w["imports_run"])
+    config = w["imports_run"] / "config.yaml"
+    config.write_text(config.read_text().replace("imports: []", "imports:\n- evil_helpers"))
+    (root / "evil_helpers.py").write_text(f"open({str(w['marker'])!r}, 'w').close()\n")
     w["truncated_csv"] = root / "truncated-csv"
     w["truncated_csv"].mkdir()
     (w["truncated_csv"] / "compare.csv").write_text(
@@ -290,9 +295,18 @@ CATALOGUE = [
     ("summary.json with a text accuracy", "report {text_accuracy} --out {root}/rep2",
      "summary.json is damaged: missing or wrong val_accuracy (a number)", None),
     ("comparison table cut short", "report {truncated_csv} --out {root}/rep3", "cannot read the comparison", None),
-    ("export over the run's own model file", "export {done} --format pytorch --out {done}/model.safetensors",
-     "is one of the run's own files", None),
-    ("export into a path under a file", "export {done} --out {a_file}/model.pt", "is a file, not a folder", None),
+    ("export over the run's own model file", "export {done} --out {done}/model.safetensors",
+     "is one of the files of the run", None),
+    ("export over another run's file", "export {done} --out {stopped}/config.yaml", "is one of the files of the run",
+     None),
+    ("export under another format's name", "export {done} --format onnx --out {root}/m.safetensors",
+     "names a safetensors file but --format is onnx", None),
+    ("export to a file name too long", "export {done} --out {root}/" + "a" * 300 + ".safetensors",
+     "File name too long", None),
+    ("export of a run whose config imports modules", "export {imports_run} --out {root}/i.safetensors",
+     "importing a module runs its code: if you trust them, give --imports evil_helpers", "in_root"),
+    ("export into a path under a file", "export {done} --out {a_file}/model.safetensors", "is a file, not a folder",
+     None),
     ("export of a run whose config names another model", "export {other_model} --out {root}/other.st",
      "does not fit the architecture its config.yaml names (conv2)", None),
     ("malformed GPU index", "ticket --device cuda:abc --out {root}/x", "device must be auto, cpu, cuda or cuda:N",
@@ -328,6 +342,17 @@ CATALOGUE = [
 ]
 
 
+@contextmanager
+def working_in(folder: Path):
+    """The case runs from ``folder`` (where a module of the same name as the one asked for lies)."""
+    before = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def snapshot(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
@@ -338,7 +363,8 @@ def test_bad_input_is_one_clean_line(case, argv, message, context, world, capsys
     if context == "no_gpu" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     runs = {name: snapshot(world[name]) for name in ("done", "stopped", "truncated", "tampered", "evil_ckpt")}
-    manager = {"lock": lambda: locked(world["stopped"]), "disk_full": disk_full}.get(context, nullcontext)
+    manager = {"lock": lambda: locked(world["stopped"]), "disk_full": disk_full,
+               "in_root": lambda: working_in(world["root"])}.get(context, nullcontext)
     new_folder = world["root"] / "x"
     was_there = new_folder.exists()
     with manager():
@@ -352,7 +378,7 @@ def test_bad_input_is_one_clean_line(case, argv, message, context, world, capsys
     # a new run refused before it starts leaves no folder (one that started keeps its settings)
     assert was_there or not new_folder.exists() or (new_folder / "config.yaml").is_file(), \
         f"{case} left an empty {new_folder} behind"
-    assert not world["marker"].exists(), "a pickle ran code"
+    assert not world["marker"].exists(), "a pickle or a module ran code"
 
 
 def test_catalogue_is_large_enough():

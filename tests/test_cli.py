@@ -203,10 +203,16 @@ def test_a_model_of_ones_own_reaches_the_cli_through_imports(tmp_path, monkeypat
     # processes started with spawn (a user's data-preparation pool) import the user's modules too
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         assert pool.apply(sys.modules["my_cli_layers"].width) == 32
-    # A fresh process (as export, report or a resumed run would be) imports the module from the saved settings
-    done = subprocess.run([sys.executable, "-m", "contsparse", "export", "run", "--format", "safetensors"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    # A fresh process (as export or a resumed run would be) imports the module the saved settings name;
+    # export (a run folder may come from anyone) only once it is named: importing runs its code
+    export = [sys.executable, "-m", "contsparse", "export", "run", "--format", "safetensors"]
+    done = subprocess.run(export, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and "importing a module runs its code: if you trust them, give --imports " \
+        "my_cli_models" in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run([*export, "--imports", "my_cli_models"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+    assert main(["report", "run"]) == 0  # the masks need no model: nothing to import
     assert main(["ticket", "--imports", "no_such_module_here", "--out", "y"]) == 2
     assert "--imports no_such_module_here: ModuleNotFoundError" in capsys.readouterr().err
 
@@ -355,3 +361,17 @@ def test_a_relative_data_dir_is_kept_as_an_absolute_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert make_config({"data_dir": "data"}).data_dir == str(tmp_path / "data")
     assert make_config({}).data_dir is None
+
+
+def test_a_run_saved_before_a_setting_existed_is_the_same_run(tmp_path, capsys):
+    """Settings added later (ADDED_LATER) are missing from older config.yaml files: read with their
+    defaults, which keep the old behaviour, not as a change of settings."""
+    argv = ["prune", "--method", "gmp", "--sparsity", "0.5", "--gmp-frequency", "2", "--dataset", "synthetic",
+            "--synthetic-size", "256", "--epochs", "2", "--out", str(tmp_path / "old")]
+    assert main(argv) == 0
+    config = tmp_path / "old" / "config.yaml"
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
+                              if not line.startswith("gmp_start_epoch:")))
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "already finished, nothing to do" in capsys.readouterr().out

@@ -194,7 +194,13 @@ def load_saved_config(path: str | Path) -> dict[str, Any]:
     if missing:
         raise UserError(f"{path} is damaged (no {', '.join(missing)}): restore it, or start the run again in "
                         "another --out")
-    return values
+    return with_later_defaults(values)
+
+
+def with_later_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """Settings saved by an older version, completed with the defaults of those added since (the
+    defaults keep the old behaviour): compared with today's settings, they must not differ."""
+    return {**ADDED_LATER, **saved}
 
 
 def make_config(values: dict[str, Any]) -> RunConfig:

@@ -32,6 +32,7 @@ from contsparse.experiments.config import (
     mask_file,
     settings_differences,
     unused_settings,
+    with_later_defaults,
 )
 from contsparse.experiments.distributed import Distributed, device_for, from_environment
 from contsparse.experiments.interrupt import StopRequest
@@ -300,6 +301,8 @@ class Runner:
         # against the settings the checkpoint was trained under (checkpoints record them)
         trained = (read_checkpoint_entry(self.run.checkpoint_dir, "config")
                    if self.run.config_edited() and not self.run.is_finished() else None)
+        if isinstance(trained, dict):
+            trained = with_later_defaults(trained)
         unused = unused_settings(self.config)  # how a run runs (data_dir, device, ...) may change freely
         edits = {key: (value, saved.get(key)) for key, value in trained.items()
                  if key not in unused and saved.get(key) != value} if isinstance(trained, dict) else {}

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -22,14 +23,21 @@ from contsparse.storage import file_in_the_way, for_safetensors, fsync_file, rep
 FORMATS = {"safetensors": ".safetensors", "pytorch": ".pt", "onnx": ".onnx", "compressed": ".sparse.safetensors"}
 
 
-def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> Path:
-    """Write the run's final model as ``fmt`` (see :data:`FORMATS`) to ``out`` (default: in the run)."""
+def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, imports: Iterable[str] = ()) -> Path:
+    """Write the run's final model as ``fmt`` (see :data:`FORMATS`) to ``out`` (default: in the run).
+    ``imports``: the modules of the run's config.yaml that the caller trusts (see load_run_model)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
-    run = load_run_model(run_dir)
     path = Path(out) if out is not None else Path(run_dir) / f"export{FORMATS[fmt]}"
-    if RunDir(run_dir).owns(path):
-        raise UserError(f"--out {path} is one of the run's own files; give another file name")
+    named = _format_named_by(path)
+    if named is not None and named != fmt and (fmt, named) != ("compressed", "safetensors"):
+        raise UserError(f"--out {path} names a {named} file but --format is {fmt}: give --format {named} or a "
+                        f"name ending in {FORMATS[fmt]}")
+    owner = _run_owning(path)
+    if owner is not None:
+        raise UserError(f"--out {path} is one of the files of the run {owner}; writing it would damage that run: "
+                        "give another file name")
+    run = load_run_model(run_dir, imports)
     if path.is_dir():
         raise UserError(f"--out {path} is a directory; give a file name")
     blocking = file_in_the_way(path)
@@ -48,6 +56,28 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> 
     except OSError as err:
         raise UserError(f"cannot write {path}: {err.strerror or err}") from err
     return path
+
+
+def _format_named_by(path: Path) -> str | None:
+    """The export format a file name says it holds, if any."""
+    name = path.name.lower()
+    if name.endswith(FORMATS["compressed"]):
+        return "compressed"
+    suffixes = {".safetensors": "safetensors", ".pt": "pytorch", ".pth": "pytorch", ".onnx": "onnx"}
+    return suffixes.get(path.suffix.lower())
+
+
+def _run_owning(path: Path) -> Path | None:
+    """The run folder (a folder above ``path`` holding a config.yaml) whose own file ``path`` is,
+    if any: any run's, not only the one exported."""
+    try:
+        resolved = path.resolve()
+        for folder in resolved.parents:
+            if (folder / RunDir.CONFIG).is_file() and RunDir(folder).owns(resolved):
+                return folder
+    except (OSError, RuntimeError) as err:  # a name too long, a symlink loop
+        raise UserError(f"--out {path}: {getattr(err, 'strerror', None) or err}") from err
+    return None
 
 
 def _serialise(run: RunModel, fmt: str) -> bytes:

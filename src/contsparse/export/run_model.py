@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +28,21 @@ class RunModel:
     data_dir: str | None
 
 
-def load_run_model(run_dir: str | Path) -> RunModel:
-    """Build the run's architecture and load its final weights (``model.safetensors``)."""
+def load_run_model(run_dir: str | Path, imports: Iterable[str] = ()) -> RunModel:
+    """Build the run's architecture and load its final weights (``model.safetensors``).
+
+    A run whose model comes from the user's own modules lists them in its config.yaml; importing
+    one runs its code, so a run folder (perhaps someone else's) is not enough: each must also be
+    named in ``imports`` (``--imports``), the caller's word that it is trusted."""
     run = RunDir(run_dir)
     summary = run.read_summary()  # refuses what is not a finished run, with the reason
-    config = make_config(load_saved_config(run.file(RunDir.CONFIG)))
+    saved = load_saved_config(run.file(RunDir.CONFIG))
+    listed = saved.get("imports") or []
+    untrusted = [str(name) for name in (listed if isinstance(listed, list) else [listed]) if name not in set(imports)]
+    if untrusted:
+        raise UserError(f"{run.path} builds its model with module(s) its config.yaml names ({', '.join(untrusted)}); "
+                        f"importing a module runs its code: if you trust them, give --imports {' '.join(untrusted)}")
+    config = make_config(saved)
     if "input_shape" in summary:
         input_shape, num_classes = tuple(summary["input_shape"]), int(summary["num_classes"])
     else:  # runs written before the summary recorded the data's shape
@@ -52,3 +63,15 @@ def load_run_model(run_dir: str | Path) -> RunModel:
         raise UserError(f"the final model of {run.path} does not fit the architecture its config.yaml names "
                         f"({config.model}): {' '.join(str(err).split())[:300]}") from err
     return RunModel(model.eval(), config.model, input_shape, num_classes, masks, config.dataset, config.data_dir)
+
+
+def load_run_masks(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """A finished run's final masks (weight name -> bool), without building its model."""
+    run = RunDir(run_dir)
+    run.read_summary()  # refuses what is not a finished run, with the reason
+    try:
+        return {k: v.bool() for k, v in load_file(str(run.file(RunDir.MASKS))).items()}
+    except (OSError, SafetensorError) as err:
+        raise UserError(f"the final masks of {run.path} cannot be read ({err}); to write them again from the run's "
+                        f"last checkpoint, delete {run.file(RunDir.SUMMARY)} and run: contsparse resume {run.path}"
+                        ) from err

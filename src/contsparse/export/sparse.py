@@ -42,14 +42,23 @@ KERNELS = ("auto", "dense", "sparse")
 
 
 def csr_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear`` with a sparse CSR ``weight`` (matrix-vector kernel for a single input)."""
+    """``F.linear`` with a sparse CSR ``weight`` (matrix-vector kernel for a single input), in
+    ``F.linear``'s layout: a caller may ``view`` the result."""
+    return csr_linear_t(x, weight, bias).contiguous()
+
+
+def csr_linear_t(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """:func:`csr_linear` whose result (batches of more than one input) is a transposed view.
+
+    MKL's CSR x dense product wants a row-major right-hand side, i.e. x transposed, and gives
+    the result transposed. Returned as such (no copy), elementwise ops keep that layout, the next
+    CSR layer's transpose is free, and dense layers take it through BLAS's transpose flag; a
+    ``view`` of it fails, so :func:`to_sparse` uses this only where the result reaches nothing else.
+    """
     if x.dim() == 2 and x.shape[0] == 1:
         row = x[0]
         out = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)
         return out.unsqueeze(0)
-    # MKL's CSR x dense product wants a row-major right-hand side, i.e. x transposed. The result
-    # is returned as a transposed view (no copy): elementwise ops keep that layout, so the next
-    # CSR layer's transpose is free, and dense layers take it through BLAS's transpose flag.
     flat = x.reshape(-1, x.shape[-1]).t().contiguous()
     out = torch.mm(weight, flat)
     if bias is not None:
@@ -107,7 +116,7 @@ def faster_kernel(linear: nn.Linear, batch_size: int, rounds: int = 7, calls: in
     weight, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
     with torch.inference_mode():
         times = interleaved_times({"dense": lambda: dense_linear(x, weight, bias),
-                                   "sparse": lambda: csr_linear(x, csr, bias)}, rounds, calls, warmup=5)
+                                   "sparse": lambda: csr_linear_t(x, csr, bias)}, rounds, calls, warmup=5)
     return "sparse" if times["sparse"] < 0.9 * times["dense"] else "dense"
 
 
@@ -190,7 +199,7 @@ class _KernelsAsLeaves(fx.Tracer):
     Python bodies (a branch on the batch size) must stay calls, not be traced into."""
 
     def __init__(self, *args, **kwargs) -> None:
-        super().__init__(autowrap_functions=(csr_linear, dense_linear))
+        super().__init__(autowrap_functions=(csr_linear, csr_linear_t, dense_linear))
 
 
 def _trace_or_none(model: nn.Module) -> fx.GraphModule | None:
@@ -465,6 +474,7 @@ def _drop_units(layer: list, following: list) -> bool:
 
 
 _RELUS = (torch.relu, torch.relu_, F.relu)
+_LINEARS = (csr_linear, csr_linear_t, dense_linear)
 
 
 def _vector_chain(traced: fx.GraphModule) -> list[Layer] | None:
@@ -480,13 +490,13 @@ def _vector_chain(traced: fx.GraphModule) -> list[Layer] | None:
             current = node
         elif current is not None and current.op == "placeholder" and _is_flatten_1(traced, node, current):
             current = node
-        elif node.op == "call_function" and node.target in (csr_linear, dense_linear) and node.args[0] is current \
+        elif node.op == "call_function" and node.target in _LINEARS and node.args[0] is current \
                 and current.op != "placeholder":
             weight, bias = (getattr(traced, a.target) if a is not None else None for a in node.args[1:3])
             layers.append((weight, bias, False))
             current = node
         elif node.op == "call_function" and node.target in _RELUS and node.args[0] is current \
-                and layers and not layers[-1][2] and current.target in (csr_linear, dense_linear):
+                and layers and not layers[-1][2] and current.target in _LINEARS:
             layers[-1] = (*layers[-1][:2], True)
             current = node
         elif node.op == "output" and node.args[0] is current and layers:
@@ -540,10 +550,27 @@ def _inline_linears(traced: fx.GraphModule, choose: Callable[[str, nn.Linear], s
                 call = graph.call_function(torch.relu_ if module.inplace else torch.relu, (source,))
             node.replace_all_uses_with(call)
             graph.erase_node(node)
+    for node in graph.nodes:  # a transposed result where only linear layers read it, through ReLUs
+        if node.op == "call_function" and node.target is csr_linear and _only_reaches_linears(node):
+            node.target = csr_linear_t
     traced.delete_all_unused_submodules()
     graph.lint()
     traced.recompile()
     return traced
+
+
+def _only_reaches_linears(node: fx.Node) -> bool:
+    """Whether every use of ``node``'s result is the input of a linear kernel, directly or through
+    ReLUs (which keep a tensor's layout): then it may be a transposed view."""
+    for user in node.users:
+        if user.op == "call_function" and user.target in _LINEARS and user.args[0] is node \
+                and node not in user.args[1:]:
+            continue
+        if user.op == "call_function" and user.target in _RELUS and user.args[:1] == (node,) \
+                and node not in user.args[1:] and set(user.kwargs) <= {"inplace"} and _only_reaches_linears(user):
+            continue
+        return False
+    return True
 
 
 def _single_input(node: fx.Node) -> fx.Node | None:
