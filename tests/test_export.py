@@ -6,6 +6,7 @@ import json
 import pickle
 import threading
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -470,6 +471,29 @@ def test_a_failed_onnx_export_leaves_no_file_and_one_line(run_dir, tmp_path, mon
         export_run(run_dir, "onnx", tmp_path / "model.onnx")
 
 
+def test_an_untraceable_model_fails_onnx_export_in_one_line_without_torchs_dumps(capfd):
+    """torch.export prints graph dumps and log lines (dozens) before failing on data-dependent
+    control flow: the user sees the one line saying why."""
+    pytest.importorskip("onnxscript")
+    from contsparse.export.formats import export_onnx
+    from contsparse.export.run_model import RunModel
+
+    class BranchesOnData(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.linear(x) if x.sum() > 0 else -self.linear(x)
+
+    capfd.readouterr()
+    with pytest.raises(UserError, match="ONNX export of branches failed"):
+        export_onnx(RunModel(BranchesOnData().eval(), "branches", (4,), 2, {}, "synthetic", None),
+                    Path("unused.onnx"))
+    printed = capfd.readouterr()
+    assert printed.out == "" and printed.err == ""
+
+
 def test_exports_record_how_inputs_were_preprocessed(run_dir, tmp_path):
     onnx = pytest.importorskip("onnx")
     synthetic = load_run_model(run_dir)
@@ -479,6 +503,12 @@ def test_exports_record_how_inputs_were_preprocessed(run_dir, tmp_path):
     path.write_bytes(_serialise(run, "safetensors"))
     with safe_open(str(path), framework="pt") as handle:
         assert json.loads(handle.metadata()["input_preprocessing"]) == expected
+    compressed = tmp_path / "model.sparse.safetensors"  # the compressed format says the same
+    compressed.write_bytes(_serialise(run, "compressed"))
+    with safe_open(str(compressed), framework="pt") as handle:
+        assert json.loads(handle.metadata()["input_preprocessing"]) == expected
+        assert handle.metadata()["architecture"] == "lenet300"
+    torch.testing.assert_close(load_compressed(compressed), run.model.state_dict(), rtol=0, atol=0)
     export_onnx(run, tmp_path / "model.onnx")
     properties = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
     assert json.loads(properties["input_preprocessing"]) == expected and properties["architecture"] == "lenet300"

@@ -56,10 +56,14 @@ def save_compressed(state: dict[str, torch.Tensor], path: str | Path, min_zero_f
     write_atomic(Path(path), compressed_bytes(state, min_zero_fraction))
 
 
-def compressed_bytes(state: dict[str, torch.Tensor], min_zero_fraction: float = 0.5) -> bytes:
-    """The file :func:`save_compressed` writes, in memory."""
+def compressed_bytes(state: dict[str, torch.Tensor], min_zero_fraction: float = 0.5,
+                     extra_metadata: dict[str, str] | None = None) -> bytes:
+    """The file :func:`save_compressed` writes, in memory; ``extra_metadata`` (the architecture,
+    the input preprocessing) goes into the safetensors header beside the layout."""
     tensors, metadata = compress_state_dict(state, min_zero_fraction)
-    return save(for_safetensors(tensors), metadata=metadata)
+    if extra_metadata and FORMAT_KEY in extra_metadata:
+        raise ValueError(f"{FORMAT_KEY} is the layout's own metadata key")
+    return save(for_safetensors(tensors), metadata={**(extra_metadata or {}), **metadata})
 
 
 def load_compressed(path: str | Path) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -85,7 +86,7 @@ def _serialise(run: RunModel, fmt: str) -> bytes:
     if fmt == "safetensors":
         return save(for_safetensors(state), metadata=_metadata(run))
     if fmt == "compressed":
-        return compressed_bytes(state)
+        return compressed_bytes(state, extra_metadata=_metadata(run))
     buffer = io.BytesIO()
     torch.save(state, buffer)  # a plain state_dict: torch.load(path, weights_only=True) reads it
     return buffer.getvalue()
@@ -99,11 +100,15 @@ def export_onnx(run: RunModel, path: Path) -> None:
         raise UserError("ONNX export needs the onnx extras: pip install 'contsparse[onnx]'") from err
     example = torch.zeros(2, *run.input_shape)
     batch = torch.export.Dim("batch", min=1)
-    quiet = logging.getLogger("torch.onnx")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # "torchvision is not installed" and similar notes
+    # torch's exporter logs notes ("torchvision is not installed") and, when tracing fails, prints
+    # graph dumps (dozens of lines) before its error: the error's cause is reported below instead
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict) if name.startswith("torch")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(run.model, (example,), dynamo=True, input_names=["input"],
                                         output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False)
@@ -111,7 +116,8 @@ def export_onnx(run: RunModel, path: Path) -> None:
         raise UserError(f"ONNX export of {run.name} failed ({_root_cause(err)}); the safetensors, pytorch and "
                         "compressed formats need no tracing") from err
     finally:
-        quiet.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
     program.model.metadata_props.update(_metadata(run))
     with replaced_atomically(path) as tmp:  # never half a file at path (a full disk, a crash)
         program.save(str(tmp))
