@@ -275,6 +275,7 @@ class SparseInference(nn.Module):
         self._vector_forward = None if chain is None else _straight_line(chain)
         self._direct_call = None
         self._restore_direct_call()
+        self.train(False)  # its graph computes in eval mode whatever mode the converted model was in
 
     @property
     def has_vector_path(self) -> bool:
