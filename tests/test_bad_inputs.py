@@ -16,12 +16,14 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+import yaml
 from safetensors import SafetensorError
 from torch import nn
 
 from contsparse.cli import main
 from contsparse.data import register_dataset
 from contsparse.data.synthetic import load_synthetic
+from contsparse.experiments import RunConfig
 from contsparse.experiments.lock import RunLock
 from contsparse.faults import ENV
 from contsparse.models import register_model
@@ -132,6 +134,10 @@ def world(tmp_path_factory) -> dict[str, Path]:
     config = w["imports_run"] / "config.yaml"
     config.write_text(config.read_text().replace("imports: []", "imports:\n- evil_helpers"))
     (root / "evil_helpers.py").write_text(f"open({str(w['marker'])!r}, 'w').close()\n")
+    w["imports_sweep"] = root / "imports-sweep"  # a sweep folder from someone else, found by a diff review
+    w["imports_sweep"].mkdir()
+    base = {**RunConfig().to_dict(), "imports": ["evil_helpers"]}
+    (w["imports_sweep"] / "sweep.yaml").write_text(yaml.safe_dump({"base": base, "grid": {"mask_init": [-0.05]}}))
     w["truncated_csv"] = root / "truncated-csv"
     w["truncated_csv"].mkdir()
     (w["truncated_csv"] / "compare.csv").write_text(
@@ -304,6 +310,10 @@ CATALOGUE = [
     ("export to a file name too long", "export {done} --out {root}/" + "a" * 300 + ".safetensors",
      "File name too long", None),
     ("export of a run whose config imports modules", "export {imports_run} --out {root}/i.safetensors",
+     "importing a module runs its code: if you trust them, give --imports evil_helpers", "in_root"),
+    ("report of a sweep whose plan imports modules", "report {imports_sweep} --out {root}/rs",
+     "importing a module runs its code: if you trust them, give --imports evil_helpers", "in_root"),
+    ("sweep into a folder whose plan imports modules", "sweep --dataset synthetic --out {imports_sweep}",
      "importing a module runs its code: if you trust them, give --imports evil_helpers", "in_root"),
     ("export into a path under a file", "export {done} --out {a_file}/model.safetensors", "is a file, not a folder",
      None),

@@ -173,10 +173,12 @@ def test_gmp_raises_sparsity_gradually_to_the_target(tmp_path):
     lines = (tmp_path / "late/metrics.jsonl").read_text().splitlines()
     kept = [json.loads(line)["weights_remaining"] for line in lines]
     assert kept[0] == 1.0 and 1.0 > kept[1] > kept[2] and kept[2] == pytest.approx(0.1, abs=1e-3)
-    # a frequency longer than the window (15 steps here) would be one-shot pruning in disguise
-    once = make_config(dict(BASE, command="prune", method="gmp", sparsity=0.9, rounds=1, epochs=4, gmp_frequency=16))
-    with pytest.raises(UserError, match="longer than GMP's pruning window of 15 steps"):
-        Runner(once, tmp_path / "once", quiet).execute()
+    # fewer than 4 pruning steps in the window (15 steps here) would be one-shot pruning in disguise
+    for frequency, steps in ((4, 3), (15, 1), (16, 0)):
+        once = make_config(dict(BASE, command="prune", method="gmp", sparsity=0.9, rounds=1, epochs=4,
+                                gmp_frequency=frequency))
+        with pytest.raises(UserError, match=f"leaves {steps} pruning steps in GMP's window of 15 steps"):
+            Runner(once, tmp_path / "once", quiet).execute()
     with pytest.raises(UserError, match="gmp_start_epoch must be >= 0 and before 3/4"):
         make_config(dict(BASE, command="prune", method="gmp", sparsity=0.9, rounds=1, epochs=4, gmp_start_epoch=3))
 
@@ -272,6 +274,12 @@ def test_one_failing_run_does_not_cost_the_comparison_its_report(tmp_path, capsy
     rows = list(csv.DictReader((tmp_path / "cmp/compare.csv").read_text().splitlines()))
     assert {r["label"] for r in rows if r["method"] == "cs"} == {"cs s0=-0.02"}  # the others are all reported
     assert {r["method"] for r in rows} == {"dense", "cs", "imp", "random"} and (tmp_path / "cmp/compare.md").exists()
+    # the first run failing (a damaged dense baseline) costs the others nothing either
+    (tmp_path / "cmp" / "dense-seed0" / "config.yaml").write_text("x: 1\n")
+    assert main(argv) == 2
+    assert "2 run(s) of the comparison failed" in capsys.readouterr().err
+    rows = list(csv.DictReader((tmp_path / "cmp/compare.csv").read_text().splitlines()))
+    assert {r["method"] for r in rows} == {"cs", "imp", "random"}
 
 
 def test_search_progress_follows_the_sparsest_ticket_near_dense_not_the_most_accurate_network():

@@ -366,8 +366,8 @@ def test_a_relative_data_dir_is_kept_as_an_absolute_path(tmp_path, monkeypatch):
 def test_a_run_saved_before_a_setting_existed_is_the_same_run(tmp_path, capsys):
     """Settings added later (ADDED_LATER) are missing from older config.yaml files: read with their
     defaults, which keep the old behaviour, not as a change of settings."""
-    argv = ["prune", "--method", "gmp", "--sparsity", "0.5", "--gmp-frequency", "2", "--dataset", "synthetic",
-            "--synthetic-size", "256", "--epochs", "2", "--out", str(tmp_path / "old")]
+    argv = ["prune", "--method", "gmp", "--sparsity", "0.5", "--gmp-frequency", "2", "--batch-size", "16",
+            "--dataset", "synthetic", "--synthetic-size", "256", "--epochs", "2", "--out", str(tmp_path / "old")]
     assert main(argv) == 0
     config = tmp_path / "old" / "config.yaml"
     config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)

@@ -787,3 +787,18 @@ def test_casting_a_converted_model_is_refused_not_half_done():
         sparse.double()
     sparse.float().cpu()  # changes nothing: allowed
     assert sparse(torch.randn(1, 2, 3)).dtype == torch.float32
+
+
+def test_export_writes_beside_a_baseline_but_never_over_a_runs_or_collections_files(tmp_path, capsys):
+    """The nearest run folder decides what is whose: a ticket's dense/ baseline is a run of its own."""
+    ticket = tmp_path / "ticket"
+    assert main(["ticket", "--dataset", "synthetic", "--synthetic-size", "256", "--epochs", "2", "--rounds", "1",
+                 "--ticket-epochs", "1", "--rewind-epoch", "0", "--out", str(ticket)]) == 0
+    assert main(["export", str(ticket / "dense")]) == 0
+    assert (ticket / "dense" / "export.safetensors").is_file()
+    assert main(["export", str(ticket / "dense"), "--out", str(ticket / "model.safetensors")]) == 2
+    assert "is one of the files of the run, sweep or comparison" in capsys.readouterr().err
+    (tmp_path / "cmp").mkdir()
+    (tmp_path / "cmp" / "compare.json").write_text("{}")
+    assert main(["export", str(ticket), "--format", "pytorch", "--out", str(tmp_path / "cmp" / "compare.csv")]) == 2
+    assert f"{tmp_path / 'cmp'}; writing it would damage it" in capsys.readouterr().err

@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-sizes", type=_batch_size, nargs="+", default=[1, 256], metavar="N",
                        help="batch sizes to time (default: 1 256)")
     bench.add_argument("--blocks", type=int, default=15, help="interleaved timing blocks per variant")
-    for command in (export, bench):
+    for command in (export, bench, report):
         command.add_argument("--imports", nargs="+", default=[], metavar="MODULE",
                              help="modules of your own that the run's config.yaml lists (they define its model): "
                                   "importing runs their code, so they are imported only when named here")
@@ -286,9 +286,10 @@ def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = No
         preset.pop("command", None)  # the command given wins
         from_file = load_yaml(args.config) if args.config else {}
         values = {**preset, **from_file}
-        if from_file.get("command", args.command) != args.command and _reports():
+        given = getattr(args, "invoked_as", args.command)  # compare and sweep configure ticket runs
+        if from_file.get("command", given) not in (given, args.command) and _reports():
             print(f"contsparse: note: {args.config} is a config for `{from_file['command']}`; its settings are used "
-                  f"for `{args.command}`, the command given", file=sys.stderr)
+                  f"for `{given}`, the command given", file=sys.stderr)
         values["command"] = args.command
         if args.command == "prune" and "rounds" not in values:
             values["rounds"] = 1
@@ -445,7 +446,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
     if args.seeds < 1 or args.imp_rounds < 1 or args.random_every < 1:
         raise UserError("--seeds, --imp-rounds and --random-every must be >= 1")
-    args.command = "ticket"
+    args.invoked_as, args.command = "compare", "ticket"
     base = config_from_args(args)
     out = args.out or Path("runs") / f"compare-{base.model}-{base.dataset}"
     plan = ComparePlan(base, tuple(range(base.seed, base.seed + args.seeds)), tuple(args.mask_inits),
@@ -489,7 +490,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise UserError("--seeds must be >= 1")
-    run_flag, args.command = args.run, args.run or "ticket"
+    run_flag, args.invoked_as, args.command = args.run, "sweep", args.run or "ticket"
     base = config_from_args(args)
     grid = parse_assignments(args.grid or [], "--grid")
     points_given = [parse_point(p) for p in args.point or []]
@@ -561,6 +562,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in READS_OTHERS_FOLDERS:  # their saved settings may import only the --imports given
+            from contsparse.experiments.user_modules import trusting_only
+
+            with trusting_only(getattr(args, "imports", None) or []):
+                return COMMANDS[args.command](args)
         return COMMANDS.get(args.command, run_training)(args)
     except UserError as err:
         if args.debug:
@@ -583,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # where the machine refuses a path or a write: a full disk, a read-only folder, a name too long, a symlink loop
+# Commands that read run or sweep folders which may come from anyone (resume continues one's own run)
+READS_OTHERS_FOLDERS = {"report", "sweep", "export", "bench-inference"}
 _MACHINE_REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG,
                      errno.ELOOP}
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from contsparse.data import load_dataset
 from contsparse.errors import UserError
 from contsparse.experiments.config import RunConfig, validate
 from contsparse.experiments.rundir import RunDir, require_collection_folder
@@ -55,8 +56,9 @@ def run_comparison(plan: ComparePlan, out: Path, log: Log, failures: list[str] |
     """Train (or reuse) every run of ``plan`` in ``out``; the rows of the finished ones. With
     ``failures`` given, a run that fails with a user-facing error (a diverged run, a damaged
     folder) is recorded there and the others go on, so that one bad run does not cost the report
-    of the rest; the first run failing still stops everything (a missing dataset would fail every
-    run the same way). Without it, the first failure stops the comparison."""
+    of the rest; if every run fails, the first failure is raised. The dataset is loaded once
+    first, so that a missing one stops the comparison at once instead of failing every run.
+    Without ``failures``, the first failure stops the comparison."""
     rows: list[Row] = []
     base = dataclasses.replace(plan.base, dense_baseline=False)
     check_plan(plan)
@@ -66,13 +68,16 @@ def run_comparison(plan: ComparePlan, out: Path, log: Log, failures: list[str] |
         validate(dataclasses.replace(base, command="ticket", method="cs", mask_init=s0))
     if "imp" in plan.methods:
         imp_config(base, plan.imp_rounds)
+    load_dataset(base.dataset, base.data_dir, base.data_options())
+    first_failure: list[UserError] = []
 
     def run(config: RunConfig, path: Path) -> dict[str, Any] | None:
         try:
             return Runner(config, path, log).execute()
         except UserError as err:
-            if failures is None or not rows:
+            if failures is None:
                 raise
+            first_failure.append(err)
             failures.append(f"{path.name}: {err}")
             log(f"{path.name} failed: {err}; the comparison goes on without it")
             return None
@@ -104,6 +109,8 @@ def run_comparison(plan: ComparePlan, out: Path, log: Log, failures: list[str] |
                                              epochs=seeded.rewind_epoch + 1)
                 if (summary := run(config, path)) is not None:
                     rows.append(_single(summary, "random", f"random {100 * kept:.2f} %", seed, path))
+    if first_failure and not rows:  # nothing to report: the failure is the answer
+        raise first_failure[0]
     return rows
 
 
@@ -178,13 +185,14 @@ def sparsest_within(groups: list[dict[str, Any]], dense_val_accuracy: float, tol
                     ) -> dict[str, dict[str, Any]]:
     """Per method: the ticket with the fewest weights whose *validation* accuracy is >= dense's -
     tolerance. Chosen on the validation set, so that its test accuracy stays an unbiased report
-    (groups without a validation accuracy, from older comparisons, or with a NaN one are not chosen)."""
+    (groups without a validation accuracy, from older comparisons, or with a NaN one are not chosen).
+    A network with all its weights (IMP's round 0) is no ticket."""
     best: dict[str, dict[str, Any]] = {}
     if not math.isfinite(dense_val_accuracy):  # a diverged or unevaluated dense run sets no bar
         return best
     for group in groups:
         val = group["val_accuracy"]
-        if group["method"] == "dense" or val is None or not math.isfinite(val) \
+        if group["method"] == "dense" or group["weights_remaining"] >= 1.0 or val is None or not math.isfinite(val) \
                 or val < dense_val_accuracy - tolerance:
             continue
         current = best.get(group["method"])

@@ -264,8 +264,10 @@ class Runner:
             data = self._load_data()  # a data problem stops the run before anything is written, as do
             resolve_device(device_for(self.config.device, self.dist))  # a missing GPU,
             steps = len(make_batches(data.train, self.config.batch_size, shard=self.dist.shard))
-            try:  # masks that do not fit (--mask-from), a schedule the data's size rules out,
-                masked_model(self.config, data, steps)[1].check_schedule()
+            method = masked_model(self.config, data, steps)[1]  # masks that do not fit (--mask-from),
+            try:  # a schedule the data's size rules out (a run trained under it goes on as it began)
+                if not self.run.has_started():
+                    method.check_schedule()
             except ValueError as err:
                 raise UserError(str(err)) from err
             if self.config.tensorboard and self.dist.is_main:

@@ -10,17 +10,40 @@ an empty namespace package and break whatever probed it.
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import importlib.machinery
 import os
 import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from contsparse.errors import UserError
 
+# The modules that settings read from files (a run folder or sweep from anyone) may import; None: any
+_TRUSTED: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar("trusted_imports", default=None)
+
+
+@contextmanager
+def trusting_only(names: Iterable[str]) -> Iterator[None]:
+    """Within this block, settings may import only ``names`` (the user's ``--imports``): commands
+    that read run or sweep folders (export, bench-inference, report, sweep into an existing
+    folder) must not run code that a folder's saved settings name."""
+    token = _TRUSTED.set(frozenset(names))
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
 
 def import_modules(names: list[str]) -> None:
     """Import the user's modules by name, the current directory last on the path."""
+    trusted = _TRUSTED.get()
+    untrusted = [name for name in names if trusted is not None and name not in trusted and name not in sys.modules]
+    if untrusted:
+        raise UserError(f"saved settings name module(s) to import ({', '.join(untrusted)}); importing a module runs "
+                        f"its code: if you trust them, give --imports {' '.join(untrusted)}")
     for name in names:
         module = sys.modules.get(name)
         if module is None:

@@ -36,8 +36,8 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, imp
                         f"name ending in {FORMATS[fmt]}")
     owner = _run_owning(path)
     if owner is not None:
-        raise UserError(f"--out {path} is one of the files of the run {owner}; writing it would damage that run: "
-                        "give another file name")
+        raise UserError(f"--out {path} is one of the files of the run, sweep or comparison {owner}; writing it "
+                        "would damage it: give another file name")
     run = load_run_model(run_dir, imports)
     if path.is_dir():
         raise UserError(f"--out {path} is a directory; give a file name")
@@ -68,13 +68,22 @@ def _format_named_by(path: Path) -> str | None:
     return suffixes.get(path.suffix.lower())
 
 
+# Files of a sweep or comparison folder that contsparse reads back (plans, tables) or writes
+COLLECTION_FILES = {"sweep.yaml", "sweep.json", "sweep.csv", "sweep.md", "sweep.png", "compare.json", "compare.csv",
+                    "compare.md", "accuracy_vs_weights.png", "accuracy_vs_epochs.png"}
+
+
 def _run_owning(path: Path) -> Path | None:
-    """The run folder (a folder above ``path`` holding a config.yaml) whose own file ``path`` is,
-    if any: any run's, not only the one exported."""
+    """The run, sweep or comparison folder whose own file ``path`` is, if any (any run's, not only
+    the one exported): the nearest run folder above it decides (a ticket's dense/ baseline is a run
+    of its own inside the ticket's folder)."""
     try:
         resolved = path.resolve()
         for folder in resolved.parents:
-            if (folder / RunDir.CONFIG).is_file() and RunDir(folder).owns(resolved):
+            if (folder / RunDir.CONFIG).is_file():
+                return folder if RunDir(folder).owns(resolved) else None
+            collection = (folder / "sweep.yaml").is_file() or (folder / "compare.json").is_file()
+            if collection and resolved.parent == folder and resolved.name in COLLECTION_FILES:
                 return folder
     except (OSError, RuntimeError) as err:  # a name too long, a symlink loop
         raise UserError(f"--out {path}: {getattr(err, 'strerror', None) or err}") from err

@@ -14,6 +14,7 @@ from torch import nn
 from contsparse.errors import UserError
 from contsparse.experiments.config import load_saved_config, make_config
 from contsparse.experiments.rundir import RunDir
+from contsparse.experiments.user_modules import trusting_only
 from contsparse.models import build_model
 
 
@@ -36,13 +37,11 @@ def load_run_model(run_dir: str | Path, imports: Iterable[str] = ()) -> RunModel
     named in ``imports`` (``--imports``), the caller's word that it is trusted."""
     run = RunDir(run_dir)
     summary = run.read_summary()  # refuses what is not a finished run, with the reason
-    saved = load_saved_config(run.file(RunDir.CONFIG))
-    listed = saved.get("imports") or []
-    untrusted = [str(name) for name in (listed if isinstance(listed, list) else [listed]) if name not in set(imports)]
-    if untrusted:
-        raise UserError(f"{run.path} builds its model with module(s) its config.yaml names ({', '.join(untrusted)}); "
-                        f"importing a module runs its code: if you trust them, give --imports {' '.join(untrusted)}")
-    config = make_config(saved)
+    try:
+        with trusting_only(imports):
+            config = make_config(load_saved_config(run.file(RunDir.CONFIG)))
+    except UserError as err:
+        raise UserError(f"{run.path}: {err}") from err
     if "input_shape" in summary:
         input_shape, num_classes = tuple(summary["input_shape"]), int(summary["num_classes"])
     else:  # runs written before the summary recorded the data's shape

@@ -252,13 +252,17 @@ class GradualMagnitudePruning(HardMaskMethod):
         super().__init__(settings)
         self.start, self.end = self.window(settings)
 
+    MIN_PRUNING_STEPS = 4  # fewer, and the first cut already takes most of the target: pruning in one shot
+
     def check_schedule(self) -> None:
         settings = self.settings
-        if settings.gmp_frequency > self.end - self.start:
-            raise ValueError(f"gmp_frequency = {settings.gmp_frequency} steps is longer than GMP's pruning window of "
-                             f"{self.end - self.start} steps (epoch {settings.gmp_start_epoch} to 3/4 of "
-                             f"{settings.epochs_per_round} epochs of {settings.steps_per_epoch} steps): it would "
-                             "prune once, at the end, as one-shot magnitude pruning; give a smaller gmp_frequency")
+        window = self.end - self.start
+        if window // settings.gmp_frequency < self.MIN_PRUNING_STEPS:
+            raise ValueError(f"gmp_frequency = {settings.gmp_frequency} steps leaves {window // settings.gmp_frequency}"
+                             f" pruning steps in GMP's window of {window} steps (epoch {settings.gmp_start_epoch} to "
+                             f"3/4 of {settings.epochs_per_round} epochs of {settings.steps_per_epoch} steps), fewer "
+                             f"than {self.MIN_PRUNING_STEPS}: that is close to one-shot magnitude pruning, not "
+                             f"gradual; give a gmp_frequency of at most {max(1, window // self.MIN_PRUNING_STEPS)}")
 
     @staticmethod
     def window(settings: PruneSettings) -> tuple[int, int]:
