@@ -253,11 +253,33 @@ def test_base_flags_reach_the_points(tmp_path, capsys):
     assert "mask_init: 0.05" in saved and "seed: 3" in saved
 
 
+def test_the_target_sparsity_of_a_baseline_is_swept(tmp_path, capsys):
+    """--sparsity, which magnitude pruning needs, may come from the grid alone."""
+    assert main(["sweep", *TINY_FLAGS, "--run", "prune", "--method", "magnitude", "--grid", "sparsity=0.5,0.9",
+                 "--no-dense-reference", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "sweep.json").read_text())["points"]
+    assert sorted(round(r["weights_remaining"], 3) for r in rows) == [0.1, 0.5]
+    assert main(["report", str(tmp_path)]) == 0  # the saved plan reads back
+    assert main(["sweep", *TINY_FLAGS, "--run", "prune", "--method", "magnitude", "--no-dense-reference",
+                 "--out", str(tmp_path / "none")]) == 2  # no point gives it: refused before anything runs
+    assert "give --sparsity" in capsys.readouterr().err
+    assert main(["compare", "--dataset", "synthetic", "--out", str(tmp_path)]) == 2  # a sweep is no comparison
+    assert "is a sweep folder; give a new folder for the comparison" in capsys.readouterr().err
+
+
+def test_a_sweep_started_by_torchrun_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["sweep", *TINY_FLAGS, "--out", str(tmp_path / "s")]) == 2
+    assert "start it without torchrun" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
 def test_sweep_flag_mistakes_are_one_line_errors(tmp_path, capsys):
     for argv, message in ((["--grid", "mask_init"], "expected KEY=VALUE"),
                           (["--grid", "epochz=1"], "cannot sweep over epochz"),
                           (["--workers", "0"], "--workers must be >= 1"),
-                          (["--threads", "0"], "--threads must be >= 1"),
+                          (["--threads", "0"], "--threads must be in [1, 1024]"),
+                          (["--threads", "99999999999"], "--threads must be in [1, 1024]"),
+                          (["--lr", "-1"], "learning rates must be > 0"),  # shared settings: checked with each point
                           (["--seeds", "0"], "--seeds must be >= 1"),
                           (["--run", "prune", "--grid", "command=train"], "command is given twice: by --run and")):
         assert main(["sweep", *TINY_FLAGS, *argv, "--out", str(tmp_path / "s")]) == 2

@@ -276,8 +276,9 @@ def _add_field_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, s
         parser.add_argument(flag, default=None, metavar=field.name.upper(), help=help_text)
 
 
-def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> RunConfig:
-    """Settings from ``saved`` (a resumed run's), or preset < ``--config`` < flags."""
+def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = None, check: bool = True) -> RunConfig:
+    """Settings from ``saved`` (a resumed run's), or preset < ``--config`` < flags; ``check=False``
+    for a sweep's shared settings (see :func:`make_config`)."""
     if saved is not None:
         values: dict[str, Any] = dict(saved)
         preset: dict[str, Any] = {}
@@ -303,7 +304,7 @@ def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = No
     if "rewind_epoch" in preset and values["rewind_epoch"] == preset["rewind_epoch"] and "rewind_epoch" not in given:
         epochs = int(values.get("epochs", preset.get("epochs", 1)))
         values["rewind_epoch"] = min(values["rewind_epoch"], max(epochs - 1, 0))
-    return make_config(values)
+    return make_config(values, check)
 
 
 # Flags a command takes (they share a config) but does not act on
@@ -490,8 +491,12 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise UserError("--seeds must be >= 1")
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # every rank would drive a sweep of its own
+        raise UserError("sweep runs its points in processes of its own: start it without torchrun (--workers, "
+                        "--ray-address and --gpus-per-point spread the points)")
     run_flag, args.invoked_as, args.command = args.run, "sweep", args.run or "ticket"
-    base = config_from_args(args)
+    # checked point by point (plan.expand): a setting the base lacks may come from the grid (sparsity=...)
+    base = config_from_args(args, check=False)
     grid = parse_assignments(args.grid or [], "--grid")
     points_given = [parse_point(p) for p in args.point or []]
     for key in sorted({*grid, *(k for point in points_given for k in point)}):

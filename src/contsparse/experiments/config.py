@@ -203,8 +203,10 @@ def with_later_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     return {**ADDED_LATER, **saved}
 
 
-def make_config(values: dict[str, Any]) -> RunConfig:
-    """Build and validate a config from a dict (YAML values, then flags on top)."""
+def make_config(values: dict[str, Any], check: bool = True) -> RunConfig:
+    """Build and validate a config from a dict (YAML values, then flags on top). ``check=False``
+    leaves the settings as a whole unchecked (each value is still coerced to its type): a sweep's
+    shared settings, which only its points, with their own values, must satisfy."""
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise UserError(f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(FIELDS))}")
@@ -213,7 +215,8 @@ def make_config(values: dict[str, Any]) -> RunConfig:
         values["data_dir"] = str(Path(values["data_dir"]).expanduser().absolute())
     config = RunConfig(**values)
     import_modules(config.imports)  # before validating: they may register the model or dataset named
-    validate(config)
+    if check:
+        validate(config)
     return config
 
 

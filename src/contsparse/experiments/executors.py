@@ -34,6 +34,8 @@ from contsparse.errors import RunInterrupted, UserError
 TOKEN_FILE = ".sweep-token"
 _PR_SET_PDEATHSIG = 1
 
+MAX_THREADS = 1024  # torch.set_num_threads overflows far above; no machine has more cores per point
+
 
 @dataclass(frozen=True)
 class PointJob:
@@ -168,8 +170,8 @@ class LocalPool:
     def __init__(self, workers: int, threads: int | None = None, cuda_devices: int = 0) -> None:
         if workers < 1:
             raise UserError(f"--workers must be >= 1, got {workers}")
-        if threads is not None and threads < 1:
-            raise UserError(f"--threads must be >= 1, got {threads}")
+        if threads is not None and not 1 <= threads <= MAX_THREADS:
+            raise UserError(f"--threads must be in [1, {MAX_THREADS}], got {threads}")
         self.capacity = workers
         self.threads = threads or max(1, available_cores() // workers)
         self._gpus = visible_gpus(cuda_devices)
@@ -340,8 +342,8 @@ class RayExecutor:
             import ray
         except ImportError:
             raise UserError("--ray-address needs Ray: pip install 'contsparse[ray]'") from None
-        if threads < 1 or not (math.isfinite(gpus) and gpus >= 0):
-            raise UserError("--threads must be >= 1 and --gpus-per-point >= 0")
+        if not 1 <= threads <= MAX_THREADS or not (math.isfinite(gpus) and gpus >= 0):
+            raise UserError(f"--threads must be in [1, {MAX_THREADS}] and --gpus-per-point >= 0")
         self._ray = ray
         try:
             # "local" starts a Ray for this sweep; "auto" and HOST:PORT join a running cluster.

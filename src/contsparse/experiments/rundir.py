@@ -243,6 +243,9 @@ SUMMARY_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+COLLECTION_MARKERS = {"sweep.yaml": "sweep", "compare.json": "comparison"}  # the file that makes a folder one
+
+
 def require_collection_folder(path: Path, marker: str, what: str, holds_runs: bool = False) -> None:
     """Refuse an ``--out`` for a sweep or comparison that is a run directory, or a folder with
     other files in it (its runs and tables would be mixed with them): it must be new, empty, or
@@ -253,6 +256,9 @@ def require_collection_folder(path: Path, marker: str, what: str, holds_runs: bo
         raise UserError(f"--out {path} is a file; give a folder for the {what}")
     if (path / RunDir.CONFIG).is_file():
         raise UserError(f"--out {path} is a run directory; give a new folder for the {what}")
+    other = next((name for name in COLLECTION_MARKERS if name != marker and (path / name).is_file()), None)
+    if other is not None:
+        raise UserError(f"--out {path} is a {COLLECTION_MARKERS[other]} folder; give a new folder for the {what}")
     entries = [e for e in path.iterdir() if not e.name.startswith(".")]  # hidden: the sweep's token, .DS_Store
     made_before = (path / marker).exists() or (holds_runs and any((e / RunDir.CONFIG).is_file() for e in entries))
     if entries and not made_before:

@@ -131,7 +131,7 @@ class SweepPlan:
             raise ValueError("points is not a list of mappings")
         if type(seeds) is not int or seeds < 1:
             raise ValueError(f"seeds is {seeds!r}, not a positive integer")
-        return cls(make_config(data["base"]), {str(k): v for k, v in grid.items()},
+        return cls(make_config(data["base"], check=False), {str(k): v for k, v in grid.items()},
                    [{str(k): v for k, v in p.items()} for p in points], seeds,
                    bool(data.get("dense_reference", True)))
 
