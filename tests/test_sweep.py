@@ -542,3 +542,40 @@ def _big_outcome_worker(connection, job, driver, stop):
     from contsparse.experiments.executors import PointOutcome, _send
 
     _send(connection, PointOutcome(job.name, "failed", message="x" * 200_000))
+
+
+def test_a_ctrl_c_while_a_finished_worker_exits_keeps_its_outcome():
+    """The pool reads a worker's outcome, then joins the process (it takes a while to exit): a
+    Ctrl-C in the join must not turn the finished point into a dead worker when collected again,
+    and a worker that the sweep's own Ctrl-C stopped is interrupted, not failed."""
+    import multiprocessing
+
+    from contsparse.experiments.executors import PointOutcome
+
+    class ExitingWorker:
+        exitcode = -signal.SIGINT
+
+        def __init__(self):
+            self.joins = 0
+
+        def join(self):
+            self.joins += 1
+            if self.joins == 1:
+                raise KeyboardInterrupt
+
+    pool = LocalPool(1, threads=1)
+    receive, send = multiprocessing.Pipe(duplex=False)
+    send.send(PointOutcome("p", "done", summary={"weights_remaining": 0.1}))
+    pool._live["p"] = (ExitingWorker(), receive)
+    with pytest.raises(KeyboardInterrupt):
+        pool._collect("p", *pool._live["p"])
+    assert pool._collect("p", *pool._live["p"]).status == "done" and not pool._live
+    receive, _ = multiprocessing.Pipe(duplex=False)  # a worker that died without a word
+    pool._live["q"] = (ExitingWorker(), receive)
+    pool._live["q"][0].joins = 1
+    assert pool._collect("q", *pool._live["q"]).status == "failed"
+    pool._stop.set()  # ... unless the sweep was stopping it
+    receive, _ = multiprocessing.Pipe(duplex=False)
+    pool._live["r"] = (ExitingWorker(), receive)
+    pool._live["r"][0].joins = 1
+    assert pool._collect("r", *pool._live["r"]).status == "interrupted"

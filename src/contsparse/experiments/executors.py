@@ -178,6 +178,7 @@ class LocalPool:
         self._context = multiprocessing.get_context("spawn")
         self._live: dict[str, tuple[Any, Connection]] = {}
         self._gpu_of: dict[str, int] = {}
+        self._received: dict[str, PointOutcome] = {}  # read from a worker, kept until it has been joined
         self._stop = self._context.Event()  # set with the SIGINTs, for points still starting up
 
     def start(self, job: PointJob) -> None:
@@ -215,19 +216,24 @@ class LocalPool:
         return out
 
     def _collect(self, name: str, process: Any, receive: Connection) -> PointOutcome:
-        outcome = None
+        # What the worker sent is kept before the join (a worker takes a while to exit): a Ctrl-C
+        # during the join must not turn a finished point into a dead worker when collected again.
+        outcome = self._received.get(name)
         try:
-            if receive.poll():
-                outcome = receive.recv()
+            if outcome is None and receive.poll():
+                outcome = self._received[name] = receive.recv()
         except (EOFError, OSError):
             pass
         process.join()
         receive.close()
         del self._live[name]
+        self._received.pop(name, None)
         self._gpu_of.pop(name, None)
         if outcome is None:
             code = process.exitcode
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+            if self._stop.is_set():  # stopped by the sweep's own Ctrl-C (a second one: at once)
+                return PointOutcome(name, "interrupted", message=f"stopped ({how})", threads=self.threads)
             outcome = PointOutcome(name, "failed", message=f"the worker process died ({how})", threads=self.threads)
         return outcome
 
