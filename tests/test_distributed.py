@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from contsparse.errors import UserError
 from contsparse.faults import ENV
 
 ARGS = ["ticket", "--model", "lenet300", "--dataset", "synthetic", "--train-subset", "512", "--batch-size", "64",
@@ -237,3 +238,32 @@ def test_a_gpu_index_under_torchrun_is_refused_before_any_process_group(monkeypa
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(UserError, match="give --device cuda"):
         from_environment("cuda:0")
+
+
+def test_a_refusal_only_the_first_process_makes_stops_every_process_with_its_reason(tmp_path):
+    """Rank 0 alone looks at the run folder (a folder of other files here): the other process
+    learns its refusal instead of failing in the next collective with a connection error."""
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "beach.jpg").write_bytes(b"\xff\xd8")
+    done = run(tmp_path / "photos", 2)
+    assert done.returncode != 0
+    assert done.stderr.count("contsparse: error: ") == 2 and "is not a contsparse run directory" in done.stderr
+    assert "Connection closed" not in done.stderr and "[rank1]: Traceback" not in done.stderr
+
+
+def test_processes_given_different_settings_are_refused(tmp_path):
+    from contsparse.experiments import Runner, make_config
+    from contsparse.experiments.distributed import Distributed
+
+    class OtherRankDiffers(Distributed):
+        def gather(self, value):
+            version, _, settings = value
+            other = make_config({**settings, "lr": 0.01})
+            return [value, (version, other.identity(), other.to_dict())]
+
+    runner = Runner(make_config({"dataset": "synthetic"}), tmp_path / "run")
+    runner.dist = OtherRankDiffers(rank=0, world_size=2)
+    with pytest.raises(UserError, match=r"different settings \(rank 0 vs rank 1: lr: 0.0012 vs 0.01\)"):
+        runner._check_processes_agree()
+    runner.dist = Distributed(rank=0, world_size=1)
+    runner._check_processes_agree()  # one process: nothing to compare

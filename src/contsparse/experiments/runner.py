@@ -239,23 +239,55 @@ class Runner:
         self.dist = Distributed()
 
     # -- entry point ----------------------------------------------------------------------------
+    def _raise_any_refusal(self, refusal: str | None) -> None:
+        """Under torchrun, every process raises what one of them refused (instead of the others
+        failing in the next collective with a connection error); a barrier otherwise."""
+        if not self.dist.enabled:
+            return
+        given = [r for r in self.dist.gather(refusal) if r]
+        if given:
+            raise UserError(str(given[0]))
+
+    def _check_processes_agree(self) -> None:
+        """torchrun's processes must run one configuration of one contsparse: different settings
+        would train a different model than the one recorded, or hang in a collective."""
+        if not self.dist.enabled:
+            return
+        views = self.dist.gather((contsparse.__version__, self.config.identity(), self.config.to_dict()))
+        if any(view[:2] != views[0][:2] for view in views):
+            rank, (version, _, settings) = next((r, v) for r, v in enumerate(views) if v[:2] != views[0][:2])
+            differing = sorted(k for k in settings if settings[k] != views[0][2].get(k))
+            what = (f"contsparse {version} vs {views[0][0]}" if version != views[0][0]
+                    else ", ".join(f"{k}: {views[0][2].get(k)!r} vs {settings[k]!r}" for k in differing))
+            raise UserError(f"the torchrun processes were given different settings (rank 0 vs rank {rank}: {what}); "
+                            "start every process with the same command")
+
     def execute(self) -> dict[str, Any]:
         flush_denormals()  # first: it reaches OpenMP's worker threads only if they start after it
         self.dist = from_environment(self.config.device)
         self.run.writable = self.dist.is_main
         if not self.dist.is_main:
             self.log = _silent
+        self._check_processes_agree()
         with ExitStack() as stack:
+            refusal = None
             if self.dist.is_main:
-                self._refuse_foreign_folder()  # before the lock file would be left in it
-                fresh = not self.run.path.exists()
-                self.run.create()
-                lock = stack.enter_context(RunLock(self.run.path))
-                if fresh:  # a new run that stops before writing its settings leaves no folder behind
-                    stack.callback(self.run.remove_if_unclaimed)  # (while it still holds the lock)
-                if lock.stale_owner:
-                    self.log(f"{self.run.path}: taking over the lock left by a stopped run ({lock.stale_owner})")
-            self.dist.barrier()  # the directory exists for every process
+                try:
+                    self._refuse_foreign_folder()  # before the lock file would be left in it
+                    fresh = not self.run.path.exists()
+                    self.run.create()
+                    lock = stack.enter_context(RunLock(self.run.path))
+                    if fresh:  # a new run that stops before writing its settings leaves no folder behind
+                        stack.callback(self.run.remove_if_unclaimed)  # (while it still holds the lock)
+                except UserError as err:
+                    if not self.dist.enabled:
+                        raise
+                    refusal = str(err)
+                else:
+                    if lock.stale_owner:
+                        self.log(f"{self.run.path}: taking over the lock left by a stopped run ({lock.stale_owner})")
+            # the directory exists for every process; a refusal only the first could make stops all
+            self._raise_any_refusal(refusal)
             self.check_settings()
             self.dist.barrier()  # every process has read the directory before the first one writes to it
             if self.run.is_finished():
