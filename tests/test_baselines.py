@@ -174,11 +174,14 @@ def test_gmp_raises_sparsity_gradually_to_the_target(tmp_path):
     kept = [json.loads(line)["weights_remaining"] for line in lines]
     assert kept[0] == 1.0 and 1.0 > kept[1] > kept[2] and kept[2] == pytest.approx(0.1, abs=1e-3)
     # fewer than 4 pruning steps in the window (15 steps here) would be one-shot pruning in disguise
-    for frequency, steps in ((4, 3), (15, 1), (16, 0)):
+    for frequency, steps in ((5, 3), (15, 1), (16, 1)):  # every `frequency` steps and at the window's end
         once = make_config(dict(BASE, command="prune", method="gmp", sparsity=0.9, rounds=1, epochs=4,
                                 gmp_frequency=frequency))
-        with pytest.raises(UserError, match=f"leaves {steps} pruning steps in GMP's window of 15 steps"):
+        with pytest.raises(UserError, match=rf"leaves {steps} pruning step\(s\) in GMP's window of 15 steps"):
             Runner(once, tmp_path / "once", quiet).execute()
+    short = make_config(dict(BASE, command="prune", method="gmp", sparsity=0.9, rounds=1, epochs=1, gmp_frequency=1))
+    with pytest.raises(UserError, match="train more epochs, or take smaller batches"):  # 3 steps: no frequency fits
+        Runner(short, tmp_path / "short", quiet).execute()
     with pytest.raises(UserError, match="gmp_start_epoch must be >= 0 and before 3/4"):
         make_config(dict(BASE, command="prune", method="gmp", sparsity=0.9, rounds=1, epochs=4, gmp_start_epoch=3))
 
@@ -231,7 +234,7 @@ def test_each_imp_round_of_the_reinit_control_draws_its_own_initialisation(tmp_p
     assert not any(torch.equal(a, b) for i, a in enumerate(weights) for b in weights[i + 1:])
 
 
-def test_compare_writes_tables_and_plots_and_reuses_finished_runs(tmp_path, capsys):
+def test_compare_writes_tables_and_plots_and_reuses_finished_runs(tmp_path, capsys, monkeypatch):
 
     from contsparse.cli import main
 
@@ -249,7 +252,11 @@ def test_compare_writes_tables_and_plots_and_reuses_finished_runs(tmp_path, caps
         assert (tmp_path / "cmp" / name).read_bytes()[:4] == b"\x89PNG"
     assert "Sparsest ticket whose validation accuracy is within 0.3 points of dense's" in first and "± " in first
     assert all(0 <= float(r["val_accuracy"]) <= 1 for r in rows)  # every ticket carries what it is chosen by
-    assert main(argv) == 0  # everything finished: nothing is trained again
+    def data_gone(*args):
+        raise UserError("the dataset is gone")
+
+    monkeypatch.setattr("contsparse.experiments.compare.load_dataset", data_gone)
+    assert main(argv) == 0  # everything finished: nothing is trained again, and no data is needed
     assert "[search" not in capsys.readouterr().out
     assert main(["report", str(tmp_path / "cmp"), "--out", str(tmp_path / "report")]) == 0  # one comparison
     report = (tmp_path / "report" / "report.md").read_text()

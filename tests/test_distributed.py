@@ -257,13 +257,20 @@ def test_processes_given_different_settings_are_refused(tmp_path):
 
     class OtherRankDiffers(Distributed):
         def gather(self, value):
-            version, _, settings = value
+            version, _, out, force, settings = value
             other = make_config({**settings, "lr": 0.01})
-            return [value, (version, other.identity(), other.to_dict())]
+            return [value, (version, other.identity(), out, force, other.to_dict())]
+
+    class OtherRankWritesElsewhere(Distributed):
+        def gather(self, value):
+            return [value, (value[0], value[1], "/elsewhere", *value[3:])]
 
     runner = Runner(make_config({"dataset": "synthetic"}), tmp_path / "run")
     runner.dist = OtherRankDiffers(rank=0, world_size=2)
     with pytest.raises(UserError, match=r"different settings \(rank 0 vs rank 1: lr: 0.0012 vs 0.01\)"):
+        runner._check_processes_agree()
+    runner.dist = OtherRankWritesElsewhere(rank=0, world_size=2)
+    with pytest.raises(UserError, match=f"--out {tmp_path / 'run'} vs /elsewhere"):
         runner._check_processes_agree()
     runner.dist = Distributed(rank=0, world_size=1)
     runner._check_processes_agree()  # one process: nothing to compare

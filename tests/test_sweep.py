@@ -268,9 +268,34 @@ def test_the_target_sparsity_of_a_baseline_is_swept(tmp_path, capsys):
 
 
 def test_a_sweep_started_by_torchrun_is_refused(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["sweep", *TINY_FLAGS, "--out", str(tmp_path / "s")]) == 2
-    assert "start it without torchrun" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    for world in ("2", "x"):  # a malformed WORLD_SIZE is no traceback either
+        monkeypatch.setenv("WORLD_SIZE", world)
+        assert main(["sweep", *TINY_FLAGS, "--out", str(tmp_path / "s")]) == 2
+        assert "start it without torchrun" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_a_bad_shared_setting_fails_before_any_point_runs_even_if_only_the_dense_reference_has_it(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("ticket_epochs: 0\n")  # every point's grid value replaces it, not dense's
+    flags = ["--dataset", "synthetic", "--synthetic-size", "256", "--epochs", "2", "--rewind-epoch", "1"]
+    assert main(["sweep", *flags, "--config", str(tmp_path / "bad.yaml"), "--grid", "ticket_epochs=1",
+                 "--out", str(tmp_path / "s")]) == 2
+    assert "epochs must be in [1, 100000], got 0" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_a_sweep_of_ones_own_model_from_a_config_file(tmp_path, capsys, monkeypatch):
+    """The modules a user's own --config names are theirs to import (only a sweep folder's saved
+    plan must not import others)."""
+    (tmp_path / "sweep_cfg_models.py").write_text(
+        "from torch import nn\nfrom contsparse.models import register_model\n\n\n"
+        "@register_model('sweep-cfg-mlp', 'an MLP of the user')\n"
+        "def build(input_shape, num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 16), nn.ReLU(), nn.Linear(16, num_classes))\n")
+    (tmp_path / "cfg.yaml").write_text("imports: [sweep_cfg_models]\nmodel: sweep-cfg-mlp\n")
+    monkeypatch.chdir(tmp_path)
+    argv = ["sweep", "--run", "train", "--config", "cfg.yaml", "--dataset", "synthetic", "--synthetic-size", "256",
+            "--epochs", "1", "--workers", "1", "--out", "s"]
+    assert main(argv) == 0
+    assert main(argv) == 0  # run again into its folder: its plan imports what the same command names
 
 
 def test_sweep_flag_mistakes_are_one_line_errors(tmp_path, capsys):

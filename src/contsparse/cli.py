@@ -486,12 +486,13 @@ def run_sweep(args: argparse.Namespace) -> int:
         parse_point,
         run_sweep,
     )
+    from contsparse.experiments.user_modules import trusting_only
     from contsparse.reports.progress import SweepProgress
     from contsparse.reports.sweep import sweep_title, write_sweep
 
     if args.seeds < 1:
         raise UserError("--seeds must be >= 1")
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # every rank would drive a sweep of its own
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):  # every rank would drive a sweep of its own
         raise UserError("sweep runs its points in processes of its own: start it without torchrun (--workers, "
                         "--ray-address and --gpus-per-point spread the points)")
     run_flag, args.invoked_as, args.command = args.run, "sweep", args.run or "ticket"
@@ -510,7 +511,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     points = plan.expand()  # a bad grid value fails here, before anything runs
     what = base.command if base.command == "train" else f"{base.command}-{base.method}"
     out = args.out or Path("runs") / f"sweep-{what}-{base.model}-{base.dataset}"
-    check_sweep_folder(plan, out)  # before the executor puts anything into it
+    # An existing sweep folder's plan may import only the modules this command's own settings name
+    own_modules = {name for point in points for name in point.config.imports}
+    with trusting_only(own_modules):
+        check_sweep_folder(plan, out)  # before the executor puts anything into it
     executor = make_executor(out, len(points), base.device, args.ray_address, args.threads, args.gpus_per_point,
                              args.pool_workers)
     where = f"Ray at {args.ray_address}" if args.ray_address else f"{executor.capacity} worker(s)"
@@ -518,7 +522,7 @@ def run_sweep(args: argparse.Namespace) -> int:
           file=sys.stderr)
     interrupted = False
     try:
-        with signals_interrupt():
+        with signals_interrupt(), trusting_only(own_modules):
             results = run_sweep(plan, out, executor, SweepProgress(), force=args.force)
     except SweepInterrupted as stopped:
         interrupted, results = True, stopped.results
@@ -595,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # where the machine refuses a path or a write: a full disk, a read-only folder, a name too long, a symlink loop
 # Commands that read run or sweep folders which may come from anyone (resume continues one's own run)
-READS_OTHERS_FOLDERS = {"report", "sweep", "export", "bench-inference"}
+READS_OTHERS_FOLDERS = {"report", "export", "bench-inference"}  # sweep: see run_sweep
 _MACHINE_REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG,
                      errno.ELOOP}
 

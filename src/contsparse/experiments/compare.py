@@ -56,9 +56,10 @@ def run_comparison(plan: ComparePlan, out: Path, log: Log, failures: list[str] |
     """Train (or reuse) every run of ``plan`` in ``out``; the rows of the finished ones. With
     ``failures`` given, a run that fails with a user-facing error (a diverged run, a damaged
     folder) is recorded there and the others go on, so that one bad run does not cost the report
-    of the rest; if every run fails, the first failure is raised. The dataset is loaded once
-    first, so that a missing one stops the comparison at once instead of failing every run.
-    Without ``failures``, the first failure stops the comparison."""
+    of the rest; if every run fails, the first failure is raised. Before the first run that has
+    to train, the dataset is loaded once, so that a missing one stops the comparison at once
+    instead of failing every run (finished runs are reused without it). Without ``failures``, the
+    first failure stops the comparison."""
     rows: list[Row] = []
     base = dataclasses.replace(plan.base, dense_baseline=False)
     check_plan(plan)
@@ -68,10 +69,13 @@ def run_comparison(plan: ComparePlan, out: Path, log: Log, failures: list[str] |
         validate(dataclasses.replace(base, command="ticket", method="cs", mask_init=s0))
     if "imp" in plan.methods:
         imp_config(base, plan.imp_rounds)
-    load_dataset(base.dataset, base.data_dir, base.data_options())
     first_failure: list[UserError] = []
+    data_checked: list[bool] = []
 
     def run(config: RunConfig, path: Path) -> dict[str, Any] | None:
+        if not data_checked and not RunDir(path, writable=False).is_finished():
+            load_dataset(base.dataset, base.data_dir, base.data_options())
+            data_checked.append(True)
         try:
             return Runner(config, path, log).execute()
         except UserError as err:

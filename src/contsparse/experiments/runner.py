@@ -253,12 +253,16 @@ class Runner:
         would train a different model than the one recorded, or hang in a collective."""
         if not self.dist.enabled:
             return
-        views = self.dist.gather((contsparse.__version__, self.config.identity(), self.config.to_dict()))
-        if any(view[:2] != views[0][:2] for view in views):
-            rank, (version, _, settings) = next((r, v) for r, v in enumerate(views) if v[:2] != views[0][:2])
-            differing = sorted(k for k in settings if settings[k] != views[0][2].get(k))
-            what = (f"contsparse {version} vs {views[0][0]}" if version != views[0][0]
-                    else ", ".join(f"{k}: {views[0][2].get(k)!r} vs {settings[k]!r}" for k in differing))
+        mine = (contsparse.__version__, self.config.identity(), str(self.run.path.absolute()), self.force)
+        views = self.dist.gather((*mine, self.config.to_dict()))
+        first = views[0]
+        if any(view[:4] != first[:4] for view in views):
+            rank, (version, _, out, force, settings) = next((r, v) for r, v in enumerate(views) if v[:4] != first[:4])
+            differing = sorted(k for k in settings if settings[k] != first[4].get(k))
+            what = (f"contsparse {first[0]} vs {version}" if version != first[0]
+                    else f"--out {first[2]} vs {out}" if out != first[2]
+                    else f"--force {first[3]} vs {force}" if force != first[3]
+                    else ", ".join(f"{k}: {first[4].get(k)!r} vs {settings[k]!r}" for k in differing))
             raise UserError(f"the torchrun processes were given different settings (rank 0 vs rank {rank}: {what}); "
                             "start every process with the same command")
 

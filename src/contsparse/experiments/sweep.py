@@ -22,7 +22,14 @@ from typing import Any
 import yaml
 
 from contsparse.errors import UserError
-from contsparse.experiments.config import FIELDS, RunConfig, load_saved_config, make_config, settings_differences
+from contsparse.experiments.config import (
+    FIELDS,
+    RunConfig,
+    load_saved_config,
+    make_config,
+    settings_differences,
+    validate,
+)
 from contsparse.experiments.executors import Executor, PointJob, PointOutcome
 from contsparse.experiments.lock import RunLock
 from contsparse.experiments.rundir import RunDir, require_collection_folder
@@ -90,6 +97,7 @@ class SweepPlan:
             seeds = sorted({c.get("seed", self.base.seed) for c in combos})
             for seed in seeds:
                 config = dataclasses.replace(self.base, seed=int(seed)).dense_variant()
+                validate(config)  # the base is checked only through the points (make_config(check=False))
                 out[f"dense_seed={seed}"] = SweepPoint(f"dense_seed={seed}", {"seed": int(seed)}, config)
         for combo in combos:
             config = _configure(self.base, combo)

@@ -68,7 +68,8 @@ def _format_named_by(path: Path) -> str | None:
     return suffixes.get(path.suffix.lower())
 
 
-# Files of a sweep or comparison folder that contsparse reads back (plans, tables) or writes
+# Files of a sweep or comparison folder that contsparse reads back (plans, tables) or writes; its
+# logs/ folder and hidden files (the sweep's lock and token) are its own too
 COLLECTION_FILES = {"sweep.yaml", "sweep.json", "sweep.csv", "sweep.md", "sweep.png", "compare.json", "compare.csv",
                     "compare.md", "accuracy_vs_weights.png", "accuracy_vs_epochs.png"}
 
@@ -82,9 +83,9 @@ def _run_owning(path: Path) -> Path | None:
         for folder in resolved.parents:
             if (folder / RunDir.CONFIG).is_file():
                 return folder if RunDir(folder).owns(resolved) else None
-            collection = (folder / "sweep.yaml").is_file() or (folder / "compare.json").is_file()
-            if collection and resolved.parent == folder and resolved.name in COLLECTION_FILES:
-                return folder
+            if (folder / "sweep.yaml").is_file() or (folder / "compare.json").is_file():
+                first = resolved.relative_to(folder).parts[0]  # its tables, logs/, lock and token
+                return folder if first in COLLECTION_FILES or first == "logs" or first.startswith(".") else None
     except (OSError, RuntimeError) as err:  # a name too long, a symlink loop
         raise UserError(f"--out {path}: {getattr(err, 'strerror', None) or err}") from err
     return None

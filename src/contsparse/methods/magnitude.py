@@ -257,12 +257,15 @@ class GradualMagnitudePruning(HardMaskMethod):
     def check_schedule(self) -> None:
         settings = self.settings
         window = self.end - self.start
-        if window // settings.gmp_frequency < self.MIN_PRUNING_STEPS:
-            raise ValueError(f"gmp_frequency = {settings.gmp_frequency} steps leaves {window // settings.gmp_frequency}"
-                             f" pruning steps in GMP's window of {window} steps (epoch {settings.gmp_start_epoch} to "
-                             f"3/4 of {settings.epochs_per_round} epochs of {settings.steps_per_epoch} steps), fewer "
-                             f"than {self.MIN_PRUNING_STEPS}: that is close to one-shot magnitude pruning, not "
-                             f"gradual; give a gmp_frequency of at most {max(1, window // self.MIN_PRUNING_STEPS)}")
+        steps = -(-window // settings.gmp_frequency)  # every gmp_frequency steps, and at the window's end
+        if steps < self.MIN_PRUNING_STEPS:
+            fastest = -(-window // self.MIN_PRUNING_STEPS) - 1  # the largest frequency that still gives enough
+            fix = (f"give a gmp_frequency of at most {fastest}" if fastest >= 1 else
+                   "train more epochs, or take smaller batches (more steps per epoch)")
+            raise ValueError(f"gmp_frequency = {settings.gmp_frequency} leaves {steps} pruning step(s) in GMP's window "
+                             f"of {window} steps (epoch {settings.gmp_start_epoch} to 3/4 of "
+                             f"{settings.epochs_per_round} epochs of {settings.steps_per_epoch} steps), fewer than "
+                             f"{self.MIN_PRUNING_STEPS}: close to one-shot magnitude pruning, not gradual; {fix}")
 
     @staticmethod
     def window(settings: PruneSettings) -> tuple[int, int]:
