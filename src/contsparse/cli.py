@@ -188,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--blocks", type=int, default=15, help="interleaved timing blocks per variant")
     for command in (export, bench, report):
         command.add_argument("--imports", nargs="+", default=[], metavar="MODULE",
-                             help="modules of your own that the run's config.yaml lists (they define its model): "
-                                  "importing runs their code, so they are imported only when named here")
+                             help="modules of your own that the run's or sweep's saved settings name (they define "
+                                  "its model or data): importing runs their code, so they are imported only when "
+                                  "named here")
     for command in (sub.choices["presets"], info, report, export, bench):
         command.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -597,9 +598,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-# where the machine refuses a path or a write: a full disk, a read-only folder, a name too long, a symlink loop
 # Commands that read run or sweep folders which may come from anyone (resume continues one's own run)
 READS_OTHERS_FOLDERS = {"report", "export", "bench-inference"}  # sweep: see run_sweep
+# where the machine refuses a path or a write: a full disk, a read-only folder, a name too long, a symlink loop
 _MACHINE_REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG,
                      errno.ELOOP}
 

@@ -241,7 +241,8 @@ class Runner:
     # -- entry point ----------------------------------------------------------------------------
     def _raise_any_refusal(self, refusal: str | None) -> None:
         """Under torchrun, every process raises what one of them refused (instead of the others
-        failing in the next collective with a connection error); a barrier otherwise."""
+        failing in the next collective with a connection error); the gather is also the barrier
+        after which the run folder exists for every process."""
         if not self.dist.enabled:
             return
         given = [r for r in self.dist.gather(refusal) if r]
