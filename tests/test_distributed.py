@@ -1,5 +1,6 @@
 """Data parallelism under torchrun: 2 gloo processes on the CPU give the 1-process result."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -240,14 +241,24 @@ def test_a_gpu_index_under_torchrun_is_refused_before_any_process_group(monkeypa
         from_environment("cuda:0")
 
 
-def test_a_refusal_only_the_first_process_makes_stops_every_process_with_its_reason(tmp_path):
-    """Rank 0 alone looks at the run folder (a folder of other files here): the other process
-    learns its refusal instead of failing in the next collective with a connection error."""
-    (tmp_path / "photos").mkdir()
-    (tmp_path / "photos" / "beach.jpg").write_bytes(b"\xff\xd8")
-    done = run(tmp_path / "photos", 2)
+@pytest.mark.parametrize("case", ["foreign folder", "name too long", "no tensorboard"])
+def test_a_refusal_only_the_first_process_makes_stops_every_process_with_its_reason(case, tmp_path):
+    """Rank 0 alone looks at the run folder and checks for TensorBoard (it writes the logs): the
+    other process learns its refusal instead of failing in the next collective with a connection
+    error."""
+    args, out, message = ARGS, tmp_path / "photos", "is not a contsparse run directory"
+    if case == "foreign folder":
+        out.mkdir()
+        (out / "beach.jpg").write_bytes(b"\xff\xd8")
+    elif case == "name too long":
+        out, message = tmp_path / ("a" * 300), "File name too long"
+    else:
+        if importlib.util.find_spec("tensorboard") is not None:
+            pytest.skip("tensorboard is installed")
+        args, message = [*ARGS, "--tensorboard"], "tensorboard"
+    done = run(out, 2, args=args)
     assert done.returncode != 0
-    assert done.stderr.count("contsparse: error: ") == 2 and "is not a contsparse run directory" in done.stderr
+    assert done.stderr.count("contsparse: error: ") == 2 and message in done.stderr, done.stderr
     assert "Connection closed" not in done.stderr and "[rank1]: Traceback" not in done.stderr
 
 

@@ -803,6 +803,6 @@ def test_export_writes_beside_a_baseline_but_never_over_a_runs_or_collections_fi
     assert main(["export", str(ticket), "--format", "pytorch", "--out", str(tmp_path / "cmp" / "compare.csv")]) == 2
     assert f"{tmp_path / 'cmp'}; writing it would damage it" in capsys.readouterr().err
     (tmp_path / "cmp" / "logs").mkdir()
-    for name in (".sweep.lock", "logs/point.log"):  # a sweep's lock (another driver would take it) and logs
+    for name in (".sweep.lock", "logs/point.log", "imp-seed2/m.pt"):  # its lock, logs and a run it will make
         assert main(["export", str(ticket), "--out", str(tmp_path / "cmp" / name), "--format", "pytorch"]) == 2
         assert "writing it would damage it" in capsys.readouterr().err

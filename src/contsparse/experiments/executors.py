@@ -327,7 +327,7 @@ def make_executor(sweep_dir: Path, points: int, device: str, ray_address: str | 
         raise UserError("--gpus-per-point is for Ray tasks (--ray-address); on this machine each point gets a GPU "
                         "of its own when there are GPUs")
     if ray_address:
-        return RayExecutor(ray_address, sweep_dir, threads or 1, gpus_per_point)
+        return RayExecutor(ray_address, sweep_dir, 1 if threads is None else threads, gpus_per_point)
     gpus = 0
     if device in ("auto", "cuda"):  # spread the points over the GPUs (cuda:N pins them all)
         import torch

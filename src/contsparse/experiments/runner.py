@@ -284,10 +284,11 @@ class Runner:
                     lock = stack.enter_context(RunLock(self.run.path))
                     if fresh:  # a new run that stops before writing its settings leaves no folder behind
                         stack.callback(self.run.remove_if_unclaimed)  # (while it still holds the lock)
-                except UserError as err:
+                except (UserError, OSError) as err:  # OSError: a name too long, a read-only folder
                     if not self.dist.enabled:
                         raise
-                    refusal = str(err)
+                    refusal = str(err) if isinstance(err, UserError) else \
+                        f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
                 else:
                     if lock.stale_owner:
                         self.log(f"{self.run.path}: taking over the lock left by a stopped run ({lock.stale_owner})")
@@ -307,8 +308,15 @@ class Runner:
                     method.check_schedule()
             except ValueError as err:
                 raise UserError(str(err)) from err
+            refusal = None
             if self.config.tensorboard and self.dist.is_main:
-                _summary_writer_class()  # and a missing tensorboard package
+                try:
+                    _summary_writer_class()  # and a missing tensorboard package (rank 0 writes the logs)
+                except UserError as err:
+                    if not self.dist.enabled:
+                        raise
+                    refusal = str(err)
+            self._raise_any_refusal(refusal)
             baseline = self._dense_baseline()  # and so does a refusal of the baseline's settings
             self.run.write_config(dump_yaml(self.config))
             dense_summary = None

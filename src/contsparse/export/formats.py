@@ -84,8 +84,10 @@ def _run_owning(path: Path) -> Path | None:
             if (folder / RunDir.CONFIG).is_file():
                 return folder if RunDir(folder).owns(resolved) else None
             if (folder / "sweep.yaml").is_file() or (folder / "compare.json").is_file():
-                first = resolved.relative_to(folder).parts[0]  # its tables, logs/, lock and token
-                return folder if first in COLLECTION_FILES or first == "logs" or first.startswith(".") else None
+                # its tables, logs/, lock and token; and its run folders, also those not made yet
+                parts = resolved.relative_to(folder).parts
+                first = parts[0]
+                return folder if len(parts) > 1 or first in COLLECTION_FILES or first.startswith(".") else None
     except (OSError, RuntimeError) as err:  # a name too long, a symlink loop
         raise UserError(f"--out {path}: {getattr(err, 'strerror', None) or err}") from err
     return None
