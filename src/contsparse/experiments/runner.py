@@ -239,15 +239,24 @@ class Runner:
         self.dist = Distributed()
 
     # -- entry point ----------------------------------------------------------------------------
-    def _raise_any_refusal(self, refusal: str | None) -> None:
-        """Under torchrun, every process raises what one of them refused (instead of the others
-        failing in the next collective with a connection error); the gather is also the barrier
-        after which the run folder exists for every process."""
-        if not self.dist.enabled:
-            return
-        given = [r for r in self.dist.gather(refusal) if r]
-        if given:
-            raise UserError(str(given[0]))
+    def _on_rank_0(self, check: Callable[[], object]) -> None:
+        """Run ``check`` in the first process only; under torchrun what it refuses (a one-line
+        error, or the machine's: a name too long, a read-only folder) reaches every process, which
+        would otherwise fail in the next collective with a connection error. The exchange is also
+        a barrier: what the check made (the run folder) exists for every process afterwards."""
+        refusal = None
+        if self.dist.is_main:
+            try:
+                check()
+            except (UserError, OSError) as err:
+                if not self.dist.enabled:
+                    raise
+                refusal = str(err) if isinstance(err, UserError) else \
+                    f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
+        if self.dist.enabled:
+            given = [r for r in self.dist.gather(refusal) if r]
+            if given:
+                raise UserError(str(given[0]))
 
     def _check_processes_agree(self) -> None:
         """torchrun's processes must run one configuration of one contsparse: different settings
@@ -275,25 +284,17 @@ class Runner:
             self.log = _silent
         self._check_processes_agree()
         with ExitStack() as stack:
-            refusal = None
-            if self.dist.is_main:
-                try:
-                    self._refuse_foreign_folder()  # before the lock file would be left in it
-                    fresh = not self.run.path.exists()
-                    self.run.create()
-                    lock = stack.enter_context(RunLock(self.run.path))
-                    if fresh:  # a new run that stops before writing its settings leaves no folder behind
-                        stack.callback(self.run.remove_if_unclaimed)  # (while it still holds the lock)
-                except (UserError, OSError) as err:  # OSError: a name too long, a read-only folder
-                    if not self.dist.enabled:
-                        raise
-                    refusal = str(err) if isinstance(err, UserError) else \
-                        f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
-                else:
-                    if lock.stale_owner:
-                        self.log(f"{self.run.path}: taking over the lock left by a stopped run ({lock.stale_owner})")
-            # the directory exists for every process; a refusal only the first could make stops all
-            self._raise_any_refusal(refusal)
+            def take_the_folder() -> None:
+                self._refuse_foreign_folder()  # before the lock file would be left in it
+                fresh = not self.run.path.exists()
+                self.run.create()
+                lock = stack.enter_context(RunLock(self.run.path))
+                if fresh:  # a new run that stops before writing its settings leaves no folder behind
+                    stack.callback(self.run.remove_if_unclaimed)  # (while it still holds the lock)
+                if lock.stale_owner:
+                    self.log(f"{self.run.path}: taking over the lock left by a stopped run ({lock.stale_owner})")
+
+            self._on_rank_0(take_the_folder)
             self.check_settings()
             self.dist.barrier()  # every process has read the directory before the first one writes to it
             if self.run.is_finished():
@@ -308,15 +309,8 @@ class Runner:
                     method.check_schedule()
             except ValueError as err:
                 raise UserError(str(err)) from err
-            refusal = None
-            if self.config.tensorboard and self.dist.is_main:
-                try:
-                    _summary_writer_class()  # and a missing tensorboard package (rank 0 writes the logs)
-                except UserError as err:
-                    if not self.dist.enabled:
-                        raise
-                    refusal = str(err)
-            self._raise_any_refusal(refusal)
+            if self.config.tensorboard:  # and a missing tensorboard package (rank 0 writes the logs)
+                self._on_rank_0(_summary_writer_class)
             baseline = self._dense_baseline()  # and so does a refusal of the baseline's settings
             self.run.write_config(dump_yaml(self.config))
             dense_summary = None

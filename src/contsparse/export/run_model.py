@@ -50,14 +50,9 @@ def load_run_model(run_dir: str | Path, imports: Iterable[str] = ()) -> RunModel
         data = load_dataset(config.dataset, config.data_dir, config.data_options())
         input_shape, num_classes = data.input_shape, data.num_classes
     model = build_model(config.model, input_shape, num_classes)
+    masks = _final_masks(run)
     try:
-        state = load_file(str(run.file(RunDir.MODEL)))
-        masks = {k: v.bool() for k, v in load_file(str(run.file(RunDir.MASKS))).items()}
-        model.load_state_dict(state)
-    except (OSError, SafetensorError) as err:
-        raise UserError(f"the final model of {run.path} cannot be read ({err}); to write it again from the run's "
-                        f"last checkpoint, delete {run.file(RunDir.SUMMARY)} and run: contsparse resume {run.path}"
-                        ) from err
+        model.load_state_dict(_final_tensors(run, RunDir.MODEL, "model"))
     except RuntimeError as err:  # load_state_dict lists every key: the first line says enough
         raise UserError(f"the final model of {run.path} does not fit the architecture its config.yaml names "
                         f"({config.model}): {' '.join(str(err).split())[:300]}") from err
@@ -68,9 +63,19 @@ def load_run_masks(run_dir: str | Path) -> dict[str, torch.Tensor]:
     """A finished run's final masks (weight name -> bool), without building its model."""
     run = RunDir(run_dir)
     run.read_summary()  # refuses what is not a finished run, with the reason
+    return _final_masks(run)
+
+
+def _final_masks(run: RunDir) -> dict[str, torch.Tensor]:
+    return {k: v.bool() for k, v in _final_tensors(run, RunDir.MASKS, "masks").items()}
+
+
+def _final_tensors(run: RunDir, name: str, what: str) -> dict[str, torch.Tensor]:
+    """A finished run's ``model.safetensors`` or ``masks.safetensors``; a damaged one is written
+    again from the last checkpoint by a resume once the summary is gone."""
     try:
-        return {k: v.bool() for k, v in load_file(str(run.file(RunDir.MASKS))).items()}
+        return load_file(str(run.file(name)))
     except (OSError, SafetensorError) as err:
-        raise UserError(f"the final masks of {run.path} cannot be read ({err}); to write them again from the run's "
+        raise UserError(f"the final {what} of {run.path} cannot be read ({err}); to write it again from the run's "
                         f"last checkpoint, delete {run.file(RunDir.SUMMARY)} and run: contsparse resume {run.path}"
                         ) from err
