@@ -185,6 +185,14 @@ def aggregate(rows: list[Row]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda r: (r["method"], -r["weights_remaining"]))
 
 
+def near_dense(ticket: dict[str, Any], dense_val_accuracy: float, tolerance: float = 0.003) -> bool:
+    """Whether ``ticket`` (a row or a group) is a sparse network (not 100 % of the weights, as IMP's
+    round 0) whose finite *validation* accuracy is within ``tolerance`` of dense's."""
+    val = ticket.get("val_accuracy")
+    return ticket["weights_remaining"] < 1.0 and val is not None and math.isfinite(val) \
+        and val >= dense_val_accuracy - tolerance
+
+
 def sparsest_within(groups: list[dict[str, Any]], dense_val_accuracy: float, tolerance: float = 0.003
                     ) -> dict[str, dict[str, Any]]:
     """Per method: the ticket with the fewest weights whose *validation* accuracy is >= dense's -
@@ -195,9 +203,7 @@ def sparsest_within(groups: list[dict[str, Any]], dense_val_accuracy: float, tol
     if not math.isfinite(dense_val_accuracy):  # a diverged or unevaluated dense run sets no bar
         return best
     for group in groups:
-        val = group["val_accuracy"]
-        if group["method"] == "dense" or group["weights_remaining"] >= 1.0 or val is None or not math.isfinite(val) \
-                or val < dense_val_accuracy - tolerance:
+        if group["method"] == "dense" or not near_dense(group, dense_val_accuracy, tolerance):
             continue
         current = best.get(group["method"])
         if current is None or group["weights_remaining"] < current["weights_remaining"]:

@@ -16,7 +16,7 @@ from safetensors.torch import save
 
 from contsparse.data import input_preprocessing
 from contsparse.errors import UserError
-from contsparse.experiments.rundir import RunDir
+from contsparse.experiments.rundir import COLLECTION_MARKERS, RunDir
 from contsparse.export.compressed import compressed_bytes
 from contsparse.export.run_model import RunModel, load_run_model
 from contsparse.storage import file_in_the_way, for_safetensors, fsync_file, replaced_atomically, write_atomic
@@ -64,7 +64,7 @@ def _format_named_by(path: Path) -> str | None:
     name = path.name.lower()
     if name.endswith(FORMATS["compressed"]):
         return "compressed"
-    suffixes = {".safetensors": "safetensors", ".pt": "pytorch", ".pth": "pytorch", ".onnx": "onnx"}
+    suffixes = {suffix: fmt for fmt, suffix in FORMATS.items()} | {".pth": "pytorch"}
     return suffixes.get(path.suffix.lower())
 
 
@@ -83,7 +83,7 @@ def _run_owning(path: Path) -> Path | None:
         for folder in resolved.parents:
             if (folder / RunDir.CONFIG).is_file():
                 return folder if RunDir(folder).owns(resolved) else None
-            if (folder / "sweep.yaml").is_file() or (folder / "compare.json").is_file():
+            if any((folder / marker).is_file() for marker in COLLECTION_MARKERS):
                 # its tables, logs/, lock and token; and its run folders, also those not made yet
                 parts = resolved.relative_to(folder).parts
                 first = parts[0]

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from contsparse.experiments.compare import near_dense
 from contsparse.reports.plots import (
     accuracy_axes,
     dense_band,
@@ -163,14 +164,13 @@ def search_progress(rows: list[dict[str, Any]], bar: float | None, tolerance: fl
 def _better_ticket(row: dict[str, Any], best: dict[str, Any] | None, bar: float | None, tolerance: float) -> bool:
     """Whether ``row`` replaces ``best`` as the search's result so far: a sparse ticket (not a
     dense round) that meets the bar with fewer weights, or without a bar, a more accurate one."""
+    if bar is not None:  # the table's criterion
+        fewer = best is None or row["weights_remaining"] < best["weights_remaining"]
+        return near_dense(row, bar, tolerance) and fewer
     score = _chosen_by(row)
     if row["weights_remaining"] >= 1.0 or not math.isfinite(score):
         return False
-    if bar is None:
-        return best is None or score > _chosen_by(best)
-    if row.get("val_accuracy") is None or score < bar - tolerance:
-        return False
-    return best is None or row["weights_remaining"] < best["weights_remaining"]
+    return best is None or score > _chosen_by(best)
 
 
 def write_comparison(rows: list[dict[str, Any]], out: Path, title: str) -> dict[str, Any]:
