@@ -42,6 +42,15 @@ def test_imp_prunes_per_round_rewinds_and_records_every_ticket(tmp_path, monkeyp
     assert [p["round"] for p in summary["round_tickets"]] == [0, 1, 2]
     assert summary["round_tickets"][0]["weights_remaining"] == 1.0
     assert [p["train_epochs"] for p in summary["round_tickets"]] == [2, 4, 6]
+    # each round's entry is the mask it ended with (pruned), as for CS: the last one is the ticket's
+    produced = summary["rounds_weights_remaining"]
+    assert produced[-1] == summary["weights_remaining"]
+    assert produced[0] == pytest.approx(summary["round_tickets"][1]["weights_remaining"], abs=1e-6)
+    from contsparse.reports.collect import load_results  # `report` shows the whole curve of the one run
+
+    reported = load_results(tmp_path / "run")
+    assert [r.name for r in reported] == ["run", "run round 0", "run round 1", "run round 2"]
+    assert [r.weights_remaining for r in reported[1:]] == [p["weights_remaining"] for p in summary["round_tickets"]]
     assert len(starts) == 3  # rounds 1, 2 and the ticket start from the rewind point
     for state, rewind in starts:
         weight, start = state["hidden.0.weight"], rewind["hidden.0.weight"]
@@ -262,7 +271,13 @@ def test_compare_writes_tables_and_plots_and_reuses_finished_runs(tmp_path, caps
     report = (tmp_path / "report" / "report.md").read_text()
     assert all(f"| {r['label']} seed {r['seed']} |" in report for r in rows)
     with open(tmp_path / "report" / "report.csv", newline="") as handle:  # the report's front is chosen on these
-        assert [float(r["val_accuracy"]) for r in csv.DictReader(handle)] == [float(r["val_accuracy"]) for r in rows]
+        reported = list(csv.DictReader(handle))
+    assert {r["point"]: float(r["val_accuracy"]) for r in reported} == {
+        f"{r['label']} seed {r['seed']}": float(r["val_accuracy"]) for r in rows}
+    # one series per method, as the comparison's own plot has, each row once; the first carries dense
+    assert len(reported) == len(rows)
+    assert {r["series"] for r in reported} == {"cmp: cs", "cmp: imp", "cmp: random"}
+    assert {r["series"] for r in reported if r["point"].startswith("dense")} == {"cmp: cs"}
 
 
 def test_one_failing_run_does_not_cost_the_comparison_its_report(tmp_path, capsys):

@@ -130,7 +130,8 @@ def test_presets_are_listed_and_fill_the_defaults(capsys):
 
     assert main(["presets"]) == 0
     listing = capsys.readouterr().out
-    for name in ("mnist-lenet300-ticket", "cifar10-resnet20-ticket", "cifar10-vgg16-ticket", "imagenet-resnet50-prune"):
+    for name in ("mnist-lenet300-ticket", "cifar10-resnet20-ticket", "cifar10-vgg16-ticket", "cifar10-conv2-ticket",
+                 "cifar10-conv4-ticket", "cifar10-conv6-ticket", "imagenet-resnet50-prune"):
         assert name in listing
     args = build_parser().parse_args(["ticket", "--preset", "cifar10-resnet20-ticket", "--dataset", "synthetic",
                                       "--epochs", "1"])
@@ -139,8 +140,26 @@ def test_presets_are_listed_and_fill_the_defaults(capsys):
         "resnet20", "synthetic", 1, 3, 128)
     assert config.lr_milestones == [56, 71] and config.mask_exclude == ["downsample", "^fc$"]
     assert config.rewind_epoch == 0  # the preset's epoch-2 rewind point, moved inside a 1-epoch round
+    assert (config.mask_nesterov, config.prune_scope) == (True, "global")  # the reference's mask SGD; open_lth's IMP
     args = build_parser().parse_args(["prune", "--preset", "imagenet-resnet50-prune", "--rewind-epoch", "0"])
     assert config_from_args(args).model == "resnet50"
+    # Frankle & Carbin's Conv-6: 30K iterations of batch 60 on 45,000 images, convs pruned at 15 % per IMP round
+    conv6 = config_from_args(build_parser().parse_args(["ticket", "--preset", "cifar10-conv6-ticket"]))
+    assert (conv6.epochs, conv6.lr, conv6.batch_size, conv6.prune_fraction_conv, conv6.rewind_epoch) == (
+        40, 3e-4, 60, 0.15, 0)
+
+
+@pytest.mark.parametrize("command", ["ticket", "compare", "sweep"])
+def test_help_with_a_preset_shows_its_values_as_defaults(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--preset", "cifar10-resnet20-ticket", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    assert "(default: 85)" in text and "(default: 0.0001)" in text and "(default: 8)" not in text
+    assert "The defaults shown are preset cifar10-resnet20-ticket's." in text
+    with pytest.raises(SystemExit):
+        main([command, "--preset=no-such-preset", "--help"])  # refused when it runs, not when helping
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 8)" in text and "defaults shown are preset" not in text
 
 
 def test_cifar_resnet20_preset_runs_on_cpu_with_synthetic_data(tmp_path, capsys):

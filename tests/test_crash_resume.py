@@ -250,8 +250,9 @@ def test_forced_resume_keeps_a_finished_dense_baseline_and_refuses_before_writin
     assert main(["resume", str(out), "--lr", "0.0006", "--force"]) == 0
     assert "finished before the settings changed (lr: 0.0012 -> 0.0006): kept as it is" in capsys.readouterr().out
     assert (out / "dense" / "summary.json").read_bytes() == baseline
-    assert json.loads((out / "summary.json").read_text())["dense_test_accuracy"] == json.loads(baseline)[
-        "test_accuracy"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dense_test_accuracy"] == json.loads(baseline)["test_accuracy"]
+    assert summary["dense_val_accuracy"] == json.loads(baseline)["val_accuracy"]
 
     # Killed in the baseline's first epoch: fewer --ticket-epochs than it has trained is refused,
     # naming that flag, before the ticket run rewrites anything.

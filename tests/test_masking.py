@@ -507,8 +507,8 @@ def test_attach_masks_explains_wrong_arguments_and_empty_selections():
         cs.attach_masks(model, scale_by_init="no")
     with pytest.raises(ValueError, match=r"named weights; the model has Linear \(bias, weight\)"):
         cs.attach_masks(model, selection=LayerSelection(parameters="weights"))
-    with pytest.raises(ValueError, match=r"the model has ConvTranspose2d"):
-        cs.attach_masks(nn.Sequential(nn.ConvTranspose2d(1, 1, 2)))
+    with pytest.raises(ValueError, match=r"the model has Bilinear"):
+        cs.attach_masks(nn.Sequential(nn.Bilinear(2, 2, 1)))
     with pytest.raises(ValueError, match="exclude_first left out every one"):
         cs.attach_masks(nn.Sequential(nn.Linear(2, 2)), selection=LayerSelection(exclude_first=True))
     assert LayerSelection(include=None, exclude=None).select(model) == ["0", "1"]
@@ -549,6 +549,111 @@ def test_loading_saved_binary_masks_gives_a_plain_hardened_model():
     assert masks.mode == "hard" and not any("parametrizations" in k for k in model.state_dict())
     torch.testing.assert_close(model[0].weight, raw["0.weight"] * saved["0.weight"] * 2.0)
     assert masks.binary_masks()["2.weight"].equal(saved["2.weight"])
+
+
+def test_binary_masks_reapplied_to_trained_weights_without_the_scale():
+    """Masks saved with binary_masks() and a state_dict saved after make_permanent() rebuild the
+    same network with scale=False (the weights carry the scale already)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    masks = cs.attach_masks(model, mask_init=-0.05)
+    with torch.no_grad():
+        for logits in masks.mask_parameters():
+            logits.normal_()
+    masks.harden()
+    saved_masks, saved_state = masks.binary_masks(), masks.make_permanent().state_dict()
+    x = torch.randn(5, 4)
+    again = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    again.load_state_dict(saved_state)
+    cs.attach_masks(again, mask_init=-0.05).load_binary_masks(saved_masks, scale=False)
+    assert torch.equal(again(x), model(x))
+    with pytest.raises(TypeError, match="True or False"):
+        cs.attach_masks(nn.Linear(2, 2)).load_binary_masks({"weight": torch.ones(2, 2)}, scale="no")
+
+
+def test_rewind_point_restores_weights_and_norm_statistics_in_either_mode():
+    """rewind_point() / rewind(): the lottery-ticket rewind in a user's own loop. A point taken in
+    soft mode and loaded after harden() gives scale * H(s) * W_k exactly, and the norm statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    masks = cs.attach_masks(model, mask_init=-0.05)
+    point = masks.rewind_point()
+    assert sorted(point) == ["0.bias", "0.weight", "1.bias", "1.num_batches_tracked", "1.running_mean",
+                             "1.running_var", "1.weight", "3.bias", "3.weight"]
+    weight_opt = torch.optim.SGD(masks.weight_parameters(), lr=0.1)
+    mask_opt = torch.optim.SGD(masks.mask_parameters(), lr=0.5)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    for step in range(10):
+        masks.temperature = 1.0 + step
+        loss = F.cross_entropy(model(x), y)
+        weight_opt.zero_grad()
+        mask_opt.zero_grad()
+        loss.backward()
+        weight_opt.step()
+        mask_opt.step()
+    assert not torch.equal(model[1].running_mean, point["1.running_mean"])
+    masks.harden()
+    masks.rewind(point)
+    for name in ("0.weight", "3.weight"):
+        mask = masks.masks[name]
+        assert torch.equal(masks.masked_weights()[name], point[name] * mask.hard_mask * mask.scale)
+    assert torch.equal(model[1].running_mean, point["1.running_mean"]) and torch.equal(model[0].bias, point["0.bias"])
+    hard_point = masks.rewind_point()  # taken in hard mode: the unscaled weights
+    torch.testing.assert_close(hard_point["0.weight"], point["0.weight"] * masks.masks["0.weight"].hard_mask)
+    with pytest.raises(KeyError, match=r"no value for 0\.bias, 0\.weight, 1\.bias"):
+        masks.rewind({})
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        masks.rewind({**point, "0.weight": torch.zeros(2, 2)})
+
+
+def test_hardening_warns_when_a_layer_keeps_nothing():
+    """A layer with no weight left cuts the network in two; when the logits got gradients but
+    never moved, the likely cause (an optimiser made before attach_masks) is named. Masks just
+    attached and hardened to load a hardened state_dict into them are not warned about."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2))
+    optimizer = torch.optim.Adam(model.parameters())  # before attach_masks: the logits are not in it
+    masks = cs.attach_masks(model, mask_init=-0.05)
+    model(torch.randn(3, 5)).sum().add(masks.penalty()).backward()
+    optimizer.step()
+    with pytest.warns(UserWarning, match=r"2 of 2 layers \(0.weight, 2.weight\) keep no weight at all .*optimiser"):
+        masks.harden()
+    fresh = cs.attach_masks(nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2)), mask_init=-0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.harden()
+    trained = cs.attach_masks(nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2)), mask_init=0.5)
+    with torch.no_grad():
+        trained.masks["2.weight"].logits.fill_(-1.0)
+    with pytest.warns(UserWarning, match=r"2.weight keeps no weight at all \(every logit <= 0\)$"):
+        trained.harden()
+
+
+def test_keep_pruned_at_zero_ends_with_make_permanent():
+    model = nn.Linear(4, 3)
+    masks = cs.attach_masks(model, mask_init=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1)
+    masks.harden()
+    masks.keep_pruned_at_zero(optimizer)
+    plain = masks.make_permanent()
+    plain(torch.randn(2, 4)).sum().backward()
+    optimizer.step()  # fine-tuning goes on with the plain model
+
+
+def test_weights_remaining_of_all_layers_counts_unmasked_ones_as_kept():
+    from contsparse.masking.accounting import weights_remaining_all_layers
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.BatchNorm1d(4))
+    masks = cs.attach_masks(model, mask_init=-1.0, selection=LayerSelection(include=["^0$"]))
+    assert masks.weights_remaining() == 0.0
+    assert weights_remaining_all_layers(model, masks.binary_masks()) == 0.5  # 0 of 16 masked, 16 of 16 unmasked
+    masks.harden()
+    assert weights_remaining_all_layers(model, masks.binary_masks()) == 0.5
+    assert weights_remaining_all_layers(nn.Sequential(nn.ReLU()), {}) == 1.0
+
+
+def test_transposed_convolutions_are_masked_by_default():
+    model = nn.Sequential(nn.ConvTranspose2d(3, 4, 3), nn.Conv2d(4, 2, 1), nn.ConvTranspose1d(2, 2, 2))
+    assert sorted(cs.attach_masks(model).masks) == ["0.weight", "1.weight", "2.weight"]
 
 
 def test_masks_on_a_channels_last_model_keep_its_layout_and_outputs():

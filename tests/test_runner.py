@@ -12,6 +12,7 @@ from contsparse.errors import UserError
 from contsparse.experiments import Runner, make_config
 from contsparse.experiments.runner import plan_phases
 from contsparse.masking import count_zeros
+from contsparse.training.checkpoint import load_checkpoint
 
 SMALL = dict(model="lenet300", dataset="synthetic", epochs=3, rounds=2, rewind_epoch=1, ticket_epochs=2,
              batch_size=64, mask_init=-0.02, dense_baseline=False, device="cpu")
@@ -22,11 +23,19 @@ def quiet(_message: str) -> None:
 
 
 def test_settings_added_later_leave_existing_run_names_as_they_were():
-    # the README's default run and the inference benchmark's run keep their directory names
-    assert make_config({}).default_run_name() == "ticket-cs-lenet300-mnist-04905d9a"
-    assert make_config({"mask_init": -0.08}).identity() == "34fca220"
+    # runs made before a setting existed keep their directory names under the setting's old value
+    old_default = make_config({"reference_steps": False})
+    assert old_default.default_run_name() == "ticket-cs-lenet300-mnist-04905d9a"
+    assert make_config({"reference_steps": False, "mask_init": -0.08}).identity() == "34fca220"
+    # CS tickets now train as the reference code's do: the same flags name a new run
+    assert make_config({}).identity() != old_default.identity()
     imp = make_config({"method": "imp"})
     assert make_config({"method": "imp", "prune_fraction_conv": 0.1}).identity() != imp.identity()
+    # where it has nothing to act on (no mask scale), reference_steps renames nothing
+    assert imp.identity() == make_config({"method": "imp", "reference_steps": False}).identity() == "b5fb3f02"
+    unscaled = make_config({"mask_scaling": False})
+    assert unscaled.identity() == make_config({"mask_scaling": False, "reference_steps": False}).identity()
+    assert make_config({"command": "train"}).identity() == "4ea0dfa4"
 
 
 def test_a_dense_run_is_named_and_compared_by_the_settings_it_uses(tmp_path):
@@ -53,8 +62,8 @@ def test_a_config_file_left_half_written_does_not_lock_the_directory(tmp_path):
 def test_phase_plan():
     config = make_config(dict(SMALL))
     assert [p.label() for p in plan_phases(config)] == ["search 0", "search 1", "ticket"]
-    prune = make_config(dict(SMALL, command="prune", rounds=1))
-    assert [p.kind for p in plan_phases(prune)] == ["search", "finetune"]
+    prune = make_config({k: v for k, v in SMALL.items() if k != "rounds"} | {"command": "prune"})
+    assert [p.kind for p in plan_phases(prune)] == ["search", "finetune"]  # one round unless told otherwise
     assert [p.kind for p in plan_phases(make_config(dict(SMALL, command="train")))] == ["dense"]
 
 
@@ -93,6 +102,7 @@ def test_run_directory_contents_and_saved_ticket_zeros(tmp_path):
                 "train_epochs", "wall_seconds", "per_layer", "contsparse_version", "seed"):
         assert key in summary
     assert summary["train_epochs"] == 3 * 2 + 2
+    assert summary["weights_remaining_all_layers"] == summary["weights_remaining"]  # every layer is masked
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 8 and records[-1]["phase"] == "ticket"
     state = load_file(str(run / "model.safetensors"))
@@ -101,6 +111,20 @@ def test_run_directory_contents_and_saved_ticket_zeros(tmp_path):
     assert 1 - zeros / total == pytest.approx(summary["weights_remaining"], abs=1e-9)
     masks = load_file(str(run / "masks.safetensors"))
     assert set(masks) == {"hidden.0.weight", "hidden.1.weight", "output.weight"}
+
+
+def test_a_per_step_temperature_is_logged_as_the_epochs_last_step_used_it(tmp_path):
+    from contsparse.data.synthetic import load_synthetic as synthetic
+    from contsparse.masking import TemperatureSchedule
+
+    data = synthetic((1, 28, 28), 10, sizes=(256, 64, 64))
+    config = make_config(dict(SMALL, rounds=1, epochs=3, ticket_epochs=1, temp_schedule="step"))
+    Runner(config, tmp_path / "run", quiet, data=data).execute()
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    logged = [r["temperature"] for r in records if r["phase"] == "search"]
+    schedule = TemperatureSchedule(200.0, 3, "step", steps_per_epoch=4)  # 256 examples in batches of 64
+    assert logged == pytest.approx([schedule.value(epoch, 3) for epoch in range(3)])
+    assert logged[-1] == pytest.approx(200.0) and logged[0] < schedule.value(1, 0)
 
 
 def test_resume_after_interruption_gives_identical_results(tmp_path, monkeypatch):
@@ -143,6 +167,8 @@ def test_other_settings_in_the_same_directory_are_refused(tmp_path):
 def test_prune_and_train_commands(tmp_path):
     pruned = Runner(make_config(dict(SMALL, command="prune", rounds=1)), tmp_path / "prune", quiet).execute()
     assert pruned["command"] == "prune" and pruned["weights_remaining"] < 1.0
+    # pruning fine-tunes where the search ended: no rewind point is kept in its checkpoints
+    assert load_checkpoint(tmp_path / "prune" / "checkpoint")["rewind"] is None
     dense = Runner(make_config(dict(SMALL, command="train", epochs=2)), tmp_path / "train", quiet).execute()
     assert dense["weights_remaining"] == 1.0 and dense["dense_test_accuracy"] == dense["test_accuracy"]
     assert dense["test_accuracy"] > 0.5  # synthetic blobs are learnable; chance is 0.1
@@ -275,3 +301,34 @@ def test_mask_logits_get_their_own_optimiser_without_weight_decay(tmp_path, monk
     assert all(group["weight_decay"] == 0.0 for group in search["masks"].param_groups)
     assert set(ticket) == {"weights"}  # the ticket trains its weights alone, with a fresh optimiser
     assert ticket["weights"] is not search["weights"]
+    # the masked weights carry the scale c = 1 / sigmoid(s0): a group taking the reference's steps
+    plain_group, scaled_group = ticket["weights"].param_groups
+    c = 1.0 + float(torch.exp(torch.tensor(0.02)))
+    assert len(scaled_group["params"]) == 3 and plain_group["lr"] == 0.05
+    assert scaled_group["lr"] == pytest.approx(0.05 * c * c)
+    assert scaled_group["weight_decay"] == pytest.approx(1e-4 / c**2)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_steps_on_folded_weights_follow_the_reference_path(name):
+    """A hardened weight V = c * W trained with step_scales takes exactly the steps that the
+    reference code's W (multiplied by c in every forward) takes, decay and momentum included."""
+    from contsparse.training import OptimizerSettings, build_optimizer, set_learning_rate
+
+    torch.manual_seed(0)
+    c, x, target = 2.05, torch.randn(16, 5), torch.randn(16, 3)
+    settings = OptimizerSettings(name, lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.05)
+    w_ref = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    v = (c * w_ref).detach().clone().requires_grad_(True)
+    plain_v = v.detach().clone().requires_grad_(True)  # the fold without step_scales: another path
+    reference, folded = build_optimizer([w_ref], settings), build_optimizer([v], settings, {v: c})
+    plain = build_optimizer([plain_v], settings)
+    for step in range(6):
+        for effective, optimizer in ((lambda: c * w_ref, reference), (lambda: v, folded),
+                                     (lambda: plain_v, plain)):
+            set_learning_rate(optimizer, 0.01 / (1 + step))
+            optimizer.zero_grad()
+            ((x.double() @ effective().T - target.double()) ** 2).mean().backward()
+            optimizer.step()
+    torch.testing.assert_close(v.detach(), c * w_ref.detach(), rtol=1e-10, atol=1e-12)
+    assert (plain_v - c * w_ref).abs().max() > 1e-3

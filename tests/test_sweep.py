@@ -236,6 +236,9 @@ def test_report_regenerates_a_sweep_and_combines_directories(tmp_path, capsys):
     assert "is not a run, sweep or comparison directory" in capsys.readouterr().err
     assert main(["report", str(single), str(single), "--out", str(tmp_path / "once")]) == 0  # one run, once
     assert (tmp_path / "once" / "per_layer.png").is_file() and not (tmp_path / "once" / "report.md").exists()
+    capsys.readouterr()
+    assert main(["report", str(sweep), "--out", str(single)]) == 2  # a run's folder is not the report's
+    assert "is a run directory: give the report a folder of its own" in capsys.readouterr().err
     (tmp_path / "a-file").write_text("notes")
     assert main(["report", str(sweep), "--out", str(tmp_path / "a-file")]) == 2
     assert "is a file; give a folder" in capsys.readouterr().err
@@ -413,7 +416,7 @@ def test_markdown_table_rows_match_the_header_with_and_without_grid_keys():
 
     for values in ({}, {"mask_init": -0.05}):
         results = [PointResult("a", values, "ticket", "done", "a", 0.03, 0.97, 10, 5.0),
-                   PointResult("dense", {}, "train", "done", "dense", 1.0, 0.98, 10, 5.0)]
+                   PointResult("dense", {}, "train", "done", "dense", 1.0, 0.98, 10, 5.0, reference=True)]
         table = [line for line in markdown(results, results[:1], "t").splitlines() if line.startswith("|")]
         assert len({line.count("|") for line in table}) == 1, table  # header, separator, rows: same cells
         assert "|  |" not in table[0]  # no unnamed column
@@ -429,13 +432,13 @@ def test_accuracy_plot_without_a_finished_sparse_point_says_so_instead_of_drawin
         return path
 
     monkeypatch.setattr(sweep_report, "save_accuracy_plot", capture)
-    waiting = [PointResult("dense", {}, "train", "done", "dense", 1.0, 0.98, 10, 5.0),
+    waiting = [PointResult("dense", {}, "train", "done", "dense", 1.0, 0.98, 10, 5.0, reference=True),
                PointResult("a", {}, "ticket", "failed", "a"), PointResult("b", {}, "ticket", "pending", "b")]
     sweep_report.accuracy_plot({"sweep": waiting}, tmp_path / "p.png", "t")
-    assert drawn == {"texts": ["no finished sparse run yet"], "xticks": [], "log_x": False}
+    assert drawn == {"texts": ["no finished sparse point yet"], "xticks": [], "log_x": False}
     finished = [*waiting, PointResult("c", {}, "ticket", "done", "c", 0.03, 0.97, 10, 5.0)]
     sweep_report.accuracy_plot({"sweep": finished}, tmp_path / "p.png", "t")
-    assert drawn["log_x"] and "no finished sparse run yet" not in drawn["texts"]
+    assert drawn["log_x"] and "no finished sparse point yet" not in drawn["texts"]
 
 
 def test_a_damaged_point_config_is_pending_in_the_report_and_refused_by_the_sweep(tmp_path, capsys):
@@ -449,6 +452,70 @@ def test_a_damaged_point_config_is_pending_in_the_report_and_refused_by_the_swee
     assert "| mask_init=-0.02_seed=0 |" in table and "| pending |" in table and "| done |" in table
     assert main(argv) == 2
     assert "config.yaml is damaged (no command, method, model, dataset)" in capsys.readouterr().err
+
+
+def test_a_damaged_point_summary_is_named_and_the_other_points_reported(tmp_path, capsys):
+    argv = ["sweep", *TINY_FLAGS, "--grid", "mask_init=-0.02,0.05", "--no-dense-reference", "--workers", "2",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    (tmp_path / "mask_init=-0.02_seed=0" / "summary.json").write_text("{")
+    assert main(["report", str(tmp_path)]) == 0
+    table = (tmp_path / "sweep.md").read_text()
+    assert "| mask_init=0.05_seed=0 |" in table and "| damaged |" in table
+    assert "summary.json is damaged" in table.split("Not finished:")[1]
+
+
+def test_a_sweep_of_dense_runs_has_no_dense_reference_of_its_own_points(tmp_path):
+    """A --run train sweep's points are not its dense reference: no mean of them, no band."""
+    from contsparse.reports.sweep import markdown
+
+    points = [PointResult("lr=0.1", {"lr": 0.1}, "train", "done", "a", 1.0, 1.0, 10, 5.0),
+              PointResult("lr=0.5", {"lr": 0.5}, "train", "done", "b", 1.0, 0.95, 10, 5.0)]
+    text = markdown(points, [], "t")
+    assert "Dense reference" not in text and "* (dense runs only: no sparse point)" in text
+
+
+def test_tickets_without_weights_are_named_not_drawn(tmp_path, monkeypatch):
+    """0 % of the weights has no place on a log axis: the plots name such tickets instead of
+    letting a curve end at full accuracy where they failed, and the front flags them."""
+    from contsparse.reports import compare as compare_report
+    from contsparse.reports import sweep as sweep_report
+    from contsparse.reports.sweep import markdown
+
+    drawn = {}
+
+    def capture(fig, ax, path, title, log_x=True):
+        drawn.update(texts=[t.get_text() for t in ax.texts],
+                     xs={line.get_label(): [round(float(x), 6) for x in line.get_xdata()] for line in ax.lines},
+                     curves={bars.get_label(): [round(float(x), 6) for x in bars.lines[0].get_xdata()]
+                             for bars in ax.containers})
+        return path
+
+    monkeypatch.setattr(sweep_report, "save_accuracy_plot", capture)
+    monkeypatch.setattr(compare_report, "save_accuracy_plot", capture)
+    empty = PointResult("mask_init=-0.5_seed=0", {"mask_init": -0.5}, "ticket", "done", "e", 0.0, 0.082, 10, 5.0)
+    kept = PointResult("mask_init=0.1_seed=0", {"mask_init": 0.1}, "ticket", "done", "k", 0.07, 0.97, 10, 5.0)
+    sweep_report.accuracy_plot({"sweep": [empty, kept]}, tmp_path / "p.png", "t")
+    assert drawn["xs"]["sweep (Pareto front on validation)"] == [7.0]
+    assert any("0 % of the weights kept: mask_init=-0.5 (8.20 %)" in t for t in drawn["texts"])
+    sweep_report.accuracy_plot({"sweep": [empty]}, tmp_path / "p.png", "t")
+    assert "no finished sparse point with weights left" in drawn["texts"]
+    assert "(every weight pruned)" in markdown([empty, kept], [empty], "t")
+    groups = [{"method": "cs", "label": "s0=-0.5", "weights_remaining": 0.0, "test_accuracy": 0.082,
+               "test_accuracy_std": 0.0},
+              {"method": "cs", "label": "s0=0.1", "weights_remaining": 0.07, "test_accuracy": 0.97,
+               "test_accuracy_std": 0.0}]
+    compare_report.accuracy_vs_weights(groups, [0.98], tmp_path / "c.png", "t")
+    assert drawn["curves"] == {"cs": [7.0]}
+    assert any("s0=-0.5 (8.2 %)" in t for t in drawn["texts"])
+
+
+@pytest.mark.parametrize(("value", "text"), [(None, "-"), (0.0, "0.00 %"), (1.0, "100.00 %"), (0.0298, "2.98 %"),
+                                             (18 / 235200, "0.0077 %"), (0.99997, "99.9970 %"), (0.5, "50.00 %")])
+def test_percentages_show_what_two_decimals_would_round_away(value, text):
+    from contsparse.reports.table import percent
+
+    assert percent(value) == text
 
 
 def test_a_sweep_folder_of_another_command_is_refused(tmp_path):
@@ -500,7 +567,7 @@ def test_sweep_tables_escape_cell_separators_and_write_strict_json(tmp_path):
     results = [PointResult("a", {"mask_include": "hidden|output"}, "ticket", "done", "a", 0.03, 0.97, 10, 5.0),
                PointResult("b", {"mask_include": "hidden"}, "ticket", "done", "b", 0.02, float("nan"), 10, 5.0,
                            val_accuracy=float("nan")),
-               PointResult("dense", {}, "train", "done", "dense", 1.0, float("nan"), 10, 5.0)]
+               PointResult("dense", {}, "train", "done", "dense", 1.0, float("nan"), 10, 5.0, reference=True)]
     write_sweep(results, tmp_path, "t")
     table = [line for line in (tmp_path / "sweep.md").read_text().splitlines() if line.startswith("|")]
     assert len({line.replace("\\|", "").count("|") for line in table}) == 1, table
@@ -513,7 +580,7 @@ def test_sweep_tables_escape_cell_separators_and_write_strict_json(tmp_path):
 def test_a_sweep_over_training_settings_says_its_dense_reference_did_not_vary_them():
     from contsparse.reports.sweep import markdown
 
-    dense = PointResult("dense_seed=0", {"seed": 0}, "train", "done", "d", 1.0, 0.98, 10, 5.0)
+    dense = PointResult("dense_seed=0", {"seed": 0}, "train", "done", "d", 1.0, 0.98, 10, 5.0, reference=True)
     for values, noted in (({"lr": 0.1, "mask_init": -0.05}, "vary lr,"), ({"mask_init": -0.05, "seed": 0}, None)):
         point = PointResult("a", values, "ticket", "done", "a", 0.03, 0.97, 10, 5.0)
         text = markdown([dense, point], [point], "t")

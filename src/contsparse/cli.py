@@ -12,12 +12,14 @@ import difflib
 import errno
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
 from contsparse import __version__
 from contsparse.errors import RunInterrupted, UserError
 from contsparse.experiments.config import (
+    COMMAND_DEFAULTS,
     FIELDS,
     NOT_FOR_DENSE,
     RunConfig,
@@ -65,8 +67,12 @@ HELP = {
     "lr_gamma": "factor of each step-schedule drop",
     "temp_schedule": "raise the temperature after every epoch or every step",
     "mask_scaling": "multiply masks by 1 / sigmoid(s0) as the reference code does",
+    "reference_steps": "ticket training and fine-tuning step on the kept weights as the reference code does, "
+                       "which keeps W and multiplies by 1 / sigmoid(s0) in every forward (--no-reference-steps: "
+                       "plain steps on the scaled weights, as earlier contsparse versions took)",
     "mask_optimizer": "optimiser of the mask logits: sgd, adam or adamw",
     "mask_momentum": "momentum of the mask logits' optimiser",
+    "mask_nesterov": "Nesterov momentum for the mask logits' SGD (the CIFAR presets, as the reference code)",
     "sparsity": "magnitude, random, gmp, dnw: fraction of the weights pruned, in (0, 1)",
     "prune_fraction": "imp: share of the remaining weights pruned per round",
     "prune_fraction_last": "imp: the same for the output layer",
@@ -89,7 +95,6 @@ HELP = {
     "tensorboard": "also write TensorBoard logs into the run directory",
 }
 # Defaults a command has other than RunConfig's (shown in its --help)
-COMMAND_DEFAULTS = {"prune": {"rounds": 1}}
 TRAINING_COMMANDS = {
     "ticket": "lottery-ticket search: CS rounds, rewind, train the ticket",
     "prune": "pruning: one CS round, then fine-tune under the hard mask",
@@ -132,7 +137,9 @@ def _meant(word: str, flags: list[str]) -> list[str]:
     return longer[:3] if longer else difflib.get_close_matches(word, flags, n=1, cutoff=0.7)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    """The CLI; with ``preset``, the training flags' help shows that preset's values as defaults."""
+    preset_defaults = _preset_defaults(preset)
     parser = _Parser(prog="contsparse", description="Continuous Sparsification for PyTorch")
     parser.add_argument("--version", action="version", version=f"contsparse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -141,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--preset", help="named paper settings filling every default (see: contsparse presets)")
         cmd.add_argument("--config", type=Path, help="YAML file of settings (overrides the preset; flags override it)")
         cmd.add_argument("--out", type=Path, help="run directory (default: runs/<name>-<hash of settings>)")
-        _add_run_flags(cmd, with_method=name != "train", defaults=COMMAND_DEFAULTS.get(name, {}))
+        _add_run_flags(cmd, with_method=name != "train", defaults={**COMMAND_DEFAULTS.get(name, {}), **preset_defaults})
+        cmd.epilog = _preset_epilog(preset, preset_defaults)
     resume = sub.add_parser("resume", help="continue a stopped run from its last checkpoint",
                             description="continue a stopped run from its last checkpoint, with its saved settings "
                                         "(flags change them, together with --force)")
@@ -160,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--random-every", type=int, default=3, help="random pruning at every n-th IMP sparsity")
     compare.add_argument("--methods", nargs="+", default=["dense", "cs", "imp", "random"],
                          choices=["dense", "cs", "imp", "random"])
-    _add_run_flags(compare, with_method=False)
-    _add_sweep_parser(sub)
+    _add_run_flags(compare, with_method=False, defaults=preset_defaults)
+    compare.epilog = _preset_epilog(preset, preset_defaults)
+    _add_sweep_parser(sub, preset, preset_defaults)
     sub.add_parser("presets", help="list the named paper settings for --preset", description="list the presets")
     info = sub.add_parser("info", help="print a run's summary as a table", description="print a run's summary")
     info.add_argument("run_dir", type=Path)
@@ -196,7 +205,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_sweep_parser(sub: Any) -> None:
+def _preset_defaults(name: str | None) -> dict[str, Any]:
+    """A preset's settings, for the help's defaults (an unknown name is refused when the command runs)."""
+    try:
+        values = preset_values(name) if name else {}
+    except UserError:
+        return {}
+    values.pop("command", None)
+    return values
+
+
+def _preset_named(argv: list[str]) -> str | None:
+    """The ``--preset`` of a command line, before it is parsed: ``ticket --preset X --help`` lists X's
+    values as the defaults, not LeNet-300-100's."""
+    for i, word in enumerate(argv):
+        if word == "--preset" and i + 1 < len(argv):
+            return argv[i + 1]
+        if word.startswith("--preset="):
+            return word.partition("=")[2]
+    return None
+
+
+def _preset_epilog(name: str | None, values: dict[str, Any]) -> str | None:
+    return f"The defaults shown are preset {name}'s." if values else None
+
+
+def _add_sweep_parser(sub: Any, preset: str | None, preset_defaults: dict[str, Any]) -> None:
     sweep = sub.add_parser("sweep", help="many runs over a grid of settings, in parallel (processes or Ray)",
                            description="a grid (--grid) and/or list (--point) of settings, each point an ordinary "
                                        "run directory, run by a local process pool or a Ray cluster; finished "
@@ -227,7 +261,8 @@ def _add_sweep_parser(sub: Any) -> None:
                        help="run the points as Ray tasks on this cluster instead (pip install 'contsparse[ray]')")
     sweep.add_argument("--gpus-per-point", type=float, default=0.0, metavar="G",
                        help="Ray: GPUs each point asks for (default: 0)")
-    _add_run_flags(sweep, with_method=True, skip={"workers", "dense_baseline"})
+    _add_run_flags(sweep, with_method=True, skip={"workers", "dense_baseline"}, defaults=preset_defaults)
+    sweep.epilog = _preset_epilog(preset, preset_defaults)
 
 
 def _batch_size(text: str) -> int:
@@ -293,8 +328,6 @@ def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = No
             print(f"contsparse: note: {args.config} is a config for `{from_file['command']}`; its settings are used "
                   f"for `{given}`, the command given", file=sys.stderr)
         values["command"] = args.command
-        if args.command == "prune" and "rounds" not in values:
-            values["rounds"] = 1
     given = set()
     for name in FIELDS:
         value = getattr(args, name, None)
@@ -569,8 +602,23 @@ COMMANDS = {"compare": run_compare, "sweep": run_sweep, "presets": run_presets, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(_preset_named(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
+    shown_as = warnings.formatwarning
+    if not args.debug:  # a warning is one line, as errors are, not a file:line and a source line
+        warnings.formatwarning = _one_line_warning
+    try:
+        return _run_command(args)
+    finally:
+        warnings.formatwarning = shown_as
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    return f"contsparse: warning: {message}\n"
+
+
+def _run_command(args: argparse.Namespace) -> int:
     try:
         if args.command in READS_OTHERS_FOLDERS:  # their saved settings may import only the --imports given
             from contsparse.experiments.user_modules import trusting_only

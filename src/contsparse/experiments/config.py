@@ -23,6 +23,8 @@ from contsparse.models import available_models
 from contsparse.training.optim import OPTIMIZERS, SCHEDULES, OptimizerSettings
 
 COMMANDS = ("ticket", "prune", "train")
+# Defaults a command sets in place of RunConfig's (pruning is one CS round, then fine-tuning)
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {"prune": {"rounds": 1}}
 METHOD_NAMES = tuple(METHODS)
 
 
@@ -68,9 +70,11 @@ class RunConfig:
     final_temp: float = 200.0
     temp_schedule: str = "epoch"
     mask_scaling: bool = True
+    reference_steps: bool = True  # tickets / fine-tuning step on the scaled weights as the reference code does
     mask_optimizer: str = "sgd"
     mask_lr: float = 0.1
     mask_momentum: float = 0.9
+    mask_nesterov: bool = False
 
     # baselines (imp, magnitude, random, gmp)
     sparsity: float | None = None  # magnitude / random / gmp: fraction of the weights pruned
@@ -108,7 +112,7 @@ class RunConfig:
                                  self.lr_schedule, tuple(self.lr_milestones), self.lr_gamma)
 
     def mask_optimizer_settings(self) -> OptimizerSettings:
-        return OptimizerSettings(self.mask_optimizer, self.mask_lr, self.mask_momentum, False, 0.0,
+        return OptimizerSettings(self.mask_optimizer, self.mask_lr, self.mask_momentum, self.mask_nesterov, 0.0,
                                  self.lr_schedule, tuple(self.lr_milestones), self.lr_gamma)
 
     def data_options(self) -> DataOptions:
@@ -127,7 +131,8 @@ class RunConfig:
         values = dataclasses.asdict(self)
         if self.command == "train":  # settings a dense run does not use count at their defaults (same name)
             defaults = dataclasses.asdict(RunConfig())
-            values.update({k: defaults[k] for k in NOT_FOR_DENSE})
+            values.update({k: ADDED_LATER.get(k, defaults[k]) for k in NOT_FOR_DENSE})
+        values.update({k: ADDED_LATER[k] for k in inert_settings(self)})
         keys = {k: v for k, v in values.items()
                 if k not in NOT_IN_IDENTITY and not (k in ADDED_LATER and v == ADDED_LATER[k])}
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
@@ -148,18 +153,27 @@ class RunConfig:
 NOT_IN_IDENTITY = {"device", "tensorboard", "data_dir", "workers", "compile", "imports"}  # how, not what
 # What a dense run (command train) does not use: with other values it is the same run
 NOT_FOR_DENSE = {"method", "rounds", "ticket_epochs", "rewind_epoch", "mask_init", "penalty", "penalty_normalize",
-                 "final_temp", "temp_schedule", "mask_scaling", "mask_optimizer", "mask_lr", "mask_momentum",
+                 "final_temp", "temp_schedule", "mask_scaling", "reference_steps", "mask_optimizer", "mask_lr",
+                 "mask_momentum", "mask_nesterov",
                  "sparsity", "prune_fraction", "prune_fraction_last", "prune_fraction_conv", "prune_scope",
                  "gmp_frequency", "gmp_start_epoch", "str_init", "reinit", "mask_from", "dense_baseline"}
-ADDED_LATER: dict[str, Any] = {"prune_fraction_conv": None, "mask_from": None,  # setting -> its default
-                               "gmp_start_epoch": 0}
+# Settings added later -> the value that keeps the older behaviour: older config files and
+# checkpoints are read with it, and a setting counts in a run's name only when it differs from it
+ADDED_LATER: dict[str, Any] = {"prune_fraction_conv": None, "mask_from": None, "gmp_start_epoch": 0,
+                               "reference_steps": False, "mask_nesterov": False}
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
 def unused_settings(config: RunConfig) -> set[str]:
-    """Settings that do not make this run what it is: how it runs, and for a dense run the
-    sparsification settings (a dense run given another --mask-init is the same run)."""
-    return NOT_IN_IDENTITY | NOT_FOR_DENSE if config.command == "train" else NOT_IN_IDENTITY
+    """Settings that do not make this run what it is: how it runs, for a dense run the
+    sparsification settings (a dense run given another --mask-init is the same run), and
+    settings that have nothing to act on in this run."""
+    return NOT_IN_IDENTITY | NOT_FOR_DENSE if config.command == "train" else NOT_IN_IDENTITY | inert_settings(config)
+
+
+def inert_settings(config: RunConfig) -> set[str]:
+    """Settings added later that have nothing to act on in this run (they do not rename it)."""
+    return set() if config.method == "cs" and config.mask_scaling else {"reference_steps"}  # no scale to follow
 
 
 def settings_differences(saved: dict[str, Any], config: RunConfig) -> dict[str, tuple[Any, Any]]:
@@ -210,6 +224,7 @@ def make_config(values: dict[str, Any], check: bool = True) -> RunConfig:
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise UserError(f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(FIELDS))}")
+    values = {**COMMAND_DEFAULTS.get(str(values.get("command", "ticket")), {}), **values}
     values = {k: _coerce(k, v) for k, v in values.items()}
     if values.get("data_dir"):  # saved as an absolute path: a resume from another folder finds the data
         values["data_dir"] = str(Path(values["data_dir"]).expanduser().absolute())
@@ -327,10 +342,7 @@ def validate(c: RunConfig) -> None:
         fail(f"penalty must be >= 0, got {c.penalty}")
     if c.final_temp <= 1:
         fail(f"final_temp must be > 1 (the temperature anneals from 1 up to it), got {c.final_temp}")
-    # A ticket is trained from the rewind point, and IMP's later rounds restart from it (under prune too)
-    rewinds = (c.command == "ticket" and not METHODS[c.method].trains_from_initialisation) or (
-        c.command == "prune" and c.rounds > 1 and METHODS[c.method].rewind_between_rounds)
-    if rewinds and not 0 <= c.rewind_epoch < c.epochs:
+    if rewinds(c) and not 0 <= c.rewind_epoch < c.epochs:
         fail(f"rewind_epoch must be in [0, epochs) = [0, {c.epochs}), got {c.rewind_epoch}: give --rewind-epoch "
              f"below --epochs (e.g. --rewind-epoch {max(c.epochs - 1, 0) if c.epochs <= 2 else 1})")
     if any(m < 1 for m in c.lr_milestones) or c.lr_milestones != sorted(set(c.lr_milestones)):
@@ -389,6 +401,16 @@ def validate(c: RunConfig) -> None:
                 re.compile(pattern)
             except re.error as err:
                 fail(f"{name} pattern {pattern!r} is not a valid regular expression ({err})")
+
+
+def rewinds(config: RunConfig) -> bool:
+    """Whether the run goes back to its epoch-k rewind point: a ticket is trained from it, and IMP's
+    later rounds restart from it (under prune too). Pruning by CS fine-tunes where it stands."""
+    method = METHODS.get(config.method)
+    if method is None:
+        return False
+    return (config.command == "ticket" and not method.trains_from_initialisation) or (
+        config.command == "prune" and config.rounds > 1 and method.rewind_between_rounds)
 
 
 def dump_yaml(config: RunConfig) -> str:

@@ -30,6 +30,7 @@ from contsparse.experiments.config import (
     dump_yaml,
     load_saved_config,
     mask_file,
+    rewinds,
     settings_differences,
     unused_settings,
     with_later_defaults,
@@ -39,6 +40,7 @@ from contsparse.experiments.interrupt import StopRequest
 from contsparse.experiments.lock import RunLock
 from contsparse.experiments.rundir import RunDir
 from contsparse.masking import find_masks, per_layer_remaining, weights_remaining
+from contsparse.masking.accounting import weights_remaining_all_layers
 from contsparse.masking.maskset import HARD_SUFFIX, check_binary_mask
 from contsparse.methods import (
     METHODS,
@@ -119,7 +121,8 @@ def build_method(config: RunConfig, steps_per_epoch: int) -> Method:
         return ContinuousSparsification(CSSettings(
             mask_init=config.mask_init, penalty=config.penalty, penalty_normalize=config.penalty_normalize,
             final_temp=config.final_temp, epochs_per_round=config.epochs, temp_schedule=config.temp_schedule,
-            steps_per_epoch=steps_per_epoch, scale_by_init=config.mask_scaling, selection=config.selection()))
+            steps_per_epoch=steps_per_epoch, scale_by_init=config.mask_scaling, reference_steps=config.reference_steps,
+            selection=config.selection()))
     settings = PruneSettings(
         fraction=config.prune_fraction, last_fraction=config.prune_fraction_last,
         conv_fraction=config.prune_fraction_conv,
@@ -477,7 +480,7 @@ class Runner:
                 self._checkpoint(setup, state)  # phase boundary: rewound, hardened, fresh optimisers
             epoch = state.progress["epoch"]
             if phase.kind == "search" and phase.round == 0 and epoch == self.config.rewind_epoch \
-                    and state.rewind is None:
+                    and state.rewind is None and rewinds(self.config):
                 state.rewind = rewind_state(setup.model)
                 self._checkpoint(setup, state)  # the rewind point is stored
             record = self._epoch_or_explain(setup, state, phase, stop, trainable)
@@ -614,18 +617,27 @@ class Runner:
             return
         if phase.kind == "search":
             last = phase.round == self.config.rounds - 1
-            progress["round_remaining"].append(record.get("weights_remaining", 1.0))
-            if record.get("weights_remaining") == 0:
-                self.log(f"warning: {phase.label()} pruned every weight, so its ticket cannot learn; raise "
-                         "--mask-init or lower --penalty (short runs on little data prune the most)")
-            if setup.method.records_round_tickets:  # this round trained a ticket: test it, keep its mask
+            method = setup.method
+            if method.resets_at_round_end:  # the mask the round ended with, before the next round's reset
+                produced = method.final_mask()
+            if method.records_round_tickets:  # this round trained a ticket: test it, keep its mask
                 self.run.save_tensors(f"{RunDir.ROUND_MASKS}/round-{phase.round}.safetensors",
                                       {k: v.to(torch.uint8) for k, v in setup.method.final_mask().items()})
                 progress.setdefault("curve", []).append({
                     "round": phase.round, "weights_remaining": record["weights_remaining"],
                     "test_accuracy": evaluate(setup.model, setup.test_batches, setup.device, setup.speed).accuracy,
                     "val_accuracy": record["val_accuracy"], "train_epochs": progress["epochs_done"]})
-            setup.method.end_of_round(phase.round, last)
+            method.end_of_round(phase.round, last)
+            if not method.resets_at_round_end:  # pruning methods make the round's mask at its end
+                produced = method.final_mask()
+            progress["round_remaining"].append(weights_remaining(produced))
+            empty = [name for name, kept in per_layer_remaining(produced).items() if kept == 0]
+            if empty:
+                what = ("every weight, so its ticket cannot learn" if len(empty) == len(produced) else
+                        f"every weight of {', '.join(empty[:3])}{' and more' if len(empty) > 3 else ''} (without a "
+                        "skip connection around it, no input reaches the output)")
+                self.log(f"warning: {phase.label()} pruned {what}; raise --mask-init or lower --penalty (short runs "
+                         "on little data prune the most)")
         progress["phase"] += 1
         progress["epoch"] = 0
         progress["entered"] = False
@@ -676,7 +688,7 @@ class Runner:
 
     def _optimizers(self, phase: Phase, model: nn.Module, method: Method) -> dict[str, torch.optim.Optimizer]:
         weights = [p for p in method.weight_parameters(model) if p.requires_grad]
-        optimizers = {"weights": build_optimizer(weights, self.config.weight_optimizer())}
+        optimizers = {"weights": build_optimizer(weights, self.config.weight_optimizer(), method.step_scales())}
         if phase.kind == "search" and method.search_parameters():
             optimizers["masks"] = build_optimizer(method.search_parameters(), self.config.mask_optimizer_settings())
         return optimizers
@@ -722,7 +734,7 @@ class Runner:
             "train_loss": round(result.loss, 5), "train_accuracy": round(result.accuracy, 5),
             "val_loss": round(val.loss, 5), "val_accuracy": round(val.accuracy, 5),
             "weights_remaining": round(weights_remaining(mask), 6), **method.epoch_metrics()}
-        if search:
+        if search and method.has_penalty:  # IMP, magnitude, ... have none: no column of zeros
             record["penalty"] = result.regularizer
         extras = f" beta {record['temperature']:.3g}" if "temperature" in record and search else ""
         self.log(f"[{desc}] loss {result.loss:.4f} train {result.accuracy:.4f} val {val.accuracy:.4f} "
@@ -744,6 +756,7 @@ class Runner:
             "input_shape": list(self._load_data().input_shape),
             "num_classes": self._load_data().num_classes,
             "weights_remaining": weights_remaining(mask),
+            "weights_remaining_all_layers": weights_remaining_all_layers(setup.model, mask),
             "test_accuracy": test.accuracy,
             "val_accuracy": val.accuracy,
             "dense_test_accuracy": (test.accuracy if config.command == "train"
@@ -760,6 +773,7 @@ class Runner:
         if dense_summary is not None:
             summary["dense_wall_seconds"] = dense_summary["wall_seconds"]
             summary["dense_train_epochs"] = dense_summary["train_epochs"]
+            summary["dense_val_accuracy"] = dense_summary.get("val_accuracy")
         self.run.write_summary(summary)
         return summary
 

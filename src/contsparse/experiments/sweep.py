@@ -46,6 +46,7 @@ class SweepPoint:
     name: str  # also the point's run directory inside the sweep directory
     values: dict[str, Any]  # the swept hyper-parameters of this point
     config: RunConfig
+    reference: bool = False  # the dense reference the sparse points are read against
 
     def total_epochs(self) -> int:
         """Epochs the point trains, its dense baseline included (for progress)."""
@@ -98,7 +99,8 @@ class SweepPlan:
             for seed in seeds:
                 config = dataclasses.replace(self.base, seed=int(seed)).dense_variant()
                 validate(config)  # the base is checked only through the points (make_config(check=False))
-                out[f"dense_seed={seed}"] = SweepPoint(f"dense_seed={seed}", {"seed": int(seed)}, config)
+                name = f"dense_seed={seed}"
+                out[name] = SweepPoint(name, {"seed": int(seed)}, config, reference=True)
         for combo in combos:
             config = _configure(self.base, combo)
             values = {key: getattr(config, key) for key in combo}
@@ -221,7 +223,7 @@ class PointResult:
     name: str
     values: dict[str, Any]
     command: str
-    status: str  # done | failed | interrupted | pending
+    status: str  # done | failed | interrupted | pending | damaged (a finished run whose summary cannot be read)
     run_dir: str
     weights_remaining: float | None = None
     test_accuracy: float | None = None
@@ -231,6 +233,7 @@ class PointResult:
     threads: int | None = None
     message: str = ""
     val_accuracy: float | None = None  # what the Pareto front is chosen on: the test set only reports
+    reference: bool = False  # a dense run the sparse points are read against (not a point of a dense sweep)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -422,8 +425,13 @@ def _result_from_disk(point: SweepPoint, out: Path) -> PointResult:
     run = RunDir(out / point.name, writable=False)
     # A finished point counts only with this plan's settings; else the runner says what differs.
     if run.is_finished() and not _differs(run, point):
-        return _from_summary(point, out, run.read_summary(), "done", None)
-    return PointResult(point.name, point.values, point.config.command, "pending", str(out / point.name))
+        try:
+            return _from_summary(point, out, run.read_summary(), "done", None)
+        except UserError as err:  # one damaged summary: that point is named, the others are reported
+            return PointResult(point.name, point.values, point.config.command, "damaged", str(out / point.name),
+                               message=str(err), reference=point.reference)
+    return PointResult(point.name, point.values, point.config.command, "pending", str(out / point.name),
+                       reference=point.reference)
 
 
 def _result(point: SweepPoint, out: Path, outcome: PointOutcome, after: float) -> PointResult:
@@ -431,7 +439,7 @@ def _result(point: SweepPoint, out: Path, outcome: PointOutcome, after: float) -
         result = _from_summary(point, out, outcome.summary, "done", round(after, 2))
     else:
         result = PointResult(point.name, point.values, point.config.command, outcome.status, str(out / point.name),
-                             message=outcome.message)
+                             message=outcome.message, reference=point.reference)
     result.threads = outcome.threads
     return result
 
@@ -440,7 +448,8 @@ def _from_summary(point: SweepPoint, out: Path, summary: dict[str, Any], status:
                   after: float | None) -> PointResult:
     return PointResult(point.name, point.values, point.config.command, status, str(out / point.name),
                        summary["weights_remaining"], summary["test_accuracy"], summary["train_epochs"],
-                       summary["wall_seconds"], after, val_accuracy=summary.get("val_accuracy"))
+                       summary["wall_seconds"], after, val_accuracy=summary.get("val_accuracy"),
+                       reference=point.reference)
 
 
 def pareto_front(results: list[PointResult]) -> list[PointResult]:

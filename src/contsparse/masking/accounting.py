@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def weights_remaining(masks: Mapping[str, Tensor]) -> float:
@@ -25,3 +25,26 @@ def count_zeros(tensors: Mapping[str, Tensor]) -> tuple[int, int]:
     """(zeros, total) over ``tensors``: used to check that a saved ticket has the zeros it claims."""
     zeros = sum(int((t == 0).sum()) for t in tensors.values())
     return zeros, sum(t.numel() for t in tensors.values())
+
+
+def weights_remaining_all_layers(model: nn.Module, masks: Mapping[str, Tensor]) -> float:
+    """Fraction of every Linear and Conv weight of ``model`` that ``masks`` keeps, layers without a
+    mask counted as kept: the sparsity papers quote when they prune every layer (STR, GMP, DNW),
+    where :func:`weights_remaining` counts only the masked ones (a ResNet-50 with its downsample
+    convs and classifier unmasked keeps 19 % of its weights whatever the masks do)."""
+    from contsparse.masking.selection import DEFAULT_LAYER_TYPES
+
+    weights = {f"{module_name}.weight" if module_name else "weight": module._parameters.get("weight")
+               for module_name, module in model.named_modules(remove_duplicate=False)
+               if isinstance(module, DEFAULT_LAYER_TYPES)}
+    seen = {id(weight) for name, weight in weights.items() if name in masks}  # a masked weight tied elsewhere too
+    total = kept = 0
+    for weight in weights.values():
+        if weight is not None and id(weight) not in seen:  # None: a parametrized (masked) weight
+            seen.add(id(weight))
+            total += weight.numel()
+            kept += weight.numel()
+    for mask in masks.values():
+        total += mask.numel()
+        kept += int(mask.count_nonzero())
+    return kept / total if total else 1.0

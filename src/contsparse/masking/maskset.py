@@ -37,6 +37,7 @@ class MaskSet:
         self.tied = {name: list((tied or {}).get(name, ())) for name in masks}
         self._owners: dict[str, tuple[nn.Module, str]] | None = None
         self._permanent = False  # make_permanent() took the masks off: nothing is left to act on
+        self._step_hooks: list[torch.utils.hooks.RemovableHandle] = []  # keep_pruned_at_zero's
 
     def _require_masks(self, action: str) -> None:
         """Refuse to act once the masks were made permanent (an empty set would report a dense
@@ -85,8 +86,13 @@ class MaskSet:
         trains at dense speed; the mask stays beside it as ``<layer>.weight_cs_mask`` so the
         ``state_dict`` still carries it. Afterwards call :meth:`zero_pruned` after each optimiser
         step, or let :meth:`keep_pruned_at_zero` do so. Load a hardened ``state_dict`` into a
-        model only after calling ``harden()`` on it.
+        model only after calling ``harden()`` on it. Warns when a layer keeps no weight (a
+        network cut in two; often logits that no optimiser stepped).
         """
+        self._harden(apply_scale=True, stacklevel=3)
+
+    def _harden(self, apply_scale: bool, stacklevel: int) -> None:
+        """:meth:`harden`; ``apply_scale=False`` folds ``H(s)`` without the masks' scale."""
         self._require_masks("harden them")
         weights = self.masked_weights()
         for name, mask in self.masks.items():  # checked before any layer changes
@@ -95,13 +101,38 @@ class MaskSet:
                 if others:
                     raise ValueError(f"{name} has a parametrization registered after its CS mask "
                                      f"({', '.join(others)}), which hardening would drop: remove it first")
-        for name, mask in self.masks.items():
-            if mask.mode == "hard":
-                continue
-            mask.harden(weights[name])
+        softened = [name for name, mask in self.masks.items() if mask.mode == "soft"]
+        at_init = softened and all(bool((mask.logits == mask.mask_init).all()) for mask in self.masks.values())
+        got_gradients = any(mask.logits.grad is not None for mask in self.masks.values())
+        for name in softened:
+            self.masks[name].harden(weights[name], apply_scale=apply_scale)
             for module, attr in self.places(name):
                 parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
-                module.register_module(attr + HARD_SUFFIX, mask)
+                module.register_module(attr + HARD_SUFFIX, self.masks[name])
+        empty = [name for name in softened if not self.masks[name].hard_mask.any()]
+        # Logits still at s0 with no gradient: masks just attached, hardened to load a hardened
+        # state_dict into them (the documented way): their values are about to be replaced.
+        if empty and not (at_init and not got_gradients):
+            hint = (": the logits got gradients but are still at s0 (were masks.mask_parameters() given to an "
+                    "optimiser, made after attach_masks, and stepped?)" if at_init else "")
+            which = empty[0] if len(empty) == 1 else f"{len(empty)} of {len(self.masks)} layers ({_some(empty, 3)})"
+            warnings.warn(f"harden(): {which} {'keeps' if len(empty) == 1 else 'keep'} no weight at all "
+                          f"(every logit <= 0){hint}", stacklevel=stacklevel)
+
+    def folded_scales(self) -> dict[nn.Parameter, float]:
+        """Hardened weight -> the scale ``c = 1 / sigmoid(s0)`` folded into it (masks with a scale).
+
+        The fold leaves the network as it was but not its training: the optimiser now steps on
+        ``c * W``, whose gradient is ``1 / c`` of ``W``'s, so SGD moves the kept weights ``c**2``
+        times less than the reference code (which keeps ``W`` and multiplies by ``c`` in every
+        forward) and Adam ``c`` times less. To take the reference's steps, give these weights a
+        group of their own with ``lr * c**2`` and ``weight_decay / c**2`` (SGD), or ``lr * c``,
+        ``eps / c`` and ``weight_decay / c**2`` (Adam); the CLI does so.
+        """
+        self._require_masks("report the folded scales")
+        weights = self.masked_weights()
+        return {weights[name]: mask.scale for name, mask in self.masks.items()
+                if mask.mode == "hard" and mask.scale != 1.0}
 
     def zero_pruned(self) -> None:
         """Re-zero pruned weights (hard mode): one fused in-place multiply over all layers. The
@@ -114,8 +145,11 @@ class MaskSet:
                 torch._foreach_mul_([w for w, _ in pairs], [m for _, m in pairs])
 
     def keep_pruned_at_zero(self, optimizer: torch.optim.Optimizer):
-        """Run :meth:`zero_pruned` after every ``optimizer.step()``; returns the hook handle."""
-        return optimizer.register_step_post_hook(lambda *_: self.zero_pruned())
+        """Run :meth:`zero_pruned` after every ``optimizer.step()``; returns the hook handle.
+        :meth:`make_permanent` removes the hook (the zeros are then the model's own weights)."""
+        handle = optimizer.register_step_post_hook(lambda *_: self.zero_pruned())
+        self._step_hooks.append(handle)
+        return handle
 
     def reset_logits(self) -> None:
         """Between search rounds: ``s <- min(beta * s, s0)``; then the temperature restarts at 1."""
@@ -123,6 +157,55 @@ class MaskSet:
         for mask in self.masks.values():
             mask.reset_logits()
         self.temperature = 1.0
+
+    # -- rewinding (lottery tickets) -------------------------------------------------------------
+    def rewind_point(self) -> dict[str, Tensor]:
+        """A copy of what a lottery ticket rewinds to: every weight, bias and buffer (norm
+        statistics) of the model, not the masks. Masked weights are stored unmasked, under their
+        plain names (``fc.weight``), so a point taken in soft mode loads after :meth:`harden`."""
+        self._require_masks("store a rewind point")
+        weights = self.masked_weights()
+        point = {name: (weights[name] / mask.scale if mask.mode == "hard" else weights[name]).detach().clone()
+                 for name, mask in self.masks.items()}
+        for key, value in self._unmasked_state().items():
+            point[key] = value.detach().clone()
+        return point
+
+    def rewind(self, point: Mapping[str, Tensor]) -> None:
+        """Load a :meth:`rewind_point` (same or other mode): in hard mode the masked weights become
+        ``scale * H(s) * W_k``, the ticket's start; the masks themselves are kept."""
+        self._require_masks("rewind")
+        _require_mapping(point)
+        weights, state = self.masked_weights(), self._unmasked_state()
+        targets: dict[str, Tensor] = {**weights, **state}
+        missing, unknown = sorted(set(targets) - set(point)), sorted(set(point) - set(targets))
+        if missing or unknown:
+            raise KeyError("the rewind point does not fit this model: " + "; ".join(
+                f"{what} {_some(keys)}" for what, keys in (("no value for", missing), ("no tensor named", unknown))
+                if keys))
+        wrong = [f"{key} {tuple(point[key].shape)} != {tuple(target.shape)}" for key, target in targets.items()
+                 if not isinstance(point[key], Tensor) or point[key].shape != target.shape]
+        if wrong:
+            raise ValueError(f"rewind point shapes do not fit this model: {'; '.join(wrong[:5])}")
+        with torch.no_grad():
+            for key, target in targets.items():
+                target.copy_(point[key])
+            for name, mask in self.masks.items():
+                if mask.mode == "hard":  # as harden() folds them
+                    weights[name].mul_(mask.hard_mask).mul_(mask.scale)
+
+    def _unmasked_state(self) -> dict[str, Tensor]:
+        """The model's ``state_dict`` tensors other than the masks' and the masked weights'."""
+        mask_prefixes = tuple(f"{name}." if name else "" for name, module in self.model.named_modules(
+            remove_duplicate=False) if isinstance(module, ContinuousMask))
+        masked_keys = set()
+        for name in self.masks:
+            for holder in self.holders(name):
+                module, _, attr = holder.rpartition(".")
+                prefix = f"{module}." if module else ""
+                masked_keys |= {f"{prefix}{attr}", f"{prefix}parametrizations.{attr}.original"}
+        return {key: value for key, value in self.model.state_dict(keep_vars=True).items()
+                if isinstance(value, Tensor) and key not in masked_keys and not key.startswith(mask_prefixes)}
 
     # -- the penalty ---------------------------------------------------------------------------
     def num_prunable(self) -> int:
@@ -167,8 +250,14 @@ class MaskSet:
     def per_layer_remaining(self) -> dict[str, float]:
         return per_layer_remaining(self.binary_masks())
 
-    def load_binary_masks(self, masks: dict[str, Tensor]) -> None:
-        """Install saved binary masks and harden: the model then computes with exactly them."""
+    def load_binary_masks(self, masks: dict[str, Tensor], scale: bool = True) -> None:
+        """Install saved binary masks and harden: the model computes with them from now on.
+
+        ``scale=True`` multiplies the kept weights by the masks' ``1 / sigmoid(s0)``, as a CS ticket
+        does (the weights are rewound ones, e.g. a lottery ticket's start); ``scale=False`` keeps
+        them as they are: weights that were trained under the masks and carry the scale already,
+        e.g. a ``state_dict`` saved after :meth:`make_permanent`.
+        """
         self._require_masks("load masks")
         _require_mapping(masks)
         missing, unknown = set(self.masks) - set(masks), set(masks) - set(self.masks)
@@ -183,9 +272,11 @@ class MaskSet:
                  for name, mask in self.masks.items() if masks[name].shape != mask.logits.shape]
         if wrong:
             raise ValueError(f"saved mask shapes do not fit this model: {'; '.join(wrong)}")
+        if not isinstance(scale, bool):
+            raise TypeError(f"scale must be True or False, got {scale!r}")
         for name, mask in self.masks.items():
             mask.set_binary_mask(masks[name])
-        self.harden()
+        self._harden(apply_scale=scale, stacklevel=3)
 
     def set_hard_masks(self, keep: dict[str, Tensor]) -> None:
         """Replace the hard masks (methods that prune by magnitude, at random, on a schedule) and
@@ -218,7 +309,9 @@ class MaskSet:
         for name in list(self.masks):
             for module, attr in self.places(name):
                 delattr(module, attr + HARD_SUFFIX)
-        self.masks, self.tied, self._owners, self._permanent = {}, {}, None, True
+        for handle in self._step_hooks:  # an optimiser that fine-tunes on would be refused at each step
+            handle.remove()
+        self.masks, self.tied, self._owners, self._permanent, self._step_hooks = {}, {}, None, True, []
         return self.model
 
     def holders(self, name: str) -> list[str]:
@@ -303,6 +396,10 @@ def attach_masks(model: nn.Module, mask_init: float = 0.0, *, scale_by_init: boo
         masks[name], tied[name] = mask, others
         covered.update(others)
     return MaskSet(model, masks, tied)
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _require_mapping(masks: object) -> None:

@@ -264,12 +264,15 @@ class ContinuousMask(nn.Module):
         return self.hard_mask > 0 if self.mode == "hard" else self.logits.detach() > 0
 
     @torch.no_grad()
-    def harden(self, weight: Tensor) -> None:
-        """Fold ``scale * H(s)`` into ``weight`` (the raw parameter) and freeze the logits."""
+    def harden(self, weight: Tensor, apply_scale: bool = True) -> None:
+        """Fold ``scale * H(s)`` into ``weight`` (the raw parameter) and freeze the logits;
+        ``apply_scale=False``: only ``H(s)`` (a weight that carries the scale already)."""
         if self.mode == "hard":
             return
         self.hard_mask.copy_(self.logits > 0)
-        weight.mul_(self.hard_mask).mul_(self.scale)
+        weight.mul_(self.hard_mask)
+        if apply_scale:
+            weight.mul_(self.scale)
         self.logits.requires_grad_(False)
         self.mode = "hard"
         self._cached_mask = None

@@ -18,6 +18,7 @@ class Method(ABC):
     rewind_between_rounds = False  # IMP: every round restarts from the rewind point
     fresh_optimizers_each_round = False  # IMP: and with fresh optimisers
     records_round_tickets = False  # IMP: each round's trained network is a ticket worth testing
+    resets_at_round_end = False  # CS: end_of_round prepares the next round; the round's mask is the one before
     trains_from_initialisation = False  # a given mask: no search, the ticket starts from iteration 0
 
     @abstractmethod
@@ -31,6 +32,11 @@ class Method(ABC):
     def weight_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """The model parameters the weight optimiser trains."""
         return list(model.parameters())
+
+    def step_scales(self) -> dict[nn.Parameter, float]:
+        """Weights that stand for ``c`` times a parameter of the method's reference formulation
+        (a CS mask's scale folded in): the optimiser gives them that parameter's steps."""
+        return {}
 
     def check_schedule(self) -> None:
         """Refuse (``ValueError``) a schedule that the run's number of steps per epoch makes
@@ -50,6 +56,12 @@ class Method(ABC):
         """The penalty's value for the metrics when it is not a loss term (e.g. fused into the
         backward pass); asked only on the steps that log it."""
         return None
+
+    @property
+    def has_penalty(self) -> bool:
+        """Whether search steps carry a penalty to log (a loss term, or one applied elsewhere)."""
+        kind = type(self)
+        return kind.regularizer is not Method.regularizer or kind.reported_penalty is not Method.reported_penalty
 
     def end_of_round(self, round_index: int, last: bool) -> None:
         """After the last epoch of search round ``round_index``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -27,6 +28,7 @@ class CSSettings:
     temp_schedule: str = "epoch"
     steps_per_epoch: int = 1
     scale_by_init: bool = True
+    reference_steps: bool = True  # hardened weights take the steps the reference code's take (step_scales)
     selection: LayerSelection = field(default_factory=LayerSelection)
 
 
@@ -35,12 +37,14 @@ class ContinuousSparsification(Method):
     ``final_temp`` each round; ``s <- min(beta * s, s0)`` between rounds; ``H(s)`` at the end."""
 
     name = "cs"
+    resets_at_round_end = True
 
     def __init__(self, settings: CSSettings) -> None:
         self.settings = settings
         self.schedule = TemperatureSchedule(settings.final_temp, settings.epochs_per_round,
                                             settings.temp_schedule, max(settings.steps_per_epoch, 1))
         self.masks: MaskSet | None = None
+        self.last_used_temperature: float | None = None  # per-step schedule: the epoch's last step's
 
     def attach(self, model: nn.Module) -> None:
         self.masks = attach_masks(model, self.settings.mask_init, scale_by_init=self.settings.scale_by_init,
@@ -61,11 +65,15 @@ class ContinuousSparsification(Method):
     def weight_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return self.mask_set.weight_parameters()
 
+    def step_scales(self) -> dict[nn.Parameter, float]:
+        return self.mask_set.folded_scales() if self.settings.reference_steps else {}
+
     def before_epoch(self, round_index: int, epoch: int, step: int = 0) -> None:
         self.mask_set.temperature = self.schedule.value(epoch, step)
 
     def after_step(self, round_index: int, epoch: int, step: int) -> None:
         if self.schedule.changes_every_step:
+            self.last_used_temperature = self.mask_set.temperature
             self.mask_set.temperature = self.schedule.value(epoch, step + 1)
 
     def reported_penalty(self) -> Tensor | None:
@@ -77,7 +85,9 @@ class ContinuousSparsification(Method):
 
     def harden(self) -> None:
         self.mask_set.fuse_penalty(0.0)
-        self.mask_set.harden()
+        with warnings.catch_warnings():  # a layer left empty: the run's log and per-layer table say so
+            warnings.simplefilter("ignore", UserWarning)
+            self.mask_set.harden()
 
     def after_hard_step(self) -> None:
         self.mask_set.zero_pruned()
@@ -87,8 +97,13 @@ class ContinuousSparsification(Method):
 
     def progress(self) -> dict[str, str]:
         masks = self.mask_set
-        return {"beta": f"{masks.temperature:.3g}", "kept": f"{masks.weights_remaining():.4f}"}
+        kept = {"kept": f"{masks.weights_remaining():.4f}"}
+        return {"beta": f"{masks.temperature:.3g}", **kept} if masks.mode == "soft" else kept  # hard: no temperature
 
     def epoch_metrics(self) -> dict[str, float]:
-        # a hard mask has no temperature: ticket and fine-tuning epochs carry none
-        return {"temperature": self.mask_set.temperature} if self.mask_set.mode == "soft" else {}
+        # a hard mask has no temperature: ticket and fine-tuning epochs carry none. A per-step
+        # schedule has moved on to the next epoch's first value: the epoch logs its last step's.
+        if self.mask_set.mode != "soft":
+            return {}
+        used = self.last_used_temperature if self.schedule.changes_every_step else None
+        return {"temperature": used if used is not None else self.mask_set.temperature}

@@ -3,7 +3,8 @@
 Parameter names follow torchvision (``conv1, bn1, layer1.0.conv1, ..., downsample.0, fc``), so an
 ImageNet ``state_dict`` from torchvision loads as is, and masks can be chosen by the same names
 (e.g. exclude ``downsample`` and ``fc``). The CIFAR models use a 1x1 conv + BN shortcut where the
-shape changes (as in open_lth and the CS reference code).
+shape changes, as open_lth does (272,474 parameters for ResNet-20); the CS reference code's 1x1
+shortcut has no BN, and its masks leave the shortcut unmasked either way.
 """
 
 from __future__ import annotations

@@ -27,11 +27,18 @@ def load_results(directory: Path) -> list[PointResult]:
         values = {"method": s["method"]} if s["command"] != "train" else {}
         results = [PointResult(directory.name, values, s["command"], "done", str(directory), s["weights_remaining"],
                                s["test_accuracy"], s.get("train_epochs"), s.get("wall_seconds"),
-                               val_accuracy=s.get("val_accuracy"))]
+                               val_accuracy=s.get("val_accuracy"), reference=s["command"] == "train")]
+        for ticket in s.get("round_tickets") or []:  # IMP: one run, the ticket of every round
+            if isinstance(ticket, dict) and isinstance(ticket.get("weights_remaining"), int | float):
+                results.append(PointResult(f"{directory.name} round {ticket.get('round', '?')}",
+                                           {**values, "round": ticket.get("round")}, s["command"], "done",
+                                           str(directory), ticket["weights_remaining"], ticket.get("test_accuracy"),
+                                           ticket.get("train_epochs"), val_accuracy=ticket.get("val_accuracy")))
         if s["command"] != "train" and isinstance(s.get("dense_test_accuracy"), int | float):  # its own baseline
             results.append(PointResult("dense", {"method": "dense"}, "train", "done", str(directory / "dense"), 1.0,
                                        s["dense_test_accuracy"], s.get("dense_train_epochs"),
-                                       s.get("dense_wall_seconds")))
+                                       s.get("dense_wall_seconds"), val_accuracy=s.get("dense_val_accuracy"),
+                                       reference=True))
         return results
     raise UserError(f"{directory} is not a run, sweep or comparison directory")
 
@@ -43,7 +50,8 @@ def _comparison(path: Path) -> list[PointResult]:
         return [PointResult(f"{r['label']} seed {r['seed']}", {"method": r["method"], "seed": int(r["seed"])},
                             "train" if r["method"] == "dense" else "ticket", "done", r["run_dir"],
                             float(r["weights_remaining"]), float(r["test_accuracy"]), int(r["train_epochs"]),
-                            float(r["wall_seconds"]), val_accuracy=_optional_float(r.get("val_accuracy")))
+                            float(r["wall_seconds"]), val_accuracy=_optional_float(r.get("val_accuracy")),
+                            reference=r["method"] == "dense")
                 for r in rows]
     except KeyError as err:
         raise UserError(f"cannot read the comparison {path}: it has no column {err}") from None
@@ -56,10 +64,28 @@ def _optional_float(text: str | None) -> float | None:
     return float(text) if text else None
 
 
+def _series(label: str, directory: Path) -> dict[str, list[PointResult]]:
+    """A directory's results as plot series: a comparison's one per method (the first carries the
+    dense runs, the reference of them all), anything else one."""
+    results = load_results(directory)
+    if not is_comparison(directory):
+        return {label: results}
+    methods = list(dict.fromkeys(r.values["method"] for r in results if not r.reference))
+    series = {f"{label}: {method}": [r for r in results if r.values["method"] == method and not r.reference]
+              for method in methods}
+    if not series:
+        return {label: results}
+    first = next(iter(series.values()))
+    first[:0] = [r for r in results if r.reference]
+    return series
+
+
 def report_directories(directories: list[Path], out: Path | None) -> list[Path]:
     """One sweep: its files again, in place (or in ``out``). Several directories, or a comparison:
     ``report.md``, ``report.csv`` and one plot in ``out`` (default ``./report``, or the
     comparison's ``report/`` folder)."""
+    if out is not None and (out / RunDir.CONFIG).is_file():  # its files are a run's own; a report would mix in
+        raise UserError(f"--out {out} is a run directory: give the report a folder of its own")
     try:
         if len(directories) == 1 and is_sweep(directories[0]):
             plan, results = collect(directories[0])
@@ -69,9 +95,9 @@ def report_directories(directories: list[Path], out: Path | None) -> list[Path]:
         series: dict[str, list[PointResult]] = {}
         for directory in directories:
             label = directory.name or str(directory)
-            while label in series:
+            while any(name == label or name.startswith(f"{label}: ") for name in series):
                 label += "'"
-            series[label] = load_results(directory)
+            series.update(_series(label, directory))
         if len(directories) == 1 and is_comparison(directories[0]):  # beside its own files, as a run's report is
             return write_report(series, out or directories[0] / "report", f"comparison {next(iter(series))}")
         return write_report(series, out or Path("report"), f"{len(directories)} directories")

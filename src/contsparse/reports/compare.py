@@ -12,11 +12,13 @@ from contsparse.experiments.compare import near_dense
 from contsparse.reports.plots import (
     accuracy_axes,
     dense_band,
+    note_without_weights,
     percent_log_axis,
     plt,
     save_accuracy_plot,
     save_figure,
 )
+from contsparse.reports.table import percent
 from contsparse.storage import strict_json, write_atomic
 
 COLORS = {"cs": "#c0392b", "imp": "#2c6fbb", "random": "#7f8c8d", "magnitude": "#27ae60", "gmp": "#8e44ad"}
@@ -55,18 +57,17 @@ def markdown_table(groups: list[dict[str, Any]], best: dict[str, dict[str, Any]]
     lines = ["| method | ticket | weights remaining | validation accuracy | test accuracy | seeds | training epochs "
              "| wall seconds |", "|---|---|---|---|---|---|---|---|"]
     for g in groups:
-        spread = f" ± {100 * g['test_accuracy_std']:.2f}" if g["seeds"] > 1 else ""
-        val = "-" if g.get("val_accuracy") is None else f"{100 * g['val_accuracy']:.2f} %"
+        spread = f" ± {100 * g['test_accuracy_std']:.2f} points" if g["seeds"] > 1 else ""
         lines.append(f"| {markdown_cell(g['method'])} | {markdown_cell(g['label'])} | "
-                     f"{100 * g['weights_remaining']:.2f} % | {val} | "
-                     f"{100 * g['test_accuracy']:.2f} %{spread} | {g['seeds']} | {g['train_epochs']:.0f} | "
+                     f"{percent(g['weights_remaining'])} | {percent(g.get('val_accuracy'))} | "
+                     f"{percent(g['test_accuracy'])}{spread} | {g['seeds']} | {g['train_epochs']:.0f} | "
                      f"{g['wall_seconds']:.0f} |")
     if dense is not None and dense_val is not None and any(g["method"] != "dense" for g in groups):
         lines += ["", f"Sparsest ticket whose validation accuracy is within 0.3 points of dense's "
                       f"({100 * dense_val:.2f} %; chosen on validation, test accuracy reported; dense test "
                       f"{100 * dense:.2f} %):", ""]
         for method, g in sorted(best.items()):
-            lines.append(f"* {method}: {100 * g['weights_remaining']:.2f} % of the weights, test "
+            lines.append(f"* {method}: {percent(g['weights_remaining'])} of the weights, test "
                          f"{100 * g['test_accuracy']:.2f} % ({g['label']}, {g['train_epochs']:.0f} epochs)")
     return "\n".join(lines) + "\n"
 
@@ -75,8 +76,11 @@ def accuracy_vs_weights(groups: list[dict[str, Any]], dense: list[float], path: 
     """Test accuracy against weights remaining (log axis), one line per method, dense as a band."""
     fig, ax = accuracy_axes()
     dense_band(ax, dense)
+    empty = [g for g in groups if g["method"] != "dense" and g["weights_remaining"] <= 0]
+    note_without_weights(ax, [f"{g['label']} ({100 * g['test_accuracy']:.1f} %)" for g in empty])
     for method in sorted({g["method"] for g in groups} - {"dense"}):
-        points = sorted((g for g in groups if g["method"] == method), key=lambda g: g["weights_remaining"])
+        points = sorted((g for g in groups if g["method"] == method and g["weights_remaining"] > 0),
+                        key=lambda g: g["weights_remaining"])
         x = [100 * g["weights_remaining"] for g in points]
         y = [100 * g["test_accuracy"] for g in points]
         err = [100 * g["test_accuracy_std"] for g in points]
@@ -101,6 +105,7 @@ def accuracy_vs_epochs(rows: list[dict[str, Any]], path: Path, title: str, dense
 
     bar = dense_val if dense_val is not None and math.isfinite(dense_val) else None
     fig, (weights_ax, accuracy_ax) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True)
+    accuracy_ax.ticklabel_format(axis="y", useOffset=False)
     dense_band(accuracy_ax, dense or [])
     progress = search_progress(rows, bar, tolerance)
     for (method, _), points in progress.items():
@@ -121,8 +126,9 @@ def accuracy_vs_epochs(rows: list[dict[str, Any]], path: Path, title: str, dense
     accuracy_ax.set_ylabel("its test accuracy (%)")
     accuracy_ax.set_xlabel("cumulative training epochs")
     handles = [Line2D([], [], color=COLORS.get(m), marker="o", markersize=3, label=m)
-               for m in sorted({r["method"] for r in rows} - {"dense"})]
-    weights_ax.legend(handles=handles, fontsize=8)
+               for m in sorted({method for method, _ in progress})]  # methods with a line
+    if handles:
+        weights_ax.legend(handles=handles, fontsize=8)
     if dense:
         accuracy_ax.legend(fontsize=8)
     for ax in (weights_ax, accuracy_ax):
@@ -168,7 +174,7 @@ def _better_ticket(row: dict[str, Any], best: dict[str, Any] | None, bar: float 
         fewer = best is None or row["weights_remaining"] < best["weights_remaining"]
         return near_dense(row, bar, tolerance) and fewer
     score = _chosen_by(row)
-    if row["weights_remaining"] >= 1.0 or not math.isfinite(score):
+    if not 0 < row["weights_remaining"] < 1.0 or not math.isfinite(score):
         return False
     return best is None or score > _chosen_by(best)
 

@@ -45,13 +45,22 @@ def dense_band(ax: plt.Axes, accuracies: list[float]) -> None:
         return
     mean = statistics.fmean(accuracies)
     spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-    ax.axhspan(100 * (mean - spread) - 0.02, 100 * (mean + spread) + 0.02, color="#f1c40f", alpha=0.35,
+    ax.axhspan(100 * (mean - spread) - 0.02, min(100 * (mean + spread) + 0.02, 100.0), color="#f1c40f", alpha=0.35,
                label=f"dense ({len(accuracies)} run{'s' if len(accuracies) > 1 else ''})")
     ax.axhline(100 * mean, color="#b7950b", linewidth=1)
 
 
+def note_without_weights(ax: plt.Axes, labels: list[str]) -> None:
+    """Runs that kept 0 % of the weights have no place on a log axis: named under the curves
+    instead, so that a curve does not seem to end at full accuracy where they failed."""
+    if labels:
+        ax.text(0.01, 0.02, textwrap.fill("not drawn, 0 % of the weights kept: " + "; ".join(labels), 90),
+                transform=ax.transAxes, fontsize=7, color="#b03030", va="bottom")
+
+
 def save_accuracy_plot(fig: plt.Figure, ax: plt.Axes, path: Path, title: str, log_x: bool = True) -> Path:
     """Accuracy vs weights remaining: sparser to the right, percent labels, saved and closed."""
+    ax.ticklabel_format(axis="y", useOffset=False)  # equal accuracies: 100, not +1e2 and ticks around 0
     if log_x:
         percent_log_axis(ax)
     ax.invert_xaxis()
@@ -102,8 +111,8 @@ def input_mask_image(mask: torch.Tensor, path: Path, title: str = "") -> Path | 
         return None
     kept = mask.float().sum(0).reshape(side, side)
     fig, ax = plt.subplots(figsize=(4.2, 3.6))
-    image = ax.imshow(kept.numpy(), cmap="viridis")
-    fig.colorbar(image, ax=ax, label="weights kept")
+    image = ax.imshow(kept.numpy(), cmap="viridis", vmin=0, vmax=mask.shape[0])  # counts: 0 .. outputs
+    fig.colorbar(image, ax=ax, label=f"weights kept (of {mask.shape[0]})")
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(textwrap.fill(title or "kept weights per input pixel", 40), fontsize=9)

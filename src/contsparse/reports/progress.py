@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from contsparse.experiments.sweep import PointResult, SweepDisplay, SweepPoint
+from contsparse.reports.table import percent
 
 
 class SweepProgress(SweepDisplay):
@@ -28,7 +32,7 @@ class SweepProgress(SweepDisplay):
         self._totals = {p.name: p.total_epochs() for p in points}
         self._overall = self.progress.add_task(self._summary(), total=self._total, completed=finished)
         if finished:
-            self.console.log(f"{finished} of {len(points)} points already finished: skipped")
+            self._log(f"{finished} of {len(points)} points already finished: skipped")
         self.progress.start()
 
     def _summary(self) -> str:
@@ -49,11 +53,20 @@ class SweepProgress(SweepDisplay):
             self.progress.remove_task(task)
         self._counts[result.status] = self._counts.get(result.status, 0) + 1
         if result.status == "done":
-            self.console.log(f"[green]done[/] {escape(point.name)}: {100 * result.weights_remaining:.2f} % "
-                             f"of the weights, test accuracy {100 * result.test_accuracy:.2f} %", markup=True)
+            self._log(f"[green]done[/] {escape(point.name)}: {percent(result.weights_remaining)} of the weights, "
+                      f"test accuracy {percent(result.test_accuracy)}")
         else:
-            self.console.log(f"[red]{result.status}[/] {escape(point.name)}: {escape(result.message)}", markup=True)
+            self._log(f"[red]{result.status}[/] {escape(point.name)}: {escape(result.message)}")
         self.progress.update(self._overall, completed=self._counts["done"], description=self._summary())
+
+    def _log(self, markup: str) -> None:
+        """A record of the sweep; written to a file or pipe, one line however long (a log is
+        grepped, not read at 80 columns)."""
+        if self.console.is_terminal:
+            self.console.log(markup, markup=True)
+        else:
+            self.console.file.write(f"[{time.strftime('%H:%M:%S')}] {Text.from_markup(markup).plain}\n")
+            self.console.file.flush()
 
     def close(self) -> None:
         self.progress.stop()

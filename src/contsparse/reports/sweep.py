@@ -14,7 +14,8 @@ from typing import Any
 from contsparse.experiments.config import NOT_FOR_DENSE, NOT_IN_IDENTITY, RunConfig
 from contsparse.experiments.sweep import PointResult, pareto_front
 from contsparse.reports.compare import json_text, markdown_cell, write_csv, write_text
-from contsparse.reports.plots import accuracy_axes, dense_band, save_accuracy_plot
+from contsparse.reports.plots import accuracy_axes, dense_band, note_without_weights, save_accuracy_plot
+from contsparse.reports.table import percent
 
 PALETTE = ["#c0392b", "#2c6fbb", "#27ae60", "#8e44ad", "#d35400", "#16a085", "#7f8c8d"]
 
@@ -22,10 +23,6 @@ PALETTE = ["#c0392b", "#2c6fbb", "#27ae60", "#8e44ad", "#d35400", "#16a085", "#7
 def sweep_title(base: RunConfig) -> str:
     what = base.command if base.command == "train" else f"{base.command} ({base.method})"
     return f"Sweep: {what} on {base.model} / {base.dataset}"
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f} %"
 
 
 def _number(value: float | None, digits: int = 0) -> str:
@@ -49,7 +46,8 @@ def rows_for_csv(results: list[PointResult], front: list[PointResult], series: s
 
 
 def dense_accuracies(results: list[PointResult]) -> list[float]:
-    return [r.test_accuracy for r in results if r.command == "train" and r.status == "done"
+    """The dense reference's test accuracies (not a dense sweep's own points)."""
+    return [r.test_accuracy for r in results if r.reference and r.status == "done"
             and r.test_accuracy is not None and math.isfinite(r.test_accuracy)]
 
 
@@ -59,9 +57,9 @@ def markdown(results: list[PointResult], front: list[PointResult], title: str) -
     header = ["point", *keys, "status", "weights remaining", "val. accuracy", "test accuracy", "epochs", "wall s",
               "Pareto"]
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in sorted(results, key=lambda r: (r.command != "train", -(r.weights_remaining or 0))):
-        cells = [r.name, *(str(r.values.get(k, "")) for k in keys), r.status, _percent(r.weights_remaining),
-                 _percent(r.val_accuracy), _percent(r.test_accuracy), _number(r.train_epochs), _number(r.wall_seconds),
+    for r in sorted(results, key=lambda r: (not r.reference, -(r.weights_remaining or 0), r.name)):
+        cells = [r.name, *(str(r.values.get(k, "")) for k in keys), r.status, percent(r.weights_remaining),
+                 percent(r.val_accuracy), percent(r.test_accuracy), _number(r.train_epochs), _number(r.wall_seconds),
                  "★" if id(r) in on_front else ""]
         lines.append("| " + " | ".join(map(markdown_cell, cells)) + " |")
     dense = dense_accuracies(results)
@@ -69,12 +67,13 @@ def markdown(results: list[PointResult], front: list[PointResult], title: str) -
               "higher validation accuracy; test accuracy only reports):", ""]
     for r in front:
         gap = f", {100 * (r.test_accuracy - statistics.fmean(dense)):+.2f} points vs dense" if dense else ""
-        lines.append(f"* {r.name}: {_percent(r.weights_remaining)} of the weights, test accuracy "
-                     f"{_percent(r.test_accuracy)}{gap}")
+        empty = " (every weight pruned)" if r.weights_remaining == 0 else ""
+        lines.append(f"* {r.name}: {percent(r.weights_remaining)} of the weights{empty}, test accuracy "
+                     f"{percent(r.test_accuracy)}{gap}")
     if not front:
-        lines.append("* (no finished sparse point yet)")
+        lines.append(f"* ({_nothing_sparse(results)})")
     if dense:
-        lines += ["", f"Dense reference: {_percent(statistics.fmean(dense))} ({len(dense)} run(s))."]
+        lines += ["", f"Dense reference: {percent(statistics.fmean(dense))} ({len(dense)} run(s))."]
         # ticket_epochs is the dense reference's length too
         recipe = [k for k in keys if k not in (NOT_FOR_DENSE - {"ticket_epochs"}) | NOT_IN_IDENTITY | {"seed"}]
         if recipe:
@@ -93,9 +92,10 @@ def accuracy_plot(series: dict[str, list[PointResult]], path: Path, title: str) 
     fig, ax = accuracy_axes()
     dense = {label: dense_accuracies(results) for label, results in series.items()}
     with_dense = [label for label, accuracies in dense.items() if accuracies]
-    if len(with_dense) == 1:
+    if len({tuple(dense[label]) for label in with_dense}) == 1:  # one reference (a comparison's methods share it)
         dense_band(ax, dense[with_dense[0]])
-    plotted = False
+        with_dense = with_dense[:1]
+    plotted, empty = False, []
     for index, (label, results) in enumerate(series.items()):
         color = PALETTE[index % len(PALETTE)]
         if len(with_dense) > 1 and dense[label]:  # each its own: other data or settings, not one population
@@ -103,6 +103,8 @@ def accuracy_plot(series: dict[str, list[PointResult]], path: Path, title: str) 
                        label=f"{label}: dense ({len(dense[label])} run{'s' if len(dense[label]) > 1 else ''})")
         done = _finished_sparse(results)
         plotted = plotted or bool(done)
+        empty += [f"{_short(r)} ({percent(r.test_accuracy)})" for r in results
+                  if r.status == "done" and r.command != "train" and r.weights_remaining == 0]
         ax.scatter([100 * r.weights_remaining for r in done], [100 * r.test_accuracy for r in done], s=18,
                    color=color, alpha=0.55)
         if len(done) <= 12:  # few points: say which is which
@@ -112,11 +114,22 @@ def accuracy_plot(series: dict[str, list[PointResult]], path: Path, title: str) 
         front = [r for r in pareto_front(results) if r.weights_remaining]  # 0 has no place on a log axis
         ax.plot([100 * r.weights_remaining for r in front], [100 * r.test_accuracy for r in front], marker="o",
                 markersize=5, color=color, label=f"{label} (Pareto front on validation)")
-    if not plotted:  # only dense, failed or pending points so far: an x axis would mean nothing
-        ax.text(0.5, 0.5, "no finished sparse run yet", transform=ax.transAxes, ha="center", va="center",
-                color="#555555")
+    note_without_weights(ax, empty)
+    if not plotted:  # only dense, failed, pending or empty points: an x axis would mean nothing
+        reason = _nothing_sparse([r for results in series.values() for r in results])
+        ax.text(0.5, 0.5, reason, transform=ax.transAxes, ha="center", va="center", color="#555555")
         ax.set_xticks([])
     return save_accuracy_plot(fig, ax, path, title, log_x=plotted)
+
+
+def _nothing_sparse(results: list[PointResult]) -> str:
+    """Why there is no sparse point to show."""
+    done = [r for r in results if r.status == "done" and not r.reference]
+    if done and all(r.command == "train" for r in done):
+        return "dense runs only: no sparse point"
+    if any(r.weights_remaining == 0 for r in done):
+        return "no finished sparse point with weights left"
+    return "no finished sparse point yet"
 
 
 def _finished_sparse(results: list[PointResult]) -> list[PointResult]:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f} %"
+def percent(value: float | None) -> str:
+    """A fraction as a percentage with two decimals; within 0.1 points of 0 % or 100 %, with two
+    significant digits of the distance (18 weights of 235,200 are 0.0077 %, not an empty layer)."""
+    if value is None:
+        return "-"
+    gap = 100 * min(abs(value), abs(1 - value))
+    digits = min(1 - math.floor(math.log10(gap)), 12) if 0 < gap < 0.1 else 2
+    return f"{100 * value:.{digits}f} %"
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
@@ -25,8 +32,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
     if summary.get("dense_train_epochs"):
         epochs += f" + {summary['dense_train_epochs']} dense"
         seconds += summary.get("dense_wall_seconds", 0.0)
-    table.add_row(_pct(summary["weights_remaining"]), _pct(summary["test_accuracy"]),
-                  _pct(summary.get("dense_test_accuracy")), epochs, f"{seconds:.0f} s")
+    table.add_row(percent(summary["weights_remaining"]), percent(summary["test_accuracy"]),
+                  percent(summary.get("dense_test_accuracy")), epochs, f"{seconds:.0f} s")
     return table
 
 
@@ -35,19 +42,21 @@ def per_layer_table(summary: dict[str, Any]) -> Table:
     table.add_column("layer")
     table.add_column("remaining", justify="right")
     for name, value in (summary.get("per_layer") or {}).items():
-        table.add_row(name, _pct(value))
+        table.add_row(name, percent(value))
     return table
 
 
 def round_tickets_table(summary: dict[str, Any]) -> Table:
     """The ticket of each round, for methods that train one per round (IMP): the sparsity curve."""
     table = Table(title="ticket of each round", header_style="bold")
-    for column in ("round", "weights remaining", "val. acc.", "test acc.", "epochs"):
+    for column in ("round", "weights remaining", "val. acc.", "test acc.", "epochs so far"):
         table.add_column(column, justify="right")
-    for ticket in summary.get("round_tickets") or []:
-        table.add_row(str(ticket.get("round", "?")), _pct(ticket.get("weights_remaining")),
-                      _pct(ticket.get("val_accuracy")), _pct(ticket.get("test_accuracy")),
-                      str(ticket.get("train_epochs", "-")))
+    final = {"round": "final", **{key: summary.get(key) for key in ("weights_remaining", "val_accuracy",
+                                                                     "test_accuracy", "train_epochs")}}
+    for ticket in [*(summary.get("round_tickets") or []), final]:
+        table.add_row(str(ticket.get("round", "?")), percent(ticket.get("weights_remaining")),
+                      percent(ticket.get("val_accuracy")), percent(ticket.get("test_accuracy")),
+                      str(ticket.get("train_epochs") if ticket.get("train_epochs") is not None else "-"))
     return table
 
 
@@ -58,6 +67,10 @@ def print_summary(summary: dict[str, Any], per_layer: bool = False, console: Con
         if summary.get("round_tickets"):
             console.print(round_tickets_table(summary))
         console.print(per_layer_table(summary))
+    overall = summary.get("weights_remaining_all_layers")
+    if isinstance(overall, int | float) and abs(overall - summary["weights_remaining"]) > 1e-9:
+        console.print(f"of every Conv and Linear weight, unmasked layers counted as kept: {percent(overall)} "
+                      "(the figure for papers that prune every layer)", highlight=False)
     console.print(f"run directory: {summary.get('run_dir', '?')}")
     emptied = [name for name, kept in (summary.get("per_layer") or {}).items() if kept == 0]
     if emptied:  # a ticket at chance accuracy otherwise looks like a finished success
