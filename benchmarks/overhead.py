@@ -29,6 +29,7 @@ from common import interleaved_times, machine, write_results
 import contsparse as cs
 from contsparse.models import build_model
 from contsparse.training import flush_denormals, tune_cpu_allocator
+from contsparse.training.optim import OptimizerSettings, scaled_group
 
 FUSED = True  # fused Adam: about 30 % faster steps on CPU, for dense and CS alike
 MODELS = {  # name -> (input shape, classes, weight optimiser); the CPU default is the first two
@@ -89,10 +90,19 @@ def median_over_repeats(repeats: list[dict[str, float]]) -> dict[str, float]:
     return {name: dense * statistics.median(r[name] / r["dense"] for r in repeats) for name in repeats[0]}
 
 
-def optimizer(name: str, params) -> torch.optim.Optimizer:
+def optimizer(name: str, params, step_scales: dict | None = None) -> torch.optim.Optimizer:
+    """The weights' optimiser; ``step_scales`` (a ticket's folded weights) put them in a group of
+    their own taking the reference code's steps, as ``contsparse ticket`` trains tickets."""
+    settings = OptimizerSettings(name, lr=1.2e-3 if name == "adam" else 0.01, momentum=0.9, nesterov=True)
+    params, scales = list(params), step_scales or {}
+    groups = [{"params": [p for p in params if p not in scales]}]
+    for c in sorted(set(scales.values())):
+        group = scaled_group(settings, c)
+        group["lr"] = settings.lr * group.pop("lr_factor")
+        groups.append({"params": [p for p in params if scales.get(p) == c], **group})
     if name == "adam":
-        return torch.optim.Adam(params, lr=1.2e-3, fused=FUSED)
-    return torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, fused=FUSED)
+        return torch.optim.Adam(groups, lr=settings.lr, fused=FUSED)
+    return torch.optim.SGD(groups, lr=settings.lr, momentum=0.9, nesterov=True, fused=FUSED)
 
 
 def make_steps(model_name: str, batch: int, device: torch.device, amp: bool = False,
@@ -174,7 +184,8 @@ def make_steps(model_name: str, batch: int, device: torch.device, amp: bool = Fa
         for logits in ticket_masks.mask_parameters():
             logits.copy_(torch.where(torch.rand_like(logits) < 0.05, 1.0, -1.0))
     ticket_masks.harden()
-    ticket_opt = optimizer(opt_name, [p for p in ticket_masks.weight_parameters() if p.requires_grad])
+    ticket_opt = optimizer(opt_name, [p for p in ticket_masks.weight_parameters() if p.requires_grad],
+                           ticket_masks.folded_scales())
     if compile_models:  # as `contsparse ... --compile` does; the first steps (warm-up) compile
         for model in (dense, search, straightforward, ticket):
             model.compile()
