@@ -310,3 +310,19 @@ def test_pad_crop_flip_is_a_seeded_batched_crop():
     # with no padding, a crop is the image or its mirror
     c = pad_crop_flip(x, torch.Generator().manual_seed(1), pad=0)
     assert all(torch.equal(ci, xi) or torch.equal(ci, xi.flip(2)) for ci, xi in zip(c, x, strict=True))
+
+
+def test_random_resized_crop_falls_back_to_the_centre_at_a_clamped_aspect_ratio():
+    """An image no 3/4-4/3 crop of 8 % of its area fits in (here 1000 x 20) is cropped as
+    torchvision does: centred, its aspect ratio clamped to 4/3 (27 x 20), not a 20 x 20 square."""
+    from PIL import Image
+
+    from contsparse.data.imagenet import _random_resized_crop
+
+    image = Image.new("RGB", (1000, 20), (255, 0, 0))
+    image.paste((0, 255, 0), (484, 0, 516, 20))  # green beside the centre's square, red further out
+    image.paste((0, 0, 255), (490, 0, 510, 20))  # the centre's 20 x 20 square blue
+    crop = _random_resized_crop(image, 8, torch.Generator().manual_seed(0))
+    assert crop.size == (8, 8)
+    assert crop.getpixel((0, 4))[1] > 200 and crop.getpixel((7, 4))[1] > 200  # the 27-wide crop's green edges
+    assert crop.getpixel((4, 4)) == (0, 0, 255) and all(crop.getpixel((x, 4))[0] < 50 for x in range(8))

@@ -117,7 +117,10 @@ def _random_resized_crop(image, size: int, generator: torch.Generator):
             left = int(torch.randint(0, width - w + 1, (), generator=generator))
             top = int(torch.randint(0, height - h + 1, (), generator=generator))
             return image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
-    return _resize_centre_crop(image, size, scale=1.0)
+    # no fit in 10 tries (an extreme aspect ratio): the whole image, its ratio clamped to 3/4-4/3, centred
+    w, h = min(width, round(height * 4 / 3)), min(height, round(width * 4 / 3))
+    left, top = (width - w) / 2, (height - h) / 2
+    return image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
 
 
 def _resize_centre_crop(image, size: int, scale: float = 256 / 224):

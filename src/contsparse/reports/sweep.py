@@ -29,14 +29,17 @@ def _number(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def rows_for_csv(results: list[PointResult], front: list[PointResult], series: str = "") -> list[dict[str, Any]]:
+def rows_for_csv(results: list[PointResult], front: list[PointResult], series: str = "",
+                 keys: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per point; ``keys``: the value columns (every series' of a report, so that they come
+    before the results in every row, and a value a point lacks is empty, null in JSON)."""
     on_front = {id(r) for r in front}
-    keys = sorted({k for r in results for k in r.values})
+    keys = sorted({k for r in results for k in r.values}) if keys is None else keys
     rows = []
     for r in results:
         row: dict[str, Any] = {"series": series} if series else {}
         row.update({"point": r.name, "command": r.command, "status": r.status})
-        row.update({k: r.values.get(k, "") for k in keys})
+        row.update({k: r.values.get(k) for k in keys})
         row.update({"weights_remaining": r.weights_remaining, "val_accuracy": r.val_accuracy,
                     "test_accuracy": r.test_accuracy, "train_epochs": r.train_epochs, "wall_seconds": r.wall_seconds,
                     "finished_after_s": r.finished_after_s, "threads": r.threads, "pareto": id(r) in on_front,
@@ -160,9 +163,10 @@ def write_report(series: dict[str, list[PointResult]], out: Path, title: str) ->
     """One table per source directory and one plot of all of them, into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     rows, text = [], [f"# {title}", ""]
+    keys = sorted({k for results in series.values() for r in results for k in r.values})
     for label, results in series.items():
         front = pareto_front(results)
-        rows += rows_for_csv(results, front, label)
+        rows += rows_for_csv(results, front, label, keys)
         text.append(markdown(results, front, label).replace("# ", "## ", 1))
     write_csv(rows, out / "report.csv")
     write_text(out / "report.md", "\n".join(text) + "\n![accuracy vs weights](accuracy_vs_weights.png)\n")
