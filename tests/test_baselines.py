@@ -278,6 +278,7 @@ def test_compare_writes_tables_and_plots_and_reuses_finished_runs(tmp_path, caps
     assert len(reported) == len(rows)
     assert {r["series"] for r in reported} == {"cmp: cs", "cmp: imp", "cmp: random"}
     assert {r["series"] for r in reported if r["point"].startswith("dense")} == {"cmp: cs"}
+    assert report.startswith("# comparison cmp\n") and report.count("Dense reference:") == 3  # each method's
 
 
 def test_one_failing_run_does_not_cost_the_comparison_its_report(tmp_path, capsys):
@@ -364,6 +365,15 @@ def test_compare_seeds_count_from_the_seed_flag(tmp_path, monkeypatch):
     monkeypatch.setattr("pathlib.Path.read_text", lambda self: "")
     assert main(["compare", "--dataset", "synthetic", "--seed", "7", "--seeds", "2", "--out", str(tmp_path)]) == 0
     assert seen == [(7, 8)]
+
+
+def test_each_rounds_mask_is_recorded_once_str_has_fixed_it(tmp_path):
+    """STR's last round folds the threshold into the weights: the mask recorded for that round is
+    the fixed one, not the threshold applied a second time to the thresholded weights."""
+    config = make_config(dict(BASE, method="str", rounds=2, epochs=2, rewind_epoch=1, optimizer="sgd", lr=0.1,
+                              weight_decay=5e-4))
+    summary = Runner(config, tmp_path / "run", quiet).execute()
+    assert summary["rounds_weights_remaining"][-1] == summary["weights_remaining"] < 1
 
 
 @pytest.mark.parametrize("method, extra", [("str", dict(optimizer="sgd", lr=0.1, weight_decay=5e-4)),

@@ -447,6 +447,13 @@ def test_force_refuses_settings_the_run_has_already_acted_on(tmp_path, monkeypat
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
     summary = Runner(make_config({**SETTINGS, "rounds": 3}), out, quiet, force=True).execute()
     assert summary["weights_remaining"] > 0 and len(summary["rounds_weights_remaining"]) == 3
+    # the ticket's optimiser state is kept in the parameter groups its steps chose (found by a review)
+    ticket = stopped_run(tmp_path / "ticket", monkeypatch, epochs=7)  # in ticket training
+    with pytest.raises(UserError, match=r"reference_steps \(the ticket's optimiser has begun"):
+        Runner(make_config({**SETTINGS, "reference_steps": False}), ticket, quiet, force=True).execute()
+    searching = stopped_run(tmp_path / "search", monkeypatch, epochs=5)  # still searching: no ticket optimiser yet
+    summary = Runner(make_config({**SETTINGS, "reference_steps": False}), searching, quiet, force=True).execute()
+    assert summary["weights_remaining"] > 0
 
 
 def test_a_schedulers_sigterm_then_the_drivers_sigint_still_checkpoint(monkeypatch):

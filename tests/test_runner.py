@@ -38,6 +38,26 @@ def test_settings_added_later_leave_existing_run_names_as_they_were():
     assert make_config({"command": "train"}).identity() == "4ea0dfa4"
 
 
+def test_transposed_convolutions_of_a_users_model_are_masked_unless_told_otherwise():
+    """Masking ConvTranspose weights came later: a run of a model of one's own keeps its old layers
+    with --no-mask-transposed-convs, and the setting names runs only where it can act."""
+    from torch import nn
+
+    from contsparse.models import register_model
+
+    @register_model("test-upsampler", "a ConvTranspose model of the user")
+    def _build(shape, classes):
+        return nn.Sequential(nn.ConvTranspose2d(shape[0], 2, 2, stride=2), nn.Flatten(),
+                             nn.LazyLinear(classes))
+
+    model = nn.Sequential(nn.ConvTranspose2d(1, 2, 2), nn.Flatten(), nn.Linear(8, 3))
+    assert make_config({"model": "test-upsampler"}).selection().select(model) == ["0", "2"]
+    assert make_config({"model": "test-upsampler", "mask_transposed_convs": False}).selection().select(model) == ["2"]
+    assert make_config({"model": "test-upsampler"}).identity() != make_config(
+        {"model": "test-upsampler", "mask_transposed_convs": False}).identity()
+    assert make_config({}).identity() == make_config({"mask_transposed_convs": False}).identity()  # built in
+
+
 def test_a_dense_run_is_named_and_compared_by_the_settings_it_uses(tmp_path):
     """Sparsification settings given to `train` (a config file shared with `ticket`, say) neither
     rename a dense run nor count as changed settings; the default dense run keeps its name."""

@@ -465,6 +465,22 @@ def test_a_damaged_point_summary_is_named_and_the_other_points_reported(tmp_path
     assert "summary.json is damaged" in table.split("Not finished:")[1]
 
 
+def test_a_sweep_made_before_a_setting_existed_still_reports_its_points(tmp_path, capsys):
+    """Its plan and its points' settings lack the setting alike: both read with its old value, the
+    finished points are done, not pending (found by a review); sweeping on names the flag."""
+    argv = ["sweep", *TINY_FLAGS, "--grid", "mask_init=0.05", "--no-dense-reference", "--workers", "1",
+            "--out", str(tmp_path), "--no-reference-steps"]
+    assert main(argv) == 0
+    for path in [tmp_path / "sweep.yaml", *tmp_path.glob("*/config.yaml")]:
+        path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+                                if "reference_steps" not in line))
+    capsys.readouterr()
+    assert main(["report", str(tmp_path)]) == 0
+    assert "| done |" in (tmp_path / "sweep.md").read_text() and "pending" not in (tmp_path / "sweep.md").read_text()
+    assert main(argv[:-1]) == 2  # today's default: another sweep
+    assert "it predates reference_steps: add --no-reference-steps to go on as it was" in capsys.readouterr().err
+
+
 def test_a_sweep_of_dense_runs_has_no_dense_reference_of_its_own_points(tmp_path):
     """A --run train sweep's points are not its dense reference: no mean of them, no band."""
     from contsparse.reports.sweep import markdown

@@ -73,6 +73,8 @@ HELP = {
     "mask_optimizer": "optimiser of the mask logits: sgd, adam or adamw",
     "mask_momentum": "momentum of the mask logits' optimiser",
     "mask_nesterov": "Nesterov momentum for the mask logits' SGD (the CIFAR presets, as the reference code)",
+    "mask_transposed_convs": "mask ConvTranspose weights too (a model of your own; runs made before they were "
+                             "masked: --no-mask-transposed-convs)",
     "sparsity": "magnitude, random, gmp, dnw: fraction of the weights pruned, in (0, 1)",
     "prune_fraction": "imp: share of the remaining weights pruned per round",
     "prune_fraction_last": "imp: the same for the output layer",
@@ -218,12 +220,13 @@ def _preset_defaults(name: str | None) -> dict[str, Any]:
 def _preset_named(argv: list[str]) -> str | None:
     """The ``--preset`` of a command line, before it is parsed: ``ticket --preset X --help`` lists X's
     values as the defaults, not LeNet-300-100's."""
-    for i, word in enumerate(argv):
+    named = None
+    for i, word in enumerate(argv):  # the last one, as argparse takes it
         if word == "--preset" and i + 1 < len(argv):
-            return argv[i + 1]
-        if word.startswith("--preset="):
-            return word.partition("=")[2]
-    return None
+            named = argv[i + 1]
+        elif word.startswith("--preset="):
+            named = word.partition("=")[2]
+    return named
 
 
 def _preset_epilog(name: str | None, values: dict[str, Any]) -> str | None:

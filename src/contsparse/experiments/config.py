@@ -12,14 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from torch import nn
 
 from contsparse.data import DataOptions, available_datasets
 from contsparse.errors import UserError
 from contsparse.experiments.user_modules import import_modules
 from contsparse.masking import LayerSelection
 from contsparse.masking.parametrization import MIN_SCALED_MASK_INIT
+from contsparse.masking.selection import DEFAULT_LAYER_TYPES
 from contsparse.methods import METHODS
 from contsparse.models import available_models
+from contsparse.models.registry import model_spec
 from contsparse.training.optim import OPTIMIZERS, SCHEDULES, OptimizerSettings
 
 COMMANDS = ("ticket", "prune", "train")
@@ -93,6 +96,7 @@ class RunConfig:
     mask_exclude: list[str] = field(default_factory=list)
     exclude_first: bool = False
     exclude_last: bool = False
+    mask_transposed_convs: bool = True  # ConvTranspose weights too (the built-in models have none)
 
     dense_baseline: bool = True  # ticket: also train the dense model with the ticket's settings
     seed: int = 0
@@ -121,7 +125,9 @@ class RunConfig:
                            synthetic_size=self.synthetic_size)
 
     def selection(self) -> LayerSelection:
-        return LayerSelection(include=tuple(self.mask_include), exclude=tuple(self.mask_exclude),
+        types = DEFAULT_LAYER_TYPES if self.mask_transposed_convs else tuple(
+            t for t in DEFAULT_LAYER_TYPES if not issubclass(t, nn.modules.conv._ConvTransposeNd))
+        return LayerSelection(layer_types=types, include=tuple(self.mask_include), exclude=tuple(self.mask_exclude),
                               exclude_first=self.exclude_first, exclude_last=self.exclude_last)
 
     def identity(self) -> str:
@@ -160,7 +166,7 @@ NOT_FOR_DENSE = {"method", "rounds", "ticket_epochs", "rewind_epoch", "mask_init
 # Settings added later -> the value that keeps the older behaviour: older config files and
 # checkpoints are read with it, and a setting counts in a run's name only when it differs from it
 ADDED_LATER: dict[str, Any] = {"prune_fraction_conv": None, "mask_from": None, "gmp_start_epoch": 0,
-                               "reference_steps": False, "mask_nesterov": False}
+                               "reference_steps": False, "mask_nesterov": False, "mask_transposed_convs": False}
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
@@ -173,13 +179,27 @@ def unused_settings(config: RunConfig) -> set[str]:
 
 def inert_settings(config: RunConfig) -> set[str]:
     """Settings added later that have nothing to act on in this run (they do not rename it)."""
-    return set() if config.method == "cs" and config.mask_scaling else {"reference_steps"}  # no scale to follow
+    inert = set() if config.method == "cs" and config.mask_scaling else {"reference_steps"}  # no scale to follow
+    if config.method != "cs" or config.mask_optimizer != "sgd" or config.mask_momentum == 0:  # nothing to act on
+        inert.add("mask_nesterov")
+    if config.model in available_models() and model_spec(config.model).build.__module__.startswith("contsparse."):
+        inert.add("mask_transposed_convs")  # the built-in models have no transposed convolutions
+    return inert
 
 
 def settings_differences(saved: dict[str, Any], config: RunConfig) -> dict[str, tuple[Any, Any]]:
     """Settings (that make a run what it is) whose saved value differs: ``{key: (saved, now)}``."""
     current, unused = config.to_dict(), unused_settings(config)
     return {k: (saved.get(k), v) for k, v in sorted(current.items()) if k not in unused and saved.get(k) != v}
+
+
+def older_run_hint(differing: dict[str, tuple[Any, Any]]) -> str:
+    """For settings that differ only because the run was made before they existed: the flags
+    that give it its old behaviour back (``{key: (saved, now)}``), as a sentence; else ``""``."""
+    older = {key: saved for key, (saved, _) in differing.items()
+             if key in ADDED_LATER and saved == ADDED_LATER[key] and isinstance(saved, bool)}
+    flags = [f"--{'' if saved else 'no-'}{key.replace('_', '-')}" for key, saved in older.items()]
+    return f"; it predates {', '.join(older)}: add {' '.join(flags)} to go on as it was" if older else ""
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from contsparse.experiments.config import (
     dump_yaml,
     load_saved_config,
     mask_file,
+    older_run_hint,
     rewinds,
     settings_differences,
     unused_settings,
@@ -364,28 +365,30 @@ class Runner:
         if self.run.is_finished() and self.keep_if_finished:
             self.log(f"{self.run.path}: finished before the settings changed ({details}): kept as it is")
             return
+        older = older_run_hint(differing)
         if self.run.is_finished():
             raise UserError(f"{self.run.path} holds a finished run with other settings ({details}); "
                             + ("delete that folder to run this sweep point again" if self.sweep_point else
-                               "run those settings in a new directory (--out)"))
+                               "run those settings in a new directory (--out)") + older)
         if not self.force:
             raise UserError(f"{self.run.path} holds a run with other settings ({details}); "
                             + ("run the sweep with --force to resume it with the point's settings, or delete that "
                                "folder to start the point again" if self.sweep_point else
                                "run them in a new directory (--out), give the saved ones to resume it, or "
-                               "--force to resume it with the new ones"))
+                               "--force to resume it with the new ones") + older)
         self._refuse_impossible_resume(details, differing)
         self.log(f"--force: resuming {self.run.path} with changed settings ({details})")
 
     def _settings_already_acted(self, differing: dict[str, tuple[Any, Any]], phase: int,
-                                rewind_stored: bool) -> str | None:
+                                rewind_stored: bool, entered: bool = False) -> str | None:
         """The first changed setting that an earlier part of the run has already applied, or None.
 
         ``rounds``: each finished search round ended as the last one (its mask fixed) or not (CS
         resets its logits); a change that turns a finished round from one into the other would
         leave a mask built for the other plan (a CS ticket with no weights, say). ``rewind_epoch``:
         the rewind point is stored once. Pruning targets: the mask they made exists once the
-        search is over."""
+        search is over. ``reference_steps``: the ticket's optimiser, once made, holds its state in
+        the parameter groups the setting chose."""
         if self.config.command == "train":
             return None
         if "rounds" in differing:
@@ -399,6 +402,8 @@ class Runner:
                                            "prune_scope"})
         if targets and searched:
             return ", ".join(targets) + " (the search that pruned to it is over)"
+        if "reference_steps" in differing and searched and (entered or phase > self.config.rounds):
+            return "reference_steps (the ticket's optimiser has begun with the other steps)"
         return None
 
     def _dense_baseline(self) -> Runner | None:
@@ -432,10 +437,11 @@ class Runner:
                             "run with --out")
         saved = load_checkpoint(self.run.checkpoint_dir, "cpu", warn=_silent)
         progress, phases = saved["progress"], plan_phases(self.config)
-        acted = self._settings_already_acted(differing, progress["phase"], saved["rewind"] is not None)
+        acted = self._settings_already_acted(differing, progress["phase"], saved["rewind"] is not None,
+                                             bool(progress.get("entered")))
         if acted:
             raise UserError(f"{self.run.path}: {acted} cannot change any more (the run has already acted on it); "
-                            "resume with the saved value, or start a new run with --out")
+                            "resume with the saved value, or start a new run with --out" + older_run_hint(differing))
         if progress["phase"] < len(phases) and progress["epoch"] >= phases[progress["phase"]].epochs:
             phase = phases[progress["phase"]]
             flag = {"search": "--epochs", "dense": self.epochs_flag}.get(phase.kind, "--ticket-epochs")
@@ -636,8 +642,10 @@ class Runner:
                 what = ("every weight, so its ticket cannot learn" if len(empty) == len(produced) else
                         f"every weight of {', '.join(empty[:3])}{' and more' if len(empty) > 3 else ''} (without a "
                         "skip connection around it, no input reaches the output)")
-                self.log(f"warning: {phase.label()} pruned {what}; raise --mask-init or lower --penalty (short runs "
-                         "on little data prune the most)")
+                advice = ("raise --mask-init or lower --penalty (short runs on little data prune the most)"
+                          if self.config.method == "cs" else "prune less (a lower --sparsity or --prune-fraction; "
+                          "STR: a lower --weight-decay), or rank the weights per layer (--prune-scope layerwise)")
+                self.log(f"warning: {phase.label()} pruned {what}; {advice}")
         progress["phase"] += 1
         progress["epoch"] = 0
         progress["entered"] = False

@@ -27,8 +27,10 @@ from contsparse.experiments.config import (
     RunConfig,
     load_saved_config,
     make_config,
+    older_run_hint,
     settings_differences,
     validate,
+    with_later_defaults,
 )
 from contsparse.experiments.executors import Executor, PointJob, PointOutcome
 from contsparse.experiments.lock import RunLock
@@ -141,7 +143,8 @@ class SweepPlan:
             raise ValueError("points is not a list of mappings")
         if type(seeds) is not int or seeds < 1:
             raise ValueError(f"seeds is {seeds!r}, not a positive integer")
-        return cls(make_config(data["base"], check=False), {str(k): v for k, v in grid.items()},
+        # a plan saved before a setting existed: its points were made with the setting's old value
+        return cls(make_config(with_later_defaults(data["base"]), check=False), {str(k): v for k, v in grid.items()},
                    [{str(k): v for k, v in p.items()} for p in points], seeds,
                    bool(data.get("dense_reference", True)))
 
@@ -336,7 +339,7 @@ def check_sweep_folder(plan: SweepPlan, out: Path) -> None:
         if changed:  # one folder, one base: its points' settings would no longer say what they are
             listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in list(changed.items())[:4])
             raise UserError(f"--out {out} holds a sweep with other shared settings ({listed}): run it again with "
-                            "the same settings to add points, or give another --out")
+                            "the same settings to add points, or give another --out" + older_run_hint(changed))
 
 
 def _make_folder(out: Path) -> None:

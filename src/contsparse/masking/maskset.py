@@ -160,9 +160,10 @@ class MaskSet:
 
     # -- rewinding (lottery tickets) -------------------------------------------------------------
     def rewind_point(self) -> dict[str, Tensor]:
-        """A copy of what a lottery ticket rewinds to: every weight, bias and buffer (norm
-        statistics) of the model, not the masks. Masked weights are stored unmasked, under their
-        plain names (``fc.weight``), so a point taken in soft mode loads after :meth:`harden`."""
+        """A copy of what a lottery ticket rewinds to: every weight, bias and buffer of the model's
+        ``state_dict`` (norm statistics; not non-persistent buffers), not the masks. Masked weights
+        are stored unmasked, under their plain names (``fc.weight``), so a point taken in soft mode
+        loads after :meth:`harden`."""
         self._require_masks("store a rewind point")
         weights = self.masked_weights()
         point = {name: (weights[name] / mask.scale if mask.mode == "hard" else weights[name]).detach().clone()

@@ -60,6 +60,8 @@ class TopK(nn.Module):
 
 
 class _Reparametrised(HardMaskMethod):
+    _fixed = False  # end_of_round(last) has folded the mask into the weights
+
     def attach(self, model: nn.Module) -> None:
         super().attach(model)
         self.model = model
@@ -93,7 +95,7 @@ class _Reparametrised(HardMaskMethod):
 
     def final_mask(self) -> dict[str, Tensor]:
         live = self._parametrised()
-        if not live:
+        if not live or self._fixed:  # the last round has fixed the mask (the weights are thresholded)
             return self.mask_set.binary_masks()
         masks = self.mask_set.binary_masks()
         for name, (module, attr) in live.items():
@@ -110,6 +112,7 @@ class _Reparametrised(HardMaskMethod):
                 plist = module.parametrizations[attr]
                 self._fold(plist[0], plist.original)
                 self.mask_set.masks[name].hard_mask.copy_(keep[name])
+        self._fixed = True
 
     def _fold(self, reparametrisation: nn.Module, weight: nn.Parameter) -> None:
         """What the trained weight becomes once the mask is fixed (before any rewind)."""

@@ -65,19 +65,15 @@ def _optional_float(text: str | None) -> float | None:
 
 
 def _series(label: str, directory: Path) -> dict[str, list[PointResult]]:
-    """A directory's results as plot series: a comparison's one per method (the first carries the
-    dense runs, the reference of them all), anything else one."""
+    """A directory's results as plot series: a comparison's one per method, each with the dense
+    runs, the reference of them all; anything else one."""
     results = load_results(directory)
     if not is_comparison(directory):
         return {label: results}
+    dense = [r for r in results if r.reference]
     methods = list(dict.fromkeys(r.values["method"] for r in results if not r.reference))
-    series = {f"{label}: {method}": [r for r in results if r.values["method"] == method and not r.reference]
-              for method in methods}
-    if not series:
-        return {label: results}
-    first = next(iter(series.values()))
-    first[:0] = [r for r in results if r.reference]
-    return series
+    return {f"{label}: {method}": [*dense, *(r for r in results if r.values["method"] == method and not r.reference)]
+            for method in methods} or {label: results}
 
 
 def report_directories(directories: list[Path], out: Path | None) -> list[Path]:
@@ -99,7 +95,7 @@ def report_directories(directories: list[Path], out: Path | None) -> list[Path]:
                 label += "'"
             series.update(_series(label, directory))
         if len(directories) == 1 and is_comparison(directories[0]):  # beside its own files, as a run's report is
-            return write_report(series, out or directories[0] / "report", f"comparison {next(iter(series))}")
+            return write_report(series, out or directories[0] / "report", f"comparison {directories[0].name}")
         return write_report(series, out or Path("report"), f"{len(directories)} directories")
     except OSError as err:
         raise UserError(f"cannot write the report: {err.strerror or err}") from err

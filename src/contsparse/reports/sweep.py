@@ -164,9 +164,11 @@ def write_report(series: dict[str, list[PointResult]], out: Path, title: str) ->
     out.mkdir(parents=True, exist_ok=True)
     rows, text = [], [f"# {title}", ""]
     keys = sorted({k for results in series.values() for r in results for k in r.values})
+    written: set[int] = set()  # a comparison's dense runs are in each of its methods' series: one row each
     for label, results in series.items():
         front = pareto_front(results)
-        rows += rows_for_csv(results, front, label, keys)
+        rows += rows_for_csv([r for r in results if id(r) not in written], front, label, keys)
+        written.update(id(r) for r in results if r.reference)
         text.append(markdown(results, front, label).replace("# ", "## ", 1))
     write_csv(rows, out / "report.csv")
     write_text(out / "report.md", "\n".join(text) + "\n![accuracy vs weights](accuracy_vs_weights.png)\n")
