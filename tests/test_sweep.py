@@ -145,6 +145,16 @@ def test_local_sweep_runs_skips_finished_points_and_records_threads(tmp_path):
     threads = run_sweep(SweepPlan(make_config(TINY), {"seed": ["5"]}, dense_reference=False), tmp_path / "t",
                         LocalPool(workers=1, threads=2))
     assert threads[0].threads == 2
+    # the grid's settings in another order are the same points: nothing runs again, no folder is added
+    two = SweepPlan(make_config(TINY), {"mask_init": ["0.05"], "penalty": ["1e-8"]}, dense_reference=False)
+    run_sweep(two, tmp_path / "two", LocalPool(workers=1))
+    swapped = Recorder()
+    again = run_sweep(SweepPlan(make_config(TINY), {"penalty": ["1e-8"], "mask_init": ["0.05", "0.5"]},
+                                dense_reference=False), tmp_path / "two", LocalPool(workers=1), swapped)
+    assert swapped.skipped == 1 and [name for name, _ in swapped.ended] == ["penalty=1e-08_mask_init=0.5_seed=0"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.is_dir() and p.name != "logs") == [
+        "mask_init=0.05_penalty=1e-08_seed=0", "penalty=1e-08_mask_init=0.5_seed=0"]
+    assert [r.status for r in again] == ["done", "done"]
 
     # The same points with other settings in the same directory are not taken for finished ones: the
     # sweep is refused before it writes anything (its plan, results and runs stay as they were).

@@ -120,8 +120,10 @@ class SweepPlan:
         """This plan with ``later``'s points added (same base settings): a sweep run again into its
         folder with new grid values keeps its earlier points in its tables and plots."""
         combos = self.combinations()
-        names = {point_name(_swept_values(self.base, c)) for c in combos}
-        new = [c for c in later.combinations() if point_name(_swept_values(later.base, c)) not in names]
+        # the same values are the same point, whatever order the flags gave them in (its folder
+        # keeps the name the first sweep gave it)
+        known = {_point_key(_swept_values(self.base, c)) for c in combos}
+        new = [c for c in later.combinations() if _point_key(_swept_values(later.base, c)) not in known]
         dense_reference = self.dense_reference or later.dense_reference
         if not new:  # run again as it was (to resume, say): the plan keeps its form
             return SweepPlan(later.base, self.grid, self.points, self.seeds, dense_reference)
@@ -165,6 +167,11 @@ def _seed(value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         raise UserError(f"seed {value!r} is not an integer") from None
+
+
+def _point_key(values: dict[str, Any]) -> str:
+    """A point's values in a canonical order: what makes two points the same run."""
+    return point_name(dict(sorted(values.items())))
 
 
 def _swept_values(base: RunConfig, combo: dict[str, Any]) -> dict[str, Any]:
