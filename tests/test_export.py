@@ -78,7 +78,12 @@ def test_compressed_storage_is_exact_and_small(tmp_path):
     for key in state:
         assert torch.equal(restored[key], state[key]) and restored[key].dtype == state[key].dtype
     ratio = (tmp_path / "c.safetensors").stat().st_size / (tmp_path / "dense.safetensors").stat().st_size
-    assert ratio < 0.08  # bitmask (1/32 of float32) + 3 % values
+    assert ratio < 0.04  # 3 % values + a byte per value (gaps; a bitmask would take 1/32 of float32 more)
+    denser = {"w": torch.randn(300, 784) * (torch.rand(300, 784) < 0.2)}  # 20 %: the bitmask is smaller
+    save_compressed(denser, tmp_path / "d.safetensors")
+    assert torch.equal(load_compressed(tmp_path / "d.safetensors")["w"], denser["w"])
+    with safe_open(str(tmp_path / "d.safetensors"), framework="pt") as handle:
+        assert set(handle.keys()) == {"w.bitmask", "w.values"}
 
 
 def test_compressed_storage_never_makes_a_name_ambiguous(tmp_path):
@@ -728,12 +733,27 @@ def test_a_compressed_file_whose_tensors_do_not_match_its_layout_is_reported(tmp
     from safetensors.torch import save
 
     weight = torch.zeros(8, 8)
-    weight[0, :3] = 1.0
+    weight[:3, :7] = 1.0  # 21 nonzeros: a bitmask (8 bytes) is smaller than gaps (21)
     good = tmp_path / "good.safetensors"
     save_compressed({"w": weight}, good)
     stored = load_file(str(good))
+    assert set(stored) == {"w.bitmask", "w.values"}
     layout = {"contsparse.compressed": json.dumps({"w": {"shape": [8, 8]}})}
+    weight[:3, :7] = 0.0
+    weight[0, :3] = 1.0  # 3 nonzeros: gaps (3 bytes)
+    save_compressed({"w": weight}, good)
+    few = load_file(str(good))
+    assert set(few) == {"w.gaps", "w.values"} and torch.equal(load_compressed(good)["w"], weight)
+    gaps = {"contsparse.compressed": json.dumps({"w": {"shape": [8, 8], "encoding": "gaps"}})}
     cases = {
+        "gaps: values one short": ({**few, "w.values": few["w.values"][:-1]}, gaps),
+        "gaps: none": ({"w.values": few["w.values"]}, gaps),
+        "gaps: floats": ({**few, "w.gaps": few["w.gaps"].float()}, gaps),
+        "gaps: an escape with no end": ({**few, "w.gaps": torch.cat([few["w.gaps"], torch.tensor([255],
+                                                                                               dtype=torch.uint8)])},
+                                        gaps),
+        "gaps: beyond the tensor": ({**few, "w.gaps": torch.tensor([0, 0, 254], dtype=torch.uint8)}, gaps),
+        "unknown encoding": (few, {"contsparse.compressed": json.dumps({"w": {"shape": [8, 8], "encoding": "rle"}})}),
         "values one short": ({**stored, "w.values": stored["w.values"][:-1]}, layout),
         "no bitmask": ({"w.values": stored["w.values"]}, layout),
         "float bitmask": ({**stored, "w.bitmask": stored["w.bitmask"].float()}, layout),

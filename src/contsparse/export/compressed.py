@@ -1,10 +1,13 @@
-"""Compressed storage of sparse weights: a bitmask of the kept entries plus their values.
+"""Compressed storage of sparse weights: where the kept entries are, plus their values.
 
-For a float32 tensor with a fraction ``d`` of nonzeros this takes ``1/32 + d`` of the dense size;
-CSR with 32-bit column indices would take ``2d`` plus row pointers, so the bitmask is the smaller
-one above ``d = 1/32`` (3 %), where lottery tickets live.
-The file is an ordinary safetensors file; its metadata says which entries are compressed, so
-:func:`load_compressed` restores the dense ``state_dict`` exactly.
+Where they are takes the smaller of two encodings, per tensor. A bitmask: ``1/32`` of a float32
+tensor's size whatever its density. Gaps: one byte per kept entry, the number of zeros before it
+since the previous one (a gap of 255 or more takes a byte of 255 for each 255 and a last byte
+for the rest), about ``d/4`` at a density ``d``: the smaller one below about ``d = 12 %``, so a
+ticket with 1.7 % of its weights takes about 2.2 % of the dense size instead of 4.8 %. (CSR
+with 32-bit column indices would take ``2d``.) The file is an ordinary safetensors file; its
+metadata says which entries are compressed and how, so :func:`load_compressed` restores the
+dense ``state_dict`` exactly.
 """
 
 from __future__ import annotations
@@ -21,15 +24,16 @@ from contsparse.errors import UserError
 from contsparse.storage import for_safetensors, write_atomic
 
 FORMAT_KEY = "contsparse.compressed"
+PARTS = ("bitmask", "gaps", "values")  # the stored parts of a compressed tensor, "<name>.<part>"
 ORDER_KEY = "contsparse.order"  # the state_dict's key order (safetensors stores tensors sorted)
 
 
 def compress_state_dict(state: dict[str, torch.Tensor], min_zero_fraction: float = 0.5
                         ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors to store and metadata: floating tensors with at least ``min_zero_fraction`` zeros
-    become ``<name>.bitmask`` (packed bits, row-major) and ``<name>.values`` (the nonzeros). A
-    tensor whose parts' names another entry already has is stored as it is, so no name is ever
-    ambiguous."""
+    become ``<name>.values`` (the nonzeros, row-major) and ``<name>.bitmask`` (packed bits) or
+    ``<name>.gaps`` (see the module's docstring), whichever is smaller. A tensor whose parts'
+    names another entry already has is stored as it is, so no name is ever ambiguous."""
     not_tensors = [name for name, value in state.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:  # e.g. a masked model's "<layer>.weight_cs_mask._extra_state"
         raise ValueError(f"only tensors can be stored, not {', '.join(not_tensors[:3])}"
@@ -40,13 +44,18 @@ def compress_state_dict(state: dict[str, torch.Tensor], min_zero_fraction: float
     for name, tensor in state.items():
         tensor = tensor.detach().cpu().contiguous()
         nonzero = tensor != 0
-        names_free = f"{name}.bitmask" not in state and f"{name}.values" not in state
+        names_free = not any(f"{name}.{part}" in state for part in PARTS)
         if tensor.is_floating_point() and tensor.numel() and names_free \
                 and 1 - nonzero.float().mean().item() >= min_zero_fraction:
-            bits = np.packbits(nonzero.flatten().numpy())
-            tensors[f"{name}.bitmask"] = torch.from_numpy(bits)
+            flat = nonzero.flatten().numpy()
+            gaps = _gaps(np.flatnonzero(flat))
+            if gaps.size < (flat.size + 7) // 8:
+                tensors[f"{name}.gaps"] = torch.from_numpy(gaps)
+                layout[name] = {"shape": list(tensor.shape), "encoding": "gaps"}
+            else:
+                tensors[f"{name}.bitmask"] = torch.from_numpy(np.packbits(flat))
+                layout[name] = {"shape": list(tensor.shape)}
             tensors[f"{name}.values"] = tensor[nonzero]
-            layout[name] = {"shape": list(tensor.shape)}
         else:
             tensors[name] = tensor
     return tensors, {FORMAT_KEY: json.dumps(layout), ORDER_KEY: json.dumps(list(state))}
@@ -86,22 +95,47 @@ def load_compressed(path: str | Path) -> dict[str, torch.Tensor]:
                         f"({type(err).__name__}: {err})") from err
 
 
+def _gaps(positions: np.ndarray) -> np.ndarray:
+    """The gaps encoding of increasing flat positions (see the module's docstring)."""
+    gaps = np.diff(positions, prepend=-1) - 1  # zeros before each kept entry since the previous one
+    escapes = gaps // 255
+    encoded = np.full(int(escapes.sum()) + gaps.size, 255, dtype=np.uint8)
+    encoded[np.cumsum(escapes + 1) - 1] = gaps % 255  # each entry's last byte
+    return encoded
+
+
+def _positions(encoded: np.ndarray) -> np.ndarray:
+    """The flat positions the gaps encoding holds: each entry's bytes summed, plus one per entry before it."""
+    last = encoded != 255
+    return np.cumsum(encoded, dtype=np.int64)[last] + np.arange(int(last.sum()))
+
+
 def _decompress(stored: dict[str, torch.Tensor], layout: dict) -> dict[str, torch.Tensor]:
-    state = {k: v for k, v in stored.items() if not any(k == f"{n}.bitmask" or k == f"{n}.values" for n in layout)}
+    state = {k: v for k, v in stored.items() if not any(k == f"{n}.{part}" for n in layout for part in PARTS)}
     for name, info in layout.items():
         shape = info["shape"]
         if not isinstance(shape, list) or any(type(size) is not int or size < 0 for size in shape):
             raise ValueError(f"{name}: shape {shape!r} is not a list of sizes")
         numel = int(np.prod(shape)) if shape else 1
-        bitmask = stored[f"{name}.bitmask"]
-        if bitmask.dtype != torch.uint8 or bitmask.dim() != 1 or bitmask.numel() != (numel + 7) // 8:
-            raise ValueError(f"{name}.bitmask: {tuple(bitmask.shape)} {bitmask.dtype} for {numel} bits")
-        keep = torch.from_numpy(np.unpackbits(bitmask.numpy(), count=numel).astype(bool))
+        encoding = info.get("encoding", "bitmask")  # files written before gaps existed: a bitmask
+        if encoding not in ("bitmask", "gaps"):
+            raise ValueError(f"{name}: unknown encoding {encoding!r}")
+        where = stored[f"{name}.{encoding}"]
+        if where.dtype != torch.uint8 or where.dim() != 1:
+            raise ValueError(f"{name}.{encoding}: {tuple(where.shape)} {where.dtype}, not a row of bytes")
+        if encoding == "bitmask":
+            if where.numel() != (numel + 7) // 8:
+                raise ValueError(f"{name}.bitmask: {where.numel()} bytes for {numel} bits")
+            positions = np.flatnonzero(np.unpackbits(where.numpy(), count=numel))
+        else:
+            positions = _positions(where.numpy())
+            if (positions.size and positions[-1] >= numel) or (where.numel() and where[-1] == 255):
+                raise ValueError(f"{name}.gaps: positions beyond the tensor's {numel} entries")
         values = stored[f"{name}.values"]
-        if values.dim() != 1 or values.numel() != int(keep.sum()):
-            raise ValueError(f"{name}.values: {values.numel()} values for {int(keep.sum())} nonzeros")
+        if values.dim() != 1 or values.numel() != positions.size:
+            raise ValueError(f"{name}.values: {values.numel()} values for {positions.size} nonzeros")
         dense = torch.zeros(numel, dtype=values.dtype)
-        dense[keep] = values
+        dense[torch.from_numpy(positions)] = values
         state[name] = dense.reshape(shape)
     return state
 
