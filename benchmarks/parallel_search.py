@@ -133,7 +133,9 @@ def render(r: dict) -> str:
               f"on test; a ticket counts at >= {100 * floor:.2f} % validation accuracy (dense - 0.3 points: "
               f"chosen on validation, reported on test). IMP: {r['imp_rounds']} rounds of {r['ticket_epochs']} "
               f"epochs with rewinding to epoch {r['rewind_epoch']}, one run on all {cores} cores "
-              f"({r['imp_wall_s']:.0f} s for dense + IMP).",
+              + (f"({r['imp_wall_s']:.0f} s for dense + IMP)." if r["imp_wall_s"] >= 1 else
+                 "(dense and IMP reused from an earlier run of this benchmark in the same folder: the wall times "
+                 "below are that run's)."),
               "", "| IMP round | weights remaining | val. accuracy | test accuracy | wall time at its end |",
               "|---|---|---|---|---|"]
     lines += [f"| {x['label']} | {100 * x['weights_remaining']:.2f} % | {100 * x['val_accuracy']:.2f} % "

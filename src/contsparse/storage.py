@@ -26,6 +26,16 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set back at once, when importing)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def write_synced(path: Path, data: bytes) -> None:
     """Write ``data`` and make sure it reached the disk before returning."""
     with open(path, "wb") as handle:
@@ -53,6 +63,9 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
     tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp
+        # as an ordinary new file is (safetensors writes its files readable by their owner alone,
+        # which a team's shared run folders, or a cluster's nodes under another user, cannot read)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -26,8 +26,11 @@ from contsparse.models.registry import model_spec
 from contsparse.training.optim import OPTIMIZERS, SCHEDULES, OptimizerSettings
 
 COMMANDS = ("ticket", "prune", "train")
-# Defaults a command sets in place of RunConfig's (pruning is one CS round, then fine-tuning)
+# Defaults a command or method sets in place of RunConfig's: pruning is one CS round, then
+# fine-tuning; the methods that prune once (or reach their target within a round) search one round
 COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {"prune": {"rounds": 1}}
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {name: {"rounds": 1} for name in ("magnitude", "random", "gmp", "dnw",
+                                                                                "str")}
 METHOD_NAMES = tuple(METHODS)
 
 
@@ -151,9 +154,12 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def dense_variant(self) -> RunConfig:
-        """The dense baseline trained with this run's ticket-training settings."""
-        return dataclasses.replace(self, command="train", epochs=self.phase_epochs, ticket_epochs=None,
-                                   rounds=1, dense_baseline=False)
+        """The dense run this one is read against: a ticket's trains as the ticket does (its
+        settings, ``ticket_epochs`` from the start); a pruned model's as long as the pruned one
+        trains in all (its search round and fine-tuning), so that it has the same budget."""
+        epochs = self.epochs * self.rounds + self.phase_epochs if self.command == "prune" else self.phase_epochs
+        return dataclasses.replace(self, command="train", epochs=epochs, ticket_epochs=None, rounds=1,
+                                   dense_baseline=False)
 
 
 NOT_IN_IDENTITY = {"device", "tensorboard", "data_dir", "workers", "compile", "imports"}  # how, not what
@@ -244,7 +250,8 @@ def make_config(values: dict[str, Any], check: bool = True) -> RunConfig:
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise UserError(f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(FIELDS))}")
-    values = {**COMMAND_DEFAULTS.get(str(values.get("command", "ticket")), {}), **values}
+    values = {**COMMAND_DEFAULTS.get(str(values.get("command", "ticket")), {}),
+              **METHOD_DEFAULTS.get(str(values.get("method", "cs")), {}), **values}
     values = {k: _coerce(k, v) for k, v in values.items()}
     if values.get("data_dir"):  # saved as an absolute path: a resume from another folder finds the data
         values["data_dir"] = str(Path(values["data_dir"]).expanduser().absolute())

@@ -260,7 +260,7 @@ class GradualMagnitudePruning(HardMaskMethod):
         steps = -(-window // settings.gmp_frequency)  # every gmp_frequency steps, and at the window's end
         if steps < self.MIN_PRUNING_STEPS:
             fastest = (window - 1) // (self.MIN_PRUNING_STEPS - 1)  # the largest f with ceil(window / f) >= 4
-            fix = (f"give a gmp_frequency of at most {fastest}" if fastest >= 1 else
+            fix = (f"give a gmp_frequency (--gmp-frequency) of at most {fastest}" if fastest >= 1 else
                    "train more epochs, or take smaller batches (more steps per epoch)")
             raise ValueError(f"gmp_frequency = {settings.gmp_frequency} leaves {steps} pruning step(s) in GMP's window "
                              f"of {window} steps (epoch {settings.gmp_start_epoch} to 3/4 of "
