@@ -8,6 +8,7 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -95,6 +96,23 @@ def test_compressed_storage_never_makes_a_name_ambiguous(tmp_path):
     restored = load_compressed(tmp_path / "c.safetensors")
     assert list(restored) == list(state)
     assert all(torch.equal(restored[key], state[key]) for key in state)
+
+
+def test_a_compressed_file_of_the_bitmask_only_version_still_reads(tmp_path):
+    """Files written before the gaps encoding: no "encoding" key, and a plain entry may be named
+    like a gaps part ("w.gaps" beside a bitmask-coded "w")."""
+    from safetensors.torch import save
+
+    sparse = torch.zeros(4, 4)
+    sparse[1, 2] = 3.0
+    stored = {"w.bitmask": torch.from_numpy(np.packbits((sparse != 0).flatten().numpy())),
+              "w.values": sparse[sparse != 0], "w.gaps": torch.arange(3.0)}
+    metadata = {"contsparse.compressed": json.dumps({"w": {"shape": [4, 4]}}),
+                "contsparse.order": json.dumps(["w", "w.gaps"])}
+    (tmp_path / "old.safetensors").write_bytes(save(stored, metadata=metadata))
+    restored = load_compressed(tmp_path / "old.safetensors")
+    assert list(restored) == ["w", "w.gaps"] and torch.equal(restored["w"], sparse)
+    assert torch.equal(restored["w.gaps"], torch.arange(3.0))
 
 
 def test_compressed_storage_of_a_masked_model_says_to_make_the_masks_permanent(tmp_path):
@@ -744,7 +762,7 @@ def test_a_compressed_file_whose_tensors_do_not_match_its_layout_is_reported(tmp
     save_compressed({"w": weight}, good)
     few = load_file(str(good))
     assert set(few) == {"w.gaps", "w.values"} and torch.equal(load_compressed(good)["w"], weight)
-    gaps = {"contsparse.compressed": json.dumps({"w": {"shape": [8, 8], "encoding": "gaps"}})}
+    gaps = {"contsparse.compressed": json.dumps({"w": {"shape": [8, 8], "encoding": "gaps", "size": 64}})}
     cases = {
         "gaps: values one short": ({**few, "w.values": few["w.values"][:-1]}, gaps),
         "gaps: none": ({"w.values": few["w.values"]}, gaps),
@@ -753,6 +771,8 @@ def test_a_compressed_file_whose_tensors_do_not_match_its_layout_is_reported(tmp
                                                                                                dtype=torch.uint8)])},
                                         gaps),
         "gaps: beyond the tensor": ({**few, "w.gaps": torch.tensor([0, 0, 254], dtype=torch.uint8)}, gaps),
+        "gaps: another shape": (few, {"contsparse.compressed": json.dumps({"w": {"shape": [8, 9], "encoding": "gaps",
+                                                                                "size": 64}})}),
         "unknown encoding": (few, {"contsparse.compressed": json.dumps({"w": {"shape": [8, 8], "encoding": "rle"}})}),
         "values one short": ({**stored, "w.values": stored["w.values"][:-1]}, layout),
         "no bitmask": ({"w.values": stored["w.values"]}, layout),

@@ -132,8 +132,8 @@ def test_run_directory_contents_and_saved_ticket_zeros(tmp_path):
     masks = load_file(str(run / "masks.safetensors"))
     assert set(masks) == {"hidden.0.weight", "hidden.1.weight", "output.weight"}
     # tensor files are as readable as the rest (safetensors alone writes them for their owner only)
-    modes = {(run / name).stat().st_mode & 0o777 for name in ("model.safetensors", "masks.safetensors", "config.yaml")}
-    assert len(modes) == 1
+    files = ("model.safetensors", "masks.safetensors", "config.yaml", "checkpoint/tensors.safetensors")
+    assert len({(run / name).stat().st_mode & 0o777 for name in files}) == 1
 
 
 def test_a_per_step_temperature_is_logged_as_the_epochs_last_step_used_it(tmp_path):
@@ -355,3 +355,18 @@ def test_steps_on_folded_weights_follow_the_reference_path(name):
             optimizer.step()
     torch.testing.assert_close(v.detach(), c * w_ref.detach(), rtol=1e-10, atol=1e-12)
     assert (plain_v - c * w_ref).abs().max() > 1e-3
+
+
+def test_a_file_system_that_refuses_modes_still_takes_the_files(tmp_path, monkeypatch):
+    """FAT answers a mode change with EPERM: the permissions stay as they are, the write succeeds."""
+    import errno
+    import os
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "chmod", refuse)
+    from contsparse.storage import write_atomic
+
+    write_atomic(tmp_path / "f.txt", b"kept")
+    assert (tmp_path / "f.txt").read_bytes() == b"kept"

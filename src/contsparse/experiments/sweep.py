@@ -63,7 +63,8 @@ class SweepPlan:
     """A base configuration, a grid (cartesian product) and/or a list of points, and seeds.
 
     ``dense_reference`` adds one dense training per seed (the ticket training's settings): the
-    accuracy the curve is read against.
+    accuracy the curve is read against. ``same_budget``: a pruning sweep's reference trains as
+    long as its points do in all (plans saved before that: ``--ticket-epochs``, as they did).
     """
 
     base: RunConfig
@@ -71,6 +72,7 @@ class SweepPlan:
     points: list[dict[str, Any]] = field(default_factory=list)
     seeds: int = 1
     dense_reference: bool = True
+    same_budget: bool = True
 
     def combinations(self) -> list[dict[str, Any]]:
         """Each point's swept values: the listed points times the grid, seeds included."""
@@ -99,16 +101,18 @@ class SweepPlan:
         if self.dense_reference and self.base.command != "train":
             seeds = sorted({c.get("seed", self.base.seed) for c in combos})
             for seed in seeds:
-                config = dataclasses.replace(self.base, seed=int(seed)).dense_variant()
+                config = dataclasses.replace(self.base, seed=int(seed)).dense_variant(self.same_budget)
                 validate(config)  # the base is checked only through the points (make_config(check=False))
                 name = f"dense_seed={seed}"
                 out[name] = SweepPoint(name, {"seed": int(seed)}, config, reference=True)
+        listed: set[str] = set()
         for combo in combos:
             config = _configure(self.base, combo)
             values = {key: getattr(config, key) for key in combo}
             name = point_name(values)
-            if name in out:
+            if name in out or _point_key(values) in listed:  # the same values in another order too
                 raise UserError(f"the sweep lists the point {name} twice")
+            listed.add(_point_key(values))
             if len(name.encode()) > MAX_NAME_BYTES:
                 raise UserError(f"the point {name[:60]}... names a folder of {len(name.encode())} bytes (at most "
                                 f"{MAX_NAME_BYTES}): sweep over shorter values, or run such settings as a sweep "
@@ -126,12 +130,13 @@ class SweepPlan:
         new = [c for c in later.combinations() if _point_key(_swept_values(later.base, c)) not in known]
         dense_reference = self.dense_reference or later.dense_reference
         if not new:  # run again as it was (to resume, say): the plan keeps its form
-            return SweepPlan(later.base, self.grid, self.points, self.seeds, dense_reference)
-        return SweepPlan(later.base, {}, combos + new, 1, dense_reference)
+            return SweepPlan(later.base, self.grid, self.points, self.seeds, dense_reference, self.same_budget)
+        return SweepPlan(later.base, {}, combos + new, 1, dense_reference, self.same_budget)
 
     def to_dict(self) -> dict[str, Any]:
         return {"base": self.base.to_dict(), "grid": self.grid, "points": self.points,
-                "seeds": self.seeds, "dense_reference": self.dense_reference}
+                "seeds": self.seeds, "dense_reference": self.dense_reference,
+                "dense_reference_budget": "same" if self.same_budget else "ticket"}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SweepPlan:
@@ -148,7 +153,7 @@ class SweepPlan:
         # a plan saved before a setting existed: its points were made with the setting's old value
         return cls(make_config(with_later_defaults(data["base"]), check=False), {str(k): v for k, v in grid.items()},
                    [{str(k): v for k, v in p.items()} for p in points], seeds,
-                   bool(data.get("dense_reference", True)))
+                   bool(data.get("dense_reference", True)), data.get("dense_reference_budget") == "same")
 
 
 def default_grid(base: RunConfig) -> dict[str, list[Any]]:

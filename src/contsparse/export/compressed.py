@@ -49,9 +49,9 @@ def compress_state_dict(state: dict[str, torch.Tensor], min_zero_fraction: float
                 and 1 - nonzero.float().mean().item() >= min_zero_fraction:
             flat = nonzero.flatten().numpy()
             gaps = _gaps(np.flatnonzero(flat))
-            if gaps.size < (flat.size + 7) // 8:
+            if gaps.size < (flat.size + 7) // 8:  # "size": what the bitmask's length checked
                 tensors[f"{name}.gaps"] = torch.from_numpy(gaps)
-                layout[name] = {"shape": list(tensor.shape), "encoding": "gaps"}
+                layout[name] = {"shape": list(tensor.shape), "encoding": "gaps", "size": int(flat.size)}
             else:
                 tensors[f"{name}.bitmask"] = torch.from_numpy(np.packbits(flat))
                 layout[name] = {"shape": list(tensor.shape)}
@@ -111,7 +111,9 @@ def _positions(encoded: np.ndarray) -> np.ndarray:
 
 
 def _decompress(stored: dict[str, torch.Tensor], layout: dict) -> dict[str, torch.Tensor]:
-    state = {k: v for k, v in stored.items() if not any(k == f"{n}.{part}" for n in layout for part in PARTS)}
+    parts = {f"{name}.{info.get('encoding', 'bitmask') if isinstance(info, dict) else 'bitmask'}"
+             for name, info in layout.items()} | {f"{name}.values" for name in layout}
+    state = {k: v for k, v in stored.items() if k not in parts}  # a plain "w.gaps" beside a bitmask-coded w stays
     for name, info in layout.items():
         shape = info["shape"]
         if not isinstance(shape, list) or any(type(size) is not int or size < 0 for size in shape):
@@ -128,6 +130,9 @@ def _decompress(stored: dict[str, torch.Tensor], layout: dict) -> dict[str, torc
                 raise ValueError(f"{name}.bitmask: {where.numel()} bytes for {numel} bits")
             positions = np.flatnonzero(np.unpackbits(where.numpy(), count=numel))
         else:
+            if info.get("size") != numel:
+                raise ValueError(f"{name}: shape {shape} does not hold the {info.get('size')!r} entries it was "
+                                 "saved with")
             positions = _positions(where.numpy())
             if (positions.size and positions[-1] >= numel) or (where.numel() and where[-1] == 255):
                 raise ValueError(f"{name}.gaps: positions beyond the tensor's {numel} entries")

@@ -77,8 +77,9 @@ def markdown(results: list[PointResult], front: list[PointResult], title: str) -
         lines.append(f"* ({_nothing_sparse(results)})")
     if dense:
         lines += ["", f"Dense reference: {percent(statistics.fmean(dense))} ({len(dense)} run(s))."]
-        # ticket_epochs is the dense reference's length too
-        recipe = [k for k in keys if k not in (NOT_FOR_DENSE - {"ticket_epochs"}) | NOT_IN_IDENTITY | {"seed"}]
+        # ticket_epochs is the dense reference's length too, and a pruning sweep's rounds
+        lengths = {"ticket_epochs", "rounds"} if any(r.command == "prune" for r in results) else {"ticket_epochs"}
+        recipe = [k for k in keys if k not in (NOT_FOR_DENSE - lengths) | NOT_IN_IDENTITY | {"seed"}]
         if recipe:
             lines.append(f"It trains with the sweep's shared settings, while the points vary {', '.join(recipe)}, "
                          "which dense training uses too: the gaps to it compare different training settings.")

@@ -26,6 +26,7 @@ from contsparse.storage import (
     for_safetensors,
     fsync_dir,
     fsync_file,
+    readable_as_new,
     write_synced,
 )
 
@@ -85,6 +86,7 @@ def save_checkpoint(state: dict[str, Any], directory: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file(for_safetensors(tensors), str(tmp / TENSORS))
+        readable_as_new(tmp / TENSORS)
         fsync_file(tmp / TENSORS)
         write_synced(tmp / SKELETON, skeleton)
         manifest = {"format": FORMAT, "sha256": {name: file_digest(tmp / name) for name in (TENSORS, SKELETON)}}
