@@ -267,6 +267,8 @@ def test_report_regenerates_a_sweep_and_combines_directories(tmp_path, capsys):
     assert "is a file; give a folder" in capsys.readouterr().err
     assert main(["info", str(sweep)]) == 2
     assert "it is a sweep, whose runs are its subfolders" in capsys.readouterr().err
+    assert main(["resume", str(sweep)]) == 2
+    assert "the same contsparse sweep command, run again, continues it" in capsys.readouterr().err
 
 
 def test_base_flags_reach_the_points(tmp_path, capsys):

@@ -130,9 +130,10 @@ class RunDir:
             from contsparse.reports.collect import is_comparison
 
             kind = "a sweep" if is_sweep(self.path) else "a comparison" if is_comparison(self.path) else None
+            again = {"a sweep": "contsparse sweep", "a comparison": "contsparse compare"}.get(kind or "")
             raise UserError(f"{self.path} is not a contsparse run directory (no {self.CONFIG})"
                             + (f": it is {kind}, whose runs are its subfolders (contsparse report {self.path} "
-                               "shows them all)" if kind else ""))
+                               f"shows them all; the same {again} command, run again, continues it)" if kind else ""))
 
     def read_summary(self) -> dict[str, Any]:
         self.require_run()
