@@ -29,7 +29,7 @@ from common import interleaved_times, machine, write_results
 import contsparse as cs
 from contsparse.models import build_model
 from contsparse.training import flush_denormals, tune_cpu_allocator
-from contsparse.training.optim import OptimizerSettings, scaled_group
+from contsparse.training.optim import OptimizerSettings, build_optimizer
 
 FUSED = True  # fused Adam: about 30 % faster steps on CPU, for dense and CS alike
 MODELS = {  # name -> (input shape, classes, weight optimiser); the CPU default is the first two
@@ -94,15 +94,7 @@ def optimizer(name: str, params, step_scales: dict | None = None) -> torch.optim
     """The weights' optimiser; ``step_scales`` (a ticket's folded weights) put them in a group of
     their own taking the reference code's steps, as ``contsparse ticket`` trains tickets."""
     settings = OptimizerSettings(name, lr=1.2e-3 if name == "adam" else 0.01, momentum=0.9, nesterov=True)
-    params, scales = list(params), step_scales or {}
-    groups = [{"params": [p for p in params if p not in scales]}]
-    for c in sorted(set(scales.values())):
-        group = scaled_group(settings, c)
-        group["lr"] = settings.lr * group.pop("lr_factor")
-        groups.append({"params": [p for p in params if scales.get(p) == c], **group})
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=settings.lr, fused=FUSED)
-    return torch.optim.SGD(groups, lr=settings.lr, momentum=0.9, nesterov=True, fused=FUSED)
+    return build_optimizer(params, settings, step_scales, fused_kernels=bool(FUSED))
 
 
 def make_steps(model_name: str, batch: int, device: torch.device, amp: bool = False,

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
+from contsparse.masking.selection import DEFAULT_LAYER_TYPES
+
 
 def weights_remaining(masks: Mapping[str, Tensor]) -> float:
     """Fraction (0..1) of prunable weights kept by ``masks`` (name -> bool/0-1 tensor)."""
@@ -32,8 +34,6 @@ def weights_remaining_all_layers(model: nn.Module, masks: Mapping[str, Tensor]) 
     mask counted as kept: the sparsity papers quote when they prune every layer (STR, GMP, DNW),
     where :func:`weights_remaining` counts only the masked ones (a ResNet-50 with its downsample
     convs and classifier unmasked keeps 19 % of its weights whatever the masks do)."""
-    from contsparse.masking.selection import DEFAULT_LAYER_TYPES
-
     weights = {f"{module_name}.weight" if module_name else "weight": module._parameters.get("weight")
                for module_name, module in model.named_modules(remove_duplicate=False)
                if isinstance(module, DEFAULT_LAYER_TYPES)}

@@ -34,8 +34,10 @@ SCHEDULES = ("constant", "step", "cosine")
 
 
 def build_optimizer(params: Iterable[nn.Parameter], settings: OptimizerSettings,
-                    step_scales: Mapping[nn.Parameter, float] | None = None) -> torch.optim.Optimizer:
-    """The optimiser, with PyTorch's fused kernels where they apply (a third faster on CPU).
+                    step_scales: Mapping[nn.Parameter, float] | None = None,
+                    fused_kernels: bool = True) -> torch.optim.Optimizer:
+    """The optimiser, with PyTorch's fused kernels where they apply (a third faster on CPU;
+    ``fused_kernels=False``: PyTorch's default, foreach, kernels).
 
     ``step_scales`` maps a parameter ``V`` that stands for ``c * W`` (a hardened CS weight with the
     mask's scale ``c`` folded in) to ``c``: it then gets the steps the optimiser would take on
@@ -43,7 +45,7 @@ def build_optimizer(params: Iterable[nn.Parameter], settings: OptimizerSettings,
     code's, which keeps ``W`` and multiplies by ``c`` in every forward.
     """
     params = list(params)
-    fused = _can_fuse(params)
+    fused = _can_fuse(params) if fused_kernels else None
     if settings.name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {settings.name!r}; choose from {', '.join(OPTIMIZERS)}")
     scales = {p: float(c) for p, c in (step_scales or {}).items() if c != 1.0}
