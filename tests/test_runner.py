@@ -36,6 +36,15 @@ def test_settings_added_later_leave_existing_run_names_as_they_were():
     unscaled = make_config({"mask_scaling": False})
     assert unscaled.identity() == make_config({"mask_scaling": False, "reference_steps": False}).identity()
     assert make_config({"command": "train"}).identity() == "4ea0dfa4"
+    # and runs saved before a setting existed compare equal to today's, dense ones included
+    from contsparse.experiments.config import ADDED_LATER, settings_differences, with_later_defaults
+
+    for values in ({}, {"command": "train"}, {"method": "imp"}):
+        config = make_config(values)
+        older = {k: v for k, v in config.to_dict().items() if k not in ADDED_LATER}
+        inert_or_same = settings_differences(with_later_defaults(older), config)
+        assert set(inert_or_same) <= ({"reference_steps"} if config.method == "cs" and config.command != "train"
+                                      else set()), (values, inert_or_same)
 
 
 def test_transposed_convolutions_of_a_users_model_are_masked_unless_told_otherwise():

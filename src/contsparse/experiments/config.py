@@ -181,7 +181,7 @@ def unused_settings(config: RunConfig) -> set[str]:
     """Settings that do not make this run what it is: how it runs, for a dense run the
     sparsification settings (a dense run given another --mask-init is the same run), and
     settings that have nothing to act on in this run."""
-    return NOT_IN_IDENTITY | NOT_FOR_DENSE if config.command == "train" else NOT_IN_IDENTITY | inert_settings(config)
+    return NOT_IN_IDENTITY | inert_settings(config) | (NOT_FOR_DENSE if config.command == "train" else set())
 
 
 def inert_settings(config: RunConfig) -> set[str]:
