@@ -14,6 +14,7 @@ matplotlib.use("Agg")  # files only: works on headless machines
 import matplotlib.pyplot as plt
 import torch
 
+from contsparse.reports.table import percent
 from contsparse.storage import write_atomic
 
 
@@ -88,11 +89,11 @@ def per_layer_chart(per_layer: dict[str, float], path: Path, title: str = "") ->
     percent_log_axis(ax)  # after the limits: with every layer at 0 % there is no data to scale by
     ax.set_xlabel("weights remaining (%)")
     inside = [v > 0 and math.log(v / left) > 0.6 * math.log(100 / left) for v in values]
-    ax.bar_label(bars, labels=[f"{v:.2f} %" if v > 0 and not i else "" for v, i in zip(values, inside, strict=True)],
-                 padding=3, fontsize=8)
+    outside = [percent(v / 100) if v > 0 and not i else "" for v, i in zip(values, inside, strict=True)]
+    ax.bar_label(bars, labels=outside, padding=3, fontsize=8)
     for row, (value, label_inside) in enumerate(zip(values, inside, strict=True)):
         if label_inside:
-            ax.text(value / 1.08, row, f"{value:.2f} %", ha="right", va="center", fontsize=8, color="white")
+            ax.text(value / 1.08, row, percent(value / 100), ha="right", va="center", fontsize=8, color="white")
         if value <= 0:  # no bar on a log axis: say so where the bar would start
             ax.text(left * 1.1, row, "0 % (every weight pruned)", va="center", fontsize=8, color="#b03030")
     ax.set_title(title or "weights remaining per layer")
