@@ -626,6 +626,13 @@ def test_hardening_warns_when_a_layer_keeps_nothing():
         trained.masks["2.weight"].logits.fill_(-1.0)
     with pytest.warns(UserWarning, match=r"2.weight keeps no weight at all \(every logit <= 0\)$"):
         trained.harden()
+    quiet = cs.attach_masks(nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2)), mask_init=0.5)
+    with torch.no_grad():
+        quiet.masks["2.weight"].logits.fill_(-1.0)
+    with warnings.catch_warnings():  # a caller that reports empty layers itself (the CLI's runs)
+        warnings.simplefilter("error")
+        quiet.harden(warn_empty=False)
+    assert not quiet.binary_masks()["2.weight"].any() and quiet.binary_masks()["0.weight"].all()
 
 
 def test_keep_pruned_at_zero_ends_with_make_permanent():

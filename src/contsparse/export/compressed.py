@@ -26,6 +26,11 @@ from contsparse.storage import for_safetensors, write_atomic
 FORMAT_KEY = "contsparse.compressed"
 PARTS = ("bitmask", "gaps", "values")  # the stored parts of a compressed tensor, "<name>.<part>"
 ORDER_KEY = "contsparse.order"  # the state_dict's key order (safetensors stores tensors sorted)
+ENCODINGS = ("bitmask", "gaps")  # where the kept entries are; a layout entry without "encoding": bitmask
+
+
+class UnknownEncoding(ValueError):
+    """A layout entry names an encoding this version does not know (a newer writer's, or damage)."""
 
 
 def compress_state_dict(state: dict[str, torch.Tensor], min_zero_fraction: float = 0.5
@@ -90,6 +95,9 @@ def load_compressed(path: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(f"cannot read {path} ({err})") from err
     try:
         return _in_order(_decompress(stored, layout), order)
+    except UnknownEncoding as err:
+        raise UserError(f"{path}: {err}, which this contsparse cannot read (it reads {', '.join(ENCODINGS)}): "
+                        "a file written by a newer contsparse? upgrade to read it") from err
     except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as err:
         raise UserError(f"{path} is damaged: its compressed tensors do not match their layout "
                         f"({type(err).__name__}: {err})") from err
@@ -111,7 +119,7 @@ def _positions(encoded: np.ndarray) -> np.ndarray:
 
 
 def _decompress(stored: dict[str, torch.Tensor], layout: dict) -> dict[str, torch.Tensor]:
-    parts = {f"{name}.{info.get('encoding', 'bitmask') if isinstance(info, dict) else 'bitmask'}"
+    parts = {f"{name}.{info.get('encoding', ENCODINGS[0]) if isinstance(info, dict) else 'bitmask'}"
              for name, info in layout.items()} | {f"{name}.values" for name in layout}
     state = {k: v for k, v in stored.items() if k not in parts}  # a plain "w.gaps" beside a bitmask-coded w stays
     for name, info in layout.items():
@@ -120,8 +128,8 @@ def _decompress(stored: dict[str, torch.Tensor], layout: dict) -> dict[str, torc
             raise ValueError(f"{name}: shape {shape!r} is not a list of sizes")
         numel = int(np.prod(shape)) if shape else 1
         encoding = info.get("encoding", "bitmask")  # files written before gaps existed: a bitmask
-        if encoding not in ("bitmask", "gaps"):
-            raise ValueError(f"{name}: unknown encoding {encoding!r}")
+        if encoding not in ENCODINGS:
+            raise UnknownEncoding(f"{name} is stored in the encoding {encoding!r}")
         where = stored[f"{name}.{encoding}"]
         if where.dtype != torch.uint8 or where.dim() != 1:
             raise ValueError(f"{name}.{encoding}: {tuple(where.shape)} {where.dtype}, not a row of bytes")

@@ -78,7 +78,7 @@ class MaskSet:
     def mode(self) -> MaskMode:
         return next(iter(self.masks.values())).mode if self.masks else "hard"
 
-    def harden(self) -> None:
+    def harden(self, warn_empty: bool = True) -> None:
         """Use the binary mask ``H(s) = 1[s > 0]`` from now on (ticket training, fine-tuning).
 
         Folds mask and scale into the weights and takes the parametrization off: each layer is a
@@ -87,11 +87,12 @@ class MaskSet:
         ``state_dict`` still carries it. Afterwards call :meth:`zero_pruned` after each optimiser
         step, or let :meth:`keep_pruned_at_zero` do so. Load a hardened ``state_dict`` into a
         model only after calling ``harden()`` on it. Warns when a layer keeps no weight (a
-        network cut in two; often logits that no optimiser stepped).
+        network cut in two; often logits that no optimiser stepped) unless ``warn_empty=False``
+        (a caller that reports empty layers its own way).
         """
-        self._harden(apply_scale=True, stacklevel=3)
+        self._harden(apply_scale=True, stacklevel=3, warn_empty=warn_empty)
 
-    def _harden(self, apply_scale: bool, stacklevel: int) -> None:
+    def _harden(self, apply_scale: bool, stacklevel: int, warn_empty: bool = True) -> None:
         """:meth:`harden`; ``apply_scale=False`` folds ``H(s)`` without the masks' scale."""
         self._require_masks("harden them")
         weights = self.masked_weights()
@@ -112,7 +113,7 @@ class MaskSet:
         empty = [name for name in softened if not self.masks[name].hard_mask.any()]
         # Logits still at s0 with no gradient: masks just attached, hardened to load a hardened
         # state_dict into them (the documented way): their values are about to be replaced.
-        if empty and not (at_init and not got_gradients):
+        if warn_empty and empty and not (at_init and not got_gradients):
             hint = (": the logits got gradients but are still at s0 (were masks.mask_parameters() given to an "
                     "optimiser, made after attach_masks, and stepped?)" if at_init else "")
             which = empty[0] if len(empty) == 1 else f"{len(empty)} of {len(self.masks)} layers ({_some(empty, 3)})"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -85,9 +84,7 @@ class ContinuousSparsification(Method):
 
     def harden(self) -> None:
         self.mask_set.fuse_penalty(0.0)
-        with warnings.catch_warnings():  # a layer left empty: the run's log and per-layer table say so
-            warnings.simplefilter("ignore", UserWarning)
-            self.mask_set.harden()
+        self.mask_set.harden(warn_empty=False)  # a layer left empty: the run's log and per-layer table say so
 
     def after_hard_step(self) -> None:
         self.mask_set.zero_pruned()
