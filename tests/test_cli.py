@@ -156,6 +156,8 @@ def test_help_with_a_preset_shows_its_values_as_defaults(command, capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
     assert "(default: 85)" in text and "(default: 0.0001)" in text and "(default: 8)" not in text
     assert "The defaults shown are preset cifar10-resnet20-ticket's." in text
+    # the preset's CS rounds, which one-shot methods do not take (make_config's METHOD_DEFAULTS)
+    assert "--rounds" not in text or "(default: 3; 1 for methods magnitude, random, gmp, dnw and str)" in text
     with pytest.raises(SystemExit):
         main([command, "--preset=no-such-preset", "--help"])  # refused when it runs, not when helping
     text = " ".join(capsys.readouterr().out.split())

@@ -299,6 +299,17 @@ _NO_DEFAULT = object()
 DEFAULT_NOTES = {"rounds": "; 1 for prune, and for methods magnitude, random, gmp, str and dnw"}
 
 
+def _method_note(name: str, default: Any) -> str:
+    """Where a command's or preset's default is not what some methods take (a preset's CS rounds,
+    which the one-shot methods drop): which methods take what instead."""
+    others: dict[Any, list[str]] = {}
+    for method, values in METHOD_DEFAULTS.items():
+        if name in values and values[name] != default:
+            others.setdefault(values[name], []).append(method)
+    return "".join(f"; {value} for methods {', '.join(methods[:-1])} and {methods[-1]}" if len(methods) > 1
+                   else f"; {value} for method {methods[0]}" for value, methods in others.items())
+
+
 def _add_field_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, show_default: bool = True,
                     command_default: Any = _NO_DEFAULT) -> None:
     from contsparse.data import available_datasets
@@ -312,7 +323,8 @@ def _add_field_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, s
     if "{" in help_text:  # the registries' names, listed only where a help text asks for them
         help_text = help_text.format(models=", ".join(available_models()), datasets=", ".join(available_datasets()))
     if show_default and "(default:" not in help_text:
-        note = DEFAULT_NOTES.get(field.name, "") if command_default is _NO_DEFAULT else ""
+        note = (DEFAULT_NOTES.get(field.name, "") if command_default is _NO_DEFAULT
+                else _method_note(field.name, default))
         help_text = f"{help_text} (default: {default}{note})".strip()
     if isinstance(default, bool):
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
