@@ -636,10 +636,27 @@ def test_a_second_sweep_into_a_running_sweeps_folder_is_refused(tmp_path):
 
     plan = SweepPlan(make_config(TINY), {"mask_init": ["0.5"]}, dense_reference=False)
     tmp_path.mkdir(exist_ok=True)
+    import io
+
+    from rich.console import Console
+
+    from contsparse.reports.progress import SweepProgress
+
+    def display() -> tuple[SweepProgress, io.StringIO]:
+        text = io.StringIO()
+        return SweepProgress(Console(file=text), where=" here"), text
+
+    refused, said = display()
     with RunLock(tmp_path, SWEEP_LOCK), pytest.raises(UserError, match=r"sweep directory .* is in use by pid"):
-        run_sweep(plan, tmp_path, LocalPool(workers=1))  # the lock held as by a running driver
+        run_sweep(plan, tmp_path, LocalPool(workers=1), refused)  # the lock held as by a running driver
     assert not (tmp_path / "sweep.yaml").exists()
+    assert "sweep of" not in said.getvalue()  # no opening line for a sweep that does not start
     assert [r.status for r in run_sweep(plan, tmp_path, LocalPool(workers=1))] == ["done"]
+    # a later invocation adding a point: the opening line counts the whole plan's points
+    more, said = display()
+    later = SweepPlan(make_config(TINY), {"mask_init": ["0.4"]}, dense_reference=False)
+    assert [r.status for r in run_sweep(later, tmp_path, LocalPool(workers=1), more)] == ["done", "done"]
+    assert said.getvalue().startswith("sweep of 2 points here\n")
 
 
 def test_points_get_the_gpus_the_user_left_visible(monkeypatch):

@@ -582,12 +582,11 @@ def run_sweep(args: argparse.Namespace) -> int:
     executor = make_executor(out, len(points), base.device, args.ray_address, args.threads, args.gpus_per_point,
                              args.pool_workers)
     where = f"Ray at {args.ray_address}" if args.ray_address else f"{executor.capacity} worker(s)"
-    print(f"sweep of {len(points)} points in {out} on {where}, {executor.threads} torch thread(s) each",
-          file=sys.stderr)
+    display = SweepProgress(where=f" in {out} on {where}, {executor.threads} torch thread(s) each")
     interrupted = False
     try:
         with signals_interrupt(), trusting_only(own_modules):
-            results = run_sweep(plan, out, executor, SweepProgress(), force=args.force)
+            results = run_sweep(plan, out, executor, display, force=args.force)
     except SweepInterrupted as stopped:
         interrupted, results = True, stopped.results
     try:

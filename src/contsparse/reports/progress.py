@@ -17,8 +17,10 @@ class SweepProgress(SweepDisplay):
     """Points done / running / failed on one line, epochs per running point below it; a log line
     for every point that ends (so a non-interactive log keeps the story too)."""
 
-    def __init__(self, console: Console | None = None) -> None:
+    def __init__(self, console: Console | None = None, where: str = "") -> None:
+        """``where``: the rest of the opening line "sweep of N points..." (folder, workers)."""
         self.console = console or Console(stderr=True, log_path=False)
+        self._where = where
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), console=self.console)
         self._points: dict[str, int] = {}
@@ -27,6 +29,9 @@ class SweepProgress(SweepDisplay):
         self._overall = None
 
     def start(self, points: list[SweepPoint], finished: int) -> None:
+        # Said here, once the sweep holds its folder: the count is the whole plan's (an earlier
+        # invocation's points included), and a sweep refused as locked says nothing of the kind
+        self.console.file.write(f"sweep of {len(points)} points{self._where}\n")
         self._total = len(points)
         self._counts["done"] = finished
         self._totals = {p.name: p.total_epochs() for p in points}
