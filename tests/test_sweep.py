@@ -146,10 +146,14 @@ def test_local_sweep_runs_skips_finished_points_and_records_threads(tmp_path):
     assert first.skipped == 0 and sorted(first.ended) == sorted((r.name, "done") for r in results)
     assert load_plan(tmp_path).grid == plan.grid
     summaries = {p: (tmp_path / p / "summary.json").stat().st_mtime_ns for p in (r.name for r in results)}
+    from contsparse.reports.sweep import write_sweep
+
+    write_sweep(results, tmp_path, "t")  # as `contsparse sweep` does after each invocation
 
     again = Recorder()
     rerun = run_sweep(plan, tmp_path, LocalPool(workers=2), again)
     assert again.skipped == 3 and again.ended == []
+    assert [r.threads for r in rerun] == [1, 1, 1]  # what they ran with, from the last sweep.json
     assert [r.test_accuracy for r in rerun] == [r.test_accuracy for r in results]
     assert all(r.val_accuracy is not None for r in results + rerun)  # what the front is chosen on
     assert all(r.finished_after_s is None for r in rerun)  # read from disk, not run again

@@ -308,6 +308,7 @@ def _run_locked(plan: SweepPlan, out: Path, executor: Executor, display: SweepDi
             Runner(point.config, out / point.name, lambda _: None, force=force, sweep_point=True).check_settings()
     _write_plan(plan, out)
     results = {p.name: _result_from_disk(p, out) for p in points}
+    _keep_earlier_threads(results, out)
     by_name = {p.name: p for p in points}
     todo = [p for p in points if results[p.name].status != "done"]
     display.start(points, len(points) - len(todo))
@@ -403,6 +404,17 @@ def collect(directory: Path) -> tuple[SweepPlan, list[PointResult]]:
         if result.status == "done" and row.get("status") == "done":
             result.threads, result.finished_after_s = row.get("threads"), row.get("finished_after_s")
     return plan, results
+
+
+def _keep_earlier_threads(results: dict[str, PointResult], directory: Path) -> None:
+    """Points finished by an earlier invocation keep the torch threads they ran with (its
+    ``sweep.json`` knows them; the run directories do not). Their finishing time is not kept: it
+    counted from that invocation's start."""
+    earlier = _earlier_rows(directory / "sweep.json")
+    for name, result in results.items():
+        row = earlier.get(name, {})
+        if result.status == "done" and row.get("status") == "done" and isinstance(row.get("threads"), int):
+            result.threads = row["threads"]
 
 
 def _earlier_rows(path: Path) -> dict[str, dict[str, Any]]:
