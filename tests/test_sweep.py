@@ -733,3 +733,20 @@ def test_a_ctrl_c_while_a_finished_worker_exits_keeps_its_outcome():
     pool._live["r"] = (ExitingWorker(), receive)
     pool._live["r"][0].joins = 1
     assert pool._collect("r", *pool._live["r"]).status == "interrupted"
+
+
+def test_a_ctrl_c_while_the_executor_shuts_down_keeps_every_result(tmp_path):
+    """Ray's shutdown takes seconds: a Ctrl-C then used to escape as a bare KeyboardInterrupt and
+    lose the tables of a finished sweep. It ends as an interrupted sweep with every result."""
+    from contsparse.experiments.sweep import SweepInterrupted
+
+    class InterruptedAtClose(LocalPool):
+        def close(self) -> None:
+            super().close()
+            raise KeyboardInterrupt
+
+    plan = SweepPlan(make_config(TINY), {"mask_init": ["0.5"]}, dense_reference=False)
+    with pytest.raises(SweepInterrupted) as stopped:
+        run_sweep(plan, tmp_path, InterruptedAtClose(workers=1))
+    assert [(r.name, r.status) for r in stopped.value.results] == [("mask_init=0.5_seed=0", "done")]
+    assert (tmp_path / "mask_init=0.5_seed=0" / "summary.json").is_file()

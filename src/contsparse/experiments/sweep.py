@@ -335,7 +335,10 @@ def _run_locked(plan: SweepPlan, out: Path, executor: Executor, display: SweepDi
         raise SweepInterrupted([results[p.name] for p in points]) from None
     finally:
         display.close()
-        executor.close()
+        try:
+            executor.close()
+        except KeyboardInterrupt:  # while Ray shuts down (seconds): every result is in, the tables still get written
+            raise SweepInterrupted([results[p.name] for p in points]) from None
     return [results[p.name] for p in points]
 
 
