@@ -746,7 +746,13 @@ def test_a_ctrl_c_while_the_executor_shuts_down_keeps_every_result(tmp_path):
             raise KeyboardInterrupt
 
     plan = SweepPlan(make_config(TINY), {"mask_init": ["0.5"]}, dense_reference=False)
-    with pytest.raises(SweepInterrupted) as stopped:
+    try:
         run_sweep(plan, tmp_path, InterruptedAtClose(workers=1))
-    assert [(r.name, r.status) for r in stopped.value.results] == [("mask_init=0.5_seed=0", "done")]
+    except SweepInterrupted as stopped:
+        results = stopped.results
+    except KeyboardInterrupt:  # caught here: escaping, it would stop the whole test session
+        pytest.fail("a bare KeyboardInterrupt escaped run_sweep")
+    else:
+        pytest.fail("the interrupt was lost")
+    assert [(r.name, r.status) for r in results] == [("mask_init=0.5_seed=0", "done")]
     assert (tmp_path / "mask_init=0.5_seed=0" / "summary.json").is_file()
