@@ -150,6 +150,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
     saved_masks = safetensors.torch.load_file(str(w["done"] / "masks.safetensors"))
     safetensors.torch.save_file({name: torch.randn(mask.shape) for name, mask in saved_masks.items()},
                                 str(w["logit_masks"]))
+    w["evil_weights"] = root / "evil-weights.pt"  # starting weights that would run code if unpickled
+    w["evil_weights"].write_bytes(pickle.dumps(Evil(w["marker"])))
     w["empty_config"] = root / "empty-config"
     shutil.copytree(w["done"], w["empty_config"])
     (w["empty_config"] / "config.yaml").write_text("")
@@ -347,6 +349,14 @@ CATALOGUE = [
      "--synthetic-shape 3 32 32 --out {root}/x", "the given masks do not fit this model's masked layers", None),
     ("a mask file of logits, not binary masks", "ticket --method given --mask-from {logit_masks} --out {root}/x",
      "must be boolean or hold only 0 and 1", None),
+    ("starting weights that do not exist", "prune --weights-from {root}/none.pt --out {root}/x", "does not exist",
+     None),
+    ("starting weights of an unfinished run", "prune --weights-from {stopped} --out {root}/x",
+     "no model.safetensors in it", None),
+    ("starting weights that would run code", "prune --weights-from {evil_weights} --out {root}/x",
+     "cannot be read as a safetensors or torch.save file", None),
+    ("starting weights of another model", "prune --weights-from {done} --model conv2 --dataset synthetic "
+     "--synthetic-shape 3 32 32 --out {root}/x", "does not fit this model (missing: features.0.weight", None),
     ("sweep setting given by a flag and the grid", "sweep --mask-init -0.05 --grid mask_init=-0.02,-0.03 "
      "--out {root}/sw", "mask_init is given twice: by --mask-init and in --grid/--point", None),
 ]

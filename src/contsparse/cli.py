@@ -59,6 +59,9 @@ HELP = {
                "starts with some seconds of compiling",
     "mask_from": "method given: the mask to train, a masks.safetensors file (e.g. an IMP run's "
                  "round_masks/round-R.safetensors) or a run directory (its final mask)",
+    "weights_from": "start from these weights instead of a random initialisation: a finished run's directory "
+                    "(its final model, e.g. a `contsparse train` run to prune) or a state_dict file (.safetensors, "
+                    "or a torch.save file read with weights_only=True)",
     "optimizer": "optimiser of the weights: sgd, adam or adamw",
     "momentum": "SGD momentum of the weights",
     "nesterov": "Nesterov momentum (SGD)",

@@ -16,6 +16,7 @@ from torch import nn
 
 from contsparse.data import DataOptions, available_datasets
 from contsparse.errors import UserError
+from contsparse.experiments.starting_weights import weights_file
 from contsparse.experiments.user_modules import import_modules
 from contsparse.masking import LayerSelection
 from contsparse.masking.parametrization import MIN_SCALED_MASK_INIT
@@ -103,6 +104,7 @@ class RunConfig:
 
     dense_baseline: bool = True  # ticket: also train the dense model with the ticket's settings
     seed: int = 0
+    weights_from: str | None = None  # start from these weights (a state_dict file or a finished run), not a random init
     device: str = "auto"
     amp: bool = False  # bfloat16 autocast (on any device; it pays on GPUs)
     channels_last: bool = False  # CUDA: channels-last memory format for conv models
@@ -173,7 +175,8 @@ NOT_FOR_DENSE = {"method", "rounds", "ticket_epochs", "rewind_epoch", "mask_init
 # Settings added later -> the value that keeps the older behaviour: older config files and
 # checkpoints are read with it, and a setting counts in a run's name only when it differs from it
 ADDED_LATER: dict[str, Any] = {"prune_fraction_conv": None, "mask_from": None, "gmp_start_epoch": 0,
-                               "reference_steps": False, "mask_nesterov": False, "mask_transposed_convs": False}
+                               "reference_steps": False, "mask_nesterov": False, "mask_transposed_convs": False,
+                               "weights_from": None}
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
@@ -254,8 +257,9 @@ def make_config(values: dict[str, Any], check: bool = True) -> RunConfig:
     values = {**COMMAND_DEFAULTS.get(str(values.get("command", "ticket")), {}),
               **METHOD_DEFAULTS.get(str(values.get("method", "cs")), {}), **values}
     values = {k: _coerce(k, v) for k, v in values.items()}
-    if values.get("data_dir"):  # saved as an absolute path: a resume from another folder finds the data
-        values["data_dir"] = str(Path(values["data_dir"]).expanduser().absolute())
+    for key in ("data_dir", "weights_from"):  # saved as absolute paths: a resume from another folder finds them
+        if values.get(key):
+            values[key] = str(Path(values[key]).expanduser().absolute())
     config = RunConfig(**values)
     import_modules(config.imports)  # before validating: they may register the model or dataset named
     if check:
@@ -416,6 +420,8 @@ def validate(c: RunConfig) -> None:
         mask_file(c.mask_from)  # exists, or a one-line error
     elif c.mask_from is not None:
         fail("--mask-from is for --method given (train a saved mask)")
+    if c.weights_from is not None:
+        weights_file(c.weights_from)  # exists, or a one-line error
     if c.prune_scope not in ("layerwise", "global"):
         fail(f"prune_scope must be 'layerwise' or 'global', got {c.prune_scope!r}")
     if c.gmp_frequency < 1:

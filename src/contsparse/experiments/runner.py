@@ -40,6 +40,7 @@ from contsparse.experiments.distributed import Distributed, device_for, from_env
 from contsparse.experiments.interrupt import StopRequest
 from contsparse.experiments.lock import RunLock
 from contsparse.experiments.rundir import RunDir
+from contsparse.experiments.starting_weights import file_digest, load_starting_weights, weights_file
 from contsparse.masking import find_masks, per_layer_remaining, weights_remaining
 from contsparse.masking.accounting import weights_remaining_all_layers
 from contsparse.masking.maskset import HARD_SUFFIX, check_binary_mask
@@ -148,13 +149,17 @@ def given_masks(source: str | None) -> dict[str, torch.Tensor]:
     return {name: mask.bool() for name, mask in masks.items()}
 
 
-def masked_model(config: RunConfig, data: DatasetSplits, steps_per_epoch: int) -> tuple[nn.Module, Method]:
-    """The run's architecture with its method's masks attached."""
+def masked_model(config: RunConfig, data: DatasetSplits, steps_per_epoch: int,
+                 starting_weights: bool = True) -> tuple[nn.Module, Method]:
+    """The run's architecture, from ``--weights-from`` where given (``starting_weights=False``:
+    the random initialisation, as the re-initialised control wants), with its method's masks attached."""
     try:
         model = build_model(config.model, data.input_shape, data.num_classes)
     except ValueError as err:  # e.g. a conv model given flat inputs
         raise UserError(f"cannot build {config.model} for inputs of shape {tuple(data.input_shape)} and "
                         f"{data.num_classes} classes: {err}") from err
+    if config.weights_from is not None and starting_weights:
+        load_starting_weights(model, config.weights_from)
     method = build_method(config, steps_per_epoch)
     try:
         method.attach(model)
@@ -450,7 +455,7 @@ class Runner:
                             f"new settings end after {phase.epochs}: resume with {flag} {progress['epoch'] + 1} or "
                             "more, or start a new run with --out")
         with torch.random.fork_rng(devices=[]):  # a model built only to try the checkpoint on
-            model, method = masked_model(self.config, self._load_data(), 1)
+            model, method = masked_model(self.config, self._load_data(), 1, starting_weights=False)
         try:
             load_model_state(model, method, saved, phases)
         except RuntimeError as err:
@@ -545,6 +550,8 @@ class Runner:
                 self.log(f"{self.run.path} has no checkpoint: training starts from the beginning (the old "
                          f"{RunDir.METRICS} records are dropped)")
                 self.run.truncate_metrics(0)
+            if self.config.weights_from is not None:
+                self.log(f"starting from the weights in {weights_file(self.config.weights_from)}")
             return _State()
         saved = load_checkpoint(self.run.checkpoint_dir, setup.device, warn=self.log, set_aside_damaged=True)
         state = _State(saved["progress"], saved["rewind"], saved["optimizers"], saved["partial"])
@@ -690,7 +697,7 @@ class Runner:
         offset = 0 if phase.kind == "ticket" else 7_919 * phase.round  # the final ticket: as before
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.config.seed + 1_000_003 + offset) % SEED_RANGE)
-            fresh, _ = masked_model(self.config, self._load_data(), 1)
+            fresh, _ = masked_model(self.config, self._load_data(), 1, starting_weights=False)
         device = next(model.parameters()).device
         return {k: v.to(device) for k, v in rewind_state(fresh).items()}
 
@@ -778,6 +785,9 @@ class Runner:
             "seed": config.seed,
             "run_dir": str(self.run.path),
         }
+        if config.weights_from is not None:  # which weights, should the file be replaced later
+            summary["weights_from"] = str(weights_file(config.weights_from))
+            summary["weights_from_sha256"] = file_digest(config.weights_from)
         if dense_summary is not None:
             summary["dense_wall_seconds"] = dense_summary["wall_seconds"]
             summary["dense_train_epochs"] = dense_summary["train_epochs"]
