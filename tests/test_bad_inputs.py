@@ -354,7 +354,7 @@ CATALOGUE = [
     ("starting weights of an unfinished run", "prune --weights-from {stopped} --out {root}/x",
      "no model.safetensors in it", None),
     ("starting weights that would run code", "prune --weights-from {evil_weights} --out {root}/x",
-     "cannot be read as a safetensors or torch.save file", None),
+     "is neither a safetensors nor a torch.save file", None),
     ("starting weights of another model", "prune --weights-from {done} --model conv2 --dataset synthetic "
      "--synthetic-shape 3 32 32 --out {root}/x", "does not fit this model (missing: features.0.weight", None),
     ("sweep setting given by a flag and the grid", "sweep --mask-init -0.05 --grid mask_init=-0.02,-0.03 "

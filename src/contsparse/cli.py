@@ -293,7 +293,7 @@ def _add_run_flags(cmd: argparse.ArgumentParser, with_method: bool, skip: frozen
         cmd.add_argument("--method", help="cs (default), imp, magnitude, random, gmp, str, dnw, or given (train the "
                                           "mask --mask-from names)")
     for field in dataclasses.fields(RunConfig):
-        if field.name not in ("command", "method", *skip):
+        if field.name not in ("command", "method", "weights_sha256", *skip):  # the digest is taken, not given
             _add_field_flag(cmd, field, show_defaults, (defaults or {}).get(field.name, _NO_DEFAULT))
 
 
@@ -362,6 +362,8 @@ def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = No
         if value is not None and name != "command":
             values[name] = value
             given.add(name)
+    if "weights_from" in given:  # another file (or the same one, changed): its digest is taken again
+        values.pop("weights_sha256", None)
     # A preset's rewind point belongs to its schedule: shortened runs (--epochs 1) rewind earlier.
     if "rewind_epoch" in preset and values["rewind_epoch"] == preset["rewind_epoch"] and "rewind_epoch" not in given:
         epochs = int(values.get("epochs", preset.get("epochs", 1)))

@@ -16,7 +16,7 @@ from torch import nn
 
 from contsparse.data import DataOptions, available_datasets
 from contsparse.errors import UserError
-from contsparse.experiments.starting_weights import weights_file
+from contsparse.experiments.starting_weights import file_digest
 from contsparse.experiments.user_modules import import_modules
 from contsparse.masking import LayerSelection
 from contsparse.masking.parametrization import MIN_SCALED_MASK_INIT
@@ -105,6 +105,7 @@ class RunConfig:
     dense_baseline: bool = True  # ticket: also train the dense model with the ticket's settings
     seed: int = 0
     weights_from: str | None = None  # start from these weights (a state_dict file or a finished run), not a random init
+    weights_sha256: str | None = None  # that file's digest, taken when the run is set up: what makes it this run
     device: str = "auto"
     amp: bool = False  # bfloat16 autocast (on any device; it pays on GPUs)
     channels_last: bool = False  # CUDA: channels-last memory format for conv models
@@ -165,7 +166,8 @@ class RunConfig:
                                    dense_baseline=False)
 
 
-NOT_IN_IDENTITY = {"device", "tensorboard", "data_dir", "workers", "compile", "imports"}  # how, not what
+# How, not what (the starting weights are known by their digest, wherever the file lies)
+NOT_IN_IDENTITY = {"device", "tensorboard", "data_dir", "workers", "compile", "imports", "weights_from"}
 # What a dense run (command train) does not use: with other values it is the same run
 NOT_FOR_DENSE = {"method", "rounds", "ticket_epochs", "rewind_epoch", "mask_init", "penalty", "penalty_normalize",
                  "final_temp", "temp_schedule", "mask_scaling", "reference_steps", "mask_optimizer", "mask_lr",
@@ -176,7 +178,7 @@ NOT_FOR_DENSE = {"method", "rounds", "ticket_epochs", "rewind_epoch", "mask_init
 # checkpoints are read with it, and a setting counts in a run's name only when it differs from it
 ADDED_LATER: dict[str, Any] = {"prune_fraction_conv": None, "mask_from": None, "gmp_start_epoch": 0,
                                "reference_steps": False, "mask_nesterov": False, "mask_transposed_convs": False,
-                               "weights_from": None}
+                               "weights_from": None, "weights_sha256": None}
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
@@ -260,6 +262,8 @@ def make_config(values: dict[str, Any], check: bool = True) -> RunConfig:
     for key in ("data_dir", "weights_from"):  # saved as absolute paths: a resume from another folder finds them
         if values.get(key):
             values[key] = str(Path(values[key]).expanduser().absolute())
+    if values.get("weights_from") is not None and not values.get("weights_sha256"):
+        values["weights_sha256"] = file_digest(values["weights_from"])  # the file as it is now, when the run is set up
     config = RunConfig(**values)
     import_modules(config.imports)  # before validating: they may register the model or dataset named
     if check:
@@ -305,14 +309,18 @@ def _coerce(key: str, value: Any) -> Any:
             if any(x is None or isinstance(x, bool | dict | list) for x in items):
                 raise ValueError
             return [_int(x) if kind is int else kind(x) for x in items]
+        if key in PATHS and not isinstance(value, str | Path):
+            raise ValueError
         return str(value) if not isinstance(value, str) else value
     except (TypeError, ValueError):
-        kind = "float" if key in OPTIONAL_FLOATS else "int" if key in OPTIONAL_INTS else type(default).__name__
+        kind = ("float" if key in OPTIONAL_FLOATS else "int" if key in OPTIONAL_INTS else "path" if key in PATHS
+                else type(default).__name__)
         raise UserError(f"{key} = {value!r} is not a valid {kind}") from None
 
 
 OPTIONAL_FLOATS = {"sparsity", "prune_fraction_conv"}  # settings whose default None means "not given"
 OPTIONAL_INTS = {"ticket_epochs", "train_subset"}
+PATHS = {"data_dir", "mask_from", "weights_from"}  # a YAML list or true is not a path
 
 
 LIST_ITEM_TYPES: dict[str, type] = {"lr_milestones": int, "synthetic_shape": int, "mask_include": str,
@@ -420,8 +428,11 @@ def validate(c: RunConfig) -> None:
         mask_file(c.mask_from)  # exists, or a one-line error
     elif c.mask_from is not None:
         fail("--mask-from is for --method given (train a saved mask)")
-    if c.weights_from is not None:
-        weights_file(c.weights_from)  # exists, or a one-line error
+    if c.weights_sha256 is not None and c.weights_from is None:
+        fail("weights_sha256 is the digest of the --weights-from file: give that file, or leave both out")
+    if c.weights_from is not None and c.command == "ticket" and c.method == "given" and c.reinit:
+        fail("--weights-from has nothing to act on with --method given --reinit: the ticket trains from a fresh "
+             "initialisation")
     if c.prune_scope not in ("layerwise", "global"):
         fail(f"prune_scope must be 'layerwise' or 'global', got {c.prune_scope!r}")
     if c.gmp_frequency < 1:

@@ -40,7 +40,7 @@ from contsparse.experiments.distributed import Distributed, device_for, from_env
 from contsparse.experiments.interrupt import StopRequest
 from contsparse.experiments.lock import RunLock
 from contsparse.experiments.rundir import RunDir
-from contsparse.experiments.starting_weights import file_digest, load_starting_weights, weights_file
+from contsparse.experiments.starting_weights import load_starting_weights
 from contsparse.masking import find_masks, per_layer_remaining, weights_remaining
 from contsparse.masking.accounting import weights_remaining_all_layers
 from contsparse.masking.maskset import HARD_SUFFIX, check_binary_mask
@@ -159,7 +159,7 @@ def masked_model(config: RunConfig, data: DatasetSplits, steps_per_epoch: int,
         raise UserError(f"cannot build {config.model} for inputs of shape {tuple(data.input_shape)} and "
                         f"{data.num_classes} classes: {err}") from err
     if config.weights_from is not None and starting_weights:
-        load_starting_weights(model, config.weights_from)
+        load_starting_weights(model, config.weights_from, config.weights_sha256)
     method = build_method(config, steps_per_epoch)
     try:
         method.attach(model)
@@ -312,7 +312,8 @@ class Runner:
             data = self._load_data()  # a data problem stops the run before anything is written, as do
             resolve_device(device_for(self.config.device, self.dist))  # a missing GPU,
             steps = len(make_batches(data.train, self.config.batch_size, shard=self.dist.shard))
-            method = masked_model(self.config, data, steps)[1]  # masks that do not fit (--mask-from),
+            fresh = not has_checkpoint(self.run.checkpoint_dir)  # a checkpoint holds the weights: no file needed
+            method = masked_model(self.config, data, steps, fresh)[1]  # weights or masks that do not fit,
             try:  # a schedule the data's size rules out (a run trained under it goes on as it began)
                 if not self.run.has_started():
                     method.check_schedule()
@@ -393,7 +394,9 @@ class Runner:
         leave a mask built for the other plan (a CS ticket with no weights, say). ``rewind_epoch``:
         the rewind point is stored once. Pruning targets: the mask they made exists once the
         search is over. ``reference_steps``: the ticket's optimiser, once made, holds its state in
-        the parameter groups the setting chose."""
+        the parameter groups the setting chose. The starting weights: the run began from others."""
+        if "weights_sha256" in differing:
+            return "the starting weights (--weights-from: the run began from another file's)"
         if self.config.command == "train":
             return None
         if "rounds" in differing:
@@ -531,7 +534,7 @@ class Runner:
         train_batches = make_batches(data.train, config.batch_size, shuffle=True, seed=config.seed,
                                      augment=data.augment, shard=shard)
         eval_batch = 1000 if isinstance(data.val, TensorSplit) else config.batch_size
-        model, method = masked_model(config, data, len(train_batches))
+        model, method = masked_model(config, data, len(train_batches), not has_checkpoint(self.run.checkpoint_dir))
         model.to(device)
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -551,7 +554,8 @@ class Runner:
                          f"{RunDir.METRICS} records are dropped)")
                 self.run.truncate_metrics(0)
             if self.config.weights_from is not None:
-                self.log(f"starting from the weights in {weights_file(self.config.weights_from)}")
+                self.log(f"starting from the weights in {self.config.weights_from} (sha256 "
+                         f"{self.config.weights_sha256})")
             return _State()
         saved = load_checkpoint(self.run.checkpoint_dir, setup.device, warn=self.log, set_aside_damaged=True)
         state = _State(saved["progress"], saved["rewind"], saved["optimizers"], saved["partial"])
@@ -785,9 +789,9 @@ class Runner:
             "seed": config.seed,
             "run_dir": str(self.run.path),
         }
-        if config.weights_from is not None:  # which weights, should the file be replaced later
-            summary["weights_from"] = str(weights_file(config.weights_from))
-            summary["weights_from_sha256"] = file_digest(config.weights_from)
+        if config.weights_from is not None:  # the file as it was when the run was set up
+            summary["weights_from"] = config.weights_from
+            summary["weights_from_sha256"] = config.weights_sha256
         if dense_summary is not None:
             summary["dense_wall_seconds"] = dense_summary["wall_seconds"]
             summary["dense_train_epochs"] = dense_summary["train_epochs"]

@@ -3,34 +3,46 @@
 Pruning a trained network is how most users meet sparsity (DESIGN.md: "one round from a trained
 or fresh network"): a ``contsparse train`` run, a checkpoint of their own, a torchvision-style
 ResNet. The weights load into the plain model before any mask attaches, so masks, rewinding and
-the dense baseline all see them as the run's initialisation.
+the dense baseline all see them as the run's initialisation. A run knows its starting weights by
+the file's sha256, taken when it is set up: the same file elsewhere is the same run, a file
+replaced since is refused rather than mixed into a run that began from the old one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import pickle
+import re
 import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from contsparse.errors import UserError
 
-RUN_MODEL = "model.safetensors"  # a finished run's final model (RunDir.MODEL)
+RUN_MODEL, RUN_CONFIG = "model.safetensors", "config.yaml"  # a finished run's final model (RunDir's names)
 # Where common training scripts keep the model's state_dict inside a checkpoint dict
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net")
 # Prefixes that wrappers put before every key: DistributedDataParallel, torch.compile
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")  # torch.load(weights_only=True)'s refusal
 
 
 def weights_file(source: str | Path) -> Path:
     """The file ``--weights-from`` names: the file itself, or a finished run's final model."""
+    if not str(source).strip():
+        raise UserError("--weights-from needs a path: a weights file or a finished run's directory")
     path = Path(source).expanduser()
     if path.is_dir():
+        if not (path / RUN_CONFIG).is_file():
+            raise UserError(f"--weights-from {source} is a folder but not a run directory (a sweep or comparison "
+                            "folder?): give one of its runs, or a weights file")
         path = path / RUN_MODEL
         if not path.is_file():
             raise UserError(f"--weights-from {source}: no {RUN_MODEL} in it (a run that has not finished?)")
@@ -39,22 +51,66 @@ def weights_file(source: str | Path) -> Path:
     return path
 
 
-def read_weights(source: str | Path) -> dict[str, torch.Tensor]:
-    """A state_dict from a safetensors file, or from a ``torch.save`` file read with
-    ``weights_only=True`` (no code runs), taken out of a checkpoint dict and wrappers' prefixes."""
+def file_digest(source: str | Path) -> str:
+    """sha256 of the weights file: what the run records, and checks before it loads them."""
+    return hashlib.sha256(_read(weights_file(source))).hexdigest()
+
+
+def read_weights(source: str | Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """A state_dict from a safetensors file (contsparse's compressed export included) or a
+    ``torch.save`` file read with ``weights_only=True`` (no code runs), told apart by their
+    content; taken out of a checkpoint dict and wrappers' prefixes, sparse tensors made dense.
+    ``expected_sha256``: refuse a file that is no longer the one the run was set up with."""
     path = weights_file(source)
+    data = _read(path)
+    digest = hashlib.sha256(data).hexdigest()
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise UserError(f"--weights-from {path} has changed since this run was set up (sha256 "
+                        f"{expected_sha256[:12]}... then, {digest[:12]}... now): put the original file back, "
+                        "or start a new run from the new file (another --out)")
+    state = _from_safetensors(data, path) if _is_safetensors(data) else _from_torch_save(data, path)
+    return {key: value.to_dense() if value.layout != torch.strided else value
+            for key, value in _unwrapped(_state_dict_in(state, path)).items()}
+
+
+def _read(path: Path) -> bytes:
     try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            with warnings.catch_warnings():  # e.g. a pickle protocol it does not expect: the error below says it all
-                warnings.simplefilter("ignore")
-                state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, SafetensorError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        raise UserError(f"--weights-from {path} cannot be read as a safetensors or torch.save file "
-                        f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else err})"
-                        ) from err
-    return _unwrapped(_state_dict_in(state, path))
+        return path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read --weights-from {path}: {err.strerror or err}") from err
+
+
+def _is_safetensors(data: bytes) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON header."""
+    return len(data) > 8 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") <= len(data) - 8
+
+
+def _from_safetensors(data: bytes, path: Path) -> dict[str, torch.Tensor]:
+    try:
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        if "contsparse.compressed" in (header.get("__metadata__") or {}):  # `contsparse export --format compressed`
+            from contsparse.export.compressed import load_compressed
+
+            return load_compressed(path)
+        return load_safetensors(data)
+    except (SafetensorError, ValueError) as err:
+        raise UserError(f"--weights-from {path} is a damaged safetensors file ({err})") from err
+
+
+def _from_torch_save(data: bytes, path: Path) -> object:
+    try:
+        with warnings.catch_warnings():  # e.g. a pickle protocol it does not expect: the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = _UNSAFE_GLOBAL.search(str(err))
+        if found is None:  # not a pickle at all, or a damaged one
+            raise UserError(f"--weights-from {path} is neither a safetensors nor a torch.save file") from err
+        raise UserError(f"--weights-from {path} holds objects other than tensors ({found.group(1)}), which contsparse "
+                        "does not unpickle (they could run code): save model.state_dict(), not the model") from err
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        detail = _ANSI.sub("", str(err)).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"--weights-from {path} is neither a safetensors nor a torch.save file ({detail})") from err
 
 
 def _state_dict_in(state: object, path: Path) -> dict[str, torch.Tensor]:
@@ -77,31 +133,41 @@ def _unwrapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_starting_weights(model: nn.Module, source: str | Path) -> None:
+def load_starting_weights(model: nn.Module, source: str | Path, expected_sha256: str | None = None) -> None:
     """Load ``source``'s weights into the plain ``model`` (no masks attached yet), all of them:
-    a state_dict that does not fit is refused with what differs, never loaded in part."""
-    state = read_weights(source)
+    weights that do not fit are refused with what differs, never loaded in part. A state_dict
+    saved from an attribute of a wrapper (Lightning's ``model.``) fits once that prefix is off;
+    BatchNorm's ``num_batches_tracked`` may be missing, as PyTorch itself allows."""
+    state = _fitting_prefix(read_weights(source, expected_sha256), model)
     own = model.state_dict()
     shapes = [f"{key} {tuple(value.shape)} (the model's: {tuple(own[key].shape)})" for key, value in state.items()
               if key in own and value.shape != own[key].shape]
-    missing = [key for key in own if key not in state]
+    kinds = [f"{key} ({value.dtype})" for key, value in state.items()
+             if key in own and own[key].is_floating_point() and not value.is_floating_point()]
+    missing = [key for key in own if key not in state and not key.endswith("num_batches_tracked")]
     unexpected = [key for key in state if key not in own]
-    problems = [f"{what}: {_some(keys)}" for what, keys in (("other shapes", shapes), ("missing", missing),
-                                                            ("not in the model", unexpected)) if keys]
+    problems = [f"{what}: {_some(keys)}" for what, keys in (("other shapes", shapes), ("not floating point", kinds),
+                                                            ("missing", missing), ("not in the model", unexpected))
+                if keys]
     if problems:
         raise UserError(f"--weights-from {source} does not fit this model ({'; '.join(problems)}): give the weights "
                         "of the same --model, dataset shape and classes")
+    broken = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        raise UserError(f"--weights-from {source} holds NaN or infinite values ({_some(broken)}): a run that diverged?")
     with torch.no_grad():
-        model.load_state_dict(state)
+        model.load_state_dict(state, strict=False)  # every key checked above
 
 
-def file_digest(source: str | Path) -> str:
-    """sha256 of the weights file: the summary records which weights a run started from."""
-    digest = hashlib.sha256()
-    with open(weights_file(source), "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _fitting_prefix(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` without a first name component all its keys share, where that makes them the model's."""
+    own = set(model.state_dict())
+    heads = {key.partition(".")[0] for key in state}
+    if len(heads) == 1 and not set(state) & own:
+        stripped = {key.partition(".")[2]: value for key, value in state.items()}
+        if set(stripped) & own:
+            return stripped
+    return state
 
 
 def _some(keys: list[str], shown: int = 4) -> str:

@@ -189,6 +189,9 @@ def _configure(base: RunConfig, values: dict[str, Any]) -> RunConfig:
     if unknown:
         raise UserError(f"cannot sweep over {', '.join(unknown)}: not a setting; settings are "
                         f"{', '.join(sorted(FIELDS))}")
+    if {"weights_from", "weights_sha256"} & set(values):
+        raise UserError("a sweep's points start from the same weights: give --weights-from to the whole sweep "
+                        "(one sweep per weights file)")
     # A point is one run: the dense reference is a point of its own, not a baseline per point.
     return make_config({**base.to_dict(), "dense_baseline": False, **values})
 

@@ -71,6 +71,9 @@ def print_summary(summary: dict[str, Any], per_layer: bool = False, console: Con
     if isinstance(overall, int | float) and abs(overall - summary["weights_remaining"]) > 1e-9:
         console.print(f"of every Conv and Linear weight, unmasked layers counted as kept: {percent(overall)} "
                       "(the figure for papers that prune every layer)", highlight=False)
+    if summary.get("weights_from"):  # a network pruned after training, not from a random initialisation
+        console.print(f"started from the weights in {summary['weights_from']} (sha256 "
+                      f"{str(summary.get('weights_from_sha256'))[:12]}...)", highlight=False, soft_wrap=True)
     console.print(f"run directory: {summary.get('run_dir', '?')}")
     emptied = [name for name, kept in (summary.get("per_layer") or {}).items() if kept == 0]
     if emptied:  # a ticket at chance accuracy otherwise looks like a finished success
