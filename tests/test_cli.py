@@ -114,7 +114,9 @@ def test_console_script_entry_point(tmp_path):
     done = subprocess.run([sys.executable, "-m", "contsparse", "prune", *QUICK, "--out", str(tmp_path / "p")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "prune" in done.stdout
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert (summary["command"], summary["method"]) == ("prune", "cs") and 0 < summary["weights_remaining"] < 1
+    assert f"{100 * summary['test_accuracy']:.2f} %" in done.stdout  # the table printed is this run's
 
 
 def test_divergence_is_reported_not_a_traceback(tmp_path, capsys):
@@ -187,7 +189,7 @@ def test_paper_models_train_through_the_cli(model, shape, tmp_path):
 
 
 def test_cifar10_trains_through_the_cli(tmp_path, monkeypatch):
-    sys.path.insert(0, str(Path(__file__).parent))
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
     from test_datasets import write_cifar
 
     from contsparse.data import cifar as cifar_module

@@ -99,6 +99,19 @@ def test_ctrl_c_checkpoints_mid_epoch_and_resumes_identically(reference, tmp_pat
     assert_same_run(reference, out)
 
 
+def test_a_per_step_temperature_resumes_mid_epoch_where_it_stopped(tmp_path):
+    """The temperature of a per-step schedule after a mid-epoch resume is the step's, not the
+    epoch's first (a mutation that restarted it survived every test until this one)."""
+    reference = tmp_path / "reference"
+    Runner(make_config(dict(SETTINGS, temp_schedule="step")), reference, quiet).execute()
+    out = tmp_path / "run"
+    stopped = run_cli(["ticket", *ARGS, "--temp-schedule", "step", "--out", str(out)], fault="step:1:3",
+                      signal_name="INT")
+    assert stopped.returncode == 130, stopped.stderr
+    assert main(["resume", str(out)]) == 0
+    assert_same_run(reference, out)
+
+
 def test_sigterm_stops_cleanly(tmp_path):
     out = tmp_path / "run"
     stopped = run_cli(["ticket", *ARGS, "--out", str(out)], fault="step:1:2", signal_name="TERM")

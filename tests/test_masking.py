@@ -639,11 +639,19 @@ def test_keep_pruned_at_zero_ends_with_make_permanent():
     model = nn.Linear(4, 3)
     masks = cs.attach_masks(model, mask_init=0.5)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1)
+    with torch.no_grad():
+        masks.masks["weight"].logits[0].fill_(-1.0)  # the first output's weights pruned
     masks.harden()
     masks.keep_pruned_at_zero(optimizer)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    assert not model.weight[0].any()  # re-zeroed after the step
     plain = masks.make_permanent()
+    assert not optimizer._optimizer_step_post_hooks  # the hook ended with the masks
+    optimizer.zero_grad()
     plain(torch.randn(2, 4)).sum().backward()
-    optimizer.step()  # fine-tuning goes on with the plain model
+    optimizer.step()  # fine-tuning goes on with the plain model, whose zeros are now its own to change
+    assert model.weight[0].all()
 
 
 def test_weights_remaining_of_all_layers_counts_unmasked_ones_as_kept():
@@ -835,7 +843,11 @@ def test_hardening_a_tied_weight_folds_its_mask_once_and_keeps_the_tie():
     assert model.head.weight is model.embed.weight  # still one Parameter
     torch.testing.assert_close(model.head.weight.detach(), expected)  # scale applied once
     assert model.embed.weight_cs_mask is mask and model.head.weight_cs_mask is mask
-    masks.weights_remaining()  # accounting works on the hardened set
+    # accounting works on the hardened set: the nonzeros of the masked weights, the tied one counted once
+    weights = list(masks.masked_weights().values())
+    assert len(weights) == len(masks.masks)
+    assert masks.weights_remaining() == pytest.approx(sum(int((w != 0).sum()) for w in weights)
+                                                      / sum(w.numel() for w in weights))
     hard_out = model(tokens)
 
     fresh, fresh_masks = tied_model_with_masks(seed=3)

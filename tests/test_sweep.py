@@ -229,6 +229,7 @@ def test_ctrl_c_stops_the_sweep_and_the_same_command_continues(tmp_path):
     deadline = time.monotonic() + 120
     while not (out / "seed=1" / "metrics.jsonl").is_file() and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert (out / "seed=1" / "metrics.jsonl").is_file(), "no point trained an epoch in 120 s"
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
