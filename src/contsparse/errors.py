@@ -9,6 +9,11 @@ class UserError(Exception):
     """A mistake the user can fix (bad value, missing file, unknown name); the message says how."""
 
 
+def some_of(names: list[str], shown: int = 5) -> str:
+    """The first ``shown`` of many names for a one-line message, and how many more there are."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 class RunInterrupted(Exception):
     """The run stopped on Ctrl-C or SIGTERM after saving a checkpoint; the message says how to resume."""
 

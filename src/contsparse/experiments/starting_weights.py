@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from contsparse.errors import UserError
+from contsparse.errors import UserError, some_of
 
 RUN_MODEL, RUN_CONFIG = "model.safetensors", "config.yaml"  # a finished run's final model (RunDir's names)
 # Where common training scripts keep the model's state_dict inside a checkpoint dict
@@ -146,15 +146,16 @@ def load_starting_weights(model: nn.Module, source: str | Path, expected_sha256:
              if key in own and own[key].is_floating_point() and not value.is_floating_point()]
     missing = [key for key in own if key not in state and not key.endswith("num_batches_tracked")]
     unexpected = [key for key in state if key not in own]
-    problems = [f"{what}: {_some(keys)}" for what, keys in (("other shapes", shapes), ("not floating point", kinds),
-                                                            ("missing", missing), ("not in the model", unexpected))
-                if keys]
+    found = (("other shapes", shapes), ("not floating point", kinds), ("missing", missing),
+             ("not in the model", unexpected))
+    problems = [f"{what}: {some_of(keys, 4)}" for what, keys in found if keys]
     if problems:
         raise UserError(f"--weights-from {source} does not fit this model ({'; '.join(problems)}): give the weights "
                         "of the same --model, dataset shape and classes")
     broken = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
     if broken:
-        raise UserError(f"--weights-from {source} holds NaN or infinite values ({_some(broken)}): a run that diverged?")
+        raise UserError(f"--weights-from {source} holds NaN or infinite values ({some_of(broken, 4)}): a run that "
+                        "diverged?")
     with torch.no_grad():
         model.load_state_dict(state, strict=False)  # every key checked above
 
@@ -168,7 +169,3 @@ def _fitting_prefix(state: dict[str, torch.Tensor], model: nn.Module) -> dict[st
         if set(stripped) & own:
             return stripped
     return state
-
-
-def _some(keys: list[str], shown: int = 4) -> str:
-    return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from contsparse.errors import some_of
 from contsparse.masking.accounting import per_layer_remaining, weights_remaining
 from contsparse.masking.parametrization import ContinuousMask, MaskMode, set_temperature
 from contsparse.masking.selection import LayerSelection, owner_of
@@ -116,7 +117,7 @@ class MaskSet:
         if warn_empty and empty and not (at_init and not got_gradients):
             hint = (": the logits got gradients but are still at s0 (were masks.mask_parameters() given to an "
                     "optimiser, made after attach_masks, and stepped?)" if at_init else "")
-            which = empty[0] if len(empty) == 1 else f"{len(empty)} of {len(self.masks)} layers ({_some(empty, 3)})"
+            which = empty[0] if len(empty) == 1 else f"{len(empty)} of {len(self.masks)} layers ({some_of(empty, 3)})"
             warnings.warn(f"harden(): {which} {'keeps' if len(empty) == 1 else 'keep'} no weight at all "
                           f"(every logit <= 0){hint}", stacklevel=stacklevel)
 
@@ -183,7 +184,7 @@ class MaskSet:
         missing, unknown = sorted(set(targets) - set(point)), sorted(set(point) - set(targets))
         if missing or unknown:
             raise KeyError("the rewind point does not fit this model: " + "; ".join(
-                f"{what} {_some(keys)}" for what, keys in (("no value for", missing), ("no tensor named", unknown))
+                f"{what} {some_of(keys)}" for what, keys in (("no value for", missing), ("no tensor named", unknown))
                 if keys))
         wrong = [f"{key} {tuple(point[key].shape)} != {tuple(target.shape)}" for key, target in targets.items()
                  if not isinstance(point[key], Tensor) or point[key].shape != target.shape]
@@ -398,10 +399,6 @@ def attach_masks(model: nn.Module, mask_init: float = 0.0, *, scale_by_init: boo
         masks[name], tied[name] = mask, others
         covered.update(others)
     return MaskSet(model, masks, tied)
-
-
-def _some(names: list[str], shown: int = 5) -> str:
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _require_mapping(masks: object) -> None:
