@@ -773,6 +773,7 @@ def test_a_compressed_file_whose_tensors_do_not_match_its_layout_is_reported(tmp
         "gaps: beyond the tensor": ({**few, "w.gaps": torch.tensor([0, 0, 254], dtype=torch.uint8)}, gaps),
         "gaps: another shape": (few, {"contsparse.compressed": json.dumps({"w": {"shape": [8, 9], "encoding": "gaps",
                                                                                 "size": 64}})}),
+        "encoding not a name": (few, {"contsparse.compressed": json.dumps({"w": {"shape": [8, 8], "encoding": None}})}),
         "values one short": ({**stored, "w.values": stored["w.values"][:-1]}, layout),
         "no bitmask": ({"w.values": stored["w.values"]}, layout),
         "float bitmask": ({**stored, "w.bitmask": stored["w.bitmask"].float()}, layout),

@@ -50,6 +50,15 @@ def test_unreadable_or_missing_weights_are_one_line_errors(tmp_path):
              "no_tensors.pt": r"holds no state_dict of tensors \(its keys: epoch, notes",
              "module.pt": r"holds objects other than tensors \(torch.nn.modules.linear.Linear\), .*: save "
                           r"model.state_dict\(\), not the model$"}
+    (tmp_path / "requirements.txt").write_text("torch>=2.1\n")  # text the unpickler fails on with an IndexError
+    torch.save({0: torch.zeros(3)}, tmp_path / "int_keys.pt")
+    torch.save({"state_dict": {}, "epoch": 1}, tmp_path / "empty_state.pt")
+    header = b'{"__metadata__": 5}'
+    (tmp_path / "odd_metadata.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    cases |= {"requirements.txt": "is neither a safetensors nor a torch.save file",
+              "int_keys.pt": r"holds tensors keyed by ints \(0, \.\.\.\), not by parameter names",
+              "empty_state.pt": "holds an empty 'state_dict': no weights to start from",
+              "odd_metadata.safetensors": "is a damaged safetensors file"}
     for name, message in cases.items():
         with pytest.raises(UserError, match=message):
             read_weights(tmp_path / name if name else "")
@@ -80,7 +89,8 @@ def test_a_replaced_file_is_refused_and_the_digest_names_the_weights(tmp_path):
     assert moved.identity() == config.identity() != make_config({"dataset": "synthetic"}).identity()
     torch.manual_seed(1)
     save_file(build_model("lenet300", (1, 28, 28), 10).state_dict(), tmp_path / "w.safetensors")
-    with pytest.raises(UserError, match=r"has changed since this run was set up \(sha256 [0-9a-f]{12}\.\.\. then"):
+    with pytest.raises(UserError, match=r"has changed since this run was set up \(sha256 [0-9a-f]{12}\.\.\. then.*"
+                                        r"`contsparse resume RUN_DIR --weights-from FILE`"):
         read_weights(tmp_path / "w.safetensors", config.weights_sha256)
     assert make_config({"dataset": "synthetic", "weights_from": str(tmp_path / "w.safetensors")}).identity() \
         != config.identity()
@@ -176,9 +186,11 @@ def test_a_started_run_keeps_the_weights_it_began_from(tmp_path, monkeypatch, ca
     torch.manual_seed(1)
     save_file(build_model("lenet300", (1, 28, 28), 10).state_dict(), weights)  # replaced
     capsys.readouterr()
-    assert main(argv) == 2 and "holds a run with other settings (weights_sha256: " in capsys.readouterr().err
-    assert main([*argv, "--force"]) == 2
-    assert "the starting weights (--weights-from: the run began from another file's)" in capsys.readouterr().err
+    for force in ([], ["--force"]):  # the checkpoint holds the weights it began from: no flag changes them
+        assert main([*argv, *force]) == 2
+        said = capsys.readouterr().err
+        assert f"began from other starting weights (sha256 {began[:12]}...), which it keeps" in said
+        assert f"continue it with `contsparse resume {run}`" in said
     weights.unlink()  # the checkpoint holds the weights: resuming and exporting need no file
     assert main(["resume", str(run)]) == 0
     assert json.loads((run / "summary.json").read_text())["weights_from_sha256"] == began
@@ -198,3 +210,17 @@ def test_weights_from_mistakes_in_settings_are_refused(tmp_path, capsys):
     assert main(given) == 2 and "nothing to act on with --method given --reinit" in capsys.readouterr().err
     sweep = ["sweep", *SYNTHETIC, "--grid", f"weights_from={tmp_path / 'w.safetensors'}", "--out", str(tmp_path / "s")]
     assert main(sweep) == 2 and "give --weights-from to the whole sweep" in capsys.readouterr().err
+
+
+def test_a_config_file_naming_weights_takes_their_digest_anew(tmp_path):
+    """A copy of a run's config.yaml holds its weights_sha256: a new run from it names the file as
+    it is now, not the digest copied with it (found by a review)."""
+    save_file(lenet_state(), tmp_path / "w.safetensors")
+    stale = "0" * 64
+    (tmp_path / "copy.yaml").write_text(f"dataset: synthetic\nsynthetic_size: 256\nepochs: 1\nrewind_epoch: 0\n"
+                                        f"ticket_epochs: 1\nweights_from: {tmp_path / 'w.safetensors'}\n"
+                                        f"weights_sha256: '{stale}'\n")
+    assert main(["prune", "--config", str(tmp_path / "copy.yaml"), "--device", "cpu",
+                 "--out", str(tmp_path / "r")]) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["weights_from_sha256"] == hashlib.sha256((tmp_path / "w.safetensors").read_bytes()).hexdigest()

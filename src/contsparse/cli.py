@@ -351,6 +351,9 @@ def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = No
         for key in METHOD_DEFAULTS.get(str(method), {}):  # a preset's CS rounds are not a one-shot method's
             preset.pop(key, None)
         values = {**preset, **from_file}
+        # A digest is taken from the file itself when a run is set up: one in a config file (a copy
+        # of a run's config.yaml) may name a file that has changed since, or another file
+        values.pop("weights_sha256", None)
         given = getattr(args, "invoked_as", args.command)  # compare and sweep configure ticket runs
         if from_file.get("command", given) not in (given, args.command) and _reports():
             print(f"contsparse: note: {args.config} is a config for `{from_file['command']}`; its settings are used "

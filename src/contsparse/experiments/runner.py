@@ -372,6 +372,11 @@ class Runner:
             self.log(f"{self.run.path}: finished before the settings changed ({details}): kept as it is")
             return
         older = older_run_hint(differing)
+        if "weights_sha256" in differing and not self.run.is_finished() and has_checkpoint(self.run.checkpoint_dir):
+            began = str(differing["weights_sha256"][0])[:12]
+            raise UserError(f"{self.run.path} began from other starting weights (sha256 {began}...), which it keeps "
+                            "(its checkpoint holds them; --force cannot change them): continue it with `contsparse "
+                            f"resume {self.run.path}`, or run these settings in a new directory (--out)")
         if self.run.is_finished():
             raise UserError(f"{self.run.path} holds a finished run with other settings ({details}); "
                             + ("delete that folder to run this sweep point again" if self.sweep_point else
@@ -394,9 +399,7 @@ class Runner:
         leave a mask built for the other plan (a CS ticket with no weights, say). ``rewind_epoch``:
         the rewind point is stored once. Pruning targets: the mask they made exists once the
         search is over. ``reference_steps``: the ticket's optimiser, once made, holds its state in
-        the parameter groups the setting chose. The starting weights: the run began from others."""
-        if "weights_sha256" in differing:
-            return "the starting weights (--weights-from: the run began from another file's)"
+        the parameter groups the setting chose. (The starting weights: see check_settings.)"""
         if self.config.command == "train":
             return None
         if "rounds" in differing:

@@ -66,8 +66,9 @@ def read_weights(source: str | Path, expected_sha256: str | None = None) -> dict
     digest = hashlib.sha256(data).hexdigest()
     if expected_sha256 is not None and digest != expected_sha256:
         raise UserError(f"--weights-from {path} has changed since this run was set up (sha256 "
-                        f"{expected_sha256[:12]}... then, {digest[:12]}... now): put the original file back, "
-                        "or start a new run from the new file (another --out)")
+                        f"{expected_sha256[:12]}... then, {digest[:12]}... now): put the original file back, give "
+                        "--weights-from again to take the new one (a run that has not trained yet: `contsparse "
+                        "resume RUN_DIR --weights-from FILE`), or start a new run with another --out")
     state = _from_safetensors(data, path) if _is_safetensors(data) else _from_torch_save(data, path)
     return {key: value.to_dense() if value.layout != torch.strided else value
             for key, value in _unwrapped(_state_dict_in(state, path)).items()}
@@ -86,12 +87,13 @@ def _is_safetensors(data: bytes) -> bool:
 
 
 def _from_safetensors(data: bytes, path: Path) -> dict[str, torch.Tensor]:
+    from contsparse.export.compressed import FORMAT_KEY, compressed_from_bytes
+
     try:
         header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
-        if "contsparse.compressed" in (header.get("__metadata__") or {}):  # `contsparse export --format compressed`
-            from contsparse.export.compressed import load_compressed
-
-            return load_compressed(path)
+        metadata = header.get("__metadata__") if isinstance(header, dict) else None
+        if isinstance(metadata, dict) and FORMAT_KEY in metadata:  # `contsparse export --format compressed`
+            return compressed_from_bytes(data, path)  # the bytes whose digest was checked
         return load_safetensors(data)
     except (SafetensorError, ValueError) as err:
         raise UserError(f"--weights-from {path} is a damaged safetensors file ({err})") from err
@@ -108,21 +110,27 @@ def _from_torch_save(data: bytes, path: Path) -> object:
             raise UserError(f"--weights-from {path} is neither a safetensors nor a torch.save file") from err
         raise UserError(f"--weights-from {path} holds objects other than tensors ({found.group(1)}), which contsparse "
                         "does not unpickle (they could run code): save model.state_dict(), not the model") from err
-    except (RuntimeError, EOFError, ValueError, OSError) as err:
+    except Exception as err:  # the unpickler fails on other files in many ways (IndexError on some text)
         detail = _ANSI.sub("", str(err)).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"--weights-from {path} is neither a safetensors nor a torch.save file ({detail})") from err
 
 
-def _state_dict_in(state: object, path: Path) -> dict[str, torch.Tensor]:
+def _state_dict_in(state: object, path: Path, within: str = "") -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        names = [key for key in state if not isinstance(key, str)]
+        if names:
+            raise UserError(f"--weights-from {path} holds tensors keyed by {type(names[0]).__name__}s ({names[0]!r}, "
+                            "...), not by parameter names: not a state_dict")
         return state
     if isinstance(state, dict):
         for key in NESTED_KEYS:
             if isinstance(state.get(key), dict):
-                return _state_dict_in(state[key], path)
+                if not state[key]:
+                    raise UserError(f"--weights-from {path} holds an empty {key!r}{within}: no weights to start from")
+                return _state_dict_in(state[key], path, f" (in {key!r})")
         keys = ", ".join(map(str, list(state)[:6])) or "none"
-        raise UserError(f"--weights-from {path} holds no state_dict of tensors (its keys: {keys}; a checkpoint keeps "
-                        f"one under {', '.join(NESTED_KEYS)})")
+        raise UserError(f"--weights-from {path} holds no state_dict of tensors{within} (its keys: {keys}; a checkpoint "
+                        f"keeps one under {', '.join(NESTED_KEYS)})")
     raise UserError(f"--weights-from {path} holds a {type(state).__name__}, not a state_dict")
 
 

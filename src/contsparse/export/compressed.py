@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
 from contsparse.errors import UserError
 from contsparse.storage import for_safetensors, write_atomic
@@ -84,14 +84,23 @@ def load_compressed(path: str | Path) -> dict[str, torch.Tensor]:
     """The dense ``state_dict`` stored by :func:`save_compressed` (loads without contsparse too,
     with numpy alone: the README's export section says how)."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if FORMAT_KEY not in metadata:
-                raise UserError(f"{path} is not a contsparse compressed file (no {FORMAT_KEY} metadata)")
-            layout = json.loads(metadata[FORMAT_KEY])
-            order = json.loads(metadata[ORDER_KEY]) if ORDER_KEY in metadata else None  # older files: none
-            stored = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
-    except (OSError, SafetensorError, json.JSONDecodeError) as err:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror or err})") from err
+    return compressed_from_bytes(data, path)
+
+
+def compressed_from_bytes(data: bytes, path: str | Path) -> dict[str, torch.Tensor]:
+    """:func:`load_compressed` of a file already read (``path`` names it in messages): a caller
+    that has checked the bytes' digest loads those very bytes."""
+    try:
+        metadata = _header(data).get("__metadata__") or {}
+        if not isinstance(metadata, dict) or FORMAT_KEY not in metadata:
+            raise UserError(f"{path} is not a contsparse compressed file (no {FORMAT_KEY} metadata)")
+        layout = json.loads(metadata[FORMAT_KEY])
+        order = json.loads(metadata[ORDER_KEY]) if ORDER_KEY in metadata else None  # older files: none
+        stored = load(data)
+    except (SafetensorError, ValueError) as err:  # json.JSONDecodeError is a ValueError
         raise UserError(f"cannot read {path} ({err})") from err
     try:
         return _in_order(_decompress(stored, layout), order)
@@ -101,6 +110,17 @@ def load_compressed(path: str | Path) -> dict[str, torch.Tensor]:
     except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as err:
         raise UserError(f"{path} is damaged: its compressed tensors do not match their layout "
                         f"({type(err).__name__}: {err})") from err
+
+
+def _header(data: bytes) -> dict:
+    """A safetensors file's JSON header (8 bytes of its length, little-endian, then the JSON)."""
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 < size <= len(data) - 8:
+        raise ValueError("not a safetensors file (no header)")
+    header = json.loads(data[8:8 + size])
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors file (its header is not a JSON object)")
+    return header
 
 
 def _gaps(positions: np.ndarray) -> np.ndarray:
@@ -128,8 +148,10 @@ def _decompress(stored: dict[str, torch.Tensor], layout: dict) -> dict[str, torc
             raise ValueError(f"{name}: shape {shape!r} is not a list of sizes")
         numel = int(np.prod(shape)) if shape else 1
         encoding = info.get("encoding", "bitmask")  # files written before gaps existed: a bitmask
-        if encoding not in ENCODINGS:
+        if isinstance(encoding, str) and encoding not in ENCODINGS:  # a name: a newer writer's; anything else: damage
             raise UnknownEncoding(f"{name} is stored in the encoding {encoding!r}")
+        if encoding not in ENCODINGS:
+            raise ValueError(f"{name}: encoding {encoding!r} is not a name")
         where = stored[f"{name}.{encoding}"]
         if where.dtype != torch.uint8 or where.dim() != 1:
             raise ValueError(f"{name}.{encoding}: {tuple(where.shape)} {where.dtype}, not a row of bytes")
