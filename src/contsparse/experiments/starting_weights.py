@@ -87,6 +87,7 @@ def _is_safetensors(data: bytes) -> bool:
 
 
 def _from_safetensors(data: bytes, path: Path) -> dict[str, torch.Tensor]:
+    # export/ sits above experiments/, but its compressed format is a leaf module (numpy, safetensors)
     from contsparse.export.compressed import FORMAT_KEY, compressed_from_bytes
 
     try:
