@@ -16,6 +16,7 @@ from torch import nn
 
 from contsparse.data import DataOptions, available_datasets
 from contsparse.errors import UserError
+from contsparse.experiments.rundir import RunDir, given_file
 from contsparse.experiments.starting_weights import file_digest
 from contsparse.experiments.user_modules import import_modules
 from contsparse.masking import LayerSelection
@@ -273,14 +274,7 @@ def make_config(values: dict[str, Any], check: bool = True) -> RunConfig:
 
 def mask_file(source: str | Path) -> Path:
     """The masks file ``--mask-from`` names: the file itself, or a run directory's final masks."""
-    path = Path(source)
-    if path.is_dir():
-        path = path / "masks.safetensors"
-        if not path.is_file():
-            raise UserError(f"--mask-from {source}: no masks.safetensors in it (a run that has not finished?)")
-    elif not path.is_file():
-        raise UserError(f"--mask-from {source} does not exist")
-    return path
+    return given_file(source, "--mask-from", RunDir.MASKS)
 
 
 def _coerce(key: str, value: Any) -> Any:

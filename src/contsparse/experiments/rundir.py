@@ -247,6 +247,24 @@ SUMMARY_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 COLLECTION_MARKERS = {"sweep.yaml": "sweep", "compare.json": "comparison"}  # the file that makes a folder one
 
 
+def given_file(source: str | Path, flag: str, name: str) -> Path:
+    """The file a flag names: the file itself, or a finished run's ``name`` (``--mask-from RUN``:
+    its final masks, ``--weights-from RUN``: its final model), with a one-line error otherwise."""
+    if not str(source).strip():
+        raise UserError(f"{flag} needs a path: a file or a finished run's directory")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / RunDir.CONFIG).is_file():
+            raise UserError(f"{flag} {source} is a folder but not a run directory (a sweep or comparison folder?): "
+                            "give one of its runs, or a file")
+        path = path / name
+        if not path.is_file():
+            raise UserError(f"{flag} {source}: no {name} in it (a run that has not finished?)")
+    elif not path.is_file():
+        raise UserError(f"{flag} {source} does not exist")
+    return path
+
+
 def require_collection_folder(path: Path, marker: str, what: str, holds_runs: bool = False) -> None:
     """Refuse an ``--out`` for a sweep or comparison that is a run directory, or a folder with
     other files in it (its runs and tables would be mixed with them): it must be new, empty, or

@@ -24,31 +24,17 @@ from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from contsparse.errors import UserError, some_of
+from contsparse.experiments.rundir import RunDir, given_file
 
-RUN_MODEL, RUN_CONFIG = "model.safetensors", "config.yaml"  # a finished run's final model (RunDir's names)
 # Where common training scripts keep the model's state_dict inside a checkpoint dict
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net")
-# Prefixes that wrappers put before every key: DistributedDataParallel, torch.compile
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")  # torch.load(weights_only=True)'s refusal
 
 
 def weights_file(source: str | Path) -> Path:
     """The file ``--weights-from`` names: the file itself, or a finished run's final model."""
-    if not str(source).strip():
-        raise UserError("--weights-from needs a path: a weights file or a finished run's directory")
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if not (path / RUN_CONFIG).is_file():
-            raise UserError(f"--weights-from {source} is a folder but not a run directory (a sweep or comparison "
-                            "folder?): give one of its runs, or a weights file")
-        path = path / RUN_MODEL
-        if not path.is_file():
-            raise UserError(f"--weights-from {source}: no {RUN_MODEL} in it (a run that has not finished?)")
-    elif not path.is_file():
-        raise UserError(f"--weights-from {source} does not exist")
-    return path
+    return given_file(source, "--weights-from", RunDir.MODEL)
 
 
 def file_digest(source: str | Path) -> str:
@@ -59,7 +45,7 @@ def file_digest(source: str | Path) -> str:
 def read_weights(source: str | Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
     """A state_dict from a safetensors file (contsparse's compressed export included) or a
     ``torch.save`` file read with ``weights_only=True`` (no code runs), told apart by their
-    content; taken out of a checkpoint dict and wrappers' prefixes, sparse tensors made dense.
+    content; taken out of a checkpoint dict, sparse tensors made dense.
     ``expected_sha256``: refuse a file that is no longer the one the run was set up with."""
     path = weights_file(source)
     data = _read(path)
@@ -71,7 +57,7 @@ def read_weights(source: str | Path, expected_sha256: str | None = None) -> dict
                         "resume RUN_DIR --weights-from FILE`), or start a new run with another --out")
     state = _from_safetensors(data, path) if _is_safetensors(data) else _from_torch_save(data, path)
     return {key: value.to_dense() if value.layout != torch.strided else value
-            for key, value in _unwrapped(_state_dict_in(state, path)).items()}
+            for key, value in _state_dict_in(state, path).items()}
 
 
 def _read(path: Path) -> bytes:
@@ -135,18 +121,11 @@ def _state_dict_in(state: object, path: Path, within: str = "") -> dict[str, tor
     raise UserError(f"--weights-from {path} holds a {type(state).__name__}, not a state_dict")
 
 
-def _unwrapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for prefix in WRAPPER_PREFIXES:
-        if all(str(key).startswith(prefix) for key in state):
-            state = {str(key)[len(prefix):]: value for key, value in state.items()}
-    return state
-
-
 def load_starting_weights(model: nn.Module, source: str | Path, expected_sha256: str | None = None) -> None:
     """Load ``source``'s weights into the plain ``model`` (no masks attached yet), all of them:
-    weights that do not fit are refused with what differs, never loaded in part. A state_dict
-    saved from an attribute of a wrapper (Lightning's ``model.``) fits once that prefix is off;
-    BatchNorm's ``num_batches_tracked`` may be missing, as PyTorch itself allows."""
+    weights that do not fit are refused with what differs, never loaded in part. A wrapper's
+    prefixes are taken off (:func:`_fitting_prefix`); BatchNorm's ``num_batches_tracked`` may be
+    missing, as PyTorch itself allows."""
     state = _fitting_prefix(read_weights(source, expected_sha256), model)
     own = model.state_dict()
     shapes = [f"{key} {tuple(value.shape)} (the model's: {tuple(own[key].shape)})" for key, value in state.items()
@@ -170,11 +149,11 @@ def load_starting_weights(model: nn.Module, source: str | Path, expected_sha256:
 
 
 def _fitting_prefix(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """``state`` without a first name component all its keys share, where that makes them the model's."""
-    own = set(model.state_dict())
-    heads = {key.partition(".")[0] for key in state}
-    if len(heads) == 1 and not set(state) & own:
-        stripped = {key.partition(".")[2]: value for key, value in state.items()}
-        if set(stripped) & own:
-            return stripped
-    return state
+    """``state`` without the first name components all its keys share (``module.`` of DDP,
+    ``_orig_mod.`` of torch.compile, a wrapper's attribute such as Lightning's ``model.``, nested
+    ones too), where that makes them the model's names; else as it is."""
+    own, stripped = set(model.state_dict()), state
+    while (not set(stripped) & own and all("." in key for key in stripped)
+           and len({key.partition(".")[0] for key in stripped}) == 1):
+        stripped = {key.partition(".")[2]: value for key, value in stripped.items()}
+    return stripped if set(stripped) & own else state
