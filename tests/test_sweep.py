@@ -353,25 +353,36 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """A Ray head on loopback, started for these tests and stopped after them. Token
-    authentication is off for the head and the drivers of these tests: otherwise a new local Ray
-    (``ray.init(address="local")``) writes ~/.ray/auth_token, and every later head started on this
-    machine requires a token that these drivers do not send."""
+def local_ray(tmp_path_factory):
+    """A Ray head on loopback, started for these tests and stopped after them: ``ray start
+    --block`` in the foreground, whose SIGTERM stops the processes it started (``ray stop`` would
+    stop every Ray on the machine, a user's too). Token authentication is off for the head and the
+    drivers of these tests: otherwise a new local Ray (``ray.init(address="local")``) writes
+    ~/.ray/auth_token, and every later head started on this machine requires a token that these
+    drivers do not send."""
     pytest.importorskip("ray")
     ray_cli = Path(sys.executable).parent / "ray"
     port = _free_port()
     auth_mode = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    started = subprocess.run([str(ray_cli), "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
-                              "--port", str(port), "--include-dashboard", "false", "--disable-usage-stats"],
-                             capture_output=True, text=True, env=env, timeout=180)
-    assert started.returncode == 0, started.stderr
+    log = tmp_path_factory.mktemp("ray") / "head.log"
+    with open(log, "w") as output:
+        head = subprocess.Popen([str(ray_cli), "start", "--head", "--block", "--num-cpus", "2", "--node-ip-address",
+                                 "127.0.0.1", "--port", str(port), "--include-dashboard", "false",
+                                 "--disable-usage-stats"], stdout=output, stderr=subprocess.STDOUT, env=env)
     try:
+        deadline = time.monotonic() + 180
+        while "Ray runtime started" not in log.read_text():
+            assert head.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True, env=env, timeout=120)
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            head.kill()
         if auth_mode is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
