@@ -27,6 +27,17 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
     return digest.hexdigest()
 
 
+def safetensors_header(data: bytes) -> dict:
+    """A safetensors file's JSON header, read from its bytes (8 bytes of its length, little-endian, then the JSON)."""
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 < size <= len(data) - 8:
+        raise ValueError("not a safetensors file (no header)")
+    header = json.loads(data[8:8 + size])
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors file (its header is not a JSON object)")
+    return header
+
+
 def readable_as_new(path: Path) -> None:
     """Give ``path`` the permissions an ordinary new file gets: safetensors writes its files
     readable by their owner alone, which a team's shared run folders, or a cluster's nodes under

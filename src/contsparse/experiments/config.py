@@ -17,7 +17,7 @@ from torch import nn
 from contsparse.data import DataOptions, available_datasets
 from contsparse.errors import UserError
 from contsparse.experiments.rundir import RunDir, given_file
-from contsparse.experiments.starting_weights import file_digest
+from contsparse.experiments.starting_weights import weights_digest
 from contsparse.experiments.user_modules import import_modules
 from contsparse.masking import LayerSelection
 from contsparse.masking.parametrization import MIN_SCALED_MASK_INIT
@@ -264,7 +264,7 @@ def make_config(values: dict[str, Any], check: bool = True) -> RunConfig:
         if values.get(key):
             values[key] = str(Path(values[key]).expanduser().absolute())
     if values.get("weights_from") is not None and not values.get("weights_sha256"):
-        values["weights_sha256"] = file_digest(values["weights_from"])  # the file as it is now, when the run is set up
+        values["weights_sha256"] = weights_digest(values["weights_from"])  # the file as it is now, at set-up
     config = RunConfig(**values)
     import_modules(config.imports)  # before validating: they may register the model or dataset named
     if check:

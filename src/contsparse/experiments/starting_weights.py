@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import pickle
 import re
 import warnings
@@ -25,6 +24,7 @@ from torch import nn
 
 from contsparse.errors import UserError, some_of
 from contsparse.experiments.rundir import RunDir, given_file
+from contsparse.storage import file_digest, safetensors_header
 
 # Where common training scripts keep the model's state_dict inside a checkpoint dict
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net")
@@ -37,9 +37,13 @@ def weights_file(source: str | Path) -> Path:
     return given_file(source, "--weights-from", RunDir.MODEL)
 
 
-def file_digest(source: str | Path) -> str:
+def weights_digest(source: str | Path) -> str:
     """sha256 of the weights file: what the run records, and checks before it loads them."""
-    return hashlib.sha256(_read(weights_file(source))).hexdigest()
+    path = weights_file(source)
+    try:
+        return file_digest(path)
+    except OSError as err:
+        raise UserError(f"cannot read --weights-from {path}: {err.strerror or err}") from err
 
 
 def read_weights(source: str | Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
@@ -77,8 +81,7 @@ def _from_safetensors(data: bytes, path: Path) -> dict[str, torch.Tensor]:
     from contsparse.export.compressed import FORMAT_KEY, compressed_from_bytes
 
     try:
-        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
-        metadata = header.get("__metadata__") if isinstance(header, dict) else None
+        metadata = safetensors_header(data).get("__metadata__")
         if isinstance(metadata, dict) and FORMAT_KEY in metadata:  # `contsparse export --format compressed`
             return compressed_from_bytes(data, path)  # the bytes whose digest was checked
         return load_safetensors(data)

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from contsparse.errors import UserError
-from contsparse.storage import for_safetensors, write_atomic
+from contsparse.storage import for_safetensors, safetensors_header, write_atomic
 
 FORMAT_KEY = "contsparse.compressed"
 PARTS = ("bitmask", "gaps", "values")  # the stored parts of a compressed tensor, "<name>.<part>"
@@ -94,7 +94,7 @@ def compressed_from_bytes(data: bytes, path: str | Path) -> dict[str, torch.Tens
     """:func:`load_compressed` of a file already read (``path`` names it in messages): a caller
     that has checked the bytes' digest loads those very bytes."""
     try:
-        metadata = _header(data).get("__metadata__") or {}
+        metadata = safetensors_header(data).get("__metadata__") or {}
         if not isinstance(metadata, dict) or FORMAT_KEY not in metadata:
             raise UserError(f"{path} is not a contsparse compressed file (no {FORMAT_KEY} metadata)")
         layout = json.loads(metadata[FORMAT_KEY])
@@ -110,17 +110,6 @@ def compressed_from_bytes(data: bytes, path: str | Path) -> dict[str, torch.Tens
     except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as err:
         raise UserError(f"{path} is damaged: its compressed tensors do not match their layout "
                         f"({type(err).__name__}: {err})") from err
-
-
-def _header(data: bytes) -> dict:
-    """A safetensors file's JSON header (8 bytes of its length, little-endian, then the JSON)."""
-    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
-    if not 0 < size <= len(data) - 8:
-        raise ValueError("not a safetensors file (no header)")
-    header = json.loads(data[8:8 + size])
-    if not isinstance(header, dict):
-        raise ValueError("not a safetensors file (its header is not a JSON object)")
-    return header
 
 
 def _gaps(positions: np.ndarray) -> np.ndarray:
