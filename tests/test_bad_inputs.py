@@ -319,6 +319,8 @@ CATALOGUE = [
      "importing a module runs its code: if you trust them, give --imports evil_helpers", "in_root"),
     ("export into a path under a file", "export {done} --out {a_file}/model.safetensors", "is a file, not a folder",
      None),
+    ("export over a file of yours", "export {done} --format pytorch --out {a_file}",
+     "exists: give --force to replace it, or another file name", None),
     ("export of a run whose config names another model", "export {other_model} --out {root}/other.st",
      "does not fit the architecture its config.yaml names (conv2)", None),
     ("malformed GPU index", "ticket --device cuda:abc --out {root}/x", "device must be auto, cpu, cuda or cuda:N",

@@ -554,6 +554,27 @@ def test_cli_export_report_and_bench(run_dir, tmp_path, capsys):
     assert "vs inlined: sparse vs the same inlined graph with dense kernels" in " ".join(printed.split())
 
 
+def test_export_replaces_a_file_of_yours_only_with_force(run_dir, tmp_path, capsys):
+    """An existing --out file is kept (exit 2, one line) unless --force; the run's own export.*
+    files, which export writes, are replaced without asking."""
+    from safetensors.torch import load_file
+
+    yours = tmp_path / "weights.safetensors"
+    yours.write_bytes(b"a file of yours")
+    assert main(["export", str(run_dir), "--out", str(yours)]) == 2
+    assert capsys.readouterr().err.strip() == (f"contsparse: error: --out {yours} exists: give --force to replace it, "
+                                               "or another file name")
+    assert yours.read_bytes() == b"a file of yours"
+    assert main(["export", str(run_dir), "--out", str(yours), "--force"]) == 0
+    assert set(load_file(str(yours))) == set(load_file(str(run_dir / "model.safetensors")))
+    default = run_dir / "export.safetensors"
+    for out in ([], ["--out", str(default)]):  # the run's own file, by default or named
+        default.write_bytes(b"an older export")
+        assert main(["export", str(run_dir), *out]) == 0
+        assert set(load_file(str(default))) == set(load_file(str(run_dir / "model.safetensors")))
+    default.unlink()
+
+
 def test_cli_export_errors_are_one_line(run_dir, tmp_path, capsys):
     (tmp_path / "unfinished").mkdir()
     (tmp_path / "unfinished" / "config.yaml").write_text(json.dumps({"epochs": 1}))
@@ -583,7 +604,7 @@ def test_a_failed_export_write_is_one_line_and_keeps_the_old_file(fmt, run_dir, 
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(storage, "write_synced", disk_full)
-    assert main(["export", str(run_dir), "--format", fmt, "--out", str(target)]) == 2
+    assert main(["export", str(run_dir), "--format", fmt, "--out", str(target), "--force"]) == 2
     assert capsys.readouterr().err.strip() == f"contsparse: error: cannot write {target}: No space left on device"
     assert target.read_bytes() == b"previous export" and not list(tmp_path.glob("*.tmp"))
     pipe = tmp_path / "pipe"

@@ -198,6 +198,8 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                         help="safetensors / pytorch: plain state_dict; onnx: graph with a dynamic batch axis; "
                              "compressed: nonzero values + where they are (default: safetensors)")
     export.add_argument("--out", type=Path, help="file to write (default: RUN_DIR/export.<ext>)")
+    export.add_argument("--force", action="store_true",
+                        help="replace an existing file at --out (the run's own export.<ext> is always replaced)")
     bench = sub.add_parser("bench-inference", help="CPU latency dense vs sparse (CSR) of a finished run",
                            description="latency and throughput of the run's model, dense vs sparse CPU kernels")
     bench.add_argument("run_dir", type=Path)
@@ -474,7 +476,7 @@ def _report_run(run_dir: Path, out: Path | None) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from contsparse.export import export_run
 
-    path = export_run(args.run_dir, args.format, args.out, args.imports)
+    path = export_run(args.run_dir, args.format, args.out, args.imports, replace=args.force)
     dense = args.run_dir / "model.safetensors"
     ratio = f" ({100 * path.stat().st_size / dense.stat().st_size:.1f} % of the dense safetensors file)"
     print(f"wrote {path}: {path.stat().st_size / 1024:.1f} KiB" + (ratio if args.format == "compressed" else ""))

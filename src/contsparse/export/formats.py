@@ -24,9 +24,12 @@ from contsparse.storage import file_in_the_way, for_safetensors, fsync_file, rep
 FORMATS = {"safetensors": ".safetensors", "pytorch": ".pt", "onnx": ".onnx", "compressed": ".sparse.safetensors"}
 
 
-def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, imports: Iterable[str] = ()) -> Path:
+def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, imports: Iterable[str] = (),
+               replace: bool = False) -> Path:
     """Write the run's final model as ``fmt`` (see :data:`FORMATS`) to ``out`` (default: in the run).
-    ``imports``: the modules of the run's config.yaml that the caller trusts (see load_run_model)."""
+    ``imports``: the modules of the run's config.yaml that the caller trusts (see load_run_model).
+    An existing file at ``out`` is someone's work: it is replaced only when ``replace`` (the run's
+    own ``export.*`` file, which export writes, always is)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     path = Path(out) if out is not None else Path(run_dir) / f"export{FORMATS[fmt]}"
@@ -46,6 +49,8 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, imp
         raise UserError(f"--out {path}: {blocking} is a file, not a folder")
     if path.exists() and not path.is_file():  # a device or a pipe: the atomic rename would replace it
         raise UserError(f"--out {path} is not a regular file; give a file name")
+    if path.is_file() and not replace and not _is_default_export(path, run_dir):
+        raise UserError(f"--out {path} exists: give --force to replace it, or another file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "onnx":
@@ -57,6 +62,14 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, imp
     except OSError as err:
         raise UserError(f"cannot write {path}: {err.strerror or err}") from err
     return path
+
+
+def _is_default_export(path: Path, run_dir: str | Path) -> bool:
+    """Whether ``path`` is one of the files export writes into the run by default."""
+    try:
+        return path.resolve() in {(Path(run_dir) / f"export{suffix}").resolve() for suffix in FORMATS.values()}
+    except (OSError, RuntimeError):
+        return False
 
 
 def _format_named_by(path: Path) -> str | None:
