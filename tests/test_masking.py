@@ -1200,3 +1200,189 @@ def test_jit_trace_records_the_masked_weight():
     x = torch.randn(5, 4)
     traced = torch.jit.trace(model, x)
     torch.testing.assert_close(traced(x), model(x))
+
+
+# -- found by a review of the API (2026-11-27) ------------------------------------------------
+
+
+class Siamese(nn.Module):
+    """One encoder reached under two names (``enc_b`` is ``enc``), as weight-sharing models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(8, 8)
+        self.enc_b = self.enc
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.enc(x)) + torch.relu(self.enc_b(-x)))
+
+
+@pytest.mark.parametrize("build", [Siamese, lambda: nn.Sequential(*[nn.Linear(8, 8)] * 3, nn.Linear(8, 2))],
+                         ids=["siamese", "one-layer-three-times"])
+@pytest.mark.parametrize("point_in", ["soft", "hard"])
+def test_a_module_under_several_names_rewinds_to_the_tickets_start(build, point_in):
+    """The state_dict lists a shared module's masked weight under each of its names: rewinding
+    must restore it once, as ``scale * H * W_k`` (it raised KeyError, or scaled twice)."""
+    torch.manual_seed(0)
+    model = build()
+    masks = cs.attach_masks(model, mask_init=-0.1)
+    with torch.no_grad():
+        for logits in masks.mask_parameters():
+            logits.normal_()
+    start = {name: weight.detach().clone() for name, weight in masks.masked_weights().items()}
+    if point_in == "hard":
+        masks.harden()
+        point = masks.rewind_point()
+    else:
+        point = masks.rewind_point()
+        masks.harden()
+    with torch.no_grad():
+        for weight in masks.masked_weights().values():
+            weight.add_(1.0)  # training moved them
+    masks.rewind(point)
+    for name, mask in masks:
+        expected = start[name] * mask.scale * mask.hard_mask
+        assert torch.allclose(masks.masked_weights()[name], expected), name
+        assert mask.hard_mask.any() and not mask.hard_mask.all()
+
+
+def test_harden_on_the_meta_device_and_its_repr():
+    """Build on meta, attach, harden, then load a hardened state_dict with assign=True: the
+    emptiness check has no values to read there."""
+    torch.manual_seed(0)
+    real = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    real_masks = cs.attach_masks(real, mask_init=0.5)
+    real_masks.harden()
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    masks = cs.attach_masks(model, mask_init=0.5)
+    assert "remaining" not in repr(masks) and "mode=soft" in repr(masks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        masks.harden()
+    model.load_state_dict(real.state_dict(), assign=True)
+    x = torch.randn(3, 8)
+    assert torch.equal(model(x), real(x))
+    assert "remaining=1.0000" in repr(cs.find_masks(model))
+
+
+def test_a_refused_layer_leaves_every_layer_unmasked():
+    """attach_masks checks every layer before it changes any: fixing the cause and trying again works."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    parametrizations.weight_norm(model[2])
+    with pytest.raises(ValueError, match=r"2\.weight already has a parametrization \(_WeightNorm\)"):
+        cs.attach_masks(model)
+    assert not parametrize.is_parametrized(model[0])
+    parametrize.remove_parametrizations(model[2], "weight")
+    assert list(cs.attach_masks(model).masks) == ["0.weight", "2.weight"]
+    lazy = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.LazyLinear(4))
+    with pytest.raises(ValueError, match=r"2\.weight belongs to a lazy module \(LazyLinear\) whose shape is not "
+                                         "known yet: run one batch through the model"):
+        cs.attach_masks(lazy)
+    assert not parametrize.is_parametrized(lazy[0])
+    lazy(torch.randn(2, 4))
+    assert len(cs.attach_masks(lazy)) == 2
+
+
+def test_the_fused_penalty_is_refused_in_data_parallel_replicas():
+    """nn.DataParallel's replicas each add it and their gradients are summed: N times too strong."""
+    layer = nn.Linear(4, 4)
+    masks = cs.attach_masks(layer)
+    mask = masks.masks["weight"]
+    weight = layer.parametrizations.weight.original
+
+    def replica():  # what nn.DataParallel does to every module at every forward pass
+        copy = mask._replicate_for_data_parallel()
+        copy.logits = mask.logits.view_as(mask.logits)  # and a copy of each parameter
+        return copy
+
+    assert torch.equal(replica()(weight), mask(weight))  # no fused penalty: nothing to count twice
+    masks.fuse_penalty(0.1)
+    with pytest.raises(RuntimeError, match=r"once per nn\.DataParallel replica: use DistributedDataParallel"):
+        replica()(weight)
+    mask(weight).sum().backward()  # the model itself trains as before
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_penalty_of_a_low_precision_model_is_summed_in_float32(dtype):
+    """float16 stops at 65504: a 1000x200 layer at s0 = 0 summed to inf."""
+    model = nn.Linear(1000, 200).to(dtype)
+    masks = cs.attach_masks(model, mask_init=0.0)
+    penalty = masks.penalty()
+    assert penalty.dtype == torch.float32 and penalty.item() == 100_000
+    assert masks.penalty(normalize=True).item() == 0.5
+    penalty.backward()
+    grad = masks.mask_parameters()[0].grad
+    assert grad.dtype == dtype and torch.all(grad == 0.25)  # beta * m * (1 - m) at m = 1/2
+    masks.harden(warn_empty=False)
+    assert masks.penalty().dtype == torch.float32
+
+
+def test_make_permanent_keeps_the_parameter_order_of_the_plain_model():
+    """An optimiser state_dict, or a zip of two models' parameters, goes by that order."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+
+    plain_names = [name for name, _ in build().named_parameters()]
+    model = build()
+    masks = cs.attach_masks(model, mask_init=0.5)
+    masks.harden()  # the weight comes last while hardened: resumed checkpoints' optimiser states expect it
+    assert set(cs.masking.plain_state_dict(model)) == set(build().state_dict())
+    masks.make_permanent()
+    assert [name for name, _ in model.named_parameters()] == plain_names
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 8)).sum().backward()
+    optimizer.step()
+    fresh = build()
+    fresh.load_state_dict(model.state_dict())
+    fresh_optimizer = torch.optim.Adam(fresh.parameters())
+    fresh_optimizer.load_state_dict(optimizer.state_dict())
+    fresh(torch.randn(2, 8)).sum().backward()
+    fresh_optimizer.step()  # a state of another shape failed here
+
+
+def test_plain_state_dict_and_count_zeros_of_a_hardened_model():
+    model, masks = masked_mlp((8, 16, 4), temperature=1.0)
+    with pytest.raises(ValueError, match="harden the masks first"):
+        cs.masking.plain_state_dict(model)
+    masks.harden()
+    state = model.state_dict()
+    assert any(not isinstance(value, torch.Tensor) for value in state.values())  # the masks' settings
+    zeros, total = count_zeros(state)  # skips them (it raised AttributeError)
+    plain = cs.masking.plain_state_dict(model)
+    assert set(plain) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    pruned = sum(int((mask.hard_mask == 0).sum()) for _, mask in masks)
+    assert pruned > 0
+    assert count_zeros({name: plain[name] for name in ("0.weight", "2.weight")}) == (pruned, 8 * 16 + 16 * 4)
+    assert total == sum(value.numel() for value in plain.values()) + 2 * (8 * 16 + 16 * 4)  # + logits, hard masks
+    assert zeros >= pruned + pruned  # the pruned weights and their hard masks' zeros
+
+
+def test_find_masks_refuses_a_model_without_masks():
+    with pytest.raises(ValueError, match="Sequential carries no CS masks: attach them with attach_masks"):
+        cs.find_masks(nn.Sequential(nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"layer_types": nn.Linear(2, 2)}, "the class, not an instance"),
+    ({"layer_types": None}, "layer_types must be nn.Module classes, got None"),
+    ({"layer_types": F.linear}, "layer_types must be nn.Module classes"),
+    ({"layer_types": ()}, "layer_types must be nn.Module classes"),
+    ({"include": 5}, "include must be a regular expression or a list of them, got 5"),
+    ({"exclude_first": "no"}, "exclude_first must be True or False, got 'no'"),
+])
+def test_layer_selection_refuses_arguments_it_cannot_use(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        LayerSelection(**kwargs)
+
+
+def test_temperature_schedule_refuses_an_epoch_before_the_first():
+    schedule = TemperatureSchedule(200.0, 3)
+    for epoch in (-1, 1.5):
+        with pytest.raises(ValueError, match="epoch must be a whole number >= 0"):
+            schedule.value(epoch)
+    assert schedule.value(2) == 200.0

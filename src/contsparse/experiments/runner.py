@@ -41,9 +41,9 @@ from contsparse.experiments.interrupt import StopRequest
 from contsparse.experiments.lock import RunLock
 from contsparse.experiments.rundir import RunDir
 from contsparse.experiments.starting_weights import load_starting_weights
-from contsparse.masking import find_masks, per_layer_remaining, weights_remaining
+from contsparse.masking import per_layer_remaining, plain_state_dict, weights_remaining
 from contsparse.masking.accounting import weights_remaining_all_layers
-from contsparse.masking.maskset import HARD_SUFFIX, check_binary_mask
+from contsparse.masking.maskset import check_binary_mask
 from contsparse.methods import (
     METHODS,
     ContinuousSparsification,
@@ -801,15 +801,6 @@ class Runner:
             summary["dense_val_accuracy"] = dense_summary.get("val_accuracy")
         self.run.write_summary(summary)
         return summary
-
-
-def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights of a hardened (or unmasked) model as the plain architecture holds them: the
-    masks are already folded into the weights, so only their own entries are left out."""
-    if any(mask.mode != "hard" for _, mask in find_masks(model)):
-        raise ValueError("harden the masks before exporting the weights")
-    return {k: v for k, v in model.state_dict().items()
-            if isinstance(v, torch.Tensor) and f"{HARD_SUFFIX}." not in k}
 
 
 def _silent(_message: str) -> None:

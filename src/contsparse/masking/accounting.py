@@ -23,10 +23,12 @@ def per_layer_remaining(masks: Mapping[str, Tensor]) -> dict[str, float]:
     return {name: int(m.count_nonzero()) / max(m.numel(), 1) for name, m in masks.items()}
 
 
-def count_zeros(tensors: Mapping[str, Tensor]) -> tuple[int, int]:
-    """(zeros, total) over ``tensors``: used to check that a saved ticket has the zeros it claims."""
-    zeros = sum(int((t == 0).sum()) for t in tensors.values())
-    return zeros, sum(t.numel() for t in tensors.values())
+def count_zeros(tensors: Mapping[str, object]) -> tuple[int, int]:
+    """(zeros, total) over the tensors of ``tensors`` (a ``state_dict``: entries that are not
+    tensors, such as a mask's ``_extra_state``, are skipped): used to check that a saved ticket
+    has the zeros it claims."""
+    values = [t for t in tensors.values() if isinstance(t, Tensor)]
+    return sum(int((t == 0).sum()) for t in values), sum(t.numel() for t in values)
 
 
 def weights_remaining_all_layers(model: nn.Module, masks: Mapping[str, Tensor]) -> float:

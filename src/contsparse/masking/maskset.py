@@ -104,17 +104,22 @@ class MaskSet:
                     raise ValueError(f"{name} has a parametrization registered after its CS mask "
                                      f"({', '.join(others)}), which hardening would drop: remove it first")
         softened = [name for name, mask in self.masks.items() if mask.mode == "soft"]
-        at_init = softened and all(bool((mask.logits == mask.mask_init).all()) for mask in self.masks.values())
+        # values to look at (not a model on the meta device, built to load a hardened state_dict into)
+        warn_empty = warn_empty and not any(mask.logits.is_meta for mask in self.masks.values())
+        at_init = warn_empty and softened and all(bool((mask.logits == mask.mask_init).all())
+                                                  for mask in self.masks.values())
         got_gradients = any(mask.logits.grad is not None for mask in self.masks.values())
         for name in softened:
             self.masks[name].harden(weights[name], apply_scale=apply_scale)
             for module, attr in self.places(name):
+                # (the weight joins the module's parameters last: checkpoints' optimiser states
+                # follow that order; make_permanent puts it back in its place)
                 parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
                 module.register_module(attr + HARD_SUFFIX, self.masks[name])
-        empty = [name for name in softened if not self.masks[name].hard_mask.any()]
+        empty = [name for name in softened if not self.masks[name].hard_mask.any()] if warn_empty else []
         # Logits still at s0 with no gradient: masks just attached, hardened to load a hardened
         # state_dict into them (the documented way): their values are about to be replaced.
-        if warn_empty and empty and not (at_init and not got_gradients):
+        if empty and not (at_init and not got_gradients):
             hint = (": the logits got gradients but are still at s0 (were masks.mask_parameters() given to an "
                     "optimiser, made after attach_masks, and stepped?)" if at_init else "")
             which = empty[0] if len(empty) == 1 else f"{len(empty)} of {len(self.masks)} layers ({some_of(empty, 3)})"
@@ -198,17 +203,13 @@ class MaskSet:
                     weights[name].mul_(mask.hard_mask).mul_(mask.scale)
 
     def _unmasked_state(self) -> dict[str, Tensor]:
-        """The model's ``state_dict`` tensors other than the masks' and the masked weights'."""
-        mask_prefixes = tuple(f"{name}." if name else "" for name, module in self.model.named_modules(
-            remove_duplicate=False) if isinstance(module, ContinuousMask))
-        masked_keys = set()
-        for name in self.masks:
-            for holder in self.holders(name):
-                module, _, attr = holder.rpartition(".")
-                prefix = f"{module}." if module else ""
-                masked_keys |= {f"{prefix}{attr}", f"{prefix}parametrizations.{attr}.original"}
+        """The model's ``state_dict`` tensors other than the masks' and the masked weights', told
+        apart by identity: a module reached under several names (a siamese branch, one layer
+        used three times) lists a masked weight under each of them."""
+        masks = {id(t) for mask in self.masks.values() for t in (*mask.parameters(), *mask.buffers())}
+        masks |= {id(weight) for weight in self.masked_weights().values()}
         return {key: value for key, value in self.model.state_dict(keep_vars=True).items()
-                if isinstance(value, Tensor) and key not in masked_keys and not key.startswith(mask_prefixes)}
+                if isinstance(value, Tensor) and id(value) not in masks}
 
     # -- the penalty ---------------------------------------------------------------------------
     def num_prunable(self) -> int:
@@ -231,7 +232,9 @@ class MaskSet:
 
         Same gradient as adding the penalty to the loss, three fewer passes over every weight
         tensor per step; the training loop uses it and evaluates :meth:`penalty` only to log it.
-        ``coef = 0`` turns it off.
+        ``coef = 0`` turns it off. The gradient is added as it is: nothing that multiplies the loss
+        reaches it (a ``GradScaler``'s scale, ``1 / k`` for ``k`` accumulated micro-batches), so
+        scale ``coef`` alike or add :meth:`penalty` to the loss there.
         """
         self._require_masks("fuse the penalty")
         if isinstance(coef, bool) or not isinstance(coef, numbers.Real) or not math.isfinite(coef) or coef < 0:
@@ -305,13 +308,15 @@ class MaskSet:
     def make_permanent(self) -> nn.Module:
         """Bake ``W * scale * H(s)`` into plain weights and remove the masks: the model becomes an
         ordinary ``nn.Module`` (zeros included) that loads without contsparse installed. The
-        ``MaskSet`` has nothing left to act on and refuses further calls."""
+        ``MaskSet`` has nothing left to act on and refuses further calls; the hooks of
+        :meth:`keep_pruned_at_zero` are removed, so training on regrows the pruned weights."""
         if self._permanent:
             return self.model
         self.harden()
-        for name in list(self.masks):
-            for module, attr in self.places(name):
+        for name, mask in self.masks.items():
+            for holder, (module, attr) in zip(self.holders(name), self.places(name), strict=True):
                 delattr(module, attr + HARD_SUFFIX)
+                _move_parameter(module, attr, mask.positions.get(holder))
         for handle in self._step_hooks:  # an optimiser that fine-tunes on would be refused at each step
             handle.remove()
         self.masks, self.tied, self._owners, self._permanent, self._step_hooks = {}, {}, None, True, []
@@ -336,8 +341,10 @@ class MaskSet:
             return "MaskSet(made permanent: no masks left)"
         if not self.masks:
             return "MaskSet(no masks)"
+        remaining = "" if any(mask.logits.is_meta for mask in self.masks.values()) \
+            else f", remaining={self.weights_remaining():.4f}"
         return (f"MaskSet({len(self)} tensors, {self.num_prunable():,} weights, mode={self.mode}, "
-                f"temperature={self.temperature:.4g}, remaining={self.weights_remaining():.4f})")
+                f"temperature={self.temperature:.4g}{remaining})")
 
 
 def attach_masks(model: nn.Module, mask_init: float = 0.0, *, scale_by_init: bool = True,
@@ -373,7 +380,7 @@ def attach_masks(model: nn.Module, mask_init: float = 0.0, *, scale_by_init: boo
     masks: dict[str, ContinuousMask] = {}
     tied: dict[str, list[str]] = {}
     covered: set[str] = set()  # tensors already masked as a tied copy of an earlier selected one
-    for name in names:
+    for name in names:  # every layer checked and its mask made before any layer changes
         if name in covered:
             continue
         module, attr = owner_of(model, name)
@@ -388,17 +395,46 @@ def attach_masks(model: nn.Module, mask_init: float = 0.0, *, scale_by_init: boo
             # take the slow strided elementwise path and hand the conv a weight to re-layout.
             mask.to(memory_format=torch.channels_last)
         others = [place for place in places if place != name]
-        left_out = [place for place in others if place in excluded]
+        mask.uses, mask.attached_as = 1 + len(others), name
+        masks[name], tied[name] = mask, others
+        covered.update(others)
+    for name, mask in masks.items():
+        left_out = [place for place in tied[name] if place in excluded]
         if left_out:  # one tensor, one mask: the tie wins over an exclusion, which the user should know
             warnings.warn(f"{', '.join(left_out)} {'is' if len(left_out) == 1 else 'are'} tied to {name}, so "
                           f"{'it gets' if len(left_out) == 1 else 'they get'} its mask although the selection "
                           "leaves it out; untie the weights or exclude both to keep it dense", stacklevel=2)
-        for place in [name, *others]:
-            parametrize.register_parametrization(*owner_of(model, place), mask, unsafe=True)
-        mask.uses, mask.attached_as = 1 + len(others), name
-        masks[name], tied[name] = mask, others
-        covered.update(others)
+        for place in [name, *tied[name]]:
+            module, attr = owner_of(model, place)
+            mask.positions[place] = list(module._parameters).index(attr)  # where make_permanent puts it back
+            parametrize.register_parametrization(module, attr, mask, unsafe=True)
     return MaskSet(model, masks, tied)
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The ``state_dict`` of a hardened (or unmasked) model as the plain architecture holds it
+    (keys and values; a hardened layer lists its weight last), without changing the model: the
+    masks are folded into the weights already, so only their own entries (logits, hard mask,
+    settings) are left out. For tools that expect tensors only (an EMA
+    copy, a checkpoint for a model built without contsparse); :meth:`MaskSet.make_permanent` does
+    the same to the model itself."""
+    if any(isinstance(module, ContinuousMask) and module.mode != "hard" for module in model.modules()):
+        raise ValueError("harden the masks first: a soft mask is not folded into its weight")
+    return {key: value for key, value in model.state_dict().items()
+            if isinstance(value, Tensor) and f"{HARD_SUFFIX}." not in key}
+
+
+def _move_parameter(module: nn.Module, attr: str, position: int | None) -> None:
+    """Put ``attr`` back at ``position`` among the module's parameters, where it was before its
+    mask was attached: taking a parametrization off appends it (``bias`` before ``weight``), and
+    an optimiser's ``state_dict`` or a ``zip`` of two models' parameters goes by that order."""
+    params = module._parameters
+    if position is None or attr not in params:
+        return
+    names = [name for name in params if name != attr]
+    names.insert(min(position, len(names)), attr)
+    for name in names:
+        params[name] = params.pop(name)
 
 
 def _require_mapping(masks: object) -> None:
@@ -427,6 +463,9 @@ def _check_maskable(module: nn.Module, attr: str, name: str) -> None:
                          "its only one; remove it (parametrize.remove_parametrizations) or exclude the layer")
     if isinstance(getattr(module, attr + HARD_SUFFIX, None), ContinuousMask):
         raise ValueError(f"{name} carries a hardened CS mask: call make_permanent() before attaching new masks")
+    if isinstance(module._parameters.get(attr), nn.parameter.UninitializedParameter):
+        raise ValueError(f"{name} belongs to a lazy module ({type(module).__name__}) whose shape is not known yet: "
+                         "run one batch through the model before attaching masks, or exclude the layer")
     if not isinstance(module._parameters.get(attr), nn.Parameter):
         raise ValueError(f"{name} is not a parameter but a tensor computed by a hook (torch.nn.utils.prune or the "
                          "old weight_norm?): make it a parameter again (prune.remove / remove_weight_norm) or "
@@ -451,6 +490,7 @@ def find_masks(model: nn.Module) -> MaskSet:
 
     A mask found in several places (a tied weight) is listed once, under the name it had when it
     was attached (the first place found, for a mask unpickled from before that name was kept).
+    A model without masks is refused: an empty set would report it dense and act on nothing.
     """
     found: list[tuple[str, ContinuousMask]] = []  # every place a mask is attached, in the model's order
     for module_name, module in model.named_modules():
@@ -463,6 +503,8 @@ def find_masks(model: nn.Module) -> MaskSet:
     places: dict[int, list[str]] = {}
     for name, mask in found:
         places.setdefault(id(mask), []).append(name)
+    if not found:
+        raise ValueError(f"{type(model).__name__} carries no CS masks: attach them with attach_masks(model)")
     masks, tied = {}, {}
     for name, mask in found:
         names = places[id(mask)]

@@ -107,7 +107,7 @@ class _SoftMaskSum(torch.autograd.Function):
     def forward(ctx, logits: Tensor, mask: Tensor, beta: float) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(mask, logits)
         ctx.beta = beta
-        return mask.sum()
+        return _accurate_sum(mask)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -181,6 +181,7 @@ class ContinuousMask(nn.Module):
         self._penalty_due = False
         self.uses = 1  # places that hold the weight: several for a tied weight (see attach_masks)
         self.attached_as: str | None = None  # the weight's name in the MaskSet that attached it
+        self.positions: dict[str, int] = {}  # "<module>.<attr>" -> its index among the module's parameters
         self.mode: MaskMode = "soft"
         self._cached_mask: Tensor | None = None
         self._cache_key: tuple[Tensor, int, float] | None = None
@@ -207,7 +208,7 @@ class ContinuousMask(nn.Module):
     def __setstate__(self, state: dict) -> None:
         # Whole-module pickles from before the temperature tensor held a plain ``temperature``
         old_temperature = state.pop("temperature", None)
-        state = {"_penalty_due": False, "uses": 1, "attached_as": None, **state}
+        state = {"_penalty_due": False, "uses": 1, "attached_as": None, "positions": {}, **state}
         super().__setstate__(state)
         if "_temperature_tensor" not in self._buffers:
             self.register_buffer("_temperature_tensor", self._new_temperature_tensor(1.0, self.logits.device),
@@ -234,6 +235,10 @@ class ContinuousMask(nn.Module):
                 raise RuntimeError("fuse_penalty does not work under torch.func transforms: call "
                                    "fuse_penalty(0) and add coef * masks.penalty() to the loss")
             return weight * torch.sigmoid(self.logits * self.temperature) * self.scale
+        if self.fused_penalty and self.__dict__.get("_is_replica"):
+            raise RuntimeError("the fused penalty would be added once per nn.DataParallel replica: use "
+                               "DistributedDataParallel (torchrun), or call masks.fuse_penalty(0) and add "
+                               "coef * masks.penalty() to the loss")
         return _SoftMaskedWeight.apply(weight, self.logits, self.temperature, self.scale, self,
                                        self.fused_penalty)
 
@@ -250,9 +255,9 @@ class ContinuousMask(nn.Module):
     def soft_mask_sum(self) -> Tensor:
         """``sum(sigmoid(beta * s))``, differentiable in ``s``: this tensor's L0 stand-in."""
         if self.mode == "hard":
-            return self.hard_mask.sum()
+            return _accurate_sum(self.hard_mask)
         if _compiling():
-            return torch.sigmoid(self.logits * self._temperature_tensor).sum()
+            return _accurate_sum(torch.sigmoid(self.logits * self._temperature_tensor))
         cached, key = self._cached_mask, self._cache_key
         logits = self.logits
         if cached is None or key[0] is not logits or key[1:] != (logits._version, self.temperature):
@@ -354,6 +359,12 @@ def set_temperature(masks: Iterable[ContinuousMask], beta: float) -> None:
         with torch.no_grad():
             torch._foreach_zero_(tensors)
             torch._foreach_add_(tensors, float(beta))
+
+
+def _accurate_sum(values: Tensor) -> Tensor:
+    """A sum in float32 at least: float16 stops at 65504 (a 1000x200 layer at ``s0 = 0`` sums to
+    100000, an infinite penalty), bfloat16 counts in steps of 512 there."""
+    return values.sum(dtype=torch.float32) if values.dtype in (torch.float16, torch.bfloat16) else values.sum()
 
 
 def _beta_dtype(logits: Tensor) -> torch.dtype:

@@ -47,6 +47,8 @@ class TemperatureSchedule:
     def value(self, epoch: int, step: int = 0) -> float:
         """Temperature during ``step`` (0-based, within the epoch) of ``epoch`` (0-based);
         ``step = steps_per_epoch`` is the next epoch's start."""
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
+            raise ValueError(f"epoch must be a whole number >= 0 (0-based), got {epoch!r}")
         if self.changes_every_step:
             if not 0 <= step <= self.steps_per_epoch:  # steps_per_epoch itself: the next epoch's start
                 raise ValueError(f"step {step} of an epoch of steps_per_epoch={self.steps_per_epoch} steps: pass "

@@ -41,6 +41,9 @@ class LayerSelection:
             value = getattr(self, name)
             if value is None:  # "no patterns"
                 value = ()
+            if not isinstance(value, str | Sequence | set | frozenset):
+                raise ValueError(f"LayerSelection {name} must be a regular expression or a list of them, "
+                                 f"got {value!r}")
             patterns = (value,) if isinstance(value, str) else tuple(value)
             for pattern in patterns:
                 try:
@@ -49,11 +52,17 @@ class LayerSelection:
                     raise ValueError(f"LayerSelection {name}: {pattern!r} is not a regular expression "
                                      f"({err})") from None
             object.__setattr__(self, name, patterns)
-        types = (self.layer_types,) if isinstance(self.layer_types, type) else tuple(self.layer_types)
+        given = self.layer_types
+        types = (given,) if isinstance(given, type) else tuple(given) if isinstance(given, Sequence | set) else (given,)
         wrong = [t for t in types if not (isinstance(t, type) and issubclass(t, nn.Module))]
-        if wrong:
-            raise ValueError(f"LayerSelection layer_types must be nn.Module classes, got {wrong!r}")
+        if wrong or not types:
+            hint = " (the class, not an instance: nn.Linear, not nn.Linear(...))" \
+                if any(isinstance(t, nn.Module) for t in wrong) else ""
+            raise ValueError(f"LayerSelection layer_types must be nn.Module classes, got {given!r}{hint}")
         object.__setattr__(self, "layer_types", types)
+        for name in ("exclude_first", "exclude_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LayerSelection {name} must be True or False, got {getattr(self, name)!r}")
 
     def candidates(self, model: nn.Module) -> list[str]:
         """Qualified names of the modules of ``layer_types`` with a parameter to mask, in
