@@ -267,6 +267,12 @@ def test_compare_writes_tables_and_plots_and_reuses_finished_runs(tmp_path, caps
     monkeypatch.setattr("contsparse.experiments.compare.load_dataset", data_gone)
     assert main(argv) == 0  # everything finished: nothing is trained again, and no data is needed
     assert "[search" not in capsys.readouterr().out
+    plot = (tmp_path / "cmp" / "accuracy_vs_weights.png").read_bytes()
+    assert main(["report", str(tmp_path / "cmp"), str(tmp_path / "cmp"), "--out", str(tmp_path / "cmp")]) == 2
+    assert "is a comparison folder: give the report a folder of its own" in capsys.readouterr().err
+    assert (tmp_path / "cmp" / "accuracy_vs_weights.png").read_bytes() == plot
+    assert main(["report", str(tmp_path / "cmp")]) == 0  # into its own report/ folder
+    assert (tmp_path / "cmp" / "report" / "report.md").is_file()
     assert main(["report", str(tmp_path / "cmp"), "--out", str(tmp_path / "report")]) == 0  # one comparison
     report = (tmp_path / "report" / "report.md").read_text()
     assert all(f"| {r['label']} seed {r['seed']} |" in report for r in rows)

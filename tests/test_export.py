@@ -873,3 +873,60 @@ def test_export_writes_beside_a_baseline_but_never_over_a_runs_or_collections_fi
     for name in (".sweep.lock", "logs/point.log", "imp-seed2/m.pt"):  # its lock, logs and a run it will make
         assert main(["export", str(ticket), "--out", str(tmp_path / "cmp" / name), "--format", "pytorch"]) == 2
         assert "writing it would damage it" in capsys.readouterr().err
+
+
+# -- found by a review of the output side as a user (2026-11-27) ----------------------------
+
+
+def test_compressed_stores_every_tensor_it_makes_smaller(tmp_path):
+    """A tensor with 10 % zeros (an IMP round, STR) was stored whole below 50 %: a bitmask pays
+    from 1/32 of zeros on."""
+    from contsparse.export.compressed import save_compressed
+
+    torch.manual_seed(0)
+    some_zeros = torch.randn(64, 64)
+    some_zeros[torch.rand(64, 64) < 0.1] = 0
+    few_zeros = torch.randn(64, 64)
+    few_zeros.view(-1)[:40] = 0  # 1 %: positions would cost more than the zeros save
+    state = {"some_zeros": some_zeros, "few_zeros": few_zeros, "bias": torch.randn(64)}
+    save_compressed(state, tmp_path / "m.sparse.safetensors")
+    stored = load_file(str(tmp_path / "m.sparse.safetensors"))
+    assert {"some_zeros.values", "some_zeros.bitmask", "few_zeros", "bias"} == set(stored)
+    assert stored["some_zeros.values"].numel() + stored["some_zeros.bitmask"].numel() / 4 < some_zeros.numel()
+    loaded = load_compressed(tmp_path / "m.sparse.safetensors")
+    assert all(torch.equal(loaded[name], state[name]) for name in state)
+
+
+def test_export_names_a_file_and_leaves_no_folders_after_a_failure(run_dir, tmp_path, capsys, monkeypatch):
+    from contsparse import storage
+
+    folder = tmp_path / "newdir"
+    assert main(["export", str(run_dir), "--out", f"{folder}/"]) == 2  # a trailing slash: a folder
+    assert f"--out {folder}/ names a folder; give a file name" in capsys.readouterr().err
+    assert not folder.exists()
+
+    def disk_full(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(storage, "write_synced", disk_full)
+    assert main(["export", str(run_dir), "--out", str(folder / "sub" / "m.safetensors")]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not folder.exists() and tmp_path.exists()  # the folders it made, not those that were there
+
+
+def test_the_first_layer_mask_picture_is_the_first_layers(run_dir, tmp_path, capsys):
+    """masks.safetensors holds its names sorted (a conv model's classifier.* before features.*):
+    the model's order, kept in summary.json, decides which layer is first."""
+    import shutil
+
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "in-order")]) == 0
+    assert "wrote " + str(tmp_path / "in-order" / "first_layer_mask.png") in capsys.readouterr().out
+    reordered = tmp_path / "run"
+    shutil.copytree(run_dir, reordered)
+    summary = json.loads((reordered / "summary.json").read_text())
+    layers = summary["per_layer"]
+    summary["per_layer"] = {"hidden.1.weight": layers.pop("hidden.1.weight"), **layers}  # as if it came first
+    (reordered / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", str(reordered), "--out", str(tmp_path / "reversed")]) == 0
+    assert not (tmp_path / "reversed" / "first_layer_mask.png").exists()  # 300 inputs: no square image
+    assert (tmp_path / "reversed" / "per_layer.png").is_file()

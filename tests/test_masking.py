@@ -1386,3 +1386,19 @@ def test_temperature_schedule_refuses_an_epoch_before_the_first():
         with pytest.raises(ValueError, match="epoch must be a whole number >= 0"):
             schedule.value(epoch)
     assert schedule.value(2) == 200.0
+
+
+def test_make_permanent_bakes_the_zeros_in_even_when_training_moved_them():
+    """Without keep_pruned_at_zero, optimiser steps after harden() move pruned weights: the plain
+    model must still be W * scale * H(s), as the masks report it."""
+    model, masks = masked_mlp((8, 16, 4), temperature=1.0)
+    masks.harden()
+    kept = masks.weights_remaining()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(4, 8)).sum().backward()
+        optimizer.step()
+    plain = masks.make_permanent()
+    weights = [plain[0].weight, plain[2].weight]
+    assert sum(int(w.count_nonzero()) for w in weights) == round(kept * sum(w.numel() for w in weights))

@@ -267,6 +267,19 @@ def test_report_regenerates_a_sweep_and_combines_directories(tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(sweep), "--out", str(single)]) == 2  # a run's folder is not the report's
     assert "is a run directory: give the report a folder of its own" in capsys.readouterr().err
+    assert main(["report", str(sweep), "--out", str(sweep)]) == 0  # its own tables, written again
+    other = tmp_path / "other-sweep"
+    run_sweep(SweepPlan(make_config(TINY), {"mask_init": ["0.1"]}), other, LocalPool(workers=1))
+    assert main(["report", str(other)]) == 0
+    tables = {name: (other / name).read_bytes() for name in ("sweep.md", "sweep.json", "sweep.png")}
+    capsys.readouterr()
+    for argv in (["report", str(sweep), "--out", str(other)], ["report", str(single), "--out", str(other)],
+                 ["report", str(sweep), str(single), "--out", str(other)]):
+        assert main(argv) == 2, argv  # another sweep's tables (a failed point's reason lives only there)
+        assert f"--out {other} is a sweep folder: give the report a folder of its own" in capsys.readouterr().err
+    assert tables == {name: (other / name).read_bytes() for name in tables}
+    assert main(["report", str(sweep), "--out", str(single / "checkpoints")]) == 2  # inside a run: its files
+    assert "would overwrite one of the files of the run" in capsys.readouterr().err
     (tmp_path / "a-file").write_text("notes")
     assert main(["report", str(sweep), "--out", str(tmp_path / "a-file")]) == 2
     assert "is a file; give a folder" in capsys.readouterr().err
@@ -768,3 +781,32 @@ def test_a_ctrl_c_while_the_executor_shuts_down_keeps_every_result(tmp_path):
         pytest.fail("the interrupt was lost")
     assert [(r.name, r.status) for r in results] == [("mask_init=0.5_seed=0", "done")]
     assert (tmp_path / "mask_init=0.5_seed=0" / "summary.json").is_file()
+
+
+def test_plot_labels_say_which_point_is_which(tmp_path, monkeypatch):
+    """A comparison's points all had method=cs (or imp): the label is what varies in the series,
+    or the point's own name; a dense run's series draws no empty legend entry."""
+    import matplotlib.axes
+
+    from contsparse.reports.sweep import accuracy_plot, markdown
+
+    def point(name, values, remaining, command="ticket", reference=False):
+        return PointResult(name, values, command, "done", "", remaining, 0.9, 1, 1.0, val_accuracy=0.9,
+                           reference=reference)
+
+    comparison = [point("cs s0=-0.05 seed 0", {"method": "cs", "seed": 0}, 0.05),
+                  point("cs s0=-0.08 seed 0", {"method": "cs", "seed": 0}, 0.03)]
+    imp = [point("run", {"method": "imp"}, 0.2), point("run round 1", {"method": "imp", "round": 1}, 0.8)]
+    sweep = [point("mask_init=-0.02", {"mask_init": -0.02, "seed": 0}, 0.1),
+             point("mask_init=-0.05", {"mask_init": -0.05, "seed": 0}, 0.04)]
+    dense = [point("dense", {}, 1.0, command="train", reference=True)]
+    annotations, legend = [], []
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate", lambda self, text, *a, **k: annotations.append(text))
+    original_plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **k: legend.append(k.get("label")) or original_plot(self, *a, **k))
+    accuracy_plot({"cmp: cs": comparison, "imp": imp, "sweep": sweep, "train": dense}, tmp_path / "p.png", "t")
+    assert annotations == ["cs s0=-0.05 seed 0", "cs s0=-0.08 seed 0", "run", "round=1",
+                           "mask_init=-0.02", "mask_init=-0.05"]
+    assert not any(label and label.startswith("train") for label in legend)
+    assert "dense runs only: no sparse point" in markdown(dense, [], "train")

@@ -197,7 +197,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     export.add_argument("--format", default="safetensors", choices=list(FORMATS),
                         help="safetensors / pytorch: plain state_dict; onnx: graph with a dynamic batch axis; "
                              "compressed: nonzero values + where they are (default: safetensors)")
-    export.add_argument("--out", type=Path, help="file to write (default: RUN_DIR/export.<ext>)")
+    export.add_argument("--out", help="file to write (default: RUN_DIR/export.<ext>)")
     export.add_argument("--force", action="store_true",
                         help="replace an existing file at --out (the run's own export.<ext> is always replaced)")
     bench = sub.add_parser("bench-inference", help="CPU latency dense vs sparse (CSR) of a finished run",
@@ -449,23 +449,25 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def _report_run(run_dir: Path, out: Path | None) -> int:
-    from contsparse.experiments.rundir import RunDir
+    from contsparse.experiments.rundir import REPORT_FOLDER, RunDir
     from contsparse.export.run_model import load_run_masks
     from contsparse.reports import print_summary
+    from contsparse.reports.collect import RUN_REPORT_FILES, require_report_folder
     from contsparse.reports.plots import input_mask_image, per_layer_chart
 
     summary = {**RunDir(run_dir).read_summary(), "run_dir": str(run_dir)}  # where it is now
+    out = out or run_dir / REPORT_FOLDER
+    require_report_folder(out, RUN_REPORT_FILES)
     print_summary(summary, per_layer=True)
-    out = out or run_dir / "report"
     try:
         out.mkdir(parents=True, exist_ok=True)
         title = f"{summary['method']} · {summary['model']} · {100 * summary['weights_remaining']:.2f} % kept"
         written = [per_layer_chart(summary.get("per_layer") or {}, out / "per_layer.png", title)]
-        masks = load_run_masks(run_dir)
-        if masks:
-            first = next(iter(masks.values()))
-            written.append(input_mask_image(first, out / "first_layer_mask.png",
-                                            f"{next(iter(masks))}: kept weights per input pixel"))
+        masks = load_run_masks(run_dir)  # (a file's names are sorted: summary.json has the model's order)
+        first = next((name for name in summary.get("per_layer") or {} if name in masks), next(iter(masks), None))
+        if first is not None:  # a picture only when the first layer is a Linear one on square images
+            written.append(input_mask_image(masks[first], out / "first_layer_mask.png",
+                                            f"{first}: kept weights per input pixel"))
     except OSError as err:
         raise UserError(f"cannot write the report in {out}: {err.strerror or err}") from err
     for path in filter(None, written):

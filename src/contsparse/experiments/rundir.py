@@ -245,6 +245,33 @@ SUMMARY_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 COLLECTION_MARKERS = {"sweep.yaml": "sweep", "compare.json": "comparison"}  # the file that makes a folder one
+# Files of a sweep or comparison folder that contsparse reads back (plans, tables) or writes; its
+# logs/ folder and hidden files (the sweep's lock and token) are its own too
+COLLECTION_FILES = {"sweep.yaml", "sweep.json", "sweep.csv", "sweep.md", "sweep.png", "compare.json", "compare.csv",
+                    "compare.md", "accuracy_vs_weights.png", "accuracy_vs_epochs.png"}
+REPORT_FOLDER = "report"  # where `contsparse report` writes about a run or comparison by default
+
+
+def folder_owning(path: Path, flag: str) -> Path | None:
+    """The run, sweep or comparison folder whose own file ``path`` is, if any (writing over it would
+    damage that folder): the nearest run folder above it decides (a ticket's dense/ baseline is a
+    run of its own inside the ticket's folder). A collection's ``report/`` folder is the reports'.
+    ``flag`` names the path in the one-line error for a path that cannot be resolved."""
+    try:
+        resolved = path.resolve()
+        for folder in resolved.parents:
+            if (folder / RunDir.CONFIG).is_file():
+                return folder if RunDir(folder).owns(resolved) else None
+            if any((folder / marker).is_file() for marker in COLLECTION_MARKERS):
+                # its tables, logs/, lock and token; and its run folders, also those not made yet
+                parts = resolved.relative_to(folder).parts
+                first = parts[0]
+                if first == REPORT_FOLDER and len(parts) > 1:
+                    return None
+                return folder if len(parts) > 1 or first in COLLECTION_FILES or first.startswith(".") else None
+    except (OSError, RuntimeError) as err:  # a name too long, a symlink loop
+        raise UserError(f"{flag} {path}: {getattr(err, 'strerror', None) or err}") from err
+    return None
 
 
 def given_file(source: str | Path, flag: str, name: str) -> Path:

@@ -33,10 +33,11 @@ class UnknownEncoding(ValueError):
     """A layout entry names an encoding this version does not know (a newer writer's, or damage)."""
 
 
-def compress_state_dict(state: dict[str, torch.Tensor], min_zero_fraction: float = 0.5
+def compress_state_dict(state: dict[str, torch.Tensor], min_zero_fraction: float = 0.0
                         ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors to store and metadata: floating tensors with at least ``min_zero_fraction`` zeros
-    become ``<name>.values`` (the nonzeros, row-major) and ``<name>.bitmask`` (packed bits) or
+    """Tensors to store and metadata: each floating tensor that this makes smaller (a float32 one
+    with more than 1/32 zeros; and at least ``min_zero_fraction`` of them) becomes
+    ``<name>.values`` (the nonzeros, row-major) and ``<name>.bitmask`` (packed bits) or
     ``<name>.gaps`` (see the module's docstring), whichever is smaller. A tensor whose parts'
     names another entry already has is stored as it is, so no name is ever ambiguous."""
     not_tensors = [name for name, value in state.items() if not isinstance(value, torch.Tensor)]
@@ -50,11 +51,14 @@ def compress_state_dict(state: dict[str, torch.Tensor], min_zero_fraction: float
         tensor = tensor.detach().cpu().contiguous()
         nonzero = tensor != 0
         names_free = not any(f"{name}.{part}" in state for part in PARTS)
-        if tensor.is_floating_point() and tensor.numel() and names_free \
-                and 1 - nonzero.float().mean().item() >= min_zero_fraction:
+        kept = int(nonzero.sum()) if tensor.is_floating_point() else tensor.numel()
+        size, bitmask = tensor.numel(), (tensor.numel() + 7) // 8
+        # the positions take at least a byte per kept entry (gaps) or the bitmask's bytes
+        smaller = (kept * tensor.element_size() + min(kept, bitmask)) < size * tensor.element_size()
+        if tensor.is_floating_point() and size and names_free and smaller and size - kept >= min_zero_fraction * size:
             flat = nonzero.flatten().numpy()
             gaps = _gaps(np.flatnonzero(flat))
-            if gaps.size < (flat.size + 7) // 8:  # "size": what the bitmask's length checked
+            if gaps.size < bitmask:  # "size": what the bitmask's length checked
                 tensors[f"{name}.gaps"] = torch.from_numpy(gaps)
                 layout[name] = {"shape": list(tensor.shape), "encoding": "gaps", "size": int(flat.size)}
             else:
@@ -66,11 +70,11 @@ def compress_state_dict(state: dict[str, torch.Tensor], min_zero_fraction: float
     return tensors, {FORMAT_KEY: json.dumps(layout), ORDER_KEY: json.dumps(list(state))}
 
 
-def save_compressed(state: dict[str, torch.Tensor], path: str | Path, min_zero_fraction: float = 0.5) -> None:
+def save_compressed(state: dict[str, torch.Tensor], path: str | Path, min_zero_fraction: float = 0.0) -> None:
     write_atomic(Path(path), compressed_bytes(state, min_zero_fraction))
 
 
-def compressed_bytes(state: dict[str, torch.Tensor], min_zero_fraction: float = 0.5,
+def compressed_bytes(state: dict[str, torch.Tensor], min_zero_fraction: float = 0.0,
                      extra_metadata: dict[str, str] | None = None) -> bytes:
     """The file :func:`save_compressed` writes, in memory; ``extra_metadata`` (the architecture,
     the input preprocessing) goes into the safetensors header beside the layout."""

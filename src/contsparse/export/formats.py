@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import re
 import warnings
 from collections.abc import Iterable
@@ -16,7 +17,7 @@ from safetensors.torch import save
 
 from contsparse.data import input_preprocessing
 from contsparse.errors import UserError
-from contsparse.experiments.rundir import COLLECTION_MARKERS, RunDir
+from contsparse.experiments.rundir import folder_owning
 from contsparse.export.compressed import compressed_bytes
 from contsparse.export.run_model import RunModel, load_run_model
 from contsparse.storage import file_in_the_way, for_safetensors, fsync_file, replaced_atomically, write_atomic
@@ -32,12 +33,14 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, imp
     own ``export.*`` file, which export writes, always is)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if out is not None and str(out).endswith(("/", os.sep)):  # (a Path drops the slash that says "a folder")
+        raise UserError(f"--out {out} names a folder; give a file name")
     path = Path(out) if out is not None else Path(run_dir) / f"export{FORMATS[fmt]}"
     named = _format_named_by(path)
     if named is not None and named != fmt and (fmt, named) != ("compressed", "safetensors"):
-        raise UserError(f"--out {path} names a {named} file but --format is {fmt}: give --format {named} or a "
+        raise UserError(f"--out {path} names {_a(named)} file but --format is {fmt}: give --format {named} or a "
                         f"name ending in {FORMATS[fmt]}")
-    owner = _run_owning(path)
+    owner = folder_owning(path, "--out")
     if owner is not None:
         raise UserError(f"--out {path} is one of the files of the run, sweep or comparison {owner}; writing it "
                         "would damage it: give another file name")
@@ -51,6 +54,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, imp
         raise UserError(f"--out {path} is not a regular file; give a file name")
     if path.is_file() and not replace and not _is_default_export(path, run_dir):
         raise UserError(f"--out {path} exists: give --force to replace it, or another file name")
+    made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "onnx":
@@ -60,8 +64,23 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, imp
             # reason (torch.save and safetensors raise their own errors), and never half a file
             write_atomic(path, _serialise(run, fmt))
     except OSError as err:
+        _remove_empty(made)
         raise UserError(f"cannot write {path}: {err.strerror or err}") from err
+    except BaseException:  # a model ONNX cannot trace, Ctrl-C: no folders left behind for nothing
+        _remove_empty(made)
+        raise
     return path
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders an export made (deepest first) where they are still empty."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
 
 
 def _is_default_export(path: Path, run_dir: str | Path) -> bool:
@@ -79,31 +98,6 @@ def _format_named_by(path: Path) -> str | None:
         return "compressed"
     suffixes = {suffix: fmt for fmt, suffix in FORMATS.items()} | {".pth": "pytorch"}
     return suffixes.get(path.suffix.lower())
-
-
-# Files of a sweep or comparison folder that contsparse reads back (plans, tables) or writes; its
-# logs/ folder and hidden files (the sweep's lock and token) are its own too
-COLLECTION_FILES = {"sweep.yaml", "sweep.json", "sweep.csv", "sweep.md", "sweep.png", "compare.json", "compare.csv",
-                    "compare.md", "accuracy_vs_weights.png", "accuracy_vs_epochs.png"}
-
-
-def _run_owning(path: Path) -> Path | None:
-    """The run, sweep or comparison folder whose own file ``path`` is, if any (any run's, not only
-    the one exported): the nearest run folder above it decides (a ticket's dense/ baseline is a run
-    of its own inside the ticket's folder)."""
-    try:
-        resolved = path.resolve()
-        for folder in resolved.parents:
-            if (folder / RunDir.CONFIG).is_file():
-                return folder if RunDir(folder).owns(resolved) else None
-            if any((folder / marker).is_file() for marker in COLLECTION_MARKERS):
-                # its tables, logs/, lock and token; and its run folders, also those not made yet
-                parts = resolved.relative_to(folder).parts
-                first = parts[0]
-                return folder if len(parts) > 1 or first in COLLECTION_FILES or first.startswith(".") else None
-    except (OSError, RuntimeError) as err:  # a name too long, a symlink loop
-        raise UserError(f"--out {path}: {getattr(err, 'strerror', None) or err}") from err
-    return None
 
 
 def _serialise(run: RunModel, fmt: str) -> bytes:

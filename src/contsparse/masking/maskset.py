@@ -45,7 +45,8 @@ class MaskSet:
         model, and stop re-zeroing pruned weights, without a word)."""
         if self._permanent:
             raise RuntimeError(f"cannot {action}: the masks were made permanent and the model is a plain nn.Module "
-                               "now (its pruned weights are zeros: count them with contsparse.masking.count_zeros)")
+                               "now (its pruned weights are zeros: count them with "
+                               "contsparse.masking.count_zeros(model.state_dict()))")
 
     # -- parameters ----------------------------------------------------------------------------
     def mask_parameters(self) -> list[nn.Parameter]:
@@ -313,6 +314,7 @@ class MaskSet:
         if self._permanent:
             return self.model
         self.harden()
+        self.zero_pruned()  # pruned weights that training moved without keep_pruned_at_zero
         for name, mask in self.masks.items():
             for holder, (module, attr) in zip(self.holders(name), self.places(name), strict=True):
                 delattr(module, attr + HARD_SUFFIX)

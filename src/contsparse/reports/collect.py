@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 from contsparse.errors import UserError
-from contsparse.experiments.rundir import RunDir
+from contsparse.experiments.rundir import COLLECTION_MARKERS, REPORT_FOLDER, RunDir, folder_owning
 from contsparse.experiments.sweep import PointResult, collect, is_sweep
 from contsparse.reports.sweep import sweep_title, write_report, write_sweep
 
@@ -80,14 +80,17 @@ def report_directories(directories: list[Path], out: Path | None) -> list[Path]:
     """One sweep: its files again, in place (or in ``out``). Several directories, or a comparison:
     ``report.md``, ``report.csv`` and one plot in ``out`` (default ``./report``, or the
     comparison's ``report/`` folder)."""
-    if out is not None and (out / RunDir.CONFIG).is_file():  # its files are a run's own; a report would mix in
-        raise UserError(f"--out {out} is a run directory: give the report a folder of its own")
     try:
         if len(directories) == 1 and is_sweep(directories[0]):
+            if out is not None:  # (without one, the sweep's own tables are written again)
+                require_report_folder(out, SWEEP_FILES, reported=directories[0])
             plan, results = collect(directories[0])
             target = out or directories[0]
             target.mkdir(parents=True, exist_ok=True)
             return write_sweep(results, target, sweep_title(plan.base))
+        target = out or (directories[0] / REPORT_FOLDER if len(directories) == 1 and is_comparison(directories[0])
+                         else Path(REPORT_FOLDER))
+        require_report_folder(target, REPORT_FILES)
         series: dict[str, list[PointResult]] = {}
         for directory in directories:
             label = directory.name or str(directory)
@@ -95,7 +98,29 @@ def report_directories(directories: list[Path], out: Path | None) -> list[Path]:
                 label += "'"
             series.update(_series(label, directory))
         if len(directories) == 1 and is_comparison(directories[0]):  # beside its own files, as a run's report is
-            return write_report(series, out or directories[0] / "report", f"comparison {directories[0].name}")
-        return write_report(series, out or Path("report"), f"{len(directories)} directories")
+            return write_report(series, target, f"comparison {directories[0].name}")
+        return write_report(series, target, f"{len(directories)} directories")
     except OSError as err:
         raise UserError(f"cannot write the report: {err.strerror or err}") from err
+
+
+SWEEP_FILES = ("sweep.md", "sweep.csv", "sweep.json", "sweep.png")  # what write_sweep writes
+REPORT_FILES = ("report.md", "report.csv", "accuracy_vs_weights.png")  # what write_report writes
+RUN_REPORT_FILES = ("per_layer.png", "first_layer_mask.png")  # what a single run's report writes
+
+
+def require_report_folder(out: Path, names: tuple[str, ...], reported: Path | None = None) -> None:
+    """Refuse a report folder that is a run directory, or where the report's files (``names``)
+    would overwrite a run's, sweep's or comparison's own (but those of ``reported``, the sweep
+    whose tables the report writes again): its records, such as a failed point's reason, would
+    be lost for good."""
+    if (out / RunDir.CONFIG).is_file():  # its files are a run's own; a report would mix in
+        raise UserError(f"--out {out} is a run directory: give the report a folder of its own")
+    kind = next((kind for marker, kind in COLLECTION_MARKERS.items() if (out / marker).is_file()), None)
+    if kind is not None and (reported is None or out.resolve() != reported.resolve()):
+        raise UserError(f"--out {out} is a {kind} folder: give the report a folder of its own")
+    for name in names:
+        owner = folder_owning(out / name, "--out")
+        if owner is not None and (reported is None or owner.resolve() != reported.resolve()):
+            raise UserError(f"--out {out}: {name} would overwrite one of the files of the run, sweep or comparison "
+                            f"{owner}: give the report a folder of its own")

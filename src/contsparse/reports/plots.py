@@ -112,7 +112,8 @@ def input_mask_image(mask: torch.Tensor, path: Path, title: str = "") -> Path | 
         return None
     kept = mask.float().sum(0).reshape(side, side)
     fig, ax = plt.subplots(figsize=(4.2, 3.6))
-    image = ax.imshow(kept.numpy(), cmap="viridis", vmin=0, vmax=mask.shape[0])  # counts: 0 .. outputs
+    # counts from 0 to the busiest pixel's: a sparse ticket's pixels keep a few of hundreds of weights
+    image = ax.imshow(kept.numpy(), cmap="viridis", vmin=0, vmax=max(1.0, float(kept.max())))
     fig.colorbar(image, ax=ax, label=f"weights kept (of {mask.shape[0]})")
     ax.set_xticks([])
     ax.set_yticks([])

@@ -96,7 +96,8 @@ def accuracy_plot(series: dict[str, list[PointResult]], path: Path, title: str) 
     fig, ax = accuracy_axes()
     dense = {label: dense_accuracies(results) for label, results in series.items()}
     with_dense = [label for label, accuracies in dense.items() if accuracies]
-    if len({tuple(dense[label]) for label in with_dense}) == 1:  # one reference (a comparison's methods share it)
+    runs = {label: frozenset(r.run_dir for r in results if r.reference) for label, results in series.items()}
+    if len({runs[label] for label in with_dense}) == 1:  # one reference (a comparison's methods share its runs)
         dense_band(ax, dense[with_dense[0]])
         with_dense = with_dense[:1]
     plotted, empty = False, []
@@ -107,17 +108,18 @@ def accuracy_plot(series: dict[str, list[PointResult]], path: Path, title: str) 
                        label=f"{label}: dense ({len(dense[label])} run{'s' if len(dense[label]) > 1 else ''})")
         done = _finished_sparse(results)
         plotted = plotted or bool(done)
-        empty += [f"{_short(r)} ({percent(r.test_accuracy)})" for r in results
+        empty += [f"{_short(r, results)} ({percent(r.test_accuracy)})" for r in results
                   if r.status == "done" and r.command != "train" and r.weights_remaining == 0]
         ax.scatter([100 * r.weights_remaining for r in done], [100 * r.test_accuracy for r in done], s=18,
                    color=color, alpha=0.55)
         if len(done) <= 12:  # few points: say which is which
             for r in done:
-                ax.annotate(_short(r), (100 * r.weights_remaining, 100 * r.test_accuracy), fontsize=7,
+                ax.annotate(_short(r, results), (100 * r.weights_remaining, 100 * r.test_accuracy), fontsize=7,
                             xytext=(4, 4), textcoords="offset points", color=color)
         front = [r for r in pareto_front(results) if r.weights_remaining]  # 0 has no place on a log axis
-        ax.plot([100 * r.weights_remaining for r in front], [100 * r.test_accuracy for r in front], marker="o",
-                markersize=5, color=color, label=f"{label} (Pareto front on validation)")
+        if front:  # (a dense run's series has none: no legend entry for nothing drawn)
+            ax.plot([100 * r.weights_remaining for r in front], [100 * r.test_accuracy for r in front], marker="o",
+                    markersize=5, color=color, label=f"{label} (Pareto front on validation)")
     note_without_weights(ax, empty)
     if not plotted:  # only dense, failed, pending or empty points: an x axis would mean nothing
         reason = _nothing_sparse([r for results in series.values() for r in results])
@@ -129,7 +131,7 @@ def accuracy_plot(series: dict[str, list[PointResult]], path: Path, title: str) 
 def _nothing_sparse(results: list[PointResult]) -> str:
     """Why there is no sparse point to show."""
     done = [r for r in results if r.status == "done" and not r.reference]
-    if done and all(r.command == "train" for r in done):
+    if (done or results) and all(r.command == "train" for r in (done or results)):  # (a dense run's reference: itself)
         return "dense runs only: no sparse point"
     if any(r.weights_remaining == 0 for r in done):
         return "no finished sparse point with weights left"
@@ -141,9 +143,13 @@ def _finished_sparse(results: list[PointResult]) -> list[PointResult]:
     return [r for r in results if r.status == "done" and r.command != "train" and r.weights_remaining]
 
 
-def _short(result: PointResult) -> str:
-    values = {k: v for k, v in result.values.items() if k != "seed"} or result.values
-    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()) or result.name
+def _short(result: PointResult, series: list[PointResult]) -> str:
+    """What tells the point apart in its series: the settings that vary there (not the seed),
+    or its name (a comparison's own label, say "imp round 2", where only the seed varies)."""
+    keys = [key for key in dict.fromkeys(k for r in series for k in r.values)
+            if key != "seed" and len({repr(r.values.get(key)) for r in series}) > 1 and key in result.values]
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in ((k, result.values[k]) for k in keys)) or result.name
 
 
 def write_sweep(results: list[PointResult], out: Path, title: str) -> list[Path]:
