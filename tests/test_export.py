@@ -587,6 +587,9 @@ def test_cli_export_errors_are_one_line(run_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match="2"):  # the run directory caught by the list of batch sizes
         main(["bench-inference", "--batch-sizes", "1", str(run_dir)])
     assert "is not a batch size (a run directory? give it before --batch-sizes)" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        main(["bench-inference", str(run_dir), "--batch-sizes", "1.5"])
+    assert "'1.5' is not a batch size (a whole number)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pytorch", "compressed"])
@@ -930,3 +933,13 @@ def test_the_first_layer_mask_picture_is_the_first_layers(run_dir, tmp_path, cap
     assert main(["report", str(reordered), "--out", str(tmp_path / "reversed")]) == 0
     assert not (tmp_path / "reversed" / "first_layer_mask.png").exists()  # 300 inputs: no square image
     assert (tmp_path / "reversed" / "per_layer.png").is_file()
+
+
+def test_to_sparse_refuses_a_model_with_soft_masks():
+    """Its weights are computed at each call: every layer would run dense without a word."""
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    masks = attach_masks(model, mask_init=0.5)
+    with pytest.raises(ValueError, match=r"soft CS masks attached: .* call masks\.harden\(\) or masks\.make_permanent"):
+        to_sparse(model)
+    masks.harden()
+    assert set(to_sparse(model).kernel_choices) == {"0", "2"}

@@ -282,8 +282,9 @@ def _batch_size(text: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a batch size (a run directory? give it before "
-                                         "--batch-sizes)") from None
+        looks_like_a_number = text.replace(".", "", 1).replace("e", "", 1).lstrip("+-").isdigit()
+        hint = "a whole number" if looks_like_a_number else "a run directory? give it before --batch-sizes"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a batch size ({hint})") from None
 
 
 def _add_run_flags(cmd: argparse.ArgumentParser, with_method: bool, skip: frozenset[str] | set[str] = frozenset(),
@@ -486,6 +487,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_bench_inference(args: argparse.Namespace) -> int:
+    import torch
     from rich.console import Console
     from rich.table import Table
 
@@ -509,6 +511,9 @@ def run_bench_inference(args: argparse.Namespace) -> int:
     console.print("speedup: sparse vs the model as it is; vs inlined: sparse vs the same inlined graph with dense "
                   "kernels (inlined ms), i.e. what the CSR kernels add to the gain of inlining the layers",
                   highlight=False)
+    console.print(f"ms per batch of random inputs (same top-1: on them), median of {args.blocks} interleaved blocks, "
+                  f"{torch.get_num_threads()} threads; other work on the machine skews them and the kernels chosen: "
+                  "time on an idle machine", highlight=False)
     for row in rows:  # below the table: a list of layer names would not fit a column
         console.print(f"batch {row.batch_size}: sparse (CSR) kernels in {', '.join(row.sparse_layers) or 'no layer'}"
                       ", dense kernels elsewhere", highlight=False)

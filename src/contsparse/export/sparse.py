@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.nn.modules import module as hook_registry  # nn.Module's global hooks live there
 
+from contsparse.masking import ContinuousMask
 from contsparse.timing import interleaved_times
 
 Kernels = Literal["auto", "dense", "sparse"]
@@ -151,6 +152,9 @@ def to_sparse(model: nn.Module, batch_size: int = 1, kernels: Kernels = "auto",
     """
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    if any(isinstance(module, ContinuousMask) and module.mode == "soft" for module in model.modules()):
+        raise ValueError("the model has soft CS masks attached: its weights are computed at each call, so no "
+                         "layer would run sparse; call masks.harden() or masks.make_permanent() first")
     model = copy.deepcopy(model).eval()  # the graph keeps the model's other modules (conv, norm)
     choices: dict[str, str] = {}
 
