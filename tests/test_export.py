@@ -943,3 +943,19 @@ def test_to_sparse_refuses_a_model_with_soft_masks():
         to_sparse(model)
     masks.harden()
     assert set(to_sparse(model).kernel_choices) == {"0", "2"}
+
+
+def test_a_final_model_that_does_not_fit_its_architecture_is_one_line(run_dir, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "run"
+    shutil.copytree(run_dir, broken)
+    state = load_file(str(broken / "model.safetensors"))
+    del state["output.bias"]
+    save_file(state, str(broken / "model.safetensors"))
+    assert main(["export", str(broken), "--out", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the architecture its config.yaml names (lenet300): " in err and "output.bias" in err
+    assert err.count("\n") == 1 and "edited by hand" not in err

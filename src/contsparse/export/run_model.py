@@ -42,6 +42,10 @@ def load_run_model(run_dir: str | Path, imports: Iterable[str] = ()) -> RunModel
             config = make_config(load_saved_config(run.file(RunDir.CONFIG)))
     except UserError as err:
         raise UserError(f"{run.path}: {err}") from err
+    edited = " (config.yaml was edited by hand: restore it)" if run.config_edited() else ""
+    if config.model != summary["model"]:
+        raise UserError(f"{run.path}: its config.yaml names the model {config.model}, its summary.json "
+                        f"{summary['model']}{edited}")
     if "input_shape" in summary:
         input_shape, num_classes = tuple(summary["input_shape"]), int(summary["num_classes"])
     else:  # runs written before the summary recorded the data's shape
@@ -55,7 +59,7 @@ def load_run_model(run_dir: str | Path, imports: Iterable[str] = ()) -> RunModel
         model.load_state_dict(_final_tensors(run, RunDir.MODEL, "model"))
     except RuntimeError as err:  # load_state_dict lists every key: the first line says enough
         raise UserError(f"the final model of {run.path} does not fit the architecture its config.yaml names "
-                        f"({config.model}): {' '.join(str(err).split())[:300]}") from err
+                        f"({config.model}){edited}: {' '.join(str(err).split())[:300]}") from err
     return RunModel(model.eval(), config.model, input_shape, num_classes, masks, config.dataset, config.data_dir)
 
 
