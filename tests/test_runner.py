@@ -392,3 +392,40 @@ def test_a_file_system_that_refuses_modes_still_takes_the_files(tmp_path, monkey
 
     write_atomic(tmp_path / "f.txt", b"kept")
     assert (tmp_path / "f.txt").read_bytes() == b"kept"
+
+
+AUGMENTED_BATCHES: list[int] = []
+
+
+def _counted_augmentation(_data_dir, _options):
+    """Synthetic data whose training augmentation counts the batches it sees."""
+    import dataclasses
+
+    def augment(x, generator):
+        AUGMENTED_BATCHES.append(len(x))
+        return x
+
+    return dataclasses.replace(load_synthetic(sizes=(256, 64, 64)), augment=augment)
+
+
+def test_no_augment_trains_on_the_images_as_they_are(tmp_path):
+    """--no-augment turns the dataset's training augmentation off (Frankle & Carbin's Conv-2/4/6
+    trained without CIFAR's crops and flips); where a dataset has none, it is the same run."""
+    import dataclasses
+
+    from contsparse.data import register_dataset, without_augmentation
+    from contsparse.data.imagenet import FolderSplit
+
+    register_dataset("test-counted-augmentation", _counted_augmentation)
+    settings = dict(dataset="test-counted-augmentation", epochs=1, rounds=1, rewind_epoch=0, ticket_epochs=1,
+                    dense_baseline=False, batch_size=64, device="cpu")
+    Runner(make_config(settings), tmp_path / "with", lambda _: None).execute()
+    assert AUGMENTED_BATCHES == [64] * 8  # 4 batches in each of the two phases
+    AUGMENTED_BATCHES.clear()
+    Runner(make_config({**settings, "augment": False}), tmp_path / "without", lambda _: None).execute()
+    assert AUGMENTED_BATCHES == []
+    assert make_config({**settings, "augment": False}).identity() != make_config(settings).identity()
+    assert make_config({"augment": False}).identity() == make_config({}).identity()  # MNIST: nothing to turn off
+    folders = FolderSplit(("a.jpg",), torch.zeros(1, dtype=torch.long), train=True)
+    data = dataclasses.replace(load_synthetic(sizes=(8, 8, 8)), train=folders)
+    assert without_augmentation(data).train.train is False  # decoded as evaluation decodes them

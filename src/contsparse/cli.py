@@ -77,6 +77,8 @@ HELP = {
     "mask_optimizer": "optimiser of the mask logits: sgd, adam or adamw",
     "mask_momentum": "momentum of the mask logits' optimiser",
     "mask_nesterov": "Nesterov momentum for the mask logits' SGD (the CIFAR presets, as the reference code)",
+    "augment": "the dataset's training augmentation: CIFAR's pad-4 crops and flips, ImageNet's random resized "
+               "crops and flips (--no-augment: training images as evaluation sees them; MNIST has none)",
     "mask_transposed_convs": "mask ConvTranspose weights too (a model of your own; runs made before they were "
                              "masked: --no-mask-transposed-convs)",
     "sparsity": "magnitude, random, gmp, dnw: fraction of the weights pruned, in (0, 1)",

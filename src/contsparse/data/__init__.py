@@ -7,7 +7,7 @@ from contsparse.data.registry import (
     load_dataset,
     register_dataset,
 )
-from contsparse.data.splits import BatchIterator, DatasetSplits, TensorSplit, make_batches
+from contsparse.data.splits import BatchIterator, DatasetSplits, TensorSplit, make_batches, without_augmentation
 
 __all__ = ["BatchIterator", "DataOptions", "DatasetSplits", "TensorSplit", "available_datasets", "input_preprocessing",
-           "load_dataset", "make_batches", "register_dataset"]
+           "load_dataset", "make_batches", "register_dataset", "without_augmentation"]

@@ -3,7 +3,8 @@
 The compressed IDX files and the pickle are verified against known checksums before they are
 parsed (the pickle with a numpy-only unpickler); uncompressed IDX files, which have no published
 checksums, are checked for MNIST's layout (28x28 images, one label 0-9 per image). The 60k
-training images are split 55k train / 5k validation (the last 5,000, as in Frankle & Carbin);
+training images are split 55k train / 5k validation (Frankle & Carbin's sizes; they hold out 5,000
+drawn at random, here the last 5,000, so that every source gives the same split);
 the 10k test images stay separate.
 """
 

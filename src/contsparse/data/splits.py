@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -58,6 +59,16 @@ class DatasetSplits:
     input_shape: tuple[int, ...]
     num_classes: int
     augment: Augment | None = None
+
+
+def without_augmentation(data: DatasetSplits) -> DatasetSplits:
+    """The same splits with training batches served as they are: no batched augmentation (CIFAR's
+    crops and flips), and image folders decoded as for evaluation (ImageNet: resize and centre
+    crop instead of random resized crops and flips)."""
+    train = data.train
+    if dataclasses.is_dataclass(train) and getattr(train, "train", None) is True:  # decoded per image
+        train = dataclasses.replace(train, train=False)
+    return dataclasses.replace(data, train=train, augment=None)
 
 
 class BatchIterator:

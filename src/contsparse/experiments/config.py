@@ -47,6 +47,7 @@ class RunConfig:
     model: str = "lenet300"
     dataset: str = "mnist"
     data_dir: str | None = None
+    augment: bool = True  # the dataset's training augmentation (CIFAR: crops and flips; ImageNet: random crops)
     train_subset: int | None = None  # use only the first N training examples (quick runs, tests)
     image_size: int = 224  # imagenet: training crop / evaluation size
     workers: int = 4  # imagenet: image-decoding processes
@@ -179,7 +180,8 @@ NOT_FOR_DENSE = {"method", "rounds", "ticket_epochs", "rewind_epoch", "mask_init
 # checkpoints are read with it, and a setting counts in a run's name only when it differs from it
 ADDED_LATER: dict[str, Any] = {"prune_fraction_conv": None, "mask_from": None, "gmp_start_epoch": 0,
                                "reference_steps": False, "mask_nesterov": False, "mask_transposed_convs": False,
-                               "weights_from": None, "weights_sha256": None}
+                               "weights_from": None, "weights_sha256": None, "augment": True}
+DATASETS_WITHOUT_AUGMENTATION = {"mnist", "synthetic"}  # --no-augment has nothing to turn off there
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
@@ -195,6 +197,8 @@ def inert_settings(config: RunConfig) -> set[str]:
     inert = set() if config.method == "cs" and config.mask_scaling else {"reference_steps"}  # no scale to follow
     if config.method != "cs" or config.mask_optimizer != "sgd" or config.mask_momentum == 0:  # nothing to act on
         inert.add("mask_nesterov")
+    if config.dataset in DATASETS_WITHOUT_AUGMENTATION:
+        inert.add("augment")
     if config.model in available_models() and model_spec(config.model).build.__module__.startswith("contsparse."):
         inert.add("mask_transposed_convs")  # the built-in models have no transposed convolutions
     return inert

@@ -4,7 +4,8 @@ Values come from the reference code's defaults (DESIGN.md section 1 and 3) where
 (CIFAR: 85 epochs per round, batch 128, SGD 0.1 with drops at epochs 56 and 71, Nesterov momentum
 for weights and mask logits alike, only the 3x3 convs masked; ``s0 = -0.05`` where the reference
 defaults to 0, which keeps more weights); IMP run with them prunes globally, as Frankle et al. and
-open_lth do for these networks. Conv-2/4/6 follow Frankle & Carbin (2019): Adam, batch 60, their
+open_lth do for these networks, over the masked layers (open_lth prunes ResNet-20's 1x1 shortcut
+convs and classifier too). Conv-2/4/6 follow Frankle & Carbin (2019): Adam, batch 60, their
 iteration counts in epochs of 45,000 images, conv layers pruned at 10 % (Conv-6: 15 %) per IMP
 round, fully connected ones at 20 %, the output layer at 10 %, weights reset to iteration 0.
 ImageNet follows the usual ResNet-50 recipe. Precedence: preset < ``--config`` < flags.
@@ -61,7 +62,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         {"command": "prune", "model": "resnet50", "dataset": "imagenet", "epochs": 90, "rounds": 1,
          "ticket_epochs": 10, "batch_size": 256, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True,
          "weight_decay": 1e-4, "lr_schedule": "cosine", "mask_init": 0.0, "penalty": 1e-8,
-         "penalty_normalize": False, "final_temp": 200.0, "mask_lr": 0.1, "mask_momentum": 0.9,
+         "penalty_normalize": False, "final_temp": 200.0, "mask_lr": 0.1, "mask_momentum": 0.9, "mask_nesterov": True,
          "mask_exclude": ["downsample", "^fc$"], "image_size": 224, "workers": 8,
          "synthetic_shape": [3, 224, 224], "synthetic_classes": 1000}),
 }

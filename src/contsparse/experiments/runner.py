@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 import contsparse
 from contsparse import faults
-from contsparse.data import BatchIterator, DatasetSplits, TensorSplit, load_dataset, make_batches
+from contsparse.data import BatchIterator, DatasetSplits, TensorSplit, load_dataset, make_batches, without_augmentation
 from contsparse.errors import RunInterrupted, UserError, raised_by_torch_compile
 from contsparse.experiments.config import (
     RunConfig,
@@ -474,6 +474,8 @@ class Runner:
             data = load_dataset(self.config.dataset, self.config.data_dir, self.config.data_options())
             if self.config.train_subset is not None:
                 data = dataclasses.replace(data, train=data.train.subset(self.config.train_subset))
+            if not self.config.augment:
+                data = without_augmentation(data)
             check_labels(data)
             self._data = data
         return self._data
