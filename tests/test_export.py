@@ -891,10 +891,11 @@ def test_compressed_stores_every_tensor_it_makes_smaller(tmp_path):
     some_zeros[torch.rand(64, 64) < 0.1] = 0
     few_zeros = torch.randn(64, 64)
     few_zeros.view(-1)[:40] = 0  # 1 %: positions would cost more than the zeros save
-    state = {"some_zeros": some_zeros, "few_zeros": few_zeros, "bias": torch.randn(64)}
+    small = torch.tensor([1.0, 0.0, 2.0, 3.0])  # its second entry in the header would cost more
+    state = {"some_zeros": some_zeros, "few_zeros": few_zeros, "bias": torch.randn(64), "small": small}
     save_compressed(state, tmp_path / "m.sparse.safetensors")
     stored = load_file(str(tmp_path / "m.sparse.safetensors"))
-    assert {"some_zeros.values", "some_zeros.bitmask", "few_zeros", "bias"} == set(stored)
+    assert {"some_zeros.values", "some_zeros.bitmask", "few_zeros", "bias", "small"} == set(stored)
     assert stored["some_zeros.values"].numel() + stored["some_zeros.bitmask"].numel() / 4 < some_zeros.numel()
     loaded = load_compressed(tmp_path / "m.sparse.safetensors")
     assert all(torch.equal(loaded[name], state[name]) for name in state)
@@ -902,6 +903,9 @@ def test_compressed_stores_every_tensor_it_makes_smaller(tmp_path):
 
 def test_export_names_a_file_and_leaves_no_folders_after_a_failure(run_dir, tmp_path, capsys, monkeypatch):
     from contsparse import storage
+
+    for _ in range(2):  # from Python, a file given is replaced, as torch.save would
+        assert export_run(run_dir, "safetensors", tmp_path / "again.safetensors") == tmp_path / "again.safetensors"
 
     folder = tmp_path / "newdir"
     assert main(["export", str(run_dir), "--out", f"{folder}/"]) == 2  # a trailing slash: a folder

@@ -1402,3 +1402,48 @@ def test_make_permanent_bakes_the_zeros_in_even_when_training_moved_them():
     plain = masks.make_permanent()
     weights = [plain[0].weight, plain[2].weight]
     assert sum(int(w.count_nonzero()) for w in weights) == round(kept * sum(w.numel() for w in weights))
+
+
+def test_make_permanent_restores_the_order_of_a_module_with_several_masked_weights():
+    """An LSTM's weight_ih_l0 and weight_hh_l0: positions recorded before either is taken out."""
+    torch.manual_seed(0)
+    model = nn.LSTM(4, 5)
+    plain_names = [name for name, _ in nn.LSTM(4, 5).named_parameters()]
+    masks = cs.attach_masks(model, 0.5, selection=LayerSelection(layer_types=(nn.LSTM,),
+                                                                 parameters=(r"weight_(ih|hh)_l\d+",)))
+    masks.harden()
+    masks.make_permanent()
+    assert [name for name, _ in model.named_parameters()] == plain_names
+
+
+def test_a_rewind_leaves_the_masks_of_another_mask_set_alone():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    first = cs.attach_masks(model, 0.5, selection=LayerSelection(include=[r"^0$"]))
+    second = cs.attach_masks(model, -0.5, selection=LayerSelection(include=[r"^2$"]))
+    point = first.rewind_point()
+    assert not any("logits" in key or "hard_mask" in key for key in point)
+    with torch.no_grad():
+        second.masks["2.weight"].logits.fill_(3.0)
+    first.rewind(point)
+    assert torch.all(second.masks["2.weight"].logits == 3.0)
+
+
+def test_a_rewind_point_with_a_shared_modules_other_names_still_loads():
+    """Older versions stored a module reached under several names under each name."""
+    torch.manual_seed(0)
+    model = Siamese()
+    masks = cs.attach_masks(model, mask_init=-0.1)
+    point = masks.rewind_point()
+    older = {**point, "enc_b.parametrizations.weight.original": point["enc.weight"]}
+    with torch.no_grad():
+        masks.masked_weights()["enc.weight"].add_(1.0)
+    masks.rewind(older)
+    assert torch.equal(masks.masked_weights()["enc.weight"], point["enc.weight"])
+    with pytest.raises(KeyError, match="no tensor named extra"):
+        masks.rewind({**point, "extra": torch.zeros(1)})
+
+
+def test_layer_selection_takes_any_collection_of_types_and_patterns():
+    selection = LayerSelection(layer_types=frozenset({nn.Linear}), include=(p for p in ["^0$"]))
+    assert selection.layer_types == (nn.Linear,) and selection.include == ("^0$",)
+    assert LayerSelection(layer_types={nn.Linear: 1}.keys()).layer_types == (nn.Linear,)

@@ -280,6 +280,10 @@ def test_report_regenerates_a_sweep_and_combines_directories(tmp_path, capsys):
     assert tables == {name: (other / name).read_bytes() for name in tables}
     assert main(["report", str(sweep), "--out", str(single / "checkpoints")]) == 2  # inside a run: its files
     assert "would overwrite one of the files of the run" in capsys.readouterr().err
+    assert main(["report", str(single), str(sweep), "--out", str(other / "mine")]) == 2
+    assert (f"--out {other / 'mine'} is inside the sweep {other}, whose folders are its runs: give the report a "
+            f"folder outside it, or {other / 'report'}") in capsys.readouterr().err
+    assert main(["report", str(single), str(sweep), "--out", str(other / "report")]) == 0
     (tmp_path / "a-file").write_text("notes")
     assert main(["report", str(sweep), "--out", str(tmp_path / "a-file")]) == 2
     assert "is a file; give a folder" in capsys.readouterr().err
@@ -786,6 +790,8 @@ def test_a_ctrl_c_while_the_executor_shuts_down_keeps_every_result(tmp_path):
 def test_plot_labels_say_which_point_is_which(tmp_path, monkeypatch):
     """A comparison's points all had method=cs (or imp): the label is what varies in the series,
     or the point's own name; a dense run's series draws no empty legend entry."""
+    import warnings
+
     import matplotlib.axes
 
     from contsparse.reports.sweep import accuracy_plot, markdown
@@ -794,7 +800,8 @@ def test_plot_labels_say_which_point_is_which(tmp_path, monkeypatch):
         return PointResult(name, values, command, "done", "", remaining, 0.9, 1, 1.0, val_accuracy=0.9,
                            reference=reference)
 
-    comparison = [point("cs s0=-0.05 seed 0", {"method": "cs", "seed": 0}, 0.05),
+    comparison = [point("dense seed 0", {"method": "dense", "seed": 0}, 1.0, command="train", reference=True),
+                  point("cs s0=-0.05 seed 0", {"method": "cs", "seed": 0}, 0.05),
                   point("cs s0=-0.08 seed 0", {"method": "cs", "seed": 0}, 0.03)]
     imp = [point("run", {"method": "imp"}, 0.2), point("run round 1", {"method": "imp", "round": 1}, 0.8)]
     sweep = [point("mask_init=-0.02", {"mask_init": -0.02, "seed": 0}, 0.1),
@@ -810,3 +817,6 @@ def test_plot_labels_say_which_point_is_which(tmp_path, monkeypatch):
                            "mask_init=-0.02", "mask_init=-0.05"]
     assert not any(label and label.startswith("train") for label in legend)
     assert "dense runs only: no sparse point" in markdown(dense, [], "train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing labelled: no legend, and no warning about it
+        accuracy_plot({"sweep": [point("a", {"mask_init": 0.1}, 0.0)]}, tmp_path / "q.png", "t")

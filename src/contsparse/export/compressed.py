@@ -27,6 +27,7 @@ FORMAT_KEY = "contsparse.compressed"
 PARTS = ("bitmask", "gaps", "values")  # the stored parts of a compressed tensor, "<name>.<part>"
 ORDER_KEY = "contsparse.order"  # the state_dict's key order (safetensors stores tensors sorted)
 ENCODINGS = ("bitmask", "gaps")  # where the kept entries are; a layout entry without "encoding": bitmask
+ENTRY_BYTES = 160  # about what a compressed tensor's second entry adds to the header and the layout
 
 
 class UnknownEncoding(ValueError):
@@ -53,8 +54,9 @@ def compress_state_dict(state: dict[str, torch.Tensor], min_zero_fraction: float
         names_free = not any(f"{name}.{part}" in state for part in PARTS)
         kept = int(nonzero.sum()) if tensor.is_floating_point() else tensor.numel()
         size, bitmask = tensor.numel(), (tensor.numel() + 7) // 8
-        # the positions take at least a byte per kept entry (gaps) or the bitmask's bytes
-        smaller = (kept * tensor.element_size() + min(kept, bitmask)) < size * tensor.element_size()
+        # the positions take at least a byte per kept entry (gaps) or the bitmask's bytes, and the
+        # second entry its place in the header and the layout
+        smaller = (kept * tensor.element_size() + min(kept, bitmask) + ENTRY_BYTES) < size * tensor.element_size()
         if tensor.is_floating_point() and size and names_free and smaller and size - kept >= min_zero_fraction * size:
             flat = nonzero.flatten().numpy()
             gaps = _gaps(np.flatnonzero(flat))

@@ -26,11 +26,11 @@ FORMATS = {"safetensors": ".safetensors", "pytorch": ".pt", "onnx": ".onnx", "co
 
 
 def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, imports: Iterable[str] = (),
-               replace: bool = False) -> Path:
+               replace: bool = True) -> Path:
     """Write the run's final model as ``fmt`` (see :data:`FORMATS`) to ``out`` (default: in the run).
     ``imports``: the modules of the run's config.yaml that the caller trusts (see load_run_model).
-    An existing file at ``out`` is someone's work: it is replaced only when ``replace`` (the run's
-    own ``export.*`` file, which export writes, always is)."""
+    ``replace=False`` (the CLI without ``--force``) keeps an existing file at ``out``, someone's
+    work, but for the run's own ``export.*`` files, which export writes."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     if out is not None and str(out).endswith(("/", os.sep)):  # (a Path drops the slash that says "a folder")

@@ -187,7 +187,7 @@ class MaskSet:
         _require_mapping(point)
         weights, state = self.masked_weights(), self._unmasked_state()
         targets: dict[str, Tensor] = {**weights, **state}
-        missing, unknown = sorted(set(targets) - set(point)), sorted(set(point) - set(targets))
+        missing, unknown = sorted(set(targets) - set(point)), sorted(set(point) - set(targets) - self._aliases())
         if missing or unknown:
             raise KeyError("the rewind point does not fit this model: " + "; ".join(
                 f"{what} {some_of(keys)}" for what, keys in (("no value for", missing), ("no tensor named", unknown))
@@ -207,10 +207,22 @@ class MaskSet:
         """The model's ``state_dict`` tensors other than the masks' and the masked weights', told
         apart by identity: a module reached under several names (a siamese branch, one layer
         used three times) lists a masked weight under each of them."""
-        masks = {id(t) for mask in self.masks.values() for t in (*mask.parameters(), *mask.buffers())}
-        masks |= {id(weight) for weight in self.masked_weights().values()}
+        masks = self._masked_tensor_ids()
         return {key: value for key, value in self.model.state_dict(keep_vars=True).items()
                 if isinstance(value, Tensor) and id(value) not in masks}
+
+    def _masked_tensor_ids(self) -> set[int]:
+        """The masked weights and every mask's tensors (another MaskSet's on the same model too)."""
+        ids = {id(t) for module in self.model.modules() if isinstance(module, ContinuousMask)
+               for t in (*module.parameters(), *module.buffers())}
+        return ids | {id(weight) for weight in self.masked_weights().values()}
+
+    def _aliases(self) -> set[str]:
+        """``state_dict`` keys of masked weights and mask tensors under other names than this set's
+        (a module reached under several names): rewind points of older versions stored them."""
+        ids = self._masked_tensor_ids()
+        return {key for key, value in self.model.state_dict(keep_vars=True).items()
+                if isinstance(value, Tensor) and id(value) in ids}
 
     # -- the penalty ---------------------------------------------------------------------------
     def num_prunable(self) -> int:
@@ -315,10 +327,13 @@ class MaskSet:
             return self.model
         self.harden()
         self.zero_pruned()  # pruned weights that training moved without keep_pruned_at_zero
+        moves = []
         for name, mask in self.masks.items():
             for holder, (module, attr) in zip(self.holders(name), self.places(name), strict=True):
                 delattr(module, attr + HARD_SUFFIX)
-                _move_parameter(module, attr, mask.positions.get(holder))
+                moves.append((mask.positions.get(holder), module, attr))
+        for position, module, attr in sorted(moves, key=lambda move: -1 if move[0] is None else move[0]):
+            _move_parameter(module, attr, position)  # in ascending order: an LSTM's weight_ih_l0, then weight_hh_l0
         for handle in self._step_hooks:  # an optimiser that fine-tunes on would be refused at each step
             handle.remove()
         self.masks, self.tied, self._owners, self._permanent, self._step_hooks = {}, {}, None, True, []
@@ -400,6 +415,10 @@ def attach_masks(model: nn.Module, mask_init: float = 0.0, *, scale_by_init: boo
         mask.uses, mask.attached_as = 1 + len(others), name
         masks[name], tied[name] = mask, others
         covered.update(others)
+    for name, mask in masks.items():  # where make_permanent puts each back: before any is taken out
+        for place in [name, *tied[name]]:
+            module, attr = owner_of(model, place)
+            mask.positions[place] = list(module._parameters).index(attr)
     for name, mask in masks.items():
         left_out = [place for place in tied[name] if place in excluded]
         if left_out:  # one tensor, one mask: the tie wins over an exclusion, which the user should know
@@ -407,9 +426,7 @@ def attach_masks(model: nn.Module, mask_init: float = 0.0, *, scale_by_init: boo
                           f"{'it gets' if len(left_out) == 1 else 'they get'} its mask although the selection "
                           "leaves it out; untie the weights or exclude both to keep it dense", stacklevel=2)
         for place in [name, *tied[name]]:
-            module, attr = owner_of(model, place)
-            mask.positions[place] = list(module._parameters).index(attr)  # where make_permanent puts it back
-            parametrize.register_parametrization(module, attr, mask, unsafe=True)
+            parametrize.register_parametrization(*owner_of(model, place), mask, unsafe=True)
     return MaskSet(model, masks, tied)
 
 

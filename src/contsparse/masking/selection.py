@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -41,7 +41,7 @@ class LayerSelection:
             value = getattr(self, name)
             if value is None:  # "no patterns"
                 value = ()
-            if not isinstance(value, str | Sequence | set | frozenset):
+            if not isinstance(value, str | Iterable):
                 raise ValueError(f"LayerSelection {name} must be a regular expression or a list of them, "
                                  f"got {value!r}")
             patterns = (value,) if isinstance(value, str) else tuple(value)
@@ -53,7 +53,7 @@ class LayerSelection:
                                      f"({err})") from None
             object.__setattr__(self, name, patterns)
         given = self.layer_types
-        types = (given,) if isinstance(given, type) else tuple(given) if isinstance(given, Sequence | set) else (given,)
+        types = (given,) if isinstance(given, type | str) or not isinstance(given, Iterable) else tuple(given)
         wrong = [t for t in types if not (isinstance(t, type) and issubclass(t, nn.Module))]
         if wrong or not types:
             hint = " (the class, not an instance: nn.Linear, not nn.Linear(...))" \

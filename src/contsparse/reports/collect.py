@@ -121,6 +121,11 @@ def require_report_folder(out: Path, names: tuple[str, ...], reported: Path | No
         raise UserError(f"--out {out} is a {kind} folder: give the report a folder of its own")
     for name in names:
         owner = folder_owning(out / name, "--out")
-        if owner is not None and (reported is None or owner.resolve() != reported.resolve()):
-            raise UserError(f"--out {out}: {name} would overwrite one of the files of the run, sweep or comparison "
-                            f"{owner}: give the report a folder of its own")
+        if owner is None or (reported is not None and owner.resolve() == reported.resolve()):
+            continue
+        kind = next((kind for marker, kind in COLLECTION_MARKERS.items() if (owner / marker).is_file()), None)
+        if kind is not None and owner.resolve() != out.resolve():  # a folder in it is (or may become) a run of it
+            raise UserError(f"--out {out} is inside the {kind} {owner}, whose folders are its runs: give the report "
+                            f"a folder outside it, or {owner / REPORT_FOLDER}")
+        raise UserError(f"--out {out}: {name} would overwrite one of the files of the run, sweep or comparison "
+                        f"{owner}: give the report a folder of its own")

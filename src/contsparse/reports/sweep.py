@@ -146,8 +146,9 @@ def _finished_sparse(results: list[PointResult]) -> list[PointResult]:
 def _short(result: PointResult, series: list[PointResult]) -> str:
     """What tells the point apart in its series: the settings that vary there (not the seed),
     or its name (a comparison's own label, say "imp round 2", where only the seed varies)."""
-    keys = [key for key in dict.fromkeys(k for r in series for k in r.values)
-            if key != "seed" and len({repr(r.values.get(key)) for r in series}) > 1 and key in result.values]
+    points = [r for r in series if not r.reference] or series  # (a comparison's series holds its dense runs too)
+    keys = [key for key in dict.fromkeys(k for r in points for k in r.values)
+            if key != "seed" and len({repr(r.values.get(key)) for r in points}) > 1 and key in result.values]
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                      for k, v in ((k, result.values[k]) for k in keys)) or result.name
 
