@@ -434,9 +434,8 @@ def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The ``state_dict`` of a hardened (or unmasked) model as the plain architecture holds it
     (keys and values; a hardened layer lists its weight last), without changing the model: the
     masks are folded into the weights already, so only their own entries (logits, hard mask,
-    settings) are left out. For tools that expect tensors only (an EMA
-    copy, a checkpoint for a model built without contsparse); :meth:`MaskSet.make_permanent` does
-    the same to the model itself."""
+    settings) are left out. For tools that expect tensors only (an EMA copy, a checkpoint for a
+    model built without contsparse); :meth:`MaskSet.make_permanent` does the same to the model."""
     if any(isinstance(module, ContinuousMask) and module.mode != "hard" for module in model.modules()):
         raise ValueError("harden the masks first: a soft mask is not folded into its weight")
     return {key: value for key, value in model.state_dict().items()
