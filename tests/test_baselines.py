@@ -285,6 +285,14 @@ def test_compare_writes_tables_and_plots_and_reuses_finished_runs(tmp_path, caps
     assert {r["series"] for r in reported} == {"cmp: cs", "cmp: imp", "cmp: random"}
     assert {r["series"] for r in reported if r["point"].startswith("dense")} == {"cmp: cs"}
     assert report.startswith("# comparison cmp\n") and report.count("Dense reference:") == 3  # each method's
+    tables = {name: (tmp_path / "cmp" / name).read_bytes() for name in ("compare.csv", "compare.md")}
+    changed = [*argv[:argv.index("--imp-rounds")], "--imp-rounds", "2", *argv[argv.index("--imp-rounds") + 2:]]
+    capsys.readouterr()
+    assert main(changed) == 2  # once refused run by run, and the report rewritten without IMP and random
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {tmp_path / 'cmp'} holds a comparison made with other settings " \
+        "(imp-seed0: " in err and "give another --out, or the settings it was made with" in err
+    assert tables == {name: (tmp_path / "cmp" / name).read_bytes() for name in tables}
 
 
 def test_one_failing_run_does_not_cost_the_comparison_its_report(tmp_path, capsys):

@@ -261,6 +261,17 @@ def test_flags_a_command_does_not_act_on_are_noted(tmp_path, capsys):
     (tmp_path / "loop").symlink_to(tmp_path / "loop")  # report's check for a directory named twice
     assert main(["report", str(tmp_path / "loop")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+    quick = ["--dataset", "synthetic", "--synthetic-size", "256", "--epochs", "2", "--ticket-epochs", "1"]
+    assert main(["prune", *quick, "--rewind-epoch", "1", "--lr-milestones", "1", "--out", str(tmp_path / "p")]) == 0
+    err = capsys.readouterr().err
+    assert "note: prune ignores --rewind-epoch (pruning fine-tunes the weights where the search left them)\n" in err
+    assert "note: prune ignores --lr-milestones (they drop the learning rate under --lr-schedule step, not " \
+        "constant)\n" in err
+    masks = tmp_path / "pruned" / "masks.safetensors"
+    assert main(["ticket", *quick, "--method", "given", "--mask-from", str(masks), "--rounds", "3",
+                 "--rewind-epoch", "1", "--no-dense-baseline", "--out", str(tmp_path / "g")]) == 0
+    assert "note: ticket ignores --epochs, --rewind-epoch, --rounds (method given: no search, the ticket starts " \
+        "at iteration 0)\n" in capsys.readouterr().err
 
 
 def test_a_ticket_with_an_emptied_layer_is_flagged():

@@ -388,6 +388,26 @@ def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = No
 IGNORED_BY = {"train": NOT_FOR_DENSE, "prune": {"dense_baseline"}}
 
 
+def _ignored(command: str, config: Any) -> dict[str, str]:
+    """The settings this run does not act on, each with why (a note's end): its command's
+    (IGNORED_BY), those of a search a method does not make, a rewind point nothing rewinds to,
+    and learning-rate drops without the step schedule."""
+    from contsparse.methods import METHODS
+
+    ignored = dict.fromkeys(IGNORED_BY.get(command, ()), "")
+    if config.command != "train":
+        method = METHODS[config.method]
+        if method.trains_from_initialisation:
+            search = {"rounds", "rewind_epoch"} | ({"epochs"} if config.ticket_epochs is not None else set())
+            ignored |= dict.fromkeys(search, f" (method {config.method}: no search, the ticket starts at iteration 0)")
+        elif config.command == "prune" and not (method.rewind_between_rounds and config.rounds > 1):
+            ignored["rewind_epoch"] = " (pruning fine-tunes the weights where the search left them)"
+    if config.lr_schedule != "step":
+        ignored |= dict.fromkeys(("lr_milestones", "lr_gamma"), f" (they drop the learning rate under --lr-schedule "
+                                                                 f"step, not {config.lr_schedule})")
+    return ignored
+
+
 def run_training(args: argparse.Namespace) -> int:
     from contsparse.experiments.rundir import RunDir
     from contsparse.experiments.runner import Runner
@@ -400,11 +420,14 @@ def run_training(args: argparse.Namespace) -> int:
     else:
         config = config_from_args(args)
         out = args.out or Path("runs") / config.default_run_name()
-        ignored = sorted(name for name in IGNORED_BY.get(args.command, ()) if getattr(args, name, None) is not None)
-        if ignored and _reports():  # accepted (a config shared by several commands), but said
-            flags = ", ".join(f"--{'no-' if getattr(args, name) is False else ''}{name.replace('_', '-')}"
-                              for name in ignored)
-            print(f"contsparse: note: {args.command} ignores {flags}", file=sys.stderr)
+        reasons: dict[str, list[str]] = {}
+        for name, reason in sorted(_ignored(args.command, config).items()):
+            if getattr(args, name, None) is not None:
+                reasons.setdefault(reason, []).append(
+                    f"--{'no-' if getattr(args, name) is False else ''}{name.replace('_', '-')}")
+        for reason, flags in reasons.items():  # accepted (a config shared by several commands), but said
+            if _reports():
+                print(f"contsparse: note: {args.command} ignores {', '.join(flags)}{reason}", file=sys.stderr)
     try:
         summary = Runner(config, out, force=args.force).execute()
     except RunInterrupted as stopped:

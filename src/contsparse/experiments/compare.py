@@ -86,26 +86,27 @@ def run_comparison(plan: ComparePlan, out: Path, log: Log, failures: list[str] |
             log(f"{path.name} failed: {err}; the comparison goes on without it")
             return None
 
-    for seed in plan.seeds:
+    planned = {seed: _planned_runs(plan, dataclasses.replace(base, seed=seed), out) for seed in plan.seeds}
+    for runs in planned.values():  # a folder made with other settings: refused before any run starts
+        for _, _, config, path in runs:
+            if (path / RunDir.CONFIG).is_file():
+                try:
+                    Runner(config, path, log).check_settings()
+                except UserError as err:
+                    raise UserError(f"--out {out} holds a comparison made with other settings ({path.name}: {err}); "
+                                    "give another --out, or the settings it was made with") from None
+    for seed, runs in planned.items():
         seeded = dataclasses.replace(base, seed=seed)
-        if "dense" in plan.methods:
-            path = out / f"dense-seed{seed}"
-            if (summary := run(seeded.dense_variant(), path)) is not None:
-                rows.append(_single(summary, "dense", "dense", seed, path))
-        if "cs" in plan.methods:
-            for s0 in plan.mask_inits:
-                path = out / f"cs-s0={s0:g}-seed{seed}"
-                config = dataclasses.replace(seeded, command="ticket", method="cs", mask_init=s0)
-                if (summary := run(config, path)) is not None:
-                    rows.append(_single(summary, "cs", f"cs s0={s0:g}", seed, path))
         imp_points: list[float] = []
-        if "imp" in plan.methods:
-            path = out / f"imp-seed{seed}"
-            if (summary := run(imp_config(seeded, plan.imp_rounds), path)) is not None:
+        for method, label, config, path in runs:
+            summary = run(config, path)
+            if method == "imp" and summary is not None:
                 rows += _imp_rows(summary, seed, path)
                 imp_points = [r.weights_remaining for r in rows if r.method == "imp" and r.seed == seed][1:]
-            elif "random" in plan.methods and failures is not None:
+            elif method == "imp" and "random" in plan.methods and failures is not None:
                 failures.append(f"random-*-seed{seed}: not run (it prunes at the sparsities of imp-seed{seed})")
+            elif summary is not None:
+                rows.append(_single(summary, method, label, seed, path))
         if "random" in plan.methods and imp_points:
             for kept in imp_points[plan.random_every - 1::plan.random_every]:
                 path = out / f"random-kept={kept:.4f}-seed{seed}"
@@ -116,6 +117,20 @@ def run_comparison(plan: ComparePlan, out: Path, log: Log, failures: list[str] |
     if first_failure and not rows:  # nothing to report: the failure is the answer
         raise first_failure[0]
     return rows
+
+
+def _planned_runs(plan: ComparePlan, seeded: RunConfig, out: Path) -> list[tuple[str, str, RunConfig, Path]]:
+    """(method, label, settings, folder) of the dense, CS and IMP runs of one seed, in the order
+    they run (random pruning follows, at the sparsities IMP reaches)."""
+    runs = []
+    if "dense" in plan.methods:
+        runs.append(("dense", "dense", seeded.dense_variant(), out / f"dense-seed{seeded.seed}"))
+    for s0 in plan.mask_inits if "cs" in plan.methods else ():
+        runs.append(("cs", f"cs s0={s0:g}", dataclasses.replace(seeded, command="ticket", method="cs", mask_init=s0),
+                     out / f"cs-s0={s0:g}-seed{seeded.seed}"))
+    if "imp" in plan.methods:
+        runs.append(("imp", "imp", imp_config(seeded, plan.imp_rounds), out / f"imp-seed{seeded.seed}"))
+    return runs
 
 
 def check_plan(plan: ComparePlan) -> None:
