@@ -408,6 +408,19 @@ def _ignored(command: str, config: Any) -> dict[str, str]:
     return ignored
 
 
+def _settings_advice(config: Any) -> list[str]:
+    """Settings that run but rarely do what is meant: said before a new run starts."""
+    advice = []
+    if config.command != "train" and config.method == "cs" and config.temp_schedule == "epoch" \
+            and config.epochs == 2:
+        advice.append("a CS round of 2 epochs jumps from temperature 1 to its final one: give it 3 epochs or more, "
+                      "or --temp-schedule step")
+    if config.command != "train" and config.method == "str" and config.weight_decay == 0:
+        advice.append("method str with --weight-decay 0: nothing pushes the thresholds up, so the sparsity comes from "
+                      "--str-init alone (STR's weight decay drives it)")
+    return advice
+
+
 def run_training(args: argparse.Namespace) -> int:
     from contsparse.experiments.rundir import RunDir
     from contsparse.experiments.runner import Runner
@@ -428,6 +441,8 @@ def run_training(args: argparse.Namespace) -> int:
         for reason, flags in reasons.items():  # accepted (a config shared by several commands), but said
             if _reports():
                 print(f"contsparse: note: {args.command} ignores {', '.join(flags)}{reason}", file=sys.stderr)
+        for advice in _settings_advice(config) if _reports() else ():
+            print(f"contsparse: note: {advice}", file=sys.stderr)
     try:
         summary = Runner(config, out, force=args.force).execute()
     except RunInterrupted as stopped:
