@@ -263,14 +263,15 @@ def test_flags_a_command_does_not_act_on_are_noted(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
     quick = ["--dataset", "synthetic", "--synthetic-size", "256", "--epochs", "2", "--ticket-epochs", "1"]
     assert main(["prune", *quick, "--rewind-epoch", "1", "--lr-milestones", "1", "--out", str(tmp_path / "p")]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "note: prune ignores --rewind-epoch (pruning fine-tunes the weights where the search left them)\n" in err
     assert "note: prune ignores --lr-milestones (they drop the learning rate under --lr-schedule step, not " \
         "constant)\n" in err
-    assert "note: a CS round of 2 epochs jumps from temperature 1 to its final one: give it 3 epochs or more" in err
+    # advice on settings that run: once the run is accepted (a refused one says only why), in its log
+    assert "note: a CS round of 2 epochs jumps from temperature 1 to its final one: give it 3 epochs or more" in out
     assert main(["ticket", *quick, "--method", "str", "--rounds", "1", "--rewind-epoch", "0", "--no-dense-baseline",
                  "--out", str(tmp_path / "s")]) == 0
-    assert "note: method str with --weight-decay 0: nothing pushes the thresholds up" in capsys.readouterr().err
+    assert "note: method str with --weight-decay 0: nothing pushes the thresholds up" in capsys.readouterr().out
     masks = tmp_path / "pruned" / "masks.safetensors"
     assert main(["ticket", *quick, "--method", "given", "--mask-from", str(masks), "--rounds", "3",
                  "--rewind-epoch", "1", "--no-dense-baseline", "--out", str(tmp_path / "g")]) == 0

@@ -441,10 +441,9 @@ def run_training(args: argparse.Namespace) -> int:
         for reason, flags in reasons.items():  # accepted (a config shared by several commands), but said
             if _reports():
                 print(f"contsparse: note: {args.command} ignores {', '.join(flags)}{reason}", file=sys.stderr)
-        for advice in _settings_advice(config) if _reports() else ():
-            print(f"contsparse: note: {advice}", file=sys.stderr)
     try:
-        summary = Runner(config, out, force=args.force).execute()
+        advice = tuple(_settings_advice(config)) if args.command != "resume" and _reports() else ()
+        summary = Runner(config, out, force=args.force, notes=advice).execute()
     except RunInterrupted as stopped:
         if _reports():
             print(f"\n{stopped}. Resume with: contsparse resume {out}", file=sys.stderr)

@@ -19,7 +19,7 @@ from typing import Any
 
 from contsparse.data import load_dataset
 from contsparse.errors import UserError
-from contsparse.experiments.config import RunConfig, validate
+from contsparse.experiments.config import RunConfig, load_saved_config, settings_differences, validate
 from contsparse.experiments.rundir import RunDir, require_collection_folder
 from contsparse.experiments.runner import Runner
 
@@ -89,12 +89,16 @@ def run_comparison(plan: ComparePlan, out: Path, log: Log, failures: list[str] |
     planned = {seed: _planned_runs(plan, dataclasses.replace(base, seed=seed), out) for seed in plan.seeds}
     for runs in planned.values():  # a folder made with other settings: refused before any run starts
         for _, _, config, path in runs:
-            if (path / RunDir.CONFIG).is_file():
-                try:
-                    Runner(config, path, log).check_settings()
-                except UserError as err:
-                    raise UserError(f"--out {out} holds a comparison made with other settings ({path.name}: {err}); "
-                                    "give another --out, or the settings it was made with") from None
+            try:
+                saved = load_saved_config(path / RunDir.CONFIG) if (path / RunDir.CONFIG).is_file() else None
+            except UserError:  # a damaged folder: its run fails and the others go on
+                continue
+            started = saved is not None and RunDir(path, writable=False).has_started()  # (else simply replaced)
+            differing = settings_differences(saved, config) if started else {}
+            if differing:
+                changes = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in differing.items())
+                raise UserError(f"--out {out} holds a comparison made with other settings ({path.name}: {changes}); "
+                                "give another --out, or the settings it was made with")
     for seed, runs in planned.items():
         seeded = dataclasses.replace(base, seed=seed)
         imp_points: list[float] = []

@@ -233,8 +233,9 @@ class Runner:
 
     def __init__(self, config: RunConfig, run_dir: str | Path, log: Log = tqdm.write,
                  data: DatasetSplits | None = None, force: bool = False, *, keep_if_finished: bool = False,
-                 epochs_flag: str = "--epochs", sweep_point: bool = False) -> None:
+                 epochs_flag: str = "--epochs", sweep_point: bool = False, notes: tuple[str, ...] = ()) -> None:
         self.config = config
+        self.notes = notes  # said once the run is accepted and before it trains (advice on its settings)
         self.run = RunDir(run_dir)
         self.log = log
         self.force = force
@@ -323,6 +324,8 @@ class Runner:
                 self._on_rank_0(_summary_writer_class)
             baseline = self._dense_baseline()  # and so does a refusal of the baseline's settings
             self.run.write_config(dump_yaml(self.config))
+            for note in self.notes:
+                self.log(f"note: {note}")
             dense_summary = None
             if baseline is not None:
                 self.log("dense baseline (same settings as ticket training)")
