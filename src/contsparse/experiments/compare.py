@@ -19,7 +19,13 @@ from typing import Any
 
 from contsparse.data import load_dataset
 from contsparse.errors import UserError
-from contsparse.experiments.config import RunConfig, load_saved_config, settings_differences, validate
+from contsparse.experiments.config import (
+    RunConfig,
+    describe_differences,
+    load_saved_config,
+    settings_differences,
+    validate,
+)
 from contsparse.experiments.rundir import RunDir, require_collection_folder
 from contsparse.experiments.runner import Runner
 
@@ -96,8 +102,8 @@ def run_comparison(plan: ComparePlan, out: Path, log: Log, failures: list[str] |
             started = saved is not None and RunDir(path, writable=False).has_started()  # (else simply replaced)
             differing = settings_differences(saved, config) if started else {}
             if differing:
-                changes = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in differing.items())
-                raise UserError(f"--out {out} holds a comparison made with other settings ({path.name}: {changes}); "
+                raise UserError(f"--out {out} holds a comparison made with other settings ({path.name}: "
+                                f"{describe_differences(differing)}); "
                                 "give another --out, or the settings it was made with")
     for seed, runs in planned.items():
         seeded = dataclasses.replace(base, seed=seed)

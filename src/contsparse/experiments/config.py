@@ -210,6 +210,11 @@ def settings_differences(saved: dict[str, Any], config: RunConfig) -> dict[str, 
     return {k: (saved.get(k), v) for k, v in sorted(current.items()) if k not in unused and saved.get(k) != v}
 
 
+def describe_differences(differing: dict[str, tuple[Any, Any]]) -> str:
+    """``{key: (saved, now)}`` as the messages show it: ``key: saved -> now, ...``."""
+    return ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in differing.items())
+
+
 def older_run_hint(differing: dict[str, tuple[Any, Any]]) -> str:
     """For settings that differ only because the run was made before they existed: the flags
     that give it its old behaviour back (``{key: (saved, now)}``), as a sentence; else ``""``."""

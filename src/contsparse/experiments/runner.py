@@ -27,6 +27,7 @@ from contsparse.data import BatchIterator, DatasetSplits, TensorSplit, load_data
 from contsparse.errors import RunInterrupted, UserError, raised_by_torch_compile
 from contsparse.experiments.config import (
     RunConfig,
+    describe_differences,
     dump_yaml,
     load_saved_config,
     mask_file,
@@ -365,9 +366,9 @@ class Runner:
             return
         if not self.run.has_started():
             return  # nothing trained yet (it failed to start): the new settings simply replace the old
-        details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in differing.items())
+        details = describe_differences(differing)
         if edits and not self.force:
-            edited = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in edits.items())
+            edited = describe_differences(edits)
             raise UserError(f"{path} differs from the settings {self.run.path}'s checkpoint was trained with "
                             f"({edited}): restore it to resume as trained, or resume with --force to go on "
                             "with these settings")
