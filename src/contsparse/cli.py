@@ -48,7 +48,8 @@ HELP = {
     "penalty": "lambda of the L0 stand-in penalty lambda * sum(sigmoid(beta * s))",
     "penalty_normalize": "divide the penalty by the number of prunable weights",
     "final_temp": "temperature beta reached at the end of each round (> 1)",
-    "rewind_epoch": "epoch of round 0 whose weights the ticket is rewound to",
+    "rewind_epoch": "the ticket is rewound to the weights after this many epochs of round 0 (0: the "
+                    "initialisation; logs count epochs from 1, so 2 is where epoch 3 starts)",
     "seed": "random seed (runs are deterministic on CPU)",
     "device": "auto, cpu or cuda[:N]",
     "train_subset": "train on N examples only (quick runs): the first N, spread over the classes for image folders",
