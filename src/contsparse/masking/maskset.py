@@ -185,9 +185,9 @@ class MaskSet:
         ``scale * H(s) * W_k``, the ticket's start; the masks themselves are kept."""
         self._require_masks("rewind")
         _require_mapping(point)
-        weights, state = self.masked_weights(), self._unmasked_state()
+        weights, (state, aliases) = self.masked_weights(), self._state_by_kind()
         targets: dict[str, Tensor] = {**weights, **state}
-        missing, unknown = sorted(set(targets) - set(point)), sorted(set(point) - set(targets) - self._aliases())
+        missing, unknown = sorted(set(targets) - set(point)), sorted(set(point) - set(targets) - aliases)
         if missing or unknown:
             raise KeyError("the rewind point does not fit this model: " + "; ".join(
                 f"{what} {some_of(keys)}" for what, keys in (("no value for", missing), ("no tensor named", unknown))
@@ -204,25 +204,21 @@ class MaskSet:
                     weights[name].mul_(mask.hard_mask).mul_(mask.scale)
 
     def _unmasked_state(self) -> dict[str, Tensor]:
-        """The model's ``state_dict`` tensors other than the masks' and the masked weights', told
-        apart by identity: a module reached under several names (a siamese branch, one layer
-        used three times) lists a masked weight under each of them."""
-        masks = self._masked_tensor_ids()
-        return {key: value for key, value in self.model.state_dict(keep_vars=True).items()
-                if isinstance(value, Tensor) and id(value) not in masks}
+        """The model's ``state_dict`` tensors other than the masks' and the masked weights'."""
+        return self._state_by_kind()[0]
 
-    def _masked_tensor_ids(self) -> set[int]:
-        """The masked weights and every mask's tensors (another MaskSet's on the same model too)."""
-        ids = {id(t) for module in self.model.modules() if isinstance(module, ContinuousMask)
-               for t in (*module.parameters(), *module.buffers())}
-        return ids | {id(weight) for weight in self.masked_weights().values()}
-
-    def _aliases(self) -> set[str]:
-        """``state_dict`` keys of masked weights and mask tensors under other names than this set's
-        (a module reached under several names): rewind points of older versions stored them."""
-        ids = self._masked_tensor_ids()
-        return {key for key, value in self.model.state_dict(keep_vars=True).items()
-                if isinstance(value, Tensor) and id(value) in ids}
+    def _state_by_kind(self) -> tuple[dict[str, Tensor], set[str]]:
+        """The model's ``state_dict`` tensors other than the masked weights and every mask's (another
+        MaskSet's on the same model too), and the keys of those, told apart by identity: a module
+        reached under several names (a siamese branch, one layer used three times) lists a masked
+        weight under each of them, and rewind points of older versions stored them."""
+        masked = {id(t) for module in self.model.modules() if isinstance(module, ContinuousMask)
+                  for t in (*module.parameters(), *module.buffers())}
+        masked |= {id(weight) for weight in self.masked_weights().values()}
+        tensors = {key: value for key, value in self.model.state_dict(keep_vars=True).items()
+                   if isinstance(value, Tensor)}
+        return ({key: value for key, value in tensors.items() if id(value) not in masked},
+                {key for key, value in tensors.items() if id(value) in masked})
 
     # -- the penalty ---------------------------------------------------------------------------
     def num_prunable(self) -> int:
