@@ -114,6 +114,20 @@ def file_in_the_way(path: Path) -> Path | None:
     return next((parent for parent in Path(path).parents if parent.exists() and not parent.is_dir()), None)
 
 
+def missing_folders(path: Path) -> list[Path]:
+    """``path`` and those of its parent folders that do not exist yet, innermost first: what
+    ``path.mkdir(parents=True)`` makes, and :func:`remove_empty_folders` takes away again."""
+    return [folder for folder in (path, *path.parents) if not folder.exists()]
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove ``folders`` (innermost first) where they are still empty; a folder something else
+    claimed meanwhile, or a file system that refuses, is left as it is."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())

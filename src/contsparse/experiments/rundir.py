@@ -21,6 +21,8 @@ from contsparse.storage import (
     file_in_the_way,
     for_safetensors,
     fsync_file,
+    missing_folders,
+    remove_empty_folders,
     replaced_atomically,
     strict_json,
     write_atomic,
@@ -68,7 +70,7 @@ class RunDir:
         blocking = file_in_the_way(self.path)
         if blocking is not None:
             raise UserError(f"cannot create the run directory {self.path}: {blocking} is a file; choose another --out")
-        missing = [folder for folder in (self.path, *self.path.parents) if not folder.exists()]
+        missing = missing_folders(self.path)
         with writing(self.path):
             self.path.mkdir(parents=True, exist_ok=True)
         self._created_parents = missing[1:]  # innermost first: removed again with an unclaimed run
@@ -83,10 +85,9 @@ class RunDir:
             for entry in self.path.iterdir():
                 entry.unlink()
             self.path.rmdir()
-            for parent in self._created_parents:  # folders made for it, if still empty
-                parent.rmdir()
         except OSError:
-            pass  # another process claimed it meanwhile, or a file system that refuses: leave it
+            return  # another process claimed it meanwhile, or a file system that refuses: leave it
+        remove_empty_folders(self._created_parents)  # folders made for it, if still empty
 
     def is_empty(self) -> bool:
         """Nothing but (maybe) our own lock file, or the config file a run killed while writing it
@@ -252,6 +253,11 @@ COLLECTION_FILES = {"sweep.yaml", "sweep.json", "sweep.csv", "sweep.md", "sweep.
 REPORT_FOLDER = "report"  # where `contsparse report` writes about a run or comparison by default
 
 
+def collection_kind(folder: Path) -> str | None:
+    """"sweep" or "comparison" for a folder that is one (its marker file is in it), else None."""
+    return next((kind for marker, kind in COLLECTION_MARKERS.items() if (folder / marker).is_file()), None)
+
+
 def folder_owning(path: Path, flag: str) -> Path | None:
     """The run, sweep or comparison folder whose own file ``path`` is, if any (writing over it would
     damage that folder): the nearest run folder above it decides (a ticket's dense/ baseline is a
@@ -262,7 +268,7 @@ def folder_owning(path: Path, flag: str) -> Path | None:
         for folder in resolved.parents:
             if (folder / RunDir.CONFIG).is_file():
                 return folder if RunDir(folder).owns(resolved) else None
-            if any((folder / marker).is_file() for marker in COLLECTION_MARKERS):
+            if collection_kind(folder) is not None:
                 # its tables, logs/, lock and token; and its run folders, also those not made yet
                 parts = resolved.relative_to(folder).parts
                 first = parts[0]

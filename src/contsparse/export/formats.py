@@ -20,7 +20,15 @@ from contsparse.errors import UserError
 from contsparse.experiments.rundir import folder_owning
 from contsparse.export.compressed import compressed_bytes
 from contsparse.export.run_model import RunModel, load_run_model
-from contsparse.storage import file_in_the_way, for_safetensors, fsync_file, replaced_atomically, write_atomic
+from contsparse.storage import (
+    file_in_the_way,
+    for_safetensors,
+    fsync_file,
+    missing_folders,
+    remove_empty_folders,
+    replaced_atomically,
+    write_atomic,
+)
 
 FORMATS = {"safetensors": ".safetensors", "pytorch": ".pt", "onnx": ".onnx", "compressed": ".sparse.safetensors"}
 
@@ -54,7 +62,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, imp
         raise UserError(f"--out {path} is not a regular file; give a file name")
     if path.is_file() and not replace and not _is_default_export(path, run_dir):
         raise UserError(f"--out {path} exists: give --force to replace it, or another file name")
-    made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
+    made = missing_folders(path.parent)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "onnx":
@@ -64,19 +72,12 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, imp
             # reason (torch.save and safetensors raise their own errors), and never half a file
             write_atomic(path, _serialise(run, fmt))
     except OSError as err:
-        _remove_empty(made)
+        remove_empty_folders(made)
         raise UserError(f"cannot write {path}: {err.strerror or err}") from err
     except BaseException:  # a model ONNX cannot trace, Ctrl-C: no folders left behind for nothing
-        _remove_empty(made)
+        remove_empty_folders(made)
         raise
     return path
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove the folders an export made (deepest first) where they are still empty."""
-    for folder in folders:
-        with contextlib.suppress(OSError):
-            folder.rmdir()
 
 
 def _a(word: str) -> str:

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 from contsparse.errors import UserError
-from contsparse.experiments.rundir import COLLECTION_MARKERS, REPORT_FOLDER, RunDir, folder_owning
+from contsparse.experiments.rundir import REPORT_FOLDER, RunDir, collection_kind, folder_owning
 from contsparse.experiments.sweep import PointResult, collect, is_sweep
 from contsparse.reports.sweep import sweep_title, write_report, write_sweep
 
@@ -116,14 +116,14 @@ def require_report_folder(out: Path, names: tuple[str, ...], reported: Path | No
     be lost for good."""
     if (out / RunDir.CONFIG).is_file():  # its files are a run's own; a report would mix in
         raise UserError(f"--out {out} is a run directory: give the report a folder of its own")
-    kind = next((kind for marker, kind in COLLECTION_MARKERS.items() if (out / marker).is_file()), None)
+    kind = collection_kind(out)
     if kind is not None and (reported is None or out.resolve() != reported.resolve()):
         raise UserError(f"--out {out} is a {kind} folder: give the report a folder of its own")
     for name in names:
         owner = folder_owning(out / name, "--out")
         if owner is None or (reported is not None and owner.resolve() == reported.resolve()):
             continue
-        kind = next((kind for marker, kind in COLLECTION_MARKERS.items() if (owner / marker).is_file()), None)
+        kind = collection_kind(owner)
         if kind is not None and owner.resolve() != out.resolve():  # a folder in it is (or may become) a run of it
             raise UserError(f"--out {out} is inside the {kind} {owner}, whose folders are its runs: give the report "
                             f"a folder outside it, or {owner / REPORT_FOLDER}")
