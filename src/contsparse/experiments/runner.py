@@ -42,7 +42,7 @@ from contsparse.experiments.interrupt import StopRequest
 from contsparse.experiments.lock import RunLock
 from contsparse.experiments.rundir import RunDir
 from contsparse.experiments.starting_weights import load_starting_weights
-from contsparse.masking import per_layer_remaining, plain_state_dict, weights_remaining
+from contsparse.masking import kernels, per_layer_remaining, plain_state_dict, weights_remaining
 from contsparse.masking.accounting import weights_remaining_all_layers
 from contsparse.masking.maskset import check_binary_mask
 from contsparse.methods import (
@@ -534,6 +534,9 @@ class Runner:
         device = resolve_device(device_for(config.device, self.dist))
         if device.type == "cpu":
             tune_cpu_allocator()
+            if config.method == "cs" and kernels.enabled() and kernels.failure() is None and not kernels.compiled():
+                self.log("compiling the fused CPU mask kernels (once per machine, about 20 s)")
+                kernels.load()
         data = self._load_data()
         if device.type == "cuda":
             data = dataclasses.replace(data, train=data.train.to(device), val=data.val.to(device),

@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from contsparse.masking import kernels
+
 MaskMode = Literal["soft", "hard"]
 # Below this s0 the scale 1 / sigmoid(s0) exceeds 1e13: float32 weights lose their meaning
 MIN_SCALED_MASK_INIT = -30.0
@@ -22,7 +24,8 @@ class _SoftMaskedWeight(torch.autograd.Function):
     """``W * scale * sigmoid(beta * s)`` with a hand-written backward.
 
     On CPU an elementwise pass over a weight-sized tensor costs about as much as a small matmul,
-    so passes are counted: three in the forward and three in the backward (a fused penalty
+    so passes are counted: on contiguous float32 CPU tensors one loop each way (``kernels``, compiled
+    on first use), elsewhere three ops in the forward and three in the backward (a fused penalty
     included), where autograd would take about ten. ``addcmul`` on a scalar computes a constant
     plus a product times a constant in one pass.
     """
@@ -30,11 +33,21 @@ class _SoftMaskedWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: Tensor, logits: Tensor, beta: float, scale: float,  # type: ignore[override]
                 owner: ContinuousMask, penalty_coef: float) -> Tensor:
-        mask = torch.mul(logits, beta).sigmoid_()
-        owner._remember_mask(mask, logits)
+        fused = _fused_kernels(weight, logits)
+        if fused is not None:
+            # With the penalty fused nothing asks for this step's mask (its value is reported
+            # rarely): the backward pass recomputes it, cheaper than storing it (see soft_mask.cpp)
+            keep_mask = not penalty_coef
+            out, mask = fused.forward(weight, logits, beta, scale, keep_mask)
+            if not keep_mask:
+                mask = None
+        else:
+            mask = torch.mul(logits, beta).sigmoid_()
+            out = torch.addcmul(_zero(weight), weight, mask, value=scale)
+        if mask is not None:
+            owner._remember_mask(mask, logits)
         if _graph_task_id() == -1:  # not a recomputation inside a backward pass (activation checkpointing)
             owner.__dict__["_penalty_due"] = True
-        out = torch.addcmul(_zero(weight), weight, mask, value=scale)
         ctx.save_for_backward(mask, weight, logits)  # the logits for a differentiable backward
         ctx.beta, ctx.scale, ctx.penalty_coef, ctx.owner = beta, scale, penalty_coef, owner
         return out
@@ -51,6 +64,15 @@ class _SoftMaskedWeight(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True (second-order terms): the formula, differentiably
             return (*_differentiable_gradients(grad, weight, logits, ctx.beta, ctx.scale, penalty_coef),
                     None, None, None, None)
+        batched = _functorch_active() or _legacy_batched(grad)
+        if all(ctx.needs_input_grad[:2]) and not batched:
+            fused = _fused_kernels(grad, weight, logits)
+            if fused is not None:
+                saved, is_mask = (logits, False) if mask is None else (mask, True)
+                return (*fused.backward(grad, weight, saved, is_mask, ctx.beta, ctx.scale, penalty_coef),
+                        None, None, None, None)
+        if mask is None:  # the fused forward left it to the backward pass, which cannot use the kernels here
+            mask = torch.mul(logits, ctx.beta).sigmoid_()
         grad_weight = torch.addcmul(_zero(grad), grad, mask, value=ctx.scale) if ctx.needs_input_grad[0] else None
         grad_logits = None
         if ctx.needs_input_grad[1]:
@@ -63,7 +85,7 @@ class _SoftMaskedWeight(torch.autograd.Function):
                 grad, weight, mask = grad.float(), weight.float(), mask.float()
             base = _zero(grad) if not penalty_coef else grad.new_full((), ctx.beta * penalty_coef)
             scaled = torch.addcmul(base, grad, weight, value=ctx.beta * ctx.scale)
-            if _functorch_active() or _legacy_batched(grad):  # is_grads_batched: the legacy vmap
+            if batched:  # torch.func (vmap) or is_grads_batched: the legacy vmap
                 grad_logits = torch.ops.aten.sigmoid_backward(scaled, mask)
             else:
                 grad_logits = torch.ops.aten.sigmoid_backward.grad_input(scaled, mask, grad_input=scaled)
@@ -117,6 +139,14 @@ class _SoftMaskSum(torch.autograd.Function):
             return grad * ctx.beta * mask * (1 - mask), None, None
         # beta * m * (1 - m)
         return torch.addcmul(mask, mask, mask, value=-1.0).mul_(grad * ctx.beta), None, None
+
+
+def _fused_kernels(*tensors: Tensor):
+    """The compiled kernels when they can compute this call (plain contiguous float32 CPU tensors,
+    no dispatch mode such as FakeTensorMode), else ``None``: the eager operations."""
+    if _dispatch_modes() or not kernels.applicable(*tensors):
+        return None
+    return kernels.load()
 
 
 _ZEROS: dict[tuple[torch.dtype, torch.device], Tensor] = {}
