@@ -735,7 +735,7 @@ def test_the_temperature_tensor_keeps_full_precision_and_old_pickles_load():
     old = ContinuousMask.__new__(ContinuousMask)
     old.__setstate__(state)
     assert old.temperature == 7.0 and old._temperature_tensor.item() == 7.0
-    assert (old.uses, old.attached_as, old._penalty_due) == (1, None, False)
+    assert (old.uses, old.attached_as, old._penalty_due.item()) == (1, None, False)
     assert "_temperature_tensor" not in old.state_dict()
 
 

@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 from contsparse.masking import kernels
 
@@ -47,7 +48,7 @@ class _SoftMaskedWeight(torch.autograd.Function):
         if mask is not None:
             owner._remember_mask(mask, logits)
         if _graph_task_id() == -1:  # not a recomputation inside a backward pass (activation checkpointing)
-            owner.__dict__["_penalty_due"] = True
+            _set_flag(owner._penalty_due, True)
         ctx.save_for_backward(mask, weight, logits)  # the logits for a differentiable backward
         ctx.beta, ctx.scale, ctx.penalty_coef, ctx.owner = beta, scale, penalty_coef, owner
         return out
@@ -56,10 +57,9 @@ class _SoftMaskedWeight(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         # An optimiser step may follow, and fused optimisers change the logits without bumping
         # their version: the forward's mask must not be reused for the penalty after this point.
-        owner = ctx.owner.__dict__
-        owner["_cached_mask"] = None
-        penalty_coef = ctx.penalty_coef if owner["_penalty_due"] else 0.0
-        owner["_penalty_due"] = False
+        owner = ctx.owner
+        owner.__dict__["_cached_mask"] = None
+        penalty_coef = ctx.penalty_coef if _take_flag(owner._penalty_due) else 0.0
         mask, weight, logits = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True (second-order terms): the formula, differentiably
             return (*_differentiable_gradients(grad, weight, logits, ctx.beta, ctx.scale, penalty_coef),
@@ -149,6 +149,30 @@ def _fused_kernels(*tensors: Tensor):
     return kernels.load()
 
 
+def _new_flag(value: bool = False) -> Tensor:
+    return torch.tensor(value, dtype=torch.bool)
+
+
+def _set_flag(flag: Tensor, value: bool) -> None:
+    """Set the penalty's flag, also under a dispatch mode (FakeTensorMode refuses real tensors)."""
+    if _dispatch_modes():
+        with _disable_current_modes():
+            flag.fill_(value)
+    else:
+        flag.fill_(value)
+
+
+def _take_flag(flag: Tensor) -> bool:
+    """Whether the flag was set; clears it."""
+    if _dispatch_modes():
+        with _disable_current_modes():
+            return _take_flag(flag)
+    if not flag.item():
+        return False
+    flag.fill_(False)
+    return True
+
+
 _ZEROS: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
 
@@ -207,8 +231,9 @@ class ContinuousMask(nn.Module):
         # The eager backward adds it once per forward-backward cycle however often the weight
         # was used (a module called twice, a siamese pair, tied weights, a recomputation under
         # activation checkpointing): the first backward after a forward pass takes it. Traced
-        # code has no such state and divides it among ``uses``.
-        self._penalty_due = False
+        # code has no such state and divides it among ``uses``. A bool scalar tensor, not a
+        # bool: the compiled kernels' autograd node (C++) reads and clears it too.
+        self._penalty_due = _new_flag()
         self.uses = 1  # places that hold the weight: several for a tied weight (see attach_masks)
         self.attached_as: str | None = None  # the weight's name in the MaskSet that attached it
         self.positions: dict[str, int] = {}  # "<module>.<attr>" -> its index among the module's parameters
@@ -238,7 +263,9 @@ class ContinuousMask(nn.Module):
     def __setstate__(self, state: dict) -> None:
         # Whole-module pickles from before the temperature tensor held a plain ``temperature``
         old_temperature = state.pop("temperature", None)
-        state = {"_penalty_due": False, "uses": 1, "attached_as": None, "positions": {}, **state}
+        state = {"uses": 1, "attached_as": None, "positions": {}, **state}
+        if not isinstance(state.get("_penalty_due"), Tensor):  # a bool before the kernels' node read it
+            state["_penalty_due"] = _new_flag(bool(state.get("_penalty_due", False)))
         super().__setstate__(state)
         if "_temperature_tensor" not in self._buffers:
             self.register_buffer("_temperature_tensor", self._new_temperature_tensor(1.0, self.logits.device),
@@ -258,7 +285,7 @@ class ContinuousMask(nn.Module):
         if not torch.is_grad_enabled():
             # A forward without gradients may be reentrant activation checkpointing's first pass,
             # whose recomputation inside the backward pass does not mark the penalty as due
-            self.__dict__["_penalty_due"] = True
+            _set_flag(self._penalty_due, True)
             return weight * torch.mul(self.logits, self.temperature).sigmoid_().mul_(self.scale)
         if _functorch_active():  # torch.func.grad / vmap: plain operations
             if self.fused_penalty:
@@ -269,8 +296,14 @@ class ContinuousMask(nn.Module):
             raise RuntimeError("the fused penalty would be added once per nn.DataParallel replica: use "
                                "DistributedDataParallel (torchrun), or call masks.fuse_penalty(0) and add "
                                "coef * masks.penalty() to the loss")
-        return _SoftMaskedWeight.apply(weight, self.logits, self.temperature, self.scale, self,
-                                       self.fused_penalty)
+        logits = self.logits
+        if self.fused_penalty and logits.requires_grad and weight.requires_grad:
+            fused = _fused_kernels(weight, logits)
+            if fused is not None:  # the whole node in C++ (nothing asks for this step's mask: no cache)
+                self.__dict__["_cached_mask"] = None
+                return fused.soft_masked_weight(weight, logits, self._temperature, self.scale, self.fused_penalty,
+                                                self._penalty_due, _graph_task_id() == -1)
+        return _SoftMaskedWeight.apply(weight, logits, self._temperature, self.scale, self, self.fused_penalty)
 
     def _remember_mask(self, mask: Tensor, logits: Tensor) -> None:
         # This step's mask, so that the penalty need not compute it again; valid until the

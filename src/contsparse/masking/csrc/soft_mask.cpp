@@ -32,7 +32,7 @@ Vec sigmoid(const Vec& logits, const Vec& beta) {  // as torch.sigmoid computes 
 
 // Returns W * scale * m with m = sigmoid(beta * s), and m itself when keep_mask (else an empty tensor:
 // the backward pass recomputes it, which on a CPU is cheaper than a weight-sized tensor's trip to memory).
-std::vector<at::Tensor> forward(const at::Tensor& weight, const at::Tensor& logits, double beta, double scale,
+std::vector<at::Tensor> masked_forward(const at::Tensor& weight, const at::Tensor& logits, double beta, double scale,
                                 bool keep_mask) {
   check(weight, weight, "weight");
   check(logits, weight, "logits");
@@ -56,7 +56,7 @@ std::vector<at::Tensor> forward(const at::Tensor& weight, const at::Tensor& logi
 // Returns (dL/dW, dL/ds) for the gradient g of W * scale * m, plus penalty * sum(m) when penalty > 0:
 // dW = g * scale * m,  ds = (g * W * scale + penalty) * beta * m * (1 - m). `saved` is m itself when
 // is_mask, else the logits s (m is recomputed).
-std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& saved,
+std::vector<at::Tensor> masked_backward(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& saved,
                                  bool is_mask, double beta, double scale, double penalty) {
   check(weight, weight, "weight");
   check(grad, weight, "grad");
@@ -81,9 +81,83 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& weigh
   return {grad_weight, grad_logits};
 }
 
+// The differentiable formula in ATen operations, for a backward pass that must itself be
+// differentiated (create_graph=True) or whose gradient the loops cannot read (batched, subclass).
+std::vector<at::Tensor> formula_backward(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& logits,
+                                         double beta, double scale, double penalty) {
+  auto mask = at::sigmoid(logits * beta);
+  return {grad * mask * scale, (grad * weight * scale + penalty) * beta * mask * (1 - mask)};
+}
+
+bool plain_float_cpu(const at::Tensor& t) {
+  return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.layout() == at::kStrided &&
+         !t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched,
+                                                   c10::DispatchKey::Python}));
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::tensor_list;
+
+// The masked weight as an autograd node written in C++: with several masked layers per step, the
+// Python autograd.Function's own calls (forward, backward, context) cost as much as the small
+// layers' arithmetic. `penalty_due` is the mask's flag (a bool scalar tensor shared with the Python
+// paths): the first backward pass after a forward pass adds the fused penalty's gradient and clears
+// it, so a weight used several times in one step gets the penalty once. The forward sets it unless
+// it is a recomputation inside a backward pass (activation checkpointing): `mark_due`.
+struct SoftMaskedWeight : public torch::autograd::Function<SoftMaskedWeight> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& logits, double beta,
+                            double scale, double penalty, const at::Tensor& penalty_due, bool mark_due) {
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = masked_forward(weight, logits, beta, scale, false)[0];  // the mask is recomputed in the backward pass
+      if (mark_due) penalty_due.fill_(true);
+    }
+    ctx->save_for_backward({weight, logits});
+    ctx->saved_data["beta"] = beta;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["penalty"] = penalty;
+    ctx->saved_data["penalty_due"] = penalty_due;
+    return out;
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor& weight = saved[0];
+    const at::Tensor& logits = saved[1];
+    auto due = ctx->saved_data["penalty_due"].toTensor();
+    double penalty = 0.0;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      if (due.item<bool>()) {
+        penalty = ctx->saved_data["penalty"].toDouble();
+        due.fill_(false);
+      }
+    }
+    const double beta = ctx->saved_data["beta"].toDouble(), scale = ctx->saved_data["scale"].toDouble();
+    const at::Tensor& grad = grads[0];
+    std::vector<at::Tensor> result;
+    if (at::GradMode::is_enabled() || !plain_float_cpu(grad)) {
+      result = formula_backward(grad, weight, logits, beta, scale, penalty);
+    } else {
+      result = masked_backward(grad.contiguous(), weight, logits, false, beta, scale, penalty);
+    }
+    return {result[0], result[1], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor soft_masked_weight(const at::Tensor& weight, const at::Tensor& logits, double beta, double scale,
+                              double penalty, const at::Tensor& penalty_due, bool mark_due) {
+  check(weight, weight, "weight");
+  check(logits, weight, "logits");
+  return SoftMaskedWeight::apply(weight, logits, beta, scale, penalty, penalty_due, mark_due);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("forward", &forward, "(W * scale * sigmoid(beta * s), sigmoid(beta * s) if keep_mask else empty)");
-  module.def("backward", &backward, "gradients of the soft-masked weight for W and s, penalty included");
+  module.def("forward", &masked_forward, "(W * scale * sigmoid(beta * s), sigmoid(beta * s) if keep_mask else empty)");
+  module.def("backward", &masked_backward, "gradients of the soft-masked weight for W and s, penalty included");
+  module.def("soft_masked_weight", &soft_masked_weight,
+             "W * scale * sigmoid(beta * s) as an autograd node, the penalty's gradient fused into its backward");
 }
