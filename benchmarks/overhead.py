@@ -1,7 +1,8 @@
 """Step-time overhead of CS masks vs the same dense model.
 
 For each model: one training step (forward, backward, optimiser steps) of the dense model, of CS
-search mode (soft masks, fused penalty, mask optimiser) and of ticket mode (hard mask folded in,
+search mode (soft masks, fused penalty, mask optimiser; on CPU also without contsparse's compiled
+kernels, PyTorch's operations instead) and of ticket mode (hard mask folded in,
 pruned weights re-zeroed after each step), measured interleaved in one process at batch 128. A
 fourth variant, the straightforward implementation of a search step (the formula through autograd,
 the penalty as a separate loss term), calibrates the machine: issue 3 puts that at about 1.5x dense.
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_times, machine, write_results
 
 import contsparse as cs
+from contsparse.masking import kernels
 from contsparse.models import build_model
 from contsparse.training import flush_denormals, tune_cpu_allocator
 from contsparse.training.optim import OptimizerSettings, build_optimizer
@@ -164,6 +166,12 @@ def make_steps(model_name: str, batch: int, device: torch.device, amp: bool = Fa
         return model, step
 
     search, search_step = search_variant()
+    _, pytorch_ops_search = search_variant()
+
+    def pytorch_ops_search_step():  # the same search step without contsparse's compiled CPU kernels
+        with kernels.switched_off():
+            pytorch_ops_search()
+
     straightforward, straightforward_step = straightforward_variant()
     steps = {}
     if machinery:
@@ -193,6 +201,8 @@ def make_steps(model_name: str, batch: int, device: torch.device, amp: bool = Fa
         ticket_opt.step()
         ticket_masks.zero_pruned()
 
+    if device.type == "cpu" and not compile_models and kernels.load() is not None:
+        steps["cs_search_pytorch_ops"] = pytorch_ops_search_step
     return {"dense": dense_step, "cs_search": search_step, "cs_ticket": ticket_step,
             "straightforward_search": straightforward_step, **steps}
 
@@ -253,6 +263,11 @@ def main() -> None:
             "search_over_dense_repeats": [r["cs_search"] / r["dense"] for r in repeats],
             "ticket_over_dense_repeats": [r["cs_ticket"] / r["dense"] for r in repeats],
         })
+        if "cs_search_pytorch_ops" in times:
+            rows[-1].update(pytorch_ops_search_ms=times["cs_search_pytorch_ops"] * 1e3,
+                            pytorch_ops_search_over_dense=times["cs_search_pytorch_ops"] / times["dense"],
+                            pytorch_ops_search_over_dense_repeats=[r["cs_search_pytorch_ops"] / r["dense"]
+                                                                   for r in repeats])
         if args.machinery:
             rows[-1].update(machinery_ms=times["cs_machinery"] * 1e3,
                             machinery_over_dense=times["cs_machinery"] / times["dense"],
@@ -287,6 +302,13 @@ def main() -> None:
         lines += [""] + [f"- {r['model']}, each repeat: search / dense "
                          f"{', '.join(f'{x:.3f}' for x in r['search_over_dense_repeats'])}x; ticket / dense "
                          f"{', '.join(f'{x:.3f}' for x in r['ticket_over_dense_repeats'])}x" for r in rows]
+    if any("pytorch_ops_search_ms" in r for r in rows):
+        lines += [""] + [f"- {r['model']}, the same search step with PyTorch's operations instead of contsparse's "
+                         f"compiled CPU kernels: {r['pytorch_ops_search_ms']:.2f} ms/step = "
+                         f"**{r['pytorch_ops_search_over_dense']:.3f}x** dense"
+                         + (f" (each repeat: {_ratios(r['pytorch_ops_search_over_dense_repeats'])}x)"
+                            if args.repeats > 1 else "")
+                         for r in rows if "pytorch_ops_search_ms" in r]
     if args.compile:
         lines += [""] + [f"- {r['model']}, eager in the same run: dense {r['eager_dense_ms']:.2f} ms/step, CS search "
                          f"{r['eager_search_ms']:.2f} ms/step ({r['eager_search_over_eager_dense']:.3f}x); compiled "
@@ -303,16 +325,24 @@ def main() -> None:
               "and the penalty as a separate loss term (`StraightforwardMask` in this script); issue 3 puts it "
               "at about 1.5x dense on `lenet300` and asks for 1.3x, i.e. a search step at about 0.87x of it."]
     info = machine()
+    built = kernels.load() is not None if device.type == "cpu" else None
     lines += ["", f"Machine: {info['processor']}, torch {info['torch']}, {info['threads']} threads"
               + (f", GPU {info['cuda']}" if info["cuda"] and device.type == "cuda" else "")
-              + f"; glibc allocator tuning: {allocator}; subnormals flushed to zero: {flushing}.", ""]
+              + f"; glibc allocator tuning: {allocator}; subnormals flushed to zero: {flushing}"
+              + ("" if built is None else f"; contsparse's CPU mask kernels: {'compiled' if built else 'not built'}")
+              + ".", ""]
     write_results(args.name, {"machine": info, "allocator_tuned": allocator, "subnormals_flushed": flushing,
+                              "compiled_cpu_kernels": built,
                               "optimizers": args.optimizers,
                               "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
                               "machinery": args.machinery,
                               "mask_include": args.mask_include, "mask_exclude": args.mask_exclude,
                               "command": command,
                               "rows": rows}, "\n".join(lines))
+
+
+def _ratios(values: list[float]) -> str:
+    return ", ".join(f"{x:.3f}" for x in values)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,16 @@ and one warning says why. ``CONTSPARSE_FUSED_KERNELS=0`` turns the kernels off.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
+import re
+import shutil
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -24,8 +29,7 @@ from torch import Tensor
 
 ENV_SWITCH = "CONTSPARSE_FUSED_KERNELS"
 SOURCE = Path(__file__).with_name("csrc") / "soft_mask.cpp"
-# Compiler flags per CPU capability as ATen builds its own vectorized kernels: the extension is
-# named by capability, so a shared cache never hands one machine's instructions to another.
+# Compiler flags per CPU capability, as ATen builds its own vectorized kernels
 _CAPABILITY_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
@@ -35,6 +39,7 @@ _PLAIN = (Tensor, torch.nn.Parameter)  # tensor subclasses (DTensor, ...) have t
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict[str, ModuleType | str | None] = {"module": None, "failure": None}
+_switched_off: list[bool] = []  # a stack: switched_off() nests
 
 
 def enabled() -> bool:
@@ -42,9 +47,22 @@ def enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+@contextlib.contextmanager
+def switched_off() -> Iterator[None]:
+    """Masks run inside this block (forward and backward) use PyTorch's operations: for A/B timings
+    (``benchmarks/overhead.py``) and for ruling the kernels out when a result looks wrong."""
+    _switched_off.append(True)
+    try:
+        yield
+    finally:
+        _switched_off.pop()
+
+
 def load() -> ModuleType | None:
     """The compiled kernels, built on the first call in this process (about 20 s the first time on a
     machine, then a cache check); ``None`` when they are switched off or cannot be built."""
+    if _switched_off:
+        return None
     if _state["module"] is not None or _state["failure"] is not None or not enabled():
         return _state["module"]  # type: ignore[return-value]
     with _lock:
@@ -70,20 +88,16 @@ def compiled() -> bool:
     cache), so that :func:`load` takes a moment, not a compilation."""
     if _state["module"] is not None:
         return True
-    try:
-        from torch.utils import cpp_extension
-
-        name = _extension_name()
-        return (Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so").exists()
-    except Exception:  # a private helper of torch's: when it moves, assume a compilation is ahead
-        return False
+    name = _extension_name()
+    return any(folder.joinpath(name, f"{name}.so").exists() for folder in _cache_roots())
 
 
 def applicable(*tensors: Tensor) -> bool:
     """Whether the kernels compute this call: contiguous float32 CPU tensors (the eager path takes
     the rest: other dtypes, devices and memory formats)."""
-    for t in tensors:  # noqa: SIM110 (a loop, not all(...) over a generator: this runs per layer and step)
-        if not (t.is_cpu and t.dtype is torch.float32 and type(t) in _PLAIN and t.is_contiguous()):
+    for t in tensors:  # a loop, not all(...) over a generator: this runs per layer and step
+        if not (t.is_cpu and t.dtype is torch.float32 and type(t) in _PLAIN and t.is_contiguous()
+                and not t._is_zerotensor()):
             return False
     return True
 
@@ -92,15 +106,76 @@ def _build() -> ModuleType:
     from torch.utils import cpp_extension  # imports setuptools: only when the kernels are wanted
 
     _put_pip_ninja_on_path()
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None and not compiled():  # a build in the cache loads without one
+        raise RuntimeError(f"no C++ compiler: {compiler!r} is not on PATH")
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja is not installed (pip install ninja)")
+    _log.info("compiling contsparse's fused CPU mask kernels (once per machine)")
+    name = _extension_name()
+    folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+    with _exclusive(folder):
+        try:
+            return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=_flags(), verbose=False)
+        except Exception as error:
+            raise RuntimeError(_cause(str(error))) from error
+
+
+def _flags() -> list[str]:
     flags = ["-O3", *_CAPABILITY_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
     if sys.platform.startswith("linux"):
         flags.append("-fopenmp")  # at::parallel_for's threads: torch's own OpenMP runtime, already loaded
-    _log.info("compiling contsparse's fused CPU mask kernels (once per machine)")
-    return cpp_extension.load(name=_extension_name(), sources=[str(SOURCE)], extra_cflags=flags, verbose=False)
+    return flags
 
 
 def _extension_name() -> str:
-    return f"contsparse_soft_mask_{torch.backends.cpu.get_cpu_capability().lower()}"
+    """Named by CPU capability (a shared cache never hands one machine's instructions to another)
+    and by a digest of the source, flags and torch version (two versions of contsparse, or two
+    torch installs, sharing a cache do not rebuild each other's kernels)."""
+    capability = re.sub(r"\W+", "_", torch.backends.cpu.get_cpu_capability().lower())
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *_flags(), torch.__version__]).encode()).hexdigest()
+    return f"contsparse_soft_mask_{capability}_{digest[:10]}"
+
+
+def _cache_roots() -> list[Path]:
+    """Where torch's extension cache keeps builds (it adds a folder per Python and CUDA version)."""
+    from torch.utils import cpp_extension
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+    return [root, *root.glob("py*")] if root.is_dir() else []
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """One contsparse process at a time builds or loads into ``folder``. torch's own lock is a file
+    that a killed process leaves behind, after which every later process waits for it forever; this
+    one is an OS lock, released when its holder dies, so a ``lock`` file found while holding it is
+    such a leftover and is removed."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's lock alone
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "contsparse.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (folder / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _cause(message: str) -> str:
+    """The line of a failed build that says why (the compiler's error, the shell's "not found"),
+    not the command line ninja prints first."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    build_chatter = ("Error building extension", "[", "FAILED:", "ninja:")
+    for line in lines:
+        telling = re.search(r"error|not found|no such file|cannot", line, re.IGNORECASE)
+        if telling and not line.startswith(build_chatter):
+            return line[:300]
+    return (lines[-1] if lines else "the build failed")[:300]
 
 
 def _put_pip_ninja_on_path() -> None:

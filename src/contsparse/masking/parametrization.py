@@ -150,13 +150,17 @@ def _fused_kernels(*tensors: Tensor):
 
 
 def _new_flag(value: bool = False) -> Tensor:
-    return torch.tensor(value, dtype=torch.bool)
+    """The penalty's flag: a plain CPU tensor whatever the default device (a model built under
+    ``with torch.device("meta")``), dispatch mode or inference mode in force."""
+    with _disable_current_modes(), torch.inference_mode(False):
+        return torch.tensor(value, dtype=torch.bool, device="cpu")
 
 
 def _set_flag(flag: Tensor, value: bool) -> None:
-    """Set the penalty's flag, also under a dispatch mode (FakeTensorMode refuses real tensors)."""
-    if _dispatch_modes():
-        with _disable_current_modes():
+    """Set the penalty's flag, also under a dispatch mode (FakeTensorMode refuses real tensors) and
+    when it is an inference tensor (a model deep-copied under ``inference_mode``)."""
+    if _dispatch_modes() or flag.is_inference():
+        with _disable_current_modes(), torch.inference_mode():
             flag.fill_(value)
     else:
         flag.fill_(value)
@@ -169,7 +173,7 @@ def _take_flag(flag: Tensor) -> bool:
             return _take_flag(flag)
     if not flag.item():
         return False
-    flag.fill_(False)
+    _set_flag(flag, False)
     return True
 
 
@@ -264,8 +268,11 @@ class ContinuousMask(nn.Module):
         # Whole-module pickles from before the temperature tensor held a plain ``temperature``
         old_temperature = state.pop("temperature", None)
         state = {"uses": 1, "attached_as": None, "positions": {}, **state}
-        if not isinstance(state.get("_penalty_due"), Tensor):  # a bool before the kernels' node read it
-            state["_penalty_due"] = _new_flag(bool(state.get("_penalty_due", False)))
+        due = state.get("_penalty_due", False)  # a bool before the kernels' node read it
+        if not isinstance(due, Tensor):
+            state["_penalty_due"] = _new_flag(bool(due))
+        elif due.device.type != "cpu":  # moved by torch.load(map_location=...)
+            state["_penalty_due"] = _new_flag(due.device.type != "meta" and bool(due.item()))
         super().__setstate__(state)
         if "_temperature_tensor" not in self._buffers:
             self.register_buffer("_temperature_tensor", self._new_temperature_tensor(1.0, self.logits.device),

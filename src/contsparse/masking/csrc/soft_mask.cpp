@@ -12,10 +12,20 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kGrain = 16384;  // elements per task: below this a second thread costs more than it saves
 
+// Plain dense float32 CPU memory the loops can read: no batched, zero, subclass (Python) tensor.
+bool plain_float_cpu(const at::Tensor& t) {
+  return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.layout() == at::kStrided &&
+         !t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched,
+                                                   c10::DispatchKey::Python, c10::DispatchKey::ZeroTensor}));
+}
+
+bool loop_ready(const at::Tensor& t, const at::Tensor& like) {
+  return plain_float_cpu(t) && t.is_contiguous() && t.sizes() == like.sizes();
+}
+
 void check(const at::Tensor& t, const at::Tensor& like, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
-              name, " must be a contiguous float32 CPU tensor");
-  TORCH_CHECK(t.numel() == like.numel(), name, " has ", t.numel(), " elements, expected ", like.numel());
+  TORCH_CHECK(loop_ready(t, like), name, " must be a contiguous float32 CPU tensor of shape ", like.sizes(),
+              ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
 }
 
 // Applies body(offset, count) to [begin, end) in vector-wide pieces, the last one partial.
@@ -89,10 +99,10 @@ std::vector<at::Tensor> formula_backward(const at::Tensor& grad, const at::Tenso
   return {grad * mask * scale, (grad * weight * scale + penalty) * beta * mask * (1 - mask)};
 }
 
-bool plain_float_cpu(const at::Tensor& t) {
-  return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.layout() == at::kStrided &&
-         !t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched,
-                                                   c10::DispatchKey::Python}));
+// The penalty's flag, also when it is an inference tensor (a model deep-copied under inference_mode)
+void set_flag(const at::Tensor& flag, bool value) {
+  c10::InferenceMode guard;
+  flag.fill_(value);
 }
 
 using torch::autograd::AutogradContext;
@@ -111,8 +121,8 @@ struct SoftMaskedWeight : public torch::autograd::Function<SoftMaskedWeight> {
     {
       at::AutoDispatchBelowADInplaceOrView guard;
       out = masked_forward(weight, logits, beta, scale, false)[0];  // the mask is recomputed in the backward pass
-      if (mark_due) penalty_due.fill_(true);
     }
+    if (mark_due) set_flag(penalty_due, true);
     ctx->save_for_backward({weight, logits});
     ctx->saved_data["beta"] = beta;
     ctx->saved_data["scale"] = scale;
@@ -127,17 +137,16 @@ struct SoftMaskedWeight : public torch::autograd::Function<SoftMaskedWeight> {
     const at::Tensor& logits = saved[1];
     auto due = ctx->saved_data["penalty_due"].toTensor();
     double penalty = 0.0;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      if (due.item<bool>()) {
-        penalty = ctx->saved_data["penalty"].toDouble();
-        due.fill_(false);
-      }
+    if (due.item<bool>()) {
+      penalty = ctx->saved_data["penalty"].toDouble();
+      set_flag(due, false);
     }
     const double beta = ctx->saved_data["beta"].toDouble(), scale = ctx->saved_data["scale"].toDouble();
     const at::Tensor& grad = grads[0];
     std::vector<at::Tensor> result;
-    if (at::GradMode::is_enabled() || !plain_float_cpu(grad)) {
+    // The loops need plain float32 CPU tensors; a saved-tensor hook may hand back another layout
+    if (at::GradMode::is_enabled() || !plain_float_cpu(grad) || !loop_ready(weight, weight) ||
+        !loop_ready(logits, weight) || grad.sizes() != weight.sizes()) {
       result = formula_backward(grad, weight, logits, beta, scale, penalty);
     } else {
       result = masked_backward(grad.contiguous(), weight, logits, false, beta, scale, penalty);
