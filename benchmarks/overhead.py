@@ -166,11 +166,6 @@ def make_steps(model_name: str, batch: int, device: torch.device, amp: bool = Fa
         return model, step
 
     search, search_step = search_variant()
-    _, pytorch_ops_search = search_variant()
-
-    def pytorch_ops_search_step():  # the same search step without contsparse's compiled CPU kernels
-        with kernels.switched_off():
-            pytorch_ops_search()
 
     straightforward, straightforward_step = straightforward_variant()
     steps = {}
@@ -202,6 +197,12 @@ def make_steps(model_name: str, batch: int, device: torch.device, amp: bool = Fa
         ticket_masks.zero_pruned()
 
     if device.type == "cpu" and not compile_models and kernels.load() is not None:
+        pytorch_ops_search = search_variant()[1]
+
+        def pytorch_ops_search_step():  # the same search step without contsparse's compiled CPU kernels
+            with kernels.switched_off():
+                pytorch_ops_search()
+
         steps["cs_search_pytorch_ops"] = pytorch_ops_search_step
     return {"dense": dense_step, "cs_search": search_step, "cs_ticket": ticket_step,
             "straightforward_search": straightforward_step, **steps}
@@ -300,8 +301,8 @@ def main() -> None:
                      f"| {r['search_over_straightforward']:.3f}x |")
     if args.repeats > 1:
         lines += [""] + [f"- {r['model']}, each repeat: search / dense "
-                         f"{', '.join(f'{x:.3f}' for x in r['search_over_dense_repeats'])}x; ticket / dense "
-                         f"{', '.join(f'{x:.3f}' for x in r['ticket_over_dense_repeats'])}x" for r in rows]
+                         f"{_ratios(r['search_over_dense_repeats'])}x; ticket / dense "
+                         f"{_ratios(r['ticket_over_dense_repeats'])}x" for r in rows]
     if any("pytorch_ops_search_ms" in r for r in rows):
         lines += [""] + [f"- {r['model']}, the same search step with PyTorch's operations instead of contsparse's "
                          f"compiled CPU kernels: {r['pytorch_ops_search_ms']:.2f} ms/step = "

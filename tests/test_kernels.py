@@ -19,13 +19,6 @@ from contsparse.masking import kernels
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernels")
 
 
-@pytest.fixture
-def eager_only(monkeypatch):
-    """The masks as they compute without the kernels (what a machine without a compiler runs)."""
-    monkeypatch.setitem(kernels._state, "module", None)
-    monkeypatch.setitem(kernels._state, "failure", "switched off by the test")
-
-
 def masked_step(module: nn.Module, x: torch.Tensor, penalty: float, temperature: float = 3.0):
     """Output, weight and logit gradients and the reported penalty of one search step."""
     torch.manual_seed(0)
@@ -55,14 +48,12 @@ def models():
     return {"linear": (linear, torch.randn(4, 300)), "conv": (conv, torch.randn(2, 3, 8, 8))}
 
 
-def compare(name: str, penalty: float, eager: bool, monkeypatch) -> None:
+def compare(name: str, penalty: float) -> None:
     module, x = models()[name]
-    if not eager:
-        assert kernels.load() is not None, kernels.failure()
+    assert kernels.load() is not None, kernels.failure()
     fused = masked_step(copy.deepcopy(module), x, penalty)
-    monkeypatch.setitem(kernels._state, "module", None)
-    monkeypatch.setitem(kernels._state, "failure", "switched off by the test")
-    reference = masked_step(copy.deepcopy(module), x, penalty)
+    with kernels.switched_off():
+        reference = masked_step(copy.deepcopy(module), x, penalty)
     torch.testing.assert_close(fused[0], reference[0], rtol=1e-6, atol=1e-6)
     for got, want in zip(fused[1], reference[1], strict=True):
         assert_close_to_rounding(got, want)
@@ -72,8 +63,8 @@ def compare(name: str, penalty: float, eager: bool, monkeypatch) -> None:
 @needs_compiler
 @pytest.mark.parametrize("penalty", [0.0, 1e-3])  # with the penalty fused the mask is recomputed, not stored
 @pytest.mark.parametrize("name", ["linear", "conv"])
-def test_fused_kernels_match_the_eager_operations(name, penalty, monkeypatch):
-    compare(name, penalty, eager=False, monkeypatch=monkeypatch)
+def test_fused_kernels_match_the_eager_operations(name, penalty):
+    compare(name, penalty)
 
 
 @needs_compiler
@@ -206,6 +197,31 @@ def test_saved_tensors_unpacked_in_another_layout_take_the_formula():
         with (kernels.switched_off() if eager else contextlib.nullcontext()), hooks:
             results.append(fused_step(layer, masks, torch.randn(4, 20, generator=torch.Generator().manual_seed(1))))
     assert_close_to_rounding(results[0][0], results[1][0])
+
+
+@needs_compiler
+def test_a_mask_a_saved_tensor_hook_moved_takes_the_eager_backward():
+    """The penalty in the loss (not fused): the Python node keeps the kernel's mask for the backward
+    pass, and a hook that stores activations in another layout hands it back transposed."""
+    results = []
+    for eager in (False, True):
+        torch.manual_seed(0)
+        layer = nn.Linear(20, 30)
+        masks = cs.attach_masks(layer, selection=cs.LayerSelection(exclude_first=False))
+        masks.temperature = 2.0
+
+        def pack(t):
+            return t if isinstance(t, nn.Parameter) or t.dim() != 2 else t.t().contiguous()
+
+        def unpack(t):
+            return t if isinstance(t, nn.Parameter) or t.dim() != 2 else t.t()
+
+        x = torch.randn(4, 20, generator=torch.Generator().manual_seed(1))
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+        with (kernels.switched_off() if eager else contextlib.nullcontext()), hooks:
+            (layer(x).sum() + 1e-3 * masks.penalty()).backward()
+        results.append(masks.masks["weight"].logits.grad)
+    assert_close_to_rounding(results[0], results[1])
 
 
 @needs_compiler

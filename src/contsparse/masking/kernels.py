@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import re
+import shlex
 import shutil
 import sys
 import threading
@@ -49,8 +50,9 @@ def enabled() -> bool:
 
 @contextlib.contextmanager
 def switched_off() -> Iterator[None]:
-    """Masks run inside this block (forward and backward) use PyTorch's operations: for A/B timings
-    (``benchmarks/overhead.py``) and for ruling the kernels out when a result looks wrong."""
+    """Masks use PyTorch's operations while this block runs, in every thread of the process: for
+    A/B timings (``benchmarks/overhead.py``) and for ruling the kernels out when a result looks
+    wrong. Run the forward and the backward pass inside it (a node made before keeps its kind)."""
     _switched_off.append(True)
     try:
         yield
@@ -106,7 +108,7 @@ def _build() -> ModuleType:
     from torch.utils import cpp_extension  # imports setuptools: only when the kernels are wanted
 
     _put_pip_ninja_on_path()
-    compiler = os.environ.get("CXX", "c++")
+    compiler = (shlex.split(os.environ.get("CXX", "")) or ["c++"])[0]  # CXX may be "ccache g++"
     if shutil.which(compiler) is None and not compiled():  # a build in the cache loads without one
         raise RuntimeError(f"no C++ compiler: {compiler!r} is not on PATH")
     if not cpp_extension.is_ninja_available():
@@ -115,8 +117,13 @@ def _build() -> ModuleType:
     name = _extension_name()
     folder = Path(cpp_extension._get_build_directory(name, verbose=False))
     with _exclusive(folder):
+        # Built from a copy inside the cache folder: the build then names the same path from
+        # every checkout and install of this version, so a second one loads instead of rebuilding
+        source = folder / SOURCE.name
+        if not source.exists() or source.read_text() != SOURCE.read_text():
+            source.write_text(SOURCE.read_text())
         try:
-            return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=_flags(), verbose=False)
+            return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=_flags(), verbose=False)
         except Exception as error:
             raise RuntimeError(_cause(str(error))) from error
 
@@ -130,10 +137,12 @@ def _flags() -> list[str]:
 
 def _extension_name() -> str:
     """Named by CPU capability (a shared cache never hands one machine's instructions to another)
-    and by a digest of the source, flags and torch version (two versions of contsparse, or two
-    torch installs, sharing a cache do not rebuild each other's kernels)."""
+    and by a digest of the source, the flags and the torch install (its version and location: the
+    build names its headers and libraries), so that two versions of contsparse, or two virtual
+    environments, sharing a cache do not rebuild each other's kernels in turn."""
     capability = re.sub(r"\W+", "_", torch.backends.cpu.get_cpu_capability().lower())
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *_flags(), torch.__version__]).encode()).hexdigest()
+    identity = [SOURCE.read_text(), *_flags(), torch.__version__, str(Path(torch.__file__).resolve().parent)]
+    digest = hashlib.sha256("\0".join(identity).encode()).hexdigest()
     return f"contsparse_soft_mask_{capability}_{digest[:10]}"
 
 
@@ -142,7 +151,8 @@ def _cache_roots() -> list[Path]:
     from torch.utils import cpp_extension
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
-    return [root, *root.glob("py*")] if root.is_dir() else []
+    this_python = f"py{sys.version_info.major}{sys.version_info.minor}_*"  # not other Pythons' builds
+    return [root, *root.glob(this_python)] if root.is_dir() else []
 
 
 @contextlib.contextmanager

@@ -35,18 +35,12 @@ class _SoftMaskedWeight(torch.autograd.Function):
     def forward(ctx, weight: Tensor, logits: Tensor, beta: float, scale: float,  # type: ignore[override]
                 owner: ContinuousMask, penalty_coef: float) -> Tensor:
         fused = _fused_kernels(weight, logits)
-        if fused is not None:
-            # With the penalty fused nothing asks for this step's mask (its value is reported
-            # rarely): the backward pass recomputes it, cheaper than storing it (see soft_mask.cpp)
-            keep_mask = not penalty_coef
-            out, mask = fused.forward(weight, logits, beta, scale, keep_mask)
-            if not keep_mask:
-                mask = None
+        if fused is not None:  # (the C++ node, not this one, takes the fused penalty's usual case)
+            out, mask = fused.forward(weight, logits, beta, scale, True)
         else:
             mask = torch.mul(logits, beta).sigmoid_()
             out = torch.addcmul(_zero(weight), weight, mask, value=scale)
-        if mask is not None:
-            owner._remember_mask(mask, logits)
+        owner._remember_mask(mask, logits)
         if _graph_task_id() == -1:  # not a recomputation inside a backward pass (activation checkpointing)
             _set_flag(owner._penalty_due, True)
         ctx.save_for_backward(mask, weight, logits)  # the logits for a differentiable backward
@@ -66,13 +60,10 @@ class _SoftMaskedWeight(torch.autograd.Function):
                     None, None, None, None)
         batched = _functorch_active() or _legacy_batched(grad)
         if all(ctx.needs_input_grad[:2]) and not batched:
-            fused = _fused_kernels(grad, weight, logits)
+            fused = _fused_kernels(grad, weight, mask)  # the mask too: a saved-tensor hook may have moved it
             if fused is not None:
-                saved, is_mask = (logits, False) if mask is None else (mask, True)
-                return (*fused.backward(grad, weight, saved, is_mask, ctx.beta, ctx.scale, penalty_coef),
+                return (*fused.backward(grad, weight, mask, True, ctx.beta, ctx.scale, penalty_coef),
                         None, None, None, None)
-        if mask is None:  # the fused forward left it to the backward pass, which cannot use the kernels here
-            mask = torch.mul(logits, ctx.beta).sigmoid_()
         grad_weight = torch.addcmul(_zero(grad), grad, mask, value=ctx.scale) if ctx.needs_input_grad[0] else None
         grad_logits = None
         if ctx.needs_input_grad[1]:
