@@ -166,7 +166,6 @@ def make_steps(model_name: str, batch: int, device: torch.device, amp: bool = Fa
         return model, step
 
     search, search_step = search_variant()
-
     straightforward, straightforward_step = straightforward_variant()
     steps = {}
     if machinery:
